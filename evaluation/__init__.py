@@ -1,0 +1,1 @@
+"""Sample-quality metrics (FID / KID / IS on clean-fid); see issue [5/7]."""

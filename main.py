@@ -1,0 +1,42 @@
+"""Command line: python main.py --config CONFIG --mode {train,eval,sample} [--workdir DIR] [--eval_folder NAME]
+[--config.SECTION.KEY=VALUE ...]
+
+--workdir defaults to runs/<config file stem>. Unknown --config.* keys are rejected (the config is locked).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+import run_lib
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py) with get_config().", lock_config=True)
+flags.DEFINE_enum("mode", None, ["train", "eval", "sample"], "What to run.")
+flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config file stem>).")
+flags.DEFINE_string("eval_folder", None, "Subfolder of workdir for eval reports (default 'eval') or samples "
+                    "(default 'samples').")
+flags.mark_flags_as_required(["config", "mode"])
+
+MODES = {"train": lambda c, w, f: run_lib.train(c, w),
+         "eval": lambda c, w, f: run_lib.evaluate(c, w, f or "eval"),
+         "sample": lambda c, w, f: run_lib.sample(c, w, f or "samples")}
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    workdir = Path(FLAGS.workdir or Path("runs") / Path(config_flags.get_config_filename(FLAGS["config"])).stem)
+    workdir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        handlers=[logging.StreamHandler(sys.stdout), logging.FileHandler(workdir / f"{FLAGS.mode}.log")],
+                        force=True)
+    MODES[FLAGS.mode](FLAGS.config, workdir, FLAGS.eval_folder)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,258 @@
+"""Training, evaluation and sampling jobs. Orchestration only: the math lives in sde_diffusion/.
+
+Workdir layout:
+    config.json                     the resolved config of the last run
+    checkpoints/checkpoint_<k>.pth  numbered checkpoints, k = step // training.snapshot_freq
+    checkpoints-meta/checkpoint.pth the preemption checkpoint that `train` resumes from automatically
+    samples/iter_<step>.png         sample grids (EMA weights) taken at numbered checkpoints
+    tensorboard/                    scalars (loss, learning rate, gradient norm, eval loss)
+    <eval_folder>/report_<k>.json   evaluation reports, with samples_<k>.png and samples_<k>.npz
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sde_diffusion import losses, sampling
+from sde_diffusion.checkpoints import (CheckpointError, TrainState, load_checkpoint, load_model_weights,
+                                       save_checkpoint, save_npz, write_json)
+from sde_diffusion.config import validate_config
+from sde_diffusion.datasets import get_dataset
+from sde_diffusion.ema import ExponentialMovingAverage
+from sde_diffusion.models import create_model, get_score_fn
+from sde_diffusion.sdes import sde_from_config
+from sde_diffusion.visualize import save_image_grid, save_scatter
+
+log = logging.getLogger("sde_diffusion")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"config.device={name!r} but no CUDA device is visible: use config.device='cpu' or 'auto'")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _prepare_workdir(workdir) -> Path:
+    workdir = Path(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise RuntimeError(f"workdir {workdir} is not writable ({err}): pass another --workdir") from err
+    return workdir
+
+
+def numbered_checkpoint(workdir: Path, k: int) -> Path:
+    return workdir / "checkpoints" / f"checkpoint_{k}.pth"
+
+
+def meta_checkpoint(workdir: Path) -> Path:
+    return workdir / "checkpoints-meta" / "checkpoint.pth"
+
+
+def sampler_settings(config, sde) -> Dict:
+    """Keyword arguments for `sampling.sample` from config.sampling."""
+    s = config.sampling
+    settings = dict(method=s.method, steps=s.steps if s.steps is not None else sde.N, eps=s.eps, denoise=s.noise_removal)
+    if s.method == "pc":
+        settings.update(predictor=s.predictor, corrector=s.corrector, snr=s.snr, n_steps=s.n_steps_each)
+    return settings
+
+
+def draw_samples(config, sde, model, dataset, num: int, device, seed: int) -> Tuple[torch.Tensor, int]:
+    """num samples in [0, 1] (images) or data space (toy), generated in rounds of eval.batch_size."""
+    model.eval()
+    score_fn = get_score_fn(sde, model, continuous=config.training.continuous)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    settings, chunks, nfe = sampler_settings(config, sde), [], 0
+    for start in range(0, num, config.eval.batch_size):
+        n = min(config.eval.batch_size, num - start)
+        x, nfe = sampling.sample(score_fn, sde, (n, *dataset.shape), generator=generator, device=device,
+                                 progress=True, **settings)
+        chunks.append(dataset.from_model(x).cpu())
+    return torch.cat(chunks), nfe
+
+
+def save_samples_picture(samples: torch.Tensor, dataset, path: Path, title: str = "") -> None:
+    if dataset.is_image:
+        save_image_grid(samples, path)
+    else:
+        save_scatter(samples, path, reference=dataset.test, title=title)
+
+
+def _build(config, device):
+    sde = sde_from_config(config)
+    dataset = get_dataset(config)
+    model = create_model(config).to(device)
+    return sde, dataset, model
+
+
+# --------------------------------------------------------------------------------------------------
+def train(config, workdir) -> None:
+    """Train, resuming from workdir/checkpoints-meta/checkpoint.pth when it exists."""
+    validate_config(config)
+    workdir = _prepare_workdir(workdir)
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    sde, dataset, model = _build(config, device)
+    optimizer = losses.make_optimizer(model.parameters(), config.optim)
+    ema = ExponentialMovingAverage(model.parameters(), config.model.ema_rate)
+    state = TrainState(model, optimizer, ema, dataset)
+    t = config.training
+    if meta_checkpoint(workdir).exists():
+        state.load_state_dict(load_checkpoint(meta_checkpoint(workdir), device), meta_checkpoint(workdir))
+        log.info("resuming from %s at step %d", meta_checkpoint(workdir), state.step)
+    write_json(workdir / "config.json", config.to_dict())
+    log.info("training %s (%d parameters) on %s, %s, step %d → %d", config.model.name,
+             sum(p.numel() for p in model.parameters()), config.data.dataset, type(sde).__name__, state.step, t.n_iters)
+
+    loss_fn = losses.get_loss_fn(sde, continuous=t.continuous, reduce_mean=t.reduce_mean,
+                                 likelihood_weighting=t.likelihood_weighting, eps=t.eps)
+    score_fn = get_score_fn(sde, model, continuous=t.continuous)
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(str(workdir / "tensorboard"))
+    eval_batch = next(dataset.eval_batches(t.batch_size)).to(device)
+    start = time.time()
+    for step in tqdm(range(state.step + 1, t.n_iters + 1), desc="train", initial=state.step, total=t.n_iters):
+        model.train()
+        x = dataset.train_batch().to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(score_fn, x)
+        loss.backward()
+        grad_norm = losses.optimization_step(optimizer, model.parameters(), step, config.optim)
+        ema.update(model.parameters())
+        state.step = step
+
+        if step % t.log_freq == 0:
+            lr = optimizer.param_groups[0]["lr"]
+            log.info("step %d  loss %.5f  grad_norm %.3f  lr %.2e  (%.1f s)", step, loss.item(), grad_norm, lr,
+                     time.time() - start)
+            writer.add_scalar("training_loss", loss.item(), step)
+            writer.add_scalar("grad_norm", grad_norm, step)
+            writer.add_scalar("learning_rate", lr, step)
+        if step % t.eval_freq == 0:
+            with ema.average_parameters(model):
+                eval_loss = evaluation_loss(loss_fn, score_fn, model, [eval_batch], seed=config.seed)
+            log.info("step %d  eval_loss %.5f", step, eval_loss)
+            writer.add_scalar("eval_loss", eval_loss, step)
+        if step % t.snapshot_freq_for_preemption == 0 or step == t.n_iters:
+            save_checkpoint(meta_checkpoint(workdir), state.state_dict())
+        if step % t.snapshot_freq == 0 or step == t.n_iters:
+            k = step // t.snapshot_freq
+            save_checkpoint(numbered_checkpoint(workdir, k), state.state_dict())
+            log.info("saved %s", numbered_checkpoint(workdir, k))
+            if t.snapshot_sampling:
+                _snapshot_samples(config, sde, model, ema, dataset, device, workdir, step, writer)
+    writer.close()
+    log.info("training finished at step %d in %.1f s", state.step, time.time() - start)
+
+
+def _snapshot_samples(config, sde, model, ema, dataset, device, workdir, step, writer) -> None:
+    with ema.average_parameters(model):
+        samples, nfe = draw_samples(config, sde, model, dataset, config.sampling.num_grid_samples, device,
+                                    config.seed)
+    path = workdir / "samples" / f"iter_{step}.png"
+    save_samples_picture(samples, dataset, path, title=f"step {step}, NFE {nfe}")
+    if dataset.is_image:
+        writer.add_images("samples", samples[:64], step)
+    log.info("sample grid %s (NFE %d)", path, nfe)
+
+
+@torch.no_grad()
+def evaluation_loss(loss_fn, score_fn, model, batches, seed: int) -> float:
+    """Mean loss over batches in eval mode with its own seeded random stream (comparable across steps)."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    total, count = 0.0, 0
+    for x in batches:
+        total += loss_fn(score_fn, x, generator=generator).item() * len(x)
+        count += len(x)
+    model.train(was_training)
+    return total / count
+
+
+# --------------------------------------------------------------------------------------------------
+def _checkpoint_range(config, workdir: Path):
+    e = config.eval
+    paths = [(k, numbered_checkpoint(workdir, k)) for k in range(e.begin_ckpt, e.end_ckpt + 1)]
+    missing = [str(p) for _, p in paths if not p.exists()]
+    if missing:
+        found = sorted(p.name for p in (workdir / "checkpoints").glob("checkpoint_*.pth"))
+        raise CheckpointError(f"eval.begin_ckpt..eval.end_ckpt = {e.begin_ckpt}..{e.end_ckpt} asks for {missing}, "
+                              f"which do not exist; {workdir / 'checkpoints'} holds {found or 'nothing'}. Train "
+                              "first or set eval.begin_ckpt/eval.end_ckpt.")
+    return paths
+
+
+def evaluate(config, workdir, eval_folder: str = "eval") -> None:
+    """For each checkpoint eval.begin_ckpt..eval.end_ckpt: EMA eval loss, samples and a JSON report."""
+    validate_config(config)
+    workdir = Path(workdir)
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    sde, dataset, model = _build(config, device)
+    out = _prepare_workdir(workdir / eval_folder)
+    t = config.training
+    loss_fn = losses.get_loss_fn(sde, continuous=t.continuous, reduce_mean=t.reduce_mean,
+                                 likelihood_weighting=t.likelihood_weighting, eps=t.eps)
+    for k, path in _checkpoint_range(config, workdir):
+        start = time.time()
+        ckpt = load_model_weights(path, model, use_ema=True, map_location=device)
+        model.eval()
+        report = {"checkpoint": path.name, "step": int(ckpt["step"]), "config": config.to_dict()}
+        if config.eval.enable_loss:
+            score_fn = get_score_fn(sde, model, continuous=t.continuous)
+            batches = (x.to(device) for x in dataset.eval_batches(config.eval.batch_size))
+            report["eval_loss"] = evaluation_loss(loss_fn, score_fn, model, batches, seed=config.seed)
+        if config.eval.enable_sampling:
+            t0 = time.time()
+            samples, nfe = draw_samples(config, sde, model, dataset, config.eval.num_samples, device, config.seed + k)
+            report.update(sampler=sampler_settings(config, sde), nfe=nfe, num_samples=len(samples),
+                          sampling_seconds=time.time() - t0)
+            save_npz(out / f"samples_{k}.npz", samples=samples.numpy())
+            save_samples_picture(samples[:config.sampling.num_grid_samples], dataset, out / f"samples_{k}.png",
+                                 title=f"{path.name}, NFE {nfe}")
+        report["eval_seconds"] = time.time() - start
+        write_json(out / f"report_{k}.json", report)
+        log.info("wrote %s: %s", out / f"report_{k}.json",
+                 {key: v for key, v in report.items() if key not in ("config", "sampler")})
+
+
+def sample(config, workdir, eval_folder: str = "samples") -> None:
+    """Draw eval.num_samples with config.sampling from the newest numbered checkpoint: PNG grid and .npz."""
+    validate_config(config)
+    workdir = Path(workdir)
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    sde, dataset, model = _build(config, device)
+    found = sorted((workdir / "checkpoints").glob("checkpoint_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
+    if not found:
+        raise CheckpointError(f"no checkpoints in {workdir / 'checkpoints'}: train first (--mode train)")
+    path = found[-1]
+    load_model_weights(path, model, use_ema=True, map_location=device)
+    samples, nfe = draw_samples(config, sde, model, dataset, config.eval.num_samples, device, config.seed)
+    out = _prepare_workdir(workdir / eval_folder)
+    stem = f"{path.stem}_{config.sampling.method}_nfe{nfe}"
+    save_npz(out / f"{stem}.npz", samples=samples.numpy())
+    save_samples_picture(samples[:config.sampling.num_grid_samples], dataset, out / f"{stem}.png",
+                         title=f"{path.name}, {config.sampling.method}, NFE {nfe}")
+    log.info("wrote %s.png and .npz (%d samples, NFE %d)", out / stem, len(samples), nfe)

@@ -1,0 +1,152 @@
+"""The configuration schema: every key a config may set, with its default, and start-up validation.
+
+Config files in configs/ start from `default_config()`, which is *locked*: assigning a key that is not
+defined here (a typo such as `config.model.nff`) raises at once, and so does a value of the wrong type.
+Section and key names follow score_sde_pytorch wherever the concept is the same.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def default_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    config.training = training = ml_collections.ConfigDict()
+    training.sde = "vpsde"  # vpsde | subvpsde | vesde
+    training.continuous = True  # False: DDPM (VP) / SMLD (VE) discrete-time loss and network labels
+    training.reduce_mean = False  # mean (True) or sum (False) of the per-example loss over dimensions
+    training.likelihood_weighting = False
+    training.eps = 1e-5  # smallest t of the continuous loss
+    training.batch_size = 128
+    training.n_iters = 1300001
+    training.log_freq = 50
+    training.eval_freq = 100  # held-out loss on one test batch
+    training.snapshot_freq = 50000  # numbered checkpoints workdir/checkpoints/checkpoint_<step // freq>.pth
+    training.snapshot_freq_for_preemption = 10000  # workdir/checkpoints-meta/checkpoint.pth, resumed automatically
+    training.snapshot_sampling = True  # sample grid with EMA weights at every numbered checkpoint
+
+    config.sampling = sampling = ml_collections.ConfigDict()
+    sampling.method = "pc"
+    sampling.predictor = "euler_maruyama"
+    sampling.corrector = "none"
+    sampling.n_steps_each = 1  # corrector steps per noise level
+    sampling.snr = 0.16
+    sampling.noise_removal = True  # final Tweedie denoising step
+    sampling.probability_flow = False
+    sampling.steps = placeholder(int)  # sampler steps; None → model.num_scales
+    sampling.eps = placeholder(float)  # last time; None → the SDE's default
+    sampling.num_grid_samples = 64  # images in snapshot and eval sample grids
+
+    config.eval = evaluate = ml_collections.ConfigDict()
+    evaluate.begin_ckpt = 1
+    evaluate.end_ckpt = 1
+    evaluate.batch_size = 512
+    evaluate.enable_loss = True
+    evaluate.enable_sampling = True
+    evaluate.num_samples = 64
+
+    config.data = data = ml_collections.ConfigDict()
+    data.dataset = "digits"  # digits | cifar10 | gmm | moons | swiss_roll
+    data.root = "data"  # where dataset files live (CIFAR-10: the archive or its extracted folder)
+    data.download = False  # fetch missing public datasets (checksummed); off by default
+    data.image_size = 8
+    data.num_channels = 1
+    data.dim = 2  # dimension of toy (vector) data
+    data.centered = True  # images in [−1, 1] (True) or [0, 1] (False)
+    data.random_flip = False
+    data.uniform_dequantization = False
+
+    config.model = model = ml_collections.ConfigDict()
+    model.name = "ddpm"
+    model.nf = 128
+    model.ch_mult = (1, 2, 2, 2)
+    model.num_res_blocks = 2
+    model.attn_resolutions = (16,)
+    model.dropout = 0.1
+    model.resamp_with_conv = True
+    model.conditional = True
+    model.nonlinearity = "swish"
+    model.scale_by_sigma = False
+    model.embedding_type = "positional"  # positional | fourier (of log σ)
+    model.fourier_scale = 16.0
+    model.ema_rate = 0.9999
+    # SDE parameters (in `model` as in score_sde)
+    model.beta_min = 0.1
+    model.beta_max = 20.0
+    model.beta_schedule = "linear"  # linear | cosine | quadratic (VP, sub-VP)
+    model.num_scales = 1000
+    model.sigma_min = 0.01
+    model.sigma_max = 50.0
+
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.optimizer = "Adam"
+    optim.lr = 2e-4
+    optim.beta1 = 0.9
+    optim.eps = 1e-8
+    optim.weight_decay = 0.0
+    optim.warmup = 5000
+    optim.grad_clip = 1.0  # max gradient norm; negative disables clipping
+
+    config.seed = 42
+    config.device = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    config.lock()
+    return config
+
+
+class ConfigError(ValueError):
+    """A config value or combination that cannot work; the message names the key and the fix."""
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {sorted(allowed)}")
+
+
+def _positive(key: str, value) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def validate_config(config) -> None:
+    """Check values and combinations before any compute is spent; raises ConfigError naming the key."""
+    from . import datasets, models, sampling, sdes  # late imports: the schema itself needs only ml_collections
+
+    t, s, m, d, e = config.training, config.sampling, config.model, config.data, config.eval
+    _choice("training.sde", t.sde.lower(), sdes.SDES)
+    _choice("model.name", m.name, models.MODELS)
+    _choice("data.dataset", d.dataset.lower(), datasets.DATASETS)
+    _choice("model.beta_schedule", m.beta_schedule, sdes.BETA_SCHEDULES)
+    _choice("sampling.method", s.method, sampling.SAMPLERS)
+    _choice("sampling.predictor", s.predictor, sampling.PREDICTORS)
+    _choice("sampling.corrector", s.corrector, sampling.CORRECTORS)
+    for key in ("training.batch_size", "training.n_iters", "training.log_freq", "training.eval_freq",
+                "training.snapshot_freq", "training.snapshot_freq_for_preemption", "eval.batch_size",
+                "eval.num_samples", "sampling.num_grid_samples", "model.num_scales", "optim.lr"):
+        section, name = key.split(".")
+        _positive(key, config[section][name])
+    if not 0.0 < t.eps < 1.0:
+        raise ConfigError(f"training.eps must lie in (0, 1), got {t.eps}")
+    if not t.continuous and not sdes.SDES[t.sde.lower()].has_discrete_chain:
+        raise ConfigError(f"training.sde={t.sde!r} has no discrete chain, so training.continuous=False (DDPM/SMLD "
+                          "loss) is impossible: set training.continuous=True")
+    if not t.continuous and t.likelihood_weighting:
+        raise ConfigError("training.likelihood_weighting=True needs training.continuous=True")
+    if s.steps is not None and s.steps < 1:
+        raise ConfigError(f"sampling.steps must be ≥ 1 (or None for model.num_scales), got {s.steps}")
+    if e.begin_ckpt > e.end_ckpt:
+        raise ConfigError(f"eval.begin_ckpt={e.begin_ckpt} is after eval.end_ckpt={e.end_ckpt}")
+    if m.name != "mlp" and d.dataset.lower() in datasets.TOY_SAMPLERS:
+        raise ConfigError(f"data.dataset={d.dataset!r} is vector data: use model.name='mlp'")
+    if m.name == "mlp" and d.dataset.lower() in datasets.IMAGE_DATASETS:
+        raise ConfigError(f"model.name='mlp' is for vector data, not the image dataset {d.dataset!r}")
+    if d.dataset.lower() in datasets.IMAGE_DATASETS:
+        size, levels = d.image_size, len(m.ch_mult) - 1
+        if size % 2**levels:
+            raise ConfigError(f"data.image_size={size} cannot be halved {levels} times for model.ch_mult={m.ch_mult}")
+        reached = {size // 2**i for i in range(levels + 1)}
+        unreachable = [r for r in m.attn_resolutions if r not in reached]
+        if unreachable:
+            raise ConfigError(f"model.attn_resolutions has {unreachable}, which the network never reaches "
+                              f"(its resolutions are {sorted(reached, reverse=True)})")

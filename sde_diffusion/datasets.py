@@ -1,0 +1,289 @@
+"""Datasets: sklearn digits, CIFAR-10 (official python format), and 2-D toy distributions.
+
+Image datasets keep their uint8 pixels (K grey levels per channel) in memory, shape (N, C, H, W).
+Training batches are float images in [0, 1] (k/(K−1), or (k + u)/K with uniform dequantization),
+optionally flipped, then mapped to the network's input scale by `to_model` ([−1, 1] when
+`data.centered`, else [0, 1]); `from_model` inverts that map. Toy datasets are already in model space.
+Batch order is a pure function of (seed, epoch, position), so it is saved in checkpoints and resumes exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tarfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+
+from . import toy
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR10_DIR = "cifar-10-batches-py"
+CIFAR10_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR10_TEST_BATCH = "test_batch"
+
+DIGITS_LEVELS = 17  # sklearn's 8×8 digits have grey levels 0..16
+DIGITS_TEST_SIZE = 297  # of 1797 images; the remaining 1500 train
+DIGITS_SPLIT_SEED = 0
+
+
+class DatasetError(RuntimeError):
+    """Data missing, malformed or inconsistent with the config; the message says what to do."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch order
+# --------------------------------------------------------------------------------------------------
+class ShuffledBatches:
+    """Endless batches of indices into n examples: a fresh permutation per epoch, the last partial batch dropped."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if batch_size > n:
+            raise DatasetError(f"batch size {batch_size} exceeds the {n} training examples: lower training.batch_size")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.position = 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> torch.Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+
+    def next(self) -> torch.Tensor:
+        if self.position + self.batch_size > self.n:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._perm = self._permutation()
+        idx = self._perm[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return idx
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._perm = self._permutation()
+
+
+# --------------------------------------------------------------------------------------------------
+# Image datasets
+# --------------------------------------------------------------------------------------------------
+class ImageDataset:
+    """uint8 images with `num_levels` levels; see the module docstring for the float/scaling conventions."""
+
+    is_image = True
+
+    def __init__(self, train: torch.Tensor, test: torch.Tensor, num_levels: int, *, batch_size: int, seed: int,
+                 centered: bool, random_flip: bool, uniform_dequantization: bool,
+                 train_labels: Optional[torch.Tensor] = None, test_labels: Optional[torch.Tensor] = None):
+        self.train, self.test, self.num_levels = train, test, num_levels
+        self.train_labels, self.test_labels = train_labels, test_labels
+        self.centered, self.random_flip, self.dequantize = centered, random_flip, uniform_dequantization
+        self.shape = tuple(train.shape[1:])
+        self.batches = ShuffledBatches(len(train), batch_size, seed)
+        self.rng = torch.Generator().manual_seed(seed + 1)  # flips and dequantization noise
+
+    # scaling -------------------------------------------------------------------------------------
+    def to_float(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 levels k → k/(K−1) in [0, 1]."""
+        return images.float() / (self.num_levels - 1)
+
+    def to_model(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] → the network's input scale."""
+        return 2.0 * x - 1.0 if self.centered else x
+
+    def from_model(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's scale → [0, 1] (inverse of `to_model`)."""
+        return (x + 1.0) / 2.0 if self.centered else x
+
+    # batches ---------------------------------------------------------------------------------------
+    def train_batch(self) -> torch.Tensor:
+        """(batch, C, H, W) float training batch in model space, augmented as configured."""
+        images = self.train[self.batches.next()]
+        if self.dequantize:
+            x = (images.float() + torch.rand(images.shape, generator=self.rng)) / self.num_levels
+        else:
+            x = self.to_float(images)
+        if self.random_flip:
+            flip = torch.rand(len(x), generator=self.rng) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return self.to_model(x)
+
+    def eval_batches(self, batch_size: int, split: str = "test") -> Iterator[torch.Tensor]:
+        """Model-space float batches over a whole split, in order, no augmentation."""
+        data = self.test if split == "test" else self.train
+        for start in range(0, len(data), batch_size):
+            yield self.to_model(self.to_float(data[start:start + batch_size]))
+
+    def state_dict(self) -> Dict:
+        return {"batches": self.batches.state_dict(), "rng": self.rng.get_state()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.batches.load_state_dict(state["batches"])
+        self.rng.set_state(state["rng"])
+
+
+def load_digits_uint8() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sklearn's digits as uint8 levels 0..16, (N, 1, 8, 8), split by a fixed seed: train, test, labels of each."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = torch.from_numpy(digits.images.astype(np.uint8))[:, None]
+    labels = torch.from_numpy(digits.target.astype(np.int64))
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
+    test_idx, train_idx = perm[:DIGITS_TEST_SIZE], perm[DIGITS_TEST_SIZE:]
+    return images[train_idx], images[test_idx], labels[train_idx], labels[test_idx]
+
+
+# --- CIFAR-10 -----------------------------------------------------------------------------------------
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _missing_cifar_message(root: Path, reason: str) -> str:
+    return (f"CIFAR-10 was not found under data.root={str(root)!r} ({reason}). Download {CIFAR10_URL} "
+            f"(MD5 {CIFAR10_MD5}) and put it at {root / CIFAR10_ARCHIVE} (or its extracted folder at "
+            f"{root / CIFAR10_DIR}), or point data.root at the folder that holds it.")
+
+
+def download_cifar10(root: Path) -> Path:
+    """Fetch the official archive into root, verify its MD5, and move it into place atomically."""
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / CIFAR10_ARCHIVE
+    partial = target.with_suffix(".part")
+    try:
+        with urllib.request.urlopen(CIFAR10_URL, timeout=60) as response, open(partial, "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+    except (urllib.error.URLError, OSError) as err:
+        partial.unlink(missing_ok=True)
+        raise DatasetError(_missing_cifar_message(root, f"download failed: {err}")) from err
+    if (digest := _md5(partial)) != CIFAR10_MD5:
+        partial.unlink(missing_ok=True)
+        raise DatasetError(f"the downloaded {CIFAR10_ARCHIVE} has MD5 {digest}, expected {CIFAR10_MD5}: "
+                           "the download is corrupt; try again")
+    os.replace(partial, target)
+    return target
+
+
+def _parse_cifar_batch(raw: bytes, name: str) -> Tuple[np.ndarray, np.ndarray]:
+    try:
+        batch = pickle.loads(raw, encoding="bytes")
+        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"], dtype=np.int64)
+    except Exception as err:  # noqa: BLE001 - any unpickling problem means a corrupt file
+        raise DatasetError(f"CIFAR-10 file {name} is not a valid python-format batch ({err}); re-download it") from err
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise DatasetError(f"CIFAR-10 file {name} holds data of shape {data.shape} ({data.dtype}) with "
+                           f"{len(labels)} labels; expected (n, 3072) uint8 with n labels: re-download it")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def read_cifar10(root, download: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train/test uint8 images (N, 3, 32, 32) and labels from the extracted folder or the archive under root."""
+    root = Path(root).expanduser()
+    folder, archive = root / CIFAR10_DIR, root / CIFAR10_ARCHIVE
+    names = CIFAR10_TRAIN_BATCHES + [CIFAR10_TEST_BATCH]
+    if folder.is_dir():
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise DatasetError(_missing_cifar_message(root, f"{folder} lacks {', '.join(missing)}"))
+        raw = {n: (folder / n).read_bytes() for n in names}
+    else:
+        if not archive.is_file():
+            if not download:
+                raise DatasetError(_missing_cifar_message(root, "no archive or extracted folder; downloads are off "
+                                                                "(data.download=False)"))
+            archive = download_cifar10(root)
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+                missing = [n for n in names if n not in members]
+                if missing:
+                    raise DatasetError(_missing_cifar_message(root, f"{archive} lacks {', '.join(missing)}"))
+                raw = {n: tar.extractfile(members[n]).read() for n in names}
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise DatasetError(f"{archive} is not a readable .tar.gz ({err}): delete it and download it again") from err
+    train = [_parse_cifar_batch(raw[n], n) for n in CIFAR10_TRAIN_BATCHES]
+    test_x, test_y = _parse_cifar_batch(raw[CIFAR10_TEST_BATCH], CIFAR10_TEST_BATCH)
+    train_x, train_y = np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train])
+    return (torch.from_numpy(train_x), torch.from_numpy(test_x), torch.from_numpy(train_y), torch.from_numpy(test_y))
+
+
+# --------------------------------------------------------------------------------------------------
+# Toy datasets
+# --------------------------------------------------------------------------------------------------
+TOY_SAMPLERS = {
+    "gmm": lambda n, g: toy.default_mixture().sample(n, g)[0],
+    "moons": toy.two_moons,
+    "swiss_roll": toy.swiss_roll,
+}
+TOY_TEST_SIZE = 4096
+
+
+class ToyDataset:
+    """An endless stream of fresh samples of a 2-D distribution; a fixed test set of TOY_TEST_SIZE points."""
+
+    is_image = False
+
+    def __init__(self, name: str, *, batch_size: int, seed: int):
+        self.name, self.batch_size = name, batch_size
+        self._draw = TOY_SAMPLERS[name]
+        self.test = self._draw(TOY_TEST_SIZE, torch.Generator().manual_seed(seed + 12345)).float()
+        self.shape = tuple(self.test.shape[1:])
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def to_model(self, x):
+        return x
+
+    def from_model(self, x):
+        return x
+
+    def train_batch(self) -> torch.Tensor:
+        return self._draw(self.batch_size, self.rng).float()
+
+    def eval_batches(self, batch_size: int, split: str = "test") -> Iterator[torch.Tensor]:
+        for start in range(0, len(self.test), batch_size):
+            yield self.test[start:start + batch_size]
+
+    def state_dict(self) -> Dict:
+        return {"rng": self.rng.get_state()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.rng.set_state(state["rng"])
+
+
+# --------------------------------------------------------------------------------------------------
+IMAGE_DATASETS = {"digits": (1, 8, DIGITS_LEVELS), "cifar10": (3, 32, 256)}  # channels, size, levels
+DATASETS = sorted(list(IMAGE_DATASETS) + list(TOY_SAMPLERS))
+
+
+def get_dataset(config):
+    """Build the dataset named by config.data.dataset (case-insensitive), checking it against the config."""
+    d = config.data
+    name = d.dataset.lower()
+    seed, batch_size = config.seed, config.training.batch_size
+    if name in TOY_SAMPLERS:
+        if d.dim != 2:
+            raise DatasetError(f"toy dataset {name!r} is 2-D but data.dim={d.dim}: set data.dim=2")
+        return ToyDataset(name, batch_size=batch_size, seed=seed)
+    if name not in IMAGE_DATASETS:
+        raise DatasetError(f"data.dataset={d.dataset!r} is not one of {DATASETS}")
+    channels, size, levels = IMAGE_DATASETS[name]
+    if (d.num_channels, d.image_size) != (channels, size):
+        raise DatasetError(f"{name} images are {channels}×{size}×{size} but the config says data.num_channels="
+                           f"{d.num_channels}, data.image_size={d.image_size}: set them to {channels} and {size}")
+    if name == "digits":
+        train, test, train_y, test_y = load_digits_uint8()
+    else:
+        train, test, train_y, test_y = read_cifar10(d.root, download=d.download)
+    return ImageDataset(train, test, levels, batch_size=batch_size, seed=seed, centered=d.centered,
+                        random_flip=d.random_flip, uniform_dequantization=d.uniform_dequantization,
+                        train_labels=train_y, test_labels=test_y)

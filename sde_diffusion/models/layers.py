@@ -1,0 +1,71 @@
+"""Building blocks shared by the score networks: noise-level embeddings, initializers, activations."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+# Sinusoidal embeddings use frequencies 1 / MAX_PERIOD^(k/half) as in the Transformer and DDPM.
+MAX_PERIOD = 10000.0
+
+ACTIVATIONS = {"swish": nn.SiLU, "silu": nn.SiLU, "relu": nn.ReLU, "elu": nn.ELU, "lrelu": lambda: nn.LeakyReLU(0.2)}
+
+
+def get_act(name: str) -> nn.Module:
+    if name.lower() not in ACTIVATIONS:
+        raise ValueError(f"model.nonlinearity={name!r} is not one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name.lower()]()
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    """DDPM sinusoidal embedding of a (batch,) tensor of noise levels → (batch, dim): [sin | cos]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, device=timesteps.device, dtype=torch.float32) / (half - 1))
+    args = timesteps.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class GaussianFourierProjection(nn.Module):
+    """Random Fourier features of a scalar (Tancik et al.): [sin 2πWv | cos 2πWv], W ~ N(0, scale²), fixed."""
+
+    def __init__(self, embedding_size: int = 256, scale: float = 1.0):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(embedding_size) * scale, requires_grad=False)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        proj = v[:, None] * self.W[None, :] * 2 * math.pi
+        return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
+
+
+def variance_scaling_(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """In-place 'fan_avg, uniform' variance scaling (the DDPM/score_sde default init); scale 0 → 1e-10."""
+    scale = 1e-10 if scale == 0 else scale
+    receptive = weight[0][0].numel() if weight.ndim > 2 else 1
+    fan_in, fan_out = weight.shape[1] * receptive, weight.shape[0] * receptive
+    bound = math.sqrt(3.0 * scale / ((fan_in + fan_out) / 2.0))
+    with torch.no_grad():
+        return weight.uniform_(-bound, bound)
+
+
+def conv3x3(in_ch: int, out_ch: int, init_scale: float = 1.0) -> nn.Conv2d:
+    conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+    variance_scaling_(conv.weight, init_scale)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+def conv1x1(in_ch: int, out_ch: int, init_scale: float = 1.0) -> nn.Conv2d:
+    conv = nn.Conv2d(in_ch, out_ch, 1)
+    variance_scaling_(conv.weight, init_scale)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+def linear(in_dim: int, out_dim: int, init_scale: float = 1.0) -> nn.Linear:
+    layer = nn.Linear(in_dim, out_dim)
+    variance_scaling_(layer.weight, init_scale)
+    nn.init.zeros_(layer.bias)
+    return layer

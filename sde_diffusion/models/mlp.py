@@ -1,0 +1,70 @@
+"""A residual MLP score network for low-dimensional (toy) data."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import layers
+from .registry import register_model
+
+
+class NoiseEmbedding(nn.Module):
+    """Embeds the (batch,) noise-conditioning input: sinusoidal of the value itself ('positional', for VP's
+    0..999 time scale) or random Fourier features of its log ('fourier', for VE's σ spanning decades)."""
+
+    def __init__(self, kind: str, dim: int, fourier_scale: float = 16.0):
+        super().__init__()
+        if kind not in ("positional", "fourier"):
+            raise ValueError(f"model.embedding_type={kind!r} is not one of ['fourier', 'positional']")
+        self.kind, self.dim = kind, dim
+        if kind == "fourier":
+            self.fourier = layers.GaussianFourierProjection(dim // 2, fourier_scale)
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        if self.kind == "fourier":
+            return self.fourier(torch.log(cond))
+        return layers.timestep_embedding(cond, self.dim)
+
+
+class ResidualMLPBlock(nn.Module):
+    def __init__(self, width: int, emb_dim: int, act: nn.Module):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc_in = layers.linear(width, width)
+        self.emb_proj = layers.linear(emb_dim, width)
+        self.fc_out = layers.linear(width, width, init_scale=0.0)
+        self.act = act
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        r = self.fc_in(self.act(self.norm(h))) + self.emb_proj(emb)
+        return h + self.fc_out(self.act(r))
+
+
+@register_model("mlp")
+class MLP(nn.Module):
+    """x (batch, d) and noise condition (batch,) → output (batch, d).
+
+    config.model: nf (hidden width), num_res_blocks (residual blocks), nonlinearity, embedding_type,
+    fourier_scale; config.data.dim (d).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        m = config.model
+        width, dim = m.nf, config.data.dim
+        self.embed = NoiseEmbedding(m.embedding_type, width, m.fourier_scale)
+        self.emb_mlp = nn.Sequential(layers.linear(width, 2 * width), layers.get_act(m.nonlinearity),
+                                     layers.linear(2 * width, 2 * width))
+        self.input = layers.linear(dim, width)
+        self.blocks = nn.ModuleList(ResidualMLPBlock(width, 2 * width, layers.get_act(m.nonlinearity))
+                                    for _ in range(m.num_res_blocks))
+        self.out_norm = nn.LayerNorm(width)
+        self.act = layers.get_act(m.nonlinearity)
+        self.output = layers.linear(width, dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        emb = self.emb_mlp(self.embed(cond))
+        h = self.input(x)
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.output(self.act(self.out_norm(h)))

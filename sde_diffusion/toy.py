@@ -1,0 +1,94 @@
+"""Low-dimensional distributions with exact answers: Gaussian mixtures (closed-form score and density at every
+time of every SDE), two moons and swiss roll. Used as toy datasets and as test oracles."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from .sdes import SDE, batch_time, per_sample
+
+
+class GaussianMixture:
+    """p(x) = Σ_k w_k N(x; μ_k, s_k² I).  weights (K,), means (K, d), stds (K,) — float64 internally.
+
+    Under any SDE with kernel x_t = α(t)x_0 + σ(t)z the marginal p_t is again such a mixture, with means
+    α μ_k and variances α² s_k² + σ², so `marginal_score_fn(sde)` is the exact score of p_t.
+    """
+
+    def __init__(self, weights, means, stds):
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        self.stds = torch.as_tensor(stds, dtype=torch.float64).expand(len(self.weights)).clone()
+        if not torch.allclose(self.weights.sum(), torch.tensor(1.0, dtype=torch.float64)):
+            raise ValueError(f"mixture weights must sum to 1, got {self.weights.sum().item()}")
+        self.dim = self.means.shape[1]
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(n, d) float32 points and their (n,) component labels."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        return (self.means[k] + self.stds[k, None] * z).float(), k
+
+    def _component_log_probs(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """(n, K): log w_k + log N(x; α μ_k, (α² s_k² + σ²) I) with per-sample α, σ of shape (n,)."""
+        x = x.double()
+        var = alpha[:, None] ** 2 * self.stds[None] ** 2 + sigma[:, None] ** 2  # (n, K)
+        diff = x[:, None, :] - alpha[:, None, None] * self.means[None]  # (n, K, d)
+        return (torch.log(self.weights)[None] - 0.5 * self.dim * torch.log(2 * math.pi * var)
+                - 0.5 * diff.pow(2).sum(-1) / var)
+
+    def _coeffs(self, x, alpha=None, sigma=None):
+        n = x.shape[0]
+        ones = torch.ones(n, dtype=torch.float64, device=x.device)
+        alpha = ones if alpha is None else torch.as_tensor(alpha, dtype=torch.float64).expand(n)
+        sigma = 0 * ones if sigma is None else torch.as_tensor(sigma, dtype=torch.float64).expand(n)
+        return alpha, sigma
+
+    def log_prob(self, x: torch.Tensor, alpha=None, sigma=None) -> torch.Tensor:
+        """(n,) log density (nats) of the mixture, or of its perturbation by x = αx_0 + σz."""
+        return torch.logsumexp(self._component_log_probs(x, *self._coeffs(x, alpha, sigma)), dim=1)
+
+    def score(self, x: torch.Tensor, alpha=None, sigma=None) -> torch.Tensor:
+        """(n, d) ∇ log density, of the mixture or its perturbation (same dtype as x)."""
+        alpha, sigma = self._coeffs(x, alpha, sigma)
+        post = torch.softmax(self._component_log_probs(x, alpha, sigma), dim=1)  # (n, K)
+        var = alpha[:, None] ** 2 * self.stds[None] ** 2 + sigma[:, None] ** 2
+        diff = alpha[:, None, None] * self.means[None] - x.double()[:, None, :]
+        return (post[..., None] * diff / var[..., None]).sum(1).to(x.dtype)
+
+    def posterior(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, K) responsibilities p(k | x) under the clean mixture."""
+        return torch.softmax(self._component_log_probs(x, *self._coeffs(x)), dim=1)
+
+    def marginal_score_fn(self, sde: SDE):
+        """Exact score function (x, t) ↦ ∇ log p_t(x) of the mixture diffused by `sde`."""
+        def score_fn(x, t):
+            t = batch_time(t, x)
+            return self.score(x, sde.alpha(t).double(), sde.sigma(t).double())
+        return score_fn
+
+
+def default_mixture() -> GaussianMixture:
+    """The `gmm` toy dataset: 4 modes with unequal weights on a square of side 4, std 0.3."""
+    return GaussianMixture(weights=[0.1, 0.2, 0.3, 0.4],
+                           means=[[-2.0, -2.0], [-2.0, 2.0], [2.0, -2.0], [2.0, 2.0]],
+                           stds=0.3)
+
+
+def two_moons(n: int, generator: Optional[torch.Generator] = None, noise: float = 0.05) -> torch.Tensor:
+    """Two interleaving half circles, centred and scaled to roughly unit variance: (n, 2)."""
+    upper = torch.rand(n, generator=generator) < 0.5
+    angle = torch.rand(n, generator=generator) * math.pi
+    x = torch.where(upper, torch.cos(angle), 1 - torch.cos(angle))
+    y = torch.where(upper, torch.sin(angle), 0.5 - torch.sin(angle))
+    pts = torch.stack([x - 0.5, y - 0.25], 1) * 2.0
+    return pts + noise * 2.0 * torch.randn(n, 2, generator=generator)
+
+
+def swiss_roll(n: int, generator: Optional[torch.Generator] = None, noise: float = 0.05) -> torch.Tensor:
+    """A 2-D swiss roll (the x–z plane of the 3-D one), scaled to roughly unit variance: (n, 2)."""
+    angle = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=generator))
+    pts = torch.stack([angle * torch.cos(angle), angle * torch.sin(angle)], 1) / 7.5
+    return pts + noise * torch.randn(n, 2, generator=generator)
