@@ -1,0 +1,64 @@
+"""Config schema: misspelled keys, wrong types and impossible values or combinations fail with a message that
+names the key, before any compute is spent."""
+import pytest
+
+from configs import toy_gmm, vp_digits
+from sde_diffusion.config import ConfigError, default_config, validate_config
+
+
+def test_shipped_configs_are_valid():
+    for module in (vp_digits, toy_gmm):
+        validate_config(module.get_config())
+
+
+def test_misspelled_key_is_rejected():
+    config = default_config()
+    with pytest.raises(AttributeError, match="nff"):
+        config.model.nff = 3
+
+
+def test_wrong_type_is_rejected():
+    config = default_config()
+    with pytest.raises(TypeError):
+        config.training.batch_size = "large"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("training.sde", "vpsdee", "training.sde"),
+    ("model.name", "unet9", "model.name"),
+    ("data.dataset", "mnist", "data.dataset"),
+    ("model.beta_schedule", "sigmoid", "model.beta_schedule"),
+    ("sampling.method", "magic", "sampling.method"),
+    ("training.batch_size", 0, "training.batch_size"),
+    ("optim.lr", -1e-3, "optim.lr"),
+    ("training.eps", 1.5, "training.eps"),
+    ("sampling.steps", 0, "sampling.steps"),
+    ("eval.begin_ckpt", 5, "eval.begin_ckpt"),
+    ("model.attn_resolutions", (3,), "attn_resolutions"),
+    ("data.image_size", 10, "data.image_size"),
+])
+def test_bad_values_name_the_key(key, value, message):
+    config = vp_digits.get_config()
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config)
+
+
+def test_impossible_combinations():
+    config = vp_digits.get_config()
+    config.training.sde, config.training.continuous = "subvpsde", False
+    with pytest.raises(ConfigError, match="no discrete chain"):
+        validate_config(config)
+    config = vp_digits.get_config()
+    config.training.continuous, config.training.likelihood_weighting = False, True
+    with pytest.raises(ConfigError, match="likelihood_weighting"):
+        validate_config(config)
+    config = vp_digits.get_config()
+    config.model.name = "mlp"
+    with pytest.raises(ConfigError, match="vector data"):
+        validate_config(config)
+    config = toy_gmm.get_config()
+    config.model.name = "ddpm"
+    with pytest.raises(ConfigError, match="vector data"):
+        validate_config(config)
