@@ -203,38 +203,86 @@ def _checkpoint_range(config, workdir: Path):
     return paths
 
 
+def round_seed(*keys: int) -> int:
+    """A seed for one unit of work (e.g. checkpoint k, sampling round r) that depends only on its keys."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
 def evaluate(config, workdir, eval_folder: str = "eval") -> None:
-    """For each checkpoint eval.begin_ckpt..eval.end_ckpt: EMA eval loss, samples and a JSON report."""
+    """For each checkpoint eval.begin_ckpt..eval.end_ckpt, with EMA weights: eval loss, samples in resumable
+    rounds, FID/KID/IS (images) or sliced W₂/NLL (toy data), a sample grid and report_<k>.json."""
     validate_config(config)
     workdir = Path(workdir)
     device = resolve_device(config.device)
     seed_everything(config.seed)
     sde, dataset, model = _build(config, device)
     out = _prepare_workdir(workdir / eval_folder)
-    t = config.training
+    checkpoints = _checkpoint_range(config, workdir)
+    e, t = config.eval, config.training
+    image_metrics = None
+    if e.enable_sampling and e.enable_fid and dataset.is_image:  # fail on missing weights before any sampling
+        from evaluation.sample_quality import ImageMetrics
+        image_metrics = ImageMetrics(config, dataset, device)
     loss_fn = losses.get_loss_fn(sde, continuous=t.continuous, reduce_mean=t.reduce_mean,
                                  likelihood_weighting=t.likelihood_weighting, eps=t.eps)
-    for k, path in _checkpoint_range(config, workdir):
+    for k, path in checkpoints:
         start = time.time()
         ckpt = load_model_weights(path, model, use_ema=True, map_location=device)
         model.eval()
+        score_fn = get_score_fn(sde, model, continuous=t.continuous)
         report = {"checkpoint": path.name, "step": int(ckpt["step"]), "config": config.to_dict()}
-        if config.eval.enable_loss:
-            score_fn = get_score_fn(sde, model, continuous=t.continuous)
-            batches = (x.to(device) for x in dataset.eval_batches(config.eval.batch_size))
+        if e.enable_loss:
+            batches = (x.to(device) for x in dataset.eval_batches(e.batch_size))
             report["eval_loss"] = evaluation_loss(loss_fn, score_fn, model, batches, seed=config.seed)
-        if config.eval.enable_sampling:
-            t0 = time.time()
-            samples, nfe = draw_samples(config, sde, model, dataset, config.eval.num_samples, device, config.seed + k)
-            report.update(sampler=sampler_settings(config, sde), nfe=nfe, num_samples=len(samples),
-                          sampling_seconds=time.time() - t0)
-            save_npz(out / f"samples_{k}.npz", samples=samples.numpy())
-            save_samples_picture(samples[:config.sampling.num_grid_samples], dataset, out / f"samples_{k}.png",
-                                 title=f"{path.name}, NFE {nfe}")
+        if e.enable_sampling:
+            report.update(_evaluate_samples(config, sde, score_fn, dataset, device, out, k, path, image_metrics))
         report["eval_seconds"] = time.time() - start
         write_json(out / f"report_{k}.json", report)
         log.info("wrote %s: %s", out / f"report_{k}.json",
-                 {key: v for key, v in report.items() if key not in ("config", "sampler")})
+                 {key: v for key, v in report.items() if key not in ("config", "sampler", "inception_weights")})
+
+
+def _evaluate_samples(config, sde, score_fn, dataset, device, out: Path, k: int, path: Path, image_metrics) -> Dict:
+    """Generate eval.num_samples in rounds (each saved, so a killed eval resumes) and score them."""
+    from evaluation.inception import to_uint8_rgb
+    from evaluation.rounds import run_in_rounds
+    from evaluation.sample_quality import toy_scores
+
+    settings = sampler_settings(config, sde)
+    fingerprint = {"checkpoint": path.name, "sampler": settings, "seed": config.seed,
+                   "round_size": config.eval.batch_size,
+                   "inception_sha256": image_metrics.weights.sha256 if image_metrics else None}
+
+    def make_round(r: int, n: int) -> Dict[str, np.ndarray]:
+        round_start = time.time()
+        generator = torch.Generator(device=device).manual_seed(round_seed(config.seed, k, r))
+        x, nfe = sampling.sample(score_fn, sde, (n, *dataset.shape), generator=generator, device=device,
+                                 progress=True, **settings)
+        samples = dataset.from_model(x).cpu()
+        result = {"samples": samples.numpy(), "nfe": np.full(n, nfe),
+                  "sample_seconds": np.full(n, (time.time() - round_start) / n)}  # per sample, so sums add up
+        if image_metrics is not None:
+            pixels = to_uint8_rgb(samples)
+            result["features"] = image_metrics.network.features(pixels)
+            probabilities = image_metrics.network.probabilities(pixels)
+            if probabilities is not None:
+                result["probabilities"] = probabilities
+        return result
+
+    rounds = run_in_rounds(out / f"rounds_{k}", config.eval.num_samples, config.eval.batch_size, make_round,
+                           fingerprint, desc=f"eval {path.name}")
+    samples = torch.from_numpy(rounds["samples"])
+    report = {"sampler": settings, "nfe": int(rounds["nfe"][0]), "num_samples": len(samples),
+              "sampling_seconds": float(rounds["sample_seconds"].sum())}
+    if image_metrics is not None:
+        report.update(image_metrics.describe())
+        report.update(image_metrics.scores(rounds["features"], rounds.get("probabilities")))
+    elif not dataset.is_image:
+        report.update(toy_scores(samples, dataset))
+    save_npz(out / f"samples_{k}.npz", samples=samples.numpy())
+    save_samples_picture(samples[:config.sampling.num_grid_samples], dataset, out / f"samples_{k}.png",
+                         title=f"{path.name}, NFE {report['nfe']}")
+    return report
 
 
 def sample(config, workdir, eval_folder: str = "samples") -> None:

@@ -45,7 +45,15 @@ def default_config() -> ml_collections.ConfigDict:
     evaluate.batch_size = 512
     evaluate.enable_loss = True
     evaluate.enable_sampling = True
-    evaluate.num_samples = 64
+    evaluate.num_samples = 64  # generated in rounds of eval.batch_size, each saved so eval resumes after a kill
+    # sample quality (image data): FID / KID against reference statistics, IS when the weights have logits
+    evaluate.enable_fid = True
+    evaluate.fid_split = "train"  # reference images: train (as published FIDs) | test
+    evaluate.fid_num_reference = placeholder(int)  # None → every image of the split; set only for quick checks
+    evaluate.inception_path = placeholder(str)  # explicit Inception weights (see evaluation/inception.py)
+    evaluate.inception_download = False  # allow clean-fid to download the Inception weights
+    evaluate.inception_batch_size = 50
+    evaluate.stats_dir = placeholder(str)  # reference-statistics cache; None → <data.root>/fid_stats
 
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "digits"  # digits | cifar10 | gmm | moons | swiss_roll

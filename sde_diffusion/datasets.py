@@ -225,6 +225,9 @@ TOY_SAMPLERS = {
     "moons": toy.two_moons,
     "swiss_roll": toy.swiss_roll,
 }
+TOY_DENSITIES = {  # exact log-densities (n, d) → (n,) nats, where the distribution has one in closed form
+    "gmm": lambda x: toy.default_mixture().log_prob(x),
+}
 TOY_TEST_SIZE = 4096
 
 
@@ -236,6 +239,7 @@ class ToyDataset:
     def __init__(self, name: str, *, batch_size: int, seed: int):
         self.name, self.batch_size = name, batch_size
         self._draw = TOY_SAMPLERS[name]
+        self.log_prob = TOY_DENSITIES.get(name)  # exact density of the data, or None
         self.test = self._draw(TOY_TEST_SIZE, torch.Generator().manual_seed(seed + 12345)).float()
         self.shape = tuple(self.test.shape[1:])
         self.rng = torch.Generator().manual_seed(seed)

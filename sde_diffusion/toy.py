@@ -92,3 +92,10 @@ def swiss_roll(n: int, generator: Optional[torch.Generator] = None, noise: float
     angle = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=generator))
     pts = torch.stack([angle * torch.cos(angle), angle * torch.sin(angle)], 1) / 7.5
     return pts + noise * torch.randn(n, 2, generator=generator)
+
+
+def high_dim_mixture(dim: int = 16, seed: int = 0) -> GaussianMixture:
+    """A `dim`-dimensional test mixture: 4 modes with weights 0.1..0.4, means drawn once from N(0, I) (a fixed
+    seed, so the mixture is the same everywhere; pairwise mean distances ≈ √(2·dim)), and unequal stds 0.3..0.6."""
+    means = torch.randn(4, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return GaussianMixture(weights=[0.1, 0.2, 0.3, 0.4], means=means, stds=[0.3, 0.5, 0.4, 0.6])

