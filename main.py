@@ -1,4 +1,4 @@
-"""Command line: python main.py --config CONFIG --mode {train,eval,sample} [--workdir DIR] [--eval_folder NAME]
+"""Command line: python main.py --config CONFIG --mode {train,eval,sample,compare} [--workdir DIR] [--eval_folder NAME]
 [--config.SECTION.KEY=VALUE ...]
 
 --workdir defaults to runs/<config file stem>. Unknown --config.* keys are rejected (the config is locked).
@@ -16,15 +16,16 @@ import run_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py) with get_config().", lock_config=True)
-flags.DEFINE_enum("mode", None, ["train", "eval", "sample"], "What to run.")
+flags.DEFINE_enum("mode", None, ["train", "eval", "sample", "compare"], "What to run.")
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config file stem>).")
-flags.DEFINE_string("eval_folder", None, "Subfolder of workdir for eval reports (default 'eval') or samples "
-                    "(default 'samples').")
+flags.DEFINE_string("eval_folder", None, "Subfolder of workdir for eval reports (default 'eval'), samples "
+                    "(default 'samples') or sampler comparisons (default 'compare').")
 flags.mark_flags_as_required(["config", "mode"])
 
 MODES = {"train": lambda c, w, f: run_lib.train(c, w),
          "eval": lambda c, w, f: run_lib.evaluate(c, w, f or "eval"),
-         "sample": lambda c, w, f: run_lib.sample(c, w, f or "samples")}
+         "sample": lambda c, w, f: run_lib.sample(c, w, f or "samples"),
+         "compare": lambda c, w, f: run_lib.compare(c, w, f or "compare")}
 
 
 def main(argv):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sde_diffusion import losses, sampling
+from sde_diffusion import likelihood, losses, sampling
 from sde_diffusion.checkpoints import (CheckpointError, TrainState, load_checkpoint, load_model_weights,
                                        save_checkpoint, save_npz, write_json)
 from sde_diffusion.config import validate_config
@@ -28,7 +28,8 @@ from sde_diffusion.datasets import get_dataset
 from sde_diffusion.ema import ExponentialMovingAverage
 from sde_diffusion.models import create_model, get_score_fn
 from sde_diffusion.sdes import sde_from_config
-from sde_diffusion.visualize import save_image_grid, save_scatter
+from sde_diffusion.visualize import (TrajectoryRecorder, forward_noising_strip, save_image_grid, save_scatter,
+                                     save_strip, unit_scale)
 
 log = logging.getLogger("sde_diffusion")
 
@@ -69,11 +70,21 @@ def meta_checkpoint(workdir: Path) -> Path:
 
 
 def sampler_settings(config, sde) -> Dict:
-    """Keyword arguments for `sampling.sample` from config.sampling."""
+    """Keyword arguments for `sampling.sample` from config.sampling (only the options the method takes)."""
     s = config.sampling
-    settings = dict(method=s.method, steps=s.steps if s.steps is not None else sde.N, eps=s.eps, denoise=s.noise_removal)
-    if s.method == "pc":
-        settings.update(predictor=s.predictor, corrector=s.corrector, snr=s.snr, n_steps=s.n_steps_each)
+    settings = dict(method=s.method, steps=s.steps if s.steps is not None else sde.N, eps=s.eps,
+                    denoise=s.noise_removal)
+    settings.update({
+        "pc": dict(predictor=s.predictor, corrector=s.corrector, snr=s.snr, n_steps=s.n_steps_each,
+                   probability_flow=s.probability_flow),
+        "ode": dict(rtol=s.rtol, atol=s.atol, backend=s.ode_backend),
+        "sde": dict(sde_method=s.sde_method),
+        "ddim": dict(eta=s.eta),
+        "dpm_solver": dict(order=s.order),
+        "heun": dict(rho=s.rho),
+    }.get(s.method, {}))
+    if s.grid is not None and s.method != "ode":
+        settings["grid"] = s.grid
     return settings
 
 
@@ -125,7 +136,8 @@ def train(config, workdir) -> None:
              sum(p.numel() for p in model.parameters()), config.data.dataset, type(sde).__name__, state.step, t.n_iters)
 
     loss_fn = losses.get_loss_fn(sde, continuous=t.continuous, reduce_mean=t.reduce_mean,
-                                 likelihood_weighting=t.likelihood_weighting, eps=t.eps)
+                                 likelihood_weighting=t.likelihood_weighting, eps=t.eps,
+                                 importance_sampling=t.importance_sampling)
     score_fn = get_score_fn(sde, model, continuous=t.continuous)
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(str(workdir / "tensorboard"))
@@ -224,7 +236,10 @@ def evaluate(config, workdir, eval_folder: str = "eval") -> None:
         from evaluation.sample_quality import ImageMetrics
         image_metrics = ImageMetrics(config, dataset, device)
     loss_fn = losses.get_loss_fn(sde, continuous=t.continuous, reduce_mean=t.reduce_mean,
-                                 likelihood_weighting=t.likelihood_weighting, eps=t.eps)
+                                 likelihood_weighting=t.likelihood_weighting, eps=t.eps,
+                                 importance_sampling=t.importance_sampling)
+    if dataset.is_image:
+        _save_forward_noising_picture(config, sde, dataset, out / "forward_noising.png")
     for k, path in checkpoints:
         start = time.time()
         ckpt = load_model_weights(path, model, use_ema=True, map_location=device)
@@ -234,8 +249,13 @@ def evaluate(config, workdir, eval_folder: str = "eval") -> None:
         if e.enable_loss:
             batches = (x.to(device) for x in dataset.eval_batches(e.batch_size))
             report["eval_loss"] = evaluation_loss(loss_fn, score_fn, model, batches, seed=config.seed)
+        if e.enable_bpd:
+            generator = torch.Generator(device=device).manual_seed(round_seed(config.seed, k))
+            report.update(likelihood.evaluate_bpd(score_fn, sde, dataset, config, device, generator))
         if e.enable_sampling:
             report.update(_evaluate_samples(config, sde, score_fn, dataset, device, out, k, path, image_metrics))
+        if e.enable_sampling and dataset.is_image:
+            _save_trajectory_picture(config, sde, score_fn, dataset, device, out / f"trajectory_{k}.png", k)
         report["eval_seconds"] = time.time() - start
         write_json(out / f"report_{k}.json", report)
         log.info("wrote %s: %s", out / f"report_{k}.json",
@@ -243,19 +263,51 @@ def evaluate(config, workdir, eval_folder: str = "eval") -> None:
 
 
 def _evaluate_samples(config, sde, score_fn, dataset, device, out: Path, k: int, path: Path, image_metrics) -> Dict:
-    """Generate eval.num_samples in rounds (each saved, so a killed eval resumes) and score them."""
+    """Generate eval.num_samples in rounds (each saved, so a killed eval resumes), score them, save a grid."""
+    settings = sampler_settings(config, sde)
+    samples, report = _generate_and_score(config, sde, score_fn, dataset, device, out / f"rounds_{k}",
+                                          (config.seed, k), settings, config.eval.num_samples, image_metrics,
+                                          {"checkpoint": path.name})
+    save_npz(out / f"samples_{k}.npz", samples=samples.numpy())
+    save_samples_picture(samples[:config.sampling.num_grid_samples], dataset, out / f"samples_{k}.png",
+                         title=f"{path.name}, NFE {report['nfe']}")
+    return report
+
+
+PICTURE_IMAGES = 8  # rows of the forward-noising and trajectory strips
+TRAJECTORY_SEED_KEY = 2**31 - 1  # seeds the trajectory picture apart from every sampling round
+NOISING_TIMES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)  # columns of the forward-noising strip
+
+
+def _save_forward_noising_picture(config, sde, dataset, path: Path) -> None:
+    """Test images diffused to x_t for several t (one row per image), rescaled to unit variance."""
+    x0 = next(dataset.eval_batches(PICTURE_IMAGES))
+    times = [max(t, sde.default_eps) for t in NOISING_TIMES]
+    columns = forward_noising_strip(sde, x0, times, generator=torch.Generator().manual_seed(config.seed))
+    save_strip([dataset.from_model(c) for c in columns], path)
+
+
+def _save_trajectory_picture(config, sde, score_fn, dataset, device, path: Path, k: int) -> None:
+    """The sampler's states from the prior to the data for a few samples (rescaled to unit variance)."""
+    recorder = TrajectoryRecorder()
+    generator = torch.Generator(device=device).manual_seed(round_seed(config.seed, k, TRAJECTORY_SEED_KEY))
+    x, _ = sampling.sample(score_fn, sde, (PICTURE_IMAGES, *dataset.shape), generator=generator, device=device,
+                           callback=recorder, **sampler_settings(config, sde))
+    columns = [dataset.from_model(unit_scale(sde, state, t)) for t, state in recorder.pick(8)]
+    save_strip(columns + [dataset.from_model(x).cpu()], path)
+
+
+def _generate_and_score(config, sde, score_fn, dataset, device, folder: Path, seed_keys, settings: Dict, num: int,
+                        image_metrics, fingerprint: Dict) -> Tuple[torch.Tensor, Dict]:
+    """num samples with `settings`, in resumable rounds of eval.batch_size seeded by (*seed_keys, round), and
+    their metrics: FID/KID/IS for images (when image_metrics is given), sliced W₂ / NLL for toy data."""
     from evaluation.inception import to_uint8_rgb
     from evaluation.rounds import run_in_rounds
     from evaluation.sample_quality import toy_scores
 
-    settings = sampler_settings(config, sde)
-    fingerprint = {"checkpoint": path.name, "sampler": settings, "seed": config.seed,
-                   "round_size": config.eval.batch_size,
-                   "inception_sha256": image_metrics.weights.sha256 if image_metrics else None}
-
     def make_round(r: int, n: int) -> Dict[str, np.ndarray]:
         round_start = time.time()
-        generator = torch.Generator(device=device).manual_seed(round_seed(config.seed, k, r))
+        generator = torch.Generator(device=device).manual_seed(round_seed(*seed_keys, r))
         x, nfe = sampling.sample(score_fn, sde, (n, *dataset.shape), generator=generator, device=device,
                                  progress=True, **settings)
         samples = dataset.from_model(x).cpu()
@@ -269,8 +321,10 @@ def _evaluate_samples(config, sde, score_fn, dataset, device, out: Path, k: int,
                 result["probabilities"] = probabilities
         return result
 
-    rounds = run_in_rounds(out / f"rounds_{k}", config.eval.num_samples, config.eval.batch_size, make_round,
-                           fingerprint, desc=f"eval {path.name}")
+    fingerprint = {**fingerprint, "sampler": settings, "seed_keys": list(seed_keys),
+                   "round_size": config.eval.batch_size,
+                   "inception_sha256": image_metrics.weights.sha256 if image_metrics else None}
+    rounds = run_in_rounds(folder, num, config.eval.batch_size, make_round, fingerprint, desc=folder.name)
     samples = torch.from_numpy(rounds["samples"])
     report = {"sampler": settings, "nfe": int(rounds["nfe"][0]), "num_samples": len(samples),
               "sampling_seconds": float(rounds["sample_seconds"].sum())}
@@ -279,10 +333,72 @@ def _evaluate_samples(config, sde, score_fn, dataset, device, out: Path, k: int,
         report.update(image_metrics.scores(rounds["features"], rounds.get("probabilities")))
     elif not dataset.is_image:
         report.update(toy_scores(samples, dataset))
-    save_npz(out / f"samples_{k}.npz", samples=samples.numpy())
-    save_samples_picture(samples[:config.sampling.num_grid_samples], dataset, out / f"samples_{k}.png",
-                         title=f"{path.name}, NFE {report['nfe']}")
-    return report
+    return samples, report
+
+
+def compare(config, workdir, eval_folder: str = "compare") -> None:
+    """Every entry of config.compare.samplers on one checkpoint (EMA weights): a table (Markdown + CSV) with NFE,
+    wall time and FID/KID (images) or sliced W₂/NLL (toy data), a plot of each metric against NFE, a grid each."""
+    from evaluation.compare import parse_entry, plot_metrics, write_table
+
+    validate_config(config)
+    entries = [parse_entry(text) for text in config.compare.samplers]
+    for entry in entries:
+        if entry.method not in sampling.SAMPLERS:
+            raise ValueError(f"compare.samplers entry {entry.label}@{entry.steps}: unknown method {entry.method!r}; "
+                             f"available: {sorted(sampling.SAMPLERS)}")
+    workdir = Path(workdir)
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    sde, dataset, model = _build(config, device)
+    k, path = _compare_checkpoint(config, workdir)
+    out = _prepare_workdir(workdir / eval_folder)
+    image_metrics = None
+    if dataset.is_image and config.eval.enable_fid:
+        from evaluation.sample_quality import ImageMetrics
+        image_metrics = ImageMetrics(config, dataset, device)
+    load_model_weights(path, model, use_ema=True, map_location=device)
+    model.eval()
+    score_fn = get_score_fn(sde, model, continuous=config.training.continuous)
+    num = config.compare.num_samples or config.eval.num_samples
+    s = config.sampling
+    metrics = (["fid", "kid"] if image_metrics else []) if dataset.is_image else ["sliced_w2"]
+    if not dataset.is_image and dataset.log_prob is not None:
+        metrics.append("nll")
+    rows = []
+    for entry in entries:
+        settings = dict(method=entry.method, steps=entry.steps, eps=s.eps, denoise=s.noise_removal, **entry.options)
+        samples, report = _generate_and_score(config, sde, score_fn, dataset, device, out / f"rounds_{entry.slug}",
+                                              (config.seed, k), settings, num, image_metrics,
+                                              {"checkpoint": path.name})
+        save_samples_picture(samples[:config.sampling.num_grid_samples], dataset, out / f"samples_{entry.slug}.png",
+                             title=f"{entry.label}, NFE {report['nfe']}")
+        rows.append({"sampler": entry.label, "steps": entry.steps, "nfe": report["nfe"],
+                     "seconds": report["sampling_seconds"], **{m: report.get(m) for m in metrics}})
+        log.info("%s@%d: %s", entry.label, entry.steps, rows[-1])
+    columns = ["sampler", "steps", "nfe", "seconds", *metrics]
+    write_table(rows, columns, out)
+    if metrics:
+        plot_metrics(rows, metrics, out / "compare.png",
+                     title=f"{config.data.dataset}, {path.name}, {num} samples per sampler")
+    write_json(out / "compare.json", {"checkpoint": path.name, "num_samples": num, "rows": rows})
+    log.info("wrote %s (.md, .csv, .png)", out / "compare")
+
+
+def _newest_checkpoint(workdir: Path) -> Tuple[int, Path]:
+    found = sorted((workdir / "checkpoints").glob("checkpoint_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
+    if not found:
+        raise CheckpointError(f"no checkpoints in {workdir / 'checkpoints'}: train first (--mode train)")
+    return int(found[-1].stem.split("_")[1]), found[-1]
+
+
+def _compare_checkpoint(config, workdir: Path) -> Tuple[int, Path]:
+    if config.compare.checkpoint is None:
+        return _newest_checkpoint(workdir)
+    path = numbered_checkpoint(workdir, config.compare.checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"compare.checkpoint={config.compare.checkpoint}: {path} does not exist")
+    return config.compare.checkpoint, path
 
 
 def sample(config, workdir, eval_folder: str = "samples") -> None:
@@ -292,10 +408,7 @@ def sample(config, workdir, eval_folder: str = "samples") -> None:
     device = resolve_device(config.device)
     seed_everything(config.seed)
     sde, dataset, model = _build(config, device)
-    found = sorted((workdir / "checkpoints").glob("checkpoint_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
-    if not found:
-        raise CheckpointError(f"no checkpoints in {workdir / 'checkpoints'}: train first (--mode train)")
-    path = found[-1]
+    _, path = _newest_checkpoint(workdir)
     load_model_weights(path, model, use_ema=True, map_location=device)
     samples, nfe = draw_samples(config, sde, model, dataset, config.eval.num_samples, device, config.seed)
     out = _prepare_workdir(workdir / eval_folder)

@@ -27,7 +27,10 @@ def get_config():
 
     config.eval.begin_ckpt = 1
     config.eval.end_ckpt = 1
-    config.eval.num_samples = 64
+    config.eval.num_samples = 128
+    config.eval.batch_size = 128
+    config.eval.enable_bpd = True  # bits/dim of the test split by the probability-flow ODE
+    config.eval.fid_split = "test"  # 297 images: reference statistics in under a minute on 2 CPU cores
 
     data = config.data
     data.dataset = "digits"

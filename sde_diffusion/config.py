@@ -18,6 +18,7 @@ def default_config() -> ml_collections.ConfigDict:
     training.continuous = True  # False: DDPM (VP) / SMLD (VE) discrete-time loss and network labels
     training.reduce_mean = False  # mean (True) or sum (False) of the per-example loss over dimensions
     training.likelihood_weighting = False
+    training.importance_sampling = False  # with likelihood_weighting: t ~ g²/σ² instead of uniform (lower variance)
     training.eps = 1e-5  # smallest t of the continuous loss
     training.batch_size = 128
     training.n_iters = 1300001
@@ -38,6 +39,15 @@ def default_config() -> ml_collections.ConfigDict:
     sampling.steps = placeholder(int)  # sampler steps; None → model.num_scales
     sampling.eps = placeholder(float)  # last time; None → the SDE's default
     sampling.num_grid_samples = 64  # images in snapshot and eval sample grids
+    # options of particular methods (see sde_diffusion/sampling.py); the others ignore them
+    sampling.rtol = 1e-5  # ode: relative tolerance of the adaptive RK45
+    sampling.atol = 1e-5  # ode: absolute tolerance
+    sampling.ode_backend = "torch"  # ode: torch (dopri5, state stays on the device) | scipy (solve_ivp on the host)
+    sampling.sde_method = "euler"  # sde: torchsde's euler | milstein | srk
+    sampling.eta = 0.0  # ddim: 0 deterministic, > 0 stochastic (1: ancestral with the posterior variance)
+    sampling.order = 3  # dpm_solver: DPM-Solver++ order 1, 2 or 3
+    sampling.rho = 7.0  # heun, and grid="edm": EDM's ρ of the σ/α grid
+    sampling.grid = placeholder(str)  # ddim, dpm_solver, heun: time | logsnr | edm; None → the sampler's default
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.begin_ckpt = 1
@@ -54,6 +64,22 @@ def default_config() -> ml_collections.ConfigDict:
     evaluate.inception_download = False  # allow clean-fid to download the Inception weights
     evaluate.inception_batch_size = 50
     evaluate.stats_dir = placeholder(str)  # reference-statistics cache; None → <data.root>/fid_stats
+
+    # bits/dim by the probability-flow ODE (sde_diffusion.likelihood.evaluate_bpd), on eval.batch_size batches
+    evaluate.enable_bpd = False
+    evaluate.bpd_dataset = "test"  # test | train
+    evaluate.bpd_repeats = 1  # passes over the split, each with fresh dequantization noise and probes
+    evaluate.bpd_num_batches = placeholder(int)  # batches per pass; None → the whole split
+    evaluate.bpd_divergence = "rademacher"  # exact (small dimensions only) | rademacher | gaussian
+    evaluate.bpd_rtol = 1e-5
+    evaluate.bpd_atol = 1e-5
+    evaluate.bpd_eps = 1e-5  # the time the data live at
+
+    # --mode compare: one table row per sampler entry "method[:option=value,...]@steps", e.g. "dpm_solver:order=2@20"
+    config.compare = compare = ml_collections.ConfigDict()
+    compare.samplers = ("pc@100", "ddim@20", "dpm_solver@10", "heun@10")
+    compare.num_samples = placeholder(int)  # None → eval.num_samples
+    compare.checkpoint = placeholder(int)  # None → the newest numbered checkpoint
 
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "digits"  # digits | cifar10 | gmm | moons | swiss_roll
@@ -87,6 +113,23 @@ def default_config() -> ml_collections.ConfigDict:
     model.num_scales = 1000
     model.sigma_min = 0.01
     model.sigma_max = 50.0
+    # NCSN++ / DDPM++ (model.name='ncsnpp'), with score_sde's names and meanings
+    model.resblock_type = "biggan"  # biggan (resampling inside residual blocks) | ddpm
+    model.fir = False  # FIR-filtered up/downsampling (StyleGAN2) instead of nearest / average pooling
+    model.fir_kernel = (1, 3, 3, 1)
+    model.skip_rescale = True  # residual sums divided by √2
+    model.init_scale = 0.0  # init scale of the last conv of every residual branch (0 → near zero)
+    model.progressive = "none"  # output pyramid: none | output_skip | residual
+    model.progressive_input = "none"  # input pyramid: none | input_skip | residual
+    model.progressive_combine = "sum"  # how input_skip joins the features: sum | cat
+    model.attention_type = "ddpm"  # the only kind (accepted for score_sde config compatibility)
+    model.normalization = "GroupNorm"  # the only kind (idem)
+    model.conv_size = 3  # the only size (idem)
+    # DiT (model.name='dit'): width model.nf, `depth` transformer blocks of `num_heads` heads
+    model.patch_size = 2
+    model.depth = 6
+    model.num_heads = 4
+    model.mlp_ratio = 4.0
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.optimizer = "Adam"
@@ -117,6 +160,19 @@ def _positive(key: str, value) -> None:
         raise ConfigError(f"{key} must be > 0, got {value}")
 
 
+def _check_bpd(e) -> None:
+    """The eval.bpd_* keys (sde_diffusion.likelihood.evaluate_bpd)."""
+    from .likelihood import DIVERGENCES
+    _choice("eval.bpd_dataset", e.bpd_dataset, ("test", "train"))
+    _choice("eval.bpd_divergence", e.bpd_divergence, DIVERGENCES)
+    for key in ("bpd_repeats", "bpd_rtol", "bpd_atol"):
+        _positive(f"eval.{key}", e[key])
+    if e.bpd_num_batches is not None:
+        _positive("eval.bpd_num_batches", e.bpd_num_batches)
+    if not 0.0 < e.bpd_eps < 1.0:
+        raise ConfigError(f"eval.bpd_eps must lie in (0, 1), got {e.bpd_eps}")
+
+
 def validate_config(config) -> None:
     """Check values and combinations before any compute is spent; raises ConfigError naming the key."""
     from . import datasets, models, sampling, sdes  # late imports: the schema itself needs only ml_collections
@@ -129,6 +185,18 @@ def validate_config(config) -> None:
     _choice("sampling.method", s.method, sampling.SAMPLERS)
     _choice("sampling.predictor", s.predictor, sampling.PREDICTORS)
     _choice("sampling.corrector", s.corrector, sampling.CORRECTORS)
+    _choice("sampling.sde_method", s.sde_method, sampling.SDE_METHODS)
+    _choice("sampling.ode_backend", s.ode_backend, sampling.ODE_BACKENDS)
+    _choice("sampling.order", s.order, (1, 2, 3))
+    if s.grid is not None:
+        _choice("sampling.grid", s.grid, sampling.GRIDS)
+    for key in ("rtol", "atol", "rho"):
+        _positive(f"sampling.{key}", s[key])
+    if s.eta < 0:
+        raise ConfigError(f"sampling.eta must be ≥ 0, got {s.eta}")
+    if s.method == "pc" and s.predictor == "ancestral_sampling" and s.probability_flow:
+        raise ConfigError("sampling.predictor='ancestral_sampling' is stochastic: with sampling.probability_flow=True "
+                          "use euler_maruyama or reverse_diffusion")
     for key in ("training.batch_size", "training.n_iters", "training.log_freq", "training.eval_freq",
                 "training.snapshot_freq", "training.snapshot_freq_for_preemption", "eval.batch_size",
                 "eval.num_samples", "sampling.num_grid_samples", "model.num_scales", "optim.lr"):
@@ -141,6 +209,10 @@ def validate_config(config) -> None:
                           "loss) is impossible: set training.continuous=True")
     if not t.continuous and t.likelihood_weighting:
         raise ConfigError("training.likelihood_weighting=True needs training.continuous=True")
+    if t.importance_sampling and not t.likelihood_weighting:
+        raise ConfigError("training.importance_sampling=True samples t for the likelihood-weighted loss: set "
+                          "training.likelihood_weighting=True")
+    _check_bpd(e)
     if s.steps is not None and s.steps < 1:
         raise ConfigError(f"sampling.steps must be ≥ 1 (or None for model.num_scales), got {s.steps}")
     if e.begin_ckpt > e.end_ckpt:
@@ -149,7 +221,13 @@ def validate_config(config) -> None:
         raise ConfigError(f"data.dataset={d.dataset!r} is vector data: use model.name='mlp'")
     if m.name == "mlp" and d.dataset.lower() in datasets.IMAGE_DATASETS:
         raise ConfigError(f"model.name='mlp' is for vector data, not the image dataset {d.dataset!r}")
-    if d.dataset.lower() in datasets.IMAGE_DATASETS:
+    check_model = getattr(models.MODELS[m.name], "check_config", None)  # the network's own option rules
+    if check_model is not None:
+        try:
+            check_model(config)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+    if d.dataset.lower() in datasets.IMAGE_DATASETS and m.name in ("ddpm", "ncsnpp"):
         size, levels = d.image_size, len(m.ch_mult) - 1
         if size % 2**levels:
             raise ConfigError(f"data.image_size={size} cannot be halved {levels} times for model.ch_mult={m.ch_mult}")

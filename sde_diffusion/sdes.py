@@ -26,7 +26,7 @@ DDPM_TIME_SCALE = 999.0
 
 # A time t counts as discrete step i when t·(N−1)/T lies in [i − slack, i + 1 − slack): float round-off of
 # t = i/(N−1) never drops to step i − 1, and any other t is truncated as in the DDPM/SMLD reference code.
-STEP_INDEX_SLACK = 1e-3
+STEP_INDEX_SLACK = 1e-4
 
 
 def as_time(t) -> Tensor:
@@ -43,6 +43,21 @@ def batch_time(t, x: Tensor) -> Tensor:
 def per_sample(v: Tensor, x: Tensor) -> Tensor:
     """Reshape a (batch,) tensor to broadcast against x of shape (batch, ...)."""
     return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+# Bisection halves the bracket this many times: 2⁻⁶⁴ of the bracket is below float64 resolution on [0, 1].
+BISECTION_ITERATIONS = 64
+
+
+def _bisect_increasing(fn: Callable[[Tensor], Tensor], target: Tensor, lo: float, hi: float) -> Tensor:
+    """Elementwise t ∈ [lo, hi] with fn(t) = target for an increasing fn (clamped to the ends), in float64."""
+    target = torch.as_tensor(target, dtype=torch.float64)
+    low, high = torch.full_like(target, lo), torch.full_like(target, hi)
+    for _ in range(BISECTION_ITERATIONS):
+        mid = 0.5 * (low + high)
+        below = fn(mid) < target
+        low, high = torch.where(below, mid, low), torch.where(below, high, mid)
+    return 0.5 * (low + high)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -63,6 +78,11 @@ class BetaSchedule(abc.ABC):
     def discrete_betas(self, N: int) -> Tensor:
         """β_0..β_{N−1} of the literature's N-step DDPM chain for this schedule (float64)."""
 
+    def inverse_integral(self, B: Tensor) -> Tensor:
+        """t ∈ [0, 1] with B(t) = B (B is increasing), by bisection; subclasses with a closed form override it."""
+        B = torch.as_tensor(B)
+        return _bisect_increasing(self.integral, B, 0.0, 1.0)
+
 
 class LinearSchedule(BetaSchedule):
     """β(t) = β_min + t(β_max − β_min)  (Ho et al. 2020; Song et al. 2021)."""
@@ -78,6 +98,12 @@ class LinearSchedule(BetaSchedule):
 
     def discrete_betas(self, N):
         return torch.linspace(self.beta_min / N, self.beta_max / N, N, dtype=torch.float64)
+
+    def inverse_integral(self, B):
+        """Root of ½Δ·t² + β_min·t − B = 0 (Δ = β_max − β_min), written without cancellation."""
+        B = torch.as_tensor(B)
+        delta = self.beta_max - self.beta_min
+        return 2 * B / (self.beta_min + torch.sqrt(self.beta_min**2 + 2 * delta * B))
 
 
 class QuadraticSchedule(BetaSchedule):
@@ -129,6 +155,14 @@ class CosineSchedule(BetaSchedule):
         tc = torch.where(clipped, torch.zeros_like(t), t)
         smooth = (-2.0 * torch.log(torch.cos(self._phi(tc))) + 2.0 * self.log_cos_phi0).clamp(min=0)  # −log ᾱ(t)
         return torch.where(clipped, self.B_star + self.max_beta * (t - self.t_star), smooth)
+
+    def inverse_integral(self, B):
+        """Smooth part: cos φ(t) = cos φ(0)·exp(−B/2); past t*: t = t* + (B − B*)/max_beta."""
+        B = torch.as_tensor(B)
+        clipped = B >= self.B_star
+        cos_phi = math.exp(self.log_cos_phi0) * torch.exp(-0.5 * torch.where(clipped, torch.zeros_like(B), B))
+        smooth = torch.arccos(cos_phi.clamp(max=1.0)) / self.rate - self.s
+        return torch.where(clipped, self.t_star + (B - self.B_star) / self.max_beta, smooth.clamp(min=0.0))
 
     def discrete_betas(self, N):
         # β_i = 1 − ᾱ(t_{i+1})/ᾱ(t_i) on t_i = i/N, capped at 0.999 (Nichol & Dhariwal's improved-DDPM chain).
@@ -193,6 +227,42 @@ class SDE(abc.ABC):
     def log_snr(self, t) -> Tensor:
         """λ(t) = log α(t) − log σ(t), decreasing in t."""
         return torch.log(self.alpha(t)) - torch.log(self.sigma(t))
+
+    def t_from_log_snr(self, lam) -> Tensor:
+        """The inverse of λ(t): the time t ∈ [0, T] with λ(t) = lam (float64; bisection unless overridden).
+
+        Fast solvers use it to place steps uniformly in λ (DPM-Solver) or in σ/α = exp(−λ) (EDM's Heun).
+        """
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        return _bisect_increasing(lambda t: -self.log_snr(t), -lam, 0.0, self.T)
+
+    def transition(self, t, s) -> Tuple[Tensor, Tensor]:
+        """Kernel of the forward process from time s to a later time t:  x_t | x_s ~ N(α_{t|s}·x_s, σ_{t|s}² I).
+
+        α_{t|s} = α(t)/α(s) and σ_{t|s}² = σ(t)² − α_{t|s}²·σ(s)², which holds for every linear SDE with a
+        state-independent diffusion (all three here). Returns (α_{t|s}, σ_{t|s}) with the shape of t.
+        """
+        t, s = as_time(t), as_time(s)
+        a = self.alpha(t) / self.alpha(s)
+        var = self.sigma(t) ** 2 - a**2 * self.sigma(s) ** 2
+        return a, torch.sqrt(var.clamp(min=0.0))
+
+    def discretize_interval(self, x: Tensor, s, t) -> Tuple[Tensor, Tensor]:
+        """One forward-chain step from s to t > s as x_t = x_s + f + G·z: f = (α_{t|s} − 1)·x_s, G = σ_{t|s}.
+
+        Uses the exact Gaussian transition, so on the DDPM grid it is the DDPM step (β = 1 − α_{t|s}²) and on the
+        SMLD grid the SMLD step (G² = σ_t² − σ_s²), for any number of steps. G has shape (batch,).
+        """
+        a, G = self.transition(batch_time(t, x).double(), batch_time(s, x).double())
+        return per_sample(a - 1.0, x).to(x) * x, G.to(x)
+
+    def ancestral_noise_std(self, t, s) -> Tensor:
+        """Noise std of one ancestral step from t down to s < t (the mean is E[x_s | x_t]; see `transition`).
+
+        Default: the exact Gaussian posterior q(x_s | x_t, x_0), std σ_{t|s}·σ(s)/σ(t) — SMLD's ancestral step for VE.
+        """
+        t, s = as_time(t), as_time(s)
+        return self.transition(t, s)[1] * self.sigma(s) / self.sigma(t)
 
     # --- prior --------------------------------------------------------------------------------------
     def prior_sampling(self, shape: Sequence[int], generator: Optional[torch.Generator] = None,
@@ -271,6 +341,16 @@ class ReverseSDE:
         rev_f = f - per_sample(G**2, x) * self.score_fn(x, t) * self.weight
         return rev_f, torch.zeros_like(G) if self.probability_flow else G
 
+    def discretize_interval(self, x: Tensor, t, s) -> Tuple[Tensor, Tensor]:
+        """Reverse of the forward chain step from s to t (> s) at x = x_t: x_s = x_t − rev_f + rev_G·z.
+
+        rev_f = f − G²·∇log p_t(x_t)·weight with (f, G) = forward.discretize_interval(x, s, t); works on any grid.
+        """
+        t = batch_time(t, x)
+        f, G = self.forward.discretize_interval(x, s, t)
+        rev_f = f - per_sample(G**2, x) * self.score_fn(x, t) * self.weight
+        return rev_f, torch.zeros_like(G) if self.probability_flow else G
+
 
 # --------------------------------------------------------------------------------------------------
 # The three SDEs of Song et al. (2021)
@@ -324,6 +404,20 @@ class VPSDE(SDE):
         like = as_time(t)
         return self.alphas[i].to(like)
 
+    def t_from_log_snr(self, lam):
+        """λ = −½·log(e^B − 1), so B = log(1 + e^{−2λ}) = softplus(−2λ) and t = B⁻¹(B)."""
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        return self.schedule.inverse_integral(torch.nn.functional.softplus(-2.0 * lam))
+
+    def transition(self, t, s):
+        """α_{t|s} = exp(−½ΔB), σ_{t|s}² = 1 − exp(−ΔB) with ΔB = B(t) − B(s) (no cancellation for short steps)."""
+        dB = self.schedule.integral(as_time(t)) - self.schedule.integral(as_time(s))
+        return torch.exp(-0.5 * dB), torch.sqrt(-torch.expm1(-dB))
+
+    def ancestral_noise_std(self, t, s):
+        """DDPM's choice σ² = β (Ho et al. 2020, Algorithm 2) with the step's β = 1 − α_{t|s}² = σ_{t|s}²."""
+        return self.transition(t, s)[1]
+
 
 class SubVPSDE(VPSDE):
     """Sub-VP:  dx = −½β(t)x dt + √(β(t)(1 − exp(−2B(t)))) dw.
@@ -344,6 +438,14 @@ class SubVPSDE(VPSDE):
 
     discretize = SDE.discretize
     discrete_alpha_sigma = SDE.discrete_alpha_sigma
+    transition = SDE.transition  # the general kernel formula (σ_{t|s}² = σ_t² − α_{t|s}² σ_s²)
+    ancestral_noise_std = SDE.ancestral_noise_std  # the exact Gaussian posterior (sub-VP has no DDPM chain)
+
+    def t_from_log_snr(self, lam):
+        """With a = e^{−λ}: 1/α = (a + √(a² + 4))/2, so B = −2 log α = 2·log1p((a + a²/(√(a² + 4) + 2))/2)."""
+        a = torch.exp(-torch.as_tensor(lam, dtype=torch.float64))
+        B = 2.0 * torch.log1p(0.5 * (a + a**2 / (torch.sqrt(a**2 + 4.0) + 2.0)))
+        return self.schedule.inverse_integral(B)
 
 
 class VESDE(SDE):
@@ -377,6 +479,11 @@ class VESDE(SDE):
     @property
     def prior_std(self):
         return self.sigma_max
+
+    def t_from_log_snr(self, lam):
+        """λ = −log σ(t) = −log σ_min − t·log(σ_max/σ_min)."""
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        return (-lam - math.log(self.sigma_min)) / self.log_ratio
 
     def discretize(self, x, t):
         """SMLD step: x_{i+1} = x_i + √(σ_{i+1}² − σ_i²)·z (from σ_{i−1} to σ_i at step i; σ_{−1} = 0)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -60,3 +60,44 @@ def save_scatter(points: torch.Tensor, path, reference: Optional[torch.Tensor] =
     fig.tight_layout()
     _atomic_save(lambda p: fig.savefig(p, format="png"), path)
     plt.close(fig)
+
+
+def save_strip(columns: Sequence[torch.Tensor], path, min_size: int = 512) -> None:
+    """Save a picture whose column j shows the images columns[j] (n, C, H, W) in [0, 1], one row per image."""
+    n = len(columns[0])
+    interleaved = torch.stack(list(columns), dim=1).reshape(n * len(columns), *columns[0].shape[1:])
+    save_image_grid(interleaved, path, nrow=len(columns), min_size=min_size)
+
+
+def unit_scale(sde, x: torch.Tensor, t: float) -> torch.Tensor:
+    """x_t divided by √(α(t)² + σ(t)²), the marginal's scale for unit-variance data, so that VE states far from the
+    data (σ up to σ_max) stay viewable next to VP ones."""
+    t = torch.tensor(float(t), dtype=torch.float64)
+    return x / float(torch.sqrt(sde.alpha(t) ** 2 + sde.sigma(t) ** 2))
+
+
+def forward_noising_strip(sde, x0: torch.Tensor, times: Sequence[float], generator=None) -> List[torch.Tensor]:
+    """x_t = α(t)x_0 + σ(t)z for each t (one shared z per image), rescaled by `unit_scale`: a list, one (n, ...)
+    batch per time, in model space."""
+    z = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    columns = []
+    for t in times:
+        mean, std = sde.marginal_prob(x0, float(t))
+        columns.append(unit_scale(sde, mean + std.reshape(-1, *[1] * (x0.ndim - 1)) * z, t))
+    return columns
+
+
+class TrajectoryRecorder:
+    """A sampler callback that records every state (keep the batch small); `pick(count)` returns `count` of them,
+    evenly spaced over the steps and including the last, as (t, x) pairs."""
+
+    def __init__(self):
+        self.states: List[Tuple[float, torch.Tensor]] = []
+
+    def __call__(self, i: int, t, x: torch.Tensor) -> None:
+        self.states.append((float(t), x.detach().cpu().clone()))
+
+    def pick(self, count: int = 8) -> List[Tuple[float, torch.Tensor]]:
+        n = len(self.states)
+        indices = sorted({round(j * (n - 1) / max(count - 1, 1)) for j in range(min(count, n))})
+        return [self.states[j] for j in indices]

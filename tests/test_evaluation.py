@@ -153,6 +153,7 @@ def tiny_digits_config(tmp_path):
     e = config.eval
     e.num_samples, e.batch_size, e.fid_num_reference, e.stats_dir = 10, 4, 12, str(tmp_path / "stats")
     config.model.nf, config.device = 32, "cpu"
+    e.enable_bpd = False  # bits/dim has its own tests (test_likelihood.py, test_main_e2e.py)
     return config
 
 
@@ -202,3 +203,33 @@ def test_toy_eval_reports_sliced_w2_and_nll(tmp_path):
     report = json.loads((tmp_path / "eval" / "report_1.json").read_text())
     assert report["sliced_w2"] > 0 and report["nll"] > 0 and "fid" not in report
     assert (tmp_path / "eval" / "samples_1.png").stat().st_size > 0
+
+
+def test_compare_mode_on_toy_data_writes_table_and_plot(tmp_path):
+    import run_lib
+    from configs import toy_gmm
+    config = toy_gmm.get_config()
+    t = config.training
+    t.n_iters, t.snapshot_freq, t.snapshot_freq_for_preemption, t.eval_freq = 2, 2, 2, 2
+    t.snapshot_sampling = False
+    config.compare.samplers = ("pc@4", "pc@8", "ddim@4", "dpm_solver:order=2@4")
+    config.compare.num_samples, config.eval.batch_size, config.device = 64, 64, "cpu"
+    run_lib.train(config, tmp_path)
+    run_lib.compare(config, tmp_path)
+    out = tmp_path / "compare"
+    table = (out / "compare.md").read_text().splitlines()
+    assert table[0] == "| sampler | steps | nfe | seconds | sliced_w2 | nll |"
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| pc", "| pc", "| ddim", "| dpm_solver:order=2"]
+    assert [int(row.split(" | ")[2]) for row in table[2:]] == [5, 9, 5, 5]  # steps + the denoising step
+    csv_rows = (out / "compare.csv").read_text().splitlines()
+    assert len(csv_rows) == 5 and csv_rows[0] == "sampler,steps,nfe,seconds,sliced_w2,nll"
+    assert (out / "compare.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("entry, message", [("pc", "@steps"), ("pc@0", "@steps"), ("pc:snr@10", "key=value")])
+def test_compare_entries_are_checked(entry, message):
+    from evaluation.compare import parse_entry
+    with pytest.raises(ValueError, match=message):
+        parse_entry(entry)
+    parsed = parse_entry("dpm_solver:order=3,denoise=false@20")
+    assert (parsed.method, parsed.steps, parsed.options) == ("dpm_solver", 20, {"order": 3, "denoise": False})

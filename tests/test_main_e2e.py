@@ -73,7 +73,8 @@ def test_resume_continues_at_the_saved_step_with_identical_state(runs):
 def test_eval_writes_a_report_and_samples_for_each_checkpoint(runs):
     straight, _, _ = runs
     main_py(straight, "eval", "--config.eval.end_ckpt=2", "--config.eval.fid_num_reference=16",
-            f"--config.eval.stats_dir={straight / 'stats'}", "--config.eval.batch_size=4")
+            f"--config.eval.stats_dir={straight / 'stats'}", "--config.eval.batch_size=4",
+            "--config.eval.bpd_num_batches=1", "--config.eval.bpd_rtol=1e-3", "--config.eval.bpd_atol=1e-3")
     for k, step in ((1, 3), (2, 6)):
         report = json.loads((straight / "eval" / f"report_{k}.json").read_text())
         assert report["checkpoint"] == f"checkpoint_{k}.pth" and report["step"] == step
@@ -81,6 +82,7 @@ def test_eval_writes_a_report_and_samples_for_each_checkpoint(runs):
         assert 0.0 < report["eval_loss"] < 10.0
         assert report["fid"] > 0 and report["kid"] is not None  # pool features only: no Inception Score
         assert report["inception_score"] is None and report["inception_weights"]["sha256"]
+        assert 0 < report["bpd"] < 20 and report["bpd_std"] >= 0 and report["bpd_nfe"] > 0
         assert len(list((straight / "eval" / f"rounds_{k}").glob("round_*.npz"))) == 2  # 8 samples, rounds of 4
         assert (straight / "eval" / f"samples_{k}.png").stat().st_size > 0
 

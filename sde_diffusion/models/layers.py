@@ -22,7 +22,9 @@ def get_act(name: str) -> nn.Module:
 def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     """DDPM sinusoidal embedding of a (batch,) tensor of noise levels → (batch, dim): [sin | cos]."""
     half = dim // 2
-    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, device=timesteps.device, dtype=torch.float32) / (half - 1))
+    # exp(k · (−log MAX_PERIOD / (half − 1))), in the reference's order of operations (bit-identical frequencies)
+    k = torch.arange(half, device=timesteps.device, dtype=torch.float32)
+    freqs = torch.exp(k * -(math.log(MAX_PERIOD) / (half - 1)))
     args = timesteps.float()[:, None] * freqs[None]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
@@ -69,3 +71,24 @@ def linear(in_dim: int, out_dim: int, init_scale: float = 1.0) -> nn.Linear:
     variance_scaling_(layer.weight, init_scale)
     nn.init.zeros_(layer.bias)
     return layer
+
+
+class NoiseEmbedding(nn.Module):
+    """Embeds the (batch,) noise condition → (batch, dim): DDPM's sinusoidal embedding of the value itself
+    ('positional', for VP's 0..999 time scale) or random Fourier features of its log ('fourier', for VE's σ,
+    which spans decades; W holds dim/2 fixed frequencies ~ N(0, fourier_scale²))."""
+
+    KINDS = ("fourier", "positional")
+
+    def __init__(self, kind: str, dim: int, fourier_scale: float = 16.0):
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"model.embedding_type={kind!r} is not one of {sorted(self.KINDS)}")
+        self.kind, self.dim = kind, dim
+        if kind == "fourier":
+            self.fourier = GaussianFourierProjection(dim // 2, fourier_scale)
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        if self.kind == "fourier":
+            return self.fourier(torch.log(cond))
+        return timestep_embedding(cond, self.dim)

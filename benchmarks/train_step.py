@@ -1,0 +1,151 @@
+"""Time one training step (forward + backward + Adam) and one eval-mode forward of a score network.
+
+    python benchmarks/train_step.py --config configs/vp_cifar.py --batch 8 --threads 2 --repeats 5     # CPU
+    python benchmarks/train_step.py --device cuda --batch 128 --precisions fp32,bf16,bf16+compile \\
+        --formats channels_last --optimizers fused --peak-tflops 989                                  # GPU
+
+Prints one JSON line per (memory format, optimizer, precision) with the median over `repeats` timed steps
+(after `warmup` untimed ones), images/s, and the model FLOPs utilisation when --peak-tflops is given.
+A step is the config's loss through `get_score_fn`, backward, and `losses.optimization_step` (warm-up
+learning rate, gradient clipping, Adam), as in run_lib.train; 'training' is the optimizer run_lib builds
+(losses.make_optimizer), 'fused' the same Adam with fused=True. The eval forward is one network call in
+eval mode under torch.inference_mode. Model FLOPs are counted by torch.utils.flop_counter (a training step
+counts as 3× the forward: forward, and backward to inputs and to weights).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sde_diffusion import losses, sdes  # noqa: E402
+from sde_diffusion.models import create_model, get_score_fn  # noqa: E402
+
+TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (input and weight gradients)
+
+
+def load_config(path: str):
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def make_sde(config):
+    m = config.model
+    name = config.training.sde.lower()
+    if name == "vesde":
+        return sdes.VESDE(m.sigma_min, m.sigma_max, m.num_scales)
+    cls = sdes.SubVPSDE if name == "subvpsde" else sdes.VPSDE
+    return cls(m.beta_min, m.beta_max, m.num_scales)
+
+
+def timed(fn, warmup: int, repeats: int, device: torch.device) -> list:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def make_adam(model, config, kind: str) -> torch.optim.Optimizer:
+    if kind == "training":
+        return losses.make_optimizer(model.parameters(), config.optim)
+    o = config.optim
+    return torch.optim.Adam(model.parameters(), lr=o.lr, betas=(o.beta1, 0.999), eps=o.eps,
+                            weight_decay=o.weight_decay, fused=True)
+
+
+def forward_flops(model, x, cond) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, cond)
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/vp_cifar.py")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--formats", default="contiguous,channels_last")
+    parser.add_argument("--optimizers", default="training,fused")
+    parser.add_argument("--precisions", default="fp32", help="any of fp32, bf16, bf16+compile (comma-separated)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU column")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    config = load_config(args.config)
+    sde = make_sde(config)
+    d, continuous = config.data, config.training.continuous
+    loss_fn = losses.get_loss_fn(sde, continuous=continuous, reduce_mean=config.training.reduce_mean)
+    for fmt in args.formats.split(","):
+        memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+        torch.manual_seed(0)
+        base = create_model(config).to(device=device, memory_format=memory_format)
+        x0 = torch.rand(args.batch, d.num_channels, d.image_size, d.image_size, device=device)
+        x0 = x0.contiguous(memory_format=memory_format)
+        cond = sde.noise_condition(torch.full((args.batch,), 0.5, device=device), continuous)
+        flops = forward_flops(base, x0, cond)
+        for precision in args.precisions.split(","):
+            model = torch.compile(base) if precision.endswith("+compile") else base
+            autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision.startswith("bf16")
+                        else contextlib.nullcontext())
+
+            def eval_forward():
+                base.eval()
+                with torch.inference_mode(), autocast:
+                    model(x0, cond)
+
+            forward = timed(eval_forward, args.warmup, args.repeats, device)
+            for kind in args.optimizers.split(","):
+                optimizer = make_adam(base, config, kind)
+                step = [0]
+
+                def train_step():
+                    base.train()
+                    optimizer.zero_grad(set_to_none=True)
+                    with autocast:
+                        loss = loss_fn(get_score_fn(sde, model, continuous=continuous), x0)
+                    loss.backward()
+                    step[0] += 1
+                    losses.optimization_step(optimizer, base.parameters(), step[0], config.optim)
+
+                train = timed(train_step, args.warmup, args.repeats, device)
+                step_s, forward_s = statistics.median(train), statistics.median(forward)
+                row = {"config": args.config, "device": str(device), "batch": args.batch, "format": fmt,
+                       "optimizer": kind, "precision": precision,
+                       "params": sum(p.numel() for p in base.parameters()),
+                       "forward_gflops": round(flops / 1e9, 1),
+                       "train_step_s_median": round(step_s, 4), "eval_forward_s_median": round(forward_s, 4),
+                       "train_images_per_s": round(args.batch / step_s, 1),
+                       "train_step_s": [round(v, 4) for v in train], "eval_forward_s": [round(v, 4) for v in forward],
+                       "torch": torch.__version__}
+                if device.type == "cpu":
+                    row["threads"] = args.threads
+                if args.peak_tflops:
+                    row["train_mfu"] = round(TRAIN_FLOPS_PER_FORWARD * flops / step_s / (args.peak_tflops * 1e12), 4)
+                print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
