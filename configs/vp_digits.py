@@ -13,10 +13,11 @@ def get_config():
     training.continuous = True
     training.reduce_mean = True
     training.batch_size = 128
-    training.n_iters = 1500
+    training.n_iters = 1250
     training.log_freq = 100
     training.eval_freq = 250
-    training.snapshot_freq = 1500
+    training.snapshot_freq = 1250
+    training.snapshot_sampling = False  # eval draws the samples (and FID, bits/dim) right after
     training.snapshot_freq_for_preemption = 250
 
     sampling = config.sampling
