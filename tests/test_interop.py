@@ -29,17 +29,13 @@ NAMES = ["ddpmpp_vp_small", "ddpmpp_vp_small_perturbed", "ncsnpp_ve_small", "ncs
          "ddpm_vp_small", "ddpm_vp_small_perturbed"]
 RTOL = 1e-4  # per sample: max |ours − ref| ≤ RTOL · max |ref|
 
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"reference fixtures not found: {FIXTURES} (the "
-                                "shared folder ../shared next to the repository is absent)")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),  # see conftest.py
+    pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"reference fixtures not found: {FIXTURES} (the shared "
+                       "folder ../shared next to the repository is absent)"),
+]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These networks are tiny: one thread is faster, and spares the cores that other jobs share."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def per_sample_error(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

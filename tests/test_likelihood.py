@@ -26,12 +26,7 @@ SOLVER_SLACK_BITS = 1e-3  # solver error allowed on top of 3 standard errors in 
 GAUSSIAN = GaussianMixture([1.0], [[0.3, -0.2]], 0.5)  # the single Gaussian N(μ, 0.5² I), d = 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def mixture(d: int) -> GaussianMixture:

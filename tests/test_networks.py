@@ -24,13 +24,7 @@ REFERENCE_COUNTS = {"vp_cifar": 61_804_419, "subvp_cifar": 61_804_419, "vp_cifar
                     "ddpm_cifar": 35_218_947}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These networks are tiny: one thread is faster, and spares the cores that other jobs share."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def load_config(name: str):
