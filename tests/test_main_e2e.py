@@ -13,7 +13,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--config.training.batch_size=16", "--config.training.snapshot_freq=3",
          "--config.training.snapshot_freq_for_preemption=3", "--config.training.log_freq=1",
-         "--config.training.eval_freq=3", "--config.sampling.steps=5", "--config.sampling.num_grid_samples=4",
+         "--config.training.eval_freq=3", "--config.training.snapshot_sampling=True",
+         "--config.sampling.steps=5", "--config.sampling.num_grid_samples=4",
          "--config.eval.num_samples=8", "--config.eval.batch_size=64", "--config.device=cpu"]
 
 
