@@ -8,24 +8,6 @@ from . import layers
 from .registry import register_model
 
 
-class NoiseEmbedding(nn.Module):
-    """Embeds the (batch,) noise-conditioning input: sinusoidal of the value itself ('positional', for VP's
-    0..999 time scale) or random Fourier features of its log ('fourier', for VE's σ spanning decades)."""
-
-    def __init__(self, kind: str, dim: int, fourier_scale: float = 16.0):
-        super().__init__()
-        if kind not in ("positional", "fourier"):
-            raise ValueError(f"model.embedding_type={kind!r} is not one of ['fourier', 'positional']")
-        self.kind, self.dim = kind, dim
-        if kind == "fourier":
-            self.fourier = layers.GaussianFourierProjection(dim // 2, fourier_scale)
-
-    def forward(self, cond: torch.Tensor) -> torch.Tensor:
-        if self.kind == "fourier":
-            return self.fourier(torch.log(cond))
-        return layers.timestep_embedding(cond, self.dim)
-
-
 class ResidualMLPBlock(nn.Module):
     def __init__(self, width: int, emb_dim: int, act: nn.Module):
         super().__init__()
@@ -52,7 +34,7 @@ class MLP(nn.Module):
         super().__init__()
         m = config.model
         width, dim = m.nf, config.data.dim
-        self.embed = NoiseEmbedding(m.embedding_type, width, m.fourier_scale)
+        self.embed = layers.NoiseEmbedding(m.embedding_type, width, m.fourier_scale)
         self.emb_mlp = nn.Sequential(layers.linear(width, 2 * width), layers.get_act(m.nonlinearity),
                                      layers.linear(2 * width, 2 * width))
         self.input = layers.linear(dim, width)
