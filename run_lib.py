@@ -3,13 +3,16 @@
 Workdir layout:
     config.json                     the resolved config of the last run
     checkpoints/checkpoint_<k>.pth  numbered checkpoints, k = step // training.snapshot_freq
-    checkpoints-meta/checkpoint.pth the preemption checkpoint that `train` resumes from automatically
+    checkpoints-meta/checkpoint_<step>.pth  the newest training.keep_meta_checkpoints preemption checkpoints;
+                                    `train` resumes from the newest that verifies (each .pth has a .sha256 sidecar)
+    train_log.jsonl                 loss, gradient norm and learning rate at every training.log_freq step
     samples/iter_<step>.png         sample grids (EMA weights) taken at numbered checkpoints
     tensorboard/                    scalars (loss, learning rate, gradient norm, eval loss)
     <eval_folder>/report_<k>.json   evaluation reports, with samples_<k>.png and samples_<k>.npz
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -20,14 +23,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sde_diffusion import likelihood, losses, sampling
-from sde_diffusion.checkpoints import (CheckpointError, TrainState, load_checkpoint, load_model_weights,
-                                       save_checkpoint, save_npz, write_json)
+from torch import nn
+
+from sde_diffusion import distributed, likelihood, losses, sampling
+from sde_diffusion.checkpoints import (CheckpointError, TrainState, atomic_write, load_checkpoint, load_model_weights,
+                                       newest_good_checkpoint, prune_step_checkpoints, remove_stale_temporaries,
+                                       rng_state, save_checkpoint, save_npz, step_checkpoint, step_checkpoints,
+                                       write_json)
 from sde_diffusion.config import validate_config
 from sde_diffusion.datasets import get_dataset
 from sde_diffusion.ema import ExponentialMovingAverage
 from sde_diffusion.models import create_model, get_score_fn
 from sde_diffusion.sdes import sde_from_config
+from sde_diffusion.train_step import NonFiniteError, TrainStep, nonfinite_parameters
 from sde_diffusion.visualize import (TrajectoryRecorder, forward_noising_strip, save_image_grid, save_scatter,
                                      save_strip, unit_scale)
 
@@ -63,10 +71,6 @@ def _prepare_workdir(workdir) -> Path:
 
 def numbered_checkpoint(workdir: Path, k: int) -> Path:
     return workdir / "checkpoints" / f"checkpoint_{k}.pth"
-
-
-def meta_checkpoint(workdir: Path) -> Path:
-    return workdir / "checkpoints-meta" / "checkpoint.pth"
 
 
 def sampler_settings(config, sde) -> Dict:
@@ -113,68 +117,163 @@ def _build(config, device):
     sde = sde_from_config(config)
     dataset = get_dataset(config)
     model = create_model(config).to(device)
+    if config.training.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return sde, dataset, model
 
 
 # --------------------------------------------------------------------------------------------------
 def train(config, workdir) -> None:
-    """Train, resuming from workdir/checkpoints-meta/checkpoint.pth when it exists."""
+    """Train, resuming from the newest good checkpoint in workdir/checkpoints-meta. Under torchrun, every process
+    runs this with its own rank (see sde_diffusion/distributed.py); rank 0 writes all files."""
     validate_config(config)
-    workdir = _prepare_workdir(workdir)
-    device = resolve_device(config.device)
-    seed_everything(config.seed)
-    sde, dataset, model = _build(config, device)
+    world = distributed.world_from_env()
+    device = distributed.setup(world, resolve_device(config.device))
+    try:
+        _train(config, Path(workdir), world, device)
+    finally:
+        distributed.teardown(world)
+
+
+def _train(config, workdir: Path, world: distributed.World, device: torch.device) -> None:
+    t = config.training
+    if world.is_main:
+        _prepare_workdir(workdir)
+    seed_everything(config.seed)  # the same initial weights on every rank
+    sde = sde_from_config(config)
+    dataset = get_dataset(config, *world.shard)
+    model = create_model(config).to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = losses.make_optimizer(model.parameters(), config.optim)
     ema = ExponentialMovingAverage(model.parameters(), config.model.ema_rate)
-    state = TrainState(model, optimizer, ema, dataset)
-    t = config.training
-    if meta_checkpoint(workdir).exists():
-        state.load_state_dict(load_checkpoint(meta_checkpoint(workdir), device), meta_checkpoint(workdir))
-        log.info("resuming from %s at step %d", meta_checkpoint(workdir), state.step)
-    write_json(workdir / "config.json", config.to_dict())
-    log.info("training %s (%d parameters) on %s, %s, step %d → %d", config.model.name,
-             sum(p.numel() for p in model.parameters()), config.data.dataset, type(sde).__name__, state.step, t.n_iters)
-
+    noise = torch.Generator(device=device).manual_seed(config.seed)  # the loss's t and z: identical on all ranks
     loss_fn = losses.get_loss_fn(sde, continuous=t.continuous, reduce_mean=t.reduce_mean,
                                  likelihood_weighting=t.likelihood_weighting, eps=t.eps,
                                  importance_sampling=t.importance_sampling)
-    score_fn = get_score_fn(sde, model, continuous=t.continuous)
-    from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(str(workdir / "tensorboard"))
+    network = model
+    if world.distributed:
+        network = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if t.compile:
+        network = torch.compile(network, backend=t.compile_backend)
+    score_fn = get_score_fn(sde, network, continuous=t.continuous)
+    step_fn = TrainStep(model, optimizer, ema, loss_fn, config.optim, precision=t.precision, device=device,
+                        on_nonfinite=t.on_nonfinite, noise=noise, world=world)
+    state = TrainState(model, optimizer, ema, dataset, noise, step_fn.scaler)
+    seed_everything(round_seed(config.seed, world.rank))  # per-rank streams (dropout); a resume restores them
+    _resume(state, workdir, world, device)
+    train_log = TrainLog(workdir / "train_log.jsonl", state.step) if world.is_main else None
+    if world.is_main:
+        write_json(workdir / "config.json", config.to_dict())
+    log.info("training %s (%d parameters) on %s, %s, %s, step %d → %d, %d process(es) × batch %d",
+             config.model.name, sum(p.numel() for p in model.parameters()), config.data.dataset, type(sde).__name__,
+             t.precision, state.step, t.n_iters, world.world_size, t.batch_size)
+
+    writer = None
+    if world.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(workdir / "tensorboard"))
     eval_batch = next(dataset.eval_batches(t.batch_size)).to(device)
     start = time.time()
-    for step in tqdm(range(state.step + 1, t.n_iters + 1), desc="train", initial=state.step, total=t.n_iters):
-        model.train()
+    for step in tqdm(range(state.step + 1, t.n_iters + 1), desc="train", initial=state.step, total=t.n_iters,
+                     disable=not world.is_main):
+        network.train()
         x = dataset.train_batch().to(device)
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(score_fn, x)
-        loss.backward()
-        grad_norm = losses.optimization_step(optimizer, model.parameters(), step, config.optim)
-        ema.update(model.parameters())
+        if t.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        try:
+            result = step_fn(x, step, score_fn)
+        except NonFiniteError as err:
+            raise _stopped_on_nonfinite(err, step, x, model, workdir, world) from None
         state.step = step
+        if not result.applied:
+            state.skipped_steps += 1
+            log.warning("step %d skipped (%s); %d skipped so far", step, result.reason, state.skipped_steps)
 
-        if step % t.log_freq == 0:
-            lr = optimizer.param_groups[0]["lr"]
-            log.info("step %d  loss %.5f  grad_norm %.3f  lr %.2e  (%.1f s)", step, loss.item(), grad_norm, lr,
-                     time.time() - start)
-            writer.add_scalar("training_loss", loss.item(), step)
-            writer.add_scalar("grad_norm", grad_norm, step)
-            writer.add_scalar("learning_rate", lr, step)
-        if step % t.eval_freq == 0:
+        if step % t.log_freq == 0 and world.is_main:
+            log.info("step %d  loss %.5f  grad_norm %.3f  lr %.2e  (%.1f s)", step, result.loss, result.grad_norm,
+                     result.lr, time.time() - start)
+            train_log.append(step=step, loss=result.loss, grad_norm=result.grad_norm, lr=result.lr,
+                             skipped_steps=state.skipped_steps)
+            writer.add_scalar("training_loss", result.loss, step)
+            writer.add_scalar("grad_norm", result.grad_norm, step)
+            writer.add_scalar("learning_rate", result.lr, step)
+        if step % t.eval_freq == 0 and world.is_main:
             with ema.average_parameters(model):
-                eval_loss = evaluation_loss(loss_fn, score_fn, model, [eval_batch], seed=config.seed)
+                eval_loss = evaluation_loss(loss_fn, get_score_fn(sde, model, t.continuous), model, [eval_batch],
+                                            seed=config.seed)
             log.info("step %d  eval_loss %.5f", step, eval_loss)
             writer.add_scalar("eval_loss", eval_loss, step)
-        if step % t.snapshot_freq_for_preemption == 0 or step == t.n_iters:
-            save_checkpoint(meta_checkpoint(workdir), state.state_dict())
-        if step % t.snapshot_freq == 0 or step == t.n_iters:
-            k = step // t.snapshot_freq
-            save_checkpoint(numbered_checkpoint(workdir, k), state.state_dict())
-            log.info("saved %s", numbered_checkpoint(workdir, k))
-            if t.snapshot_sampling:
+        numbered = step % t.snapshot_freq == 0 or step == t.n_iters
+        if numbered or step % t.snapshot_freq_for_preemption == 0:
+            checkpoint = state.state_dict(distributed.gather(rng_state(), world))
+            if world.is_main:
+                save_checkpoint(step_checkpoint(workdir / "checkpoints-meta", step), checkpoint)
+                prune_step_checkpoints(workdir / "checkpoints-meta", t.keep_meta_checkpoints)
+                if numbered:
+                    k = step // t.snapshot_freq
+                    save_checkpoint(numbered_checkpoint(workdir, k), checkpoint)
+                    log.info("saved %s", numbered_checkpoint(workdir, k))
+            if numbered and t.snapshot_sampling and world.is_main:
                 _snapshot_samples(config, sde, model, ema, dataset, device, workdir, step, writer)
-    writer.close()
-    log.info("training finished at step %d in %.1f s", state.step, time.time() - start)
+    if writer is not None:
+        writer.close()
+    log.info("training finished at step %d in %.1f s (%d steps skipped)", state.step, time.time() - start,
+             state.skipped_steps)
+
+
+def _resume(state: TrainState, workdir: Path, world: distributed.World, device) -> None:
+    """Load the newest preemption checkpoint that verifies (rank 0 picks it, every rank loads it)."""
+    found = None
+    if world.is_main:
+        for folder in (workdir / "checkpoints-meta", workdir / "checkpoints"):
+            for stale in remove_stale_temporaries(folder):
+                log.warning("removed %s, left by a run killed while writing it", stale)
+        found = newest_good_checkpoint(workdir / "checkpoints-meta", map_location=device)
+    path = distributed.broadcast(None if found is None else str(found[0]), world)
+    if path is None:
+        return
+    checkpoint = found[1] if world.is_main else load_checkpoint(path, device)
+    state.load_state_dict(checkpoint, path, rank=world.rank)
+    log.info("resuming from %s at step %d", path, state.step)
+
+
+class TrainLog:
+    """workdir/train_log.jsonl: one JSON line per logged step. A resumed run first drops the lines after the step it
+    resumes from, so the file always reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, resumed_step: int):
+        self.path = path
+        if path.exists():
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if entry["step"] <= resumed_step:
+                    kept.append(line + "\n")
+            atomic_write(path, lambda p: Path(p).write_text("".join(kept)))
+
+    def append(self, **entry) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+
+
+def _stopped_on_nonfinite(err: NonFiniteError, step: int, x: torch.Tensor, model, workdir: Path,
+                          world: distributed.World) -> NonFiniteError:
+    """Save the batch and the names of parameters with non-finite gradients; the error to raise instead."""
+    path = workdir / "diagnostics" / f"nonfinite_step_{step}.pt"
+    if world.is_main:
+        diagnostics = {"step": step, "error": str(err), "batch": x.detach().cpu(),
+                       "nonfinite_gradients": nonfinite_parameters(model)}
+        atomic_write(path, lambda p: torch.save(diagnostics, p))
+    good = step_checkpoints(workdir / "checkpoints-meta")
+    last = f"the last good checkpoint, {good[0][1]} (step {good[0][0]}), is untouched" if good else "no checkpoint yet"
+    return NonFiniteError(f"training stopped: {err}. Diagnostics (batch, parameters with non-finite gradients) are in "
+                          f"{path}; {last}. Lower optim.lr, keep optim.grad_clip ≥ 0, try training.precision='fp32', "
+                          "or set training.on_nonfinite='skip' to skip such steps.")
 
 
 def _snapshot_samples(config, sde, model, ema, dataset, device, workdir, step, writer) -> None:

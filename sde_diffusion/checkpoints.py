@@ -1,13 +1,22 @@
-"""Checkpoints: atomic writes, safe (weights-only) loads, and the full training state for exact resumption."""
+"""Checkpoints: atomic writes, safe (weights-only) loads, and the full training state for exact resumption.
+
+Every checkpoint `X.pth` is written to a temporary file, fsynced and renamed, and then gets a sidecar `X.pth.sha256`
+(written the same way) holding its SHA-256. A load verifies the digest when the sidecar exists, so a truncated or
+bit-flipped file is reported as corrupt (`CorruptCheckpointError`) instead of being half-loaded; a file whose
+sidecar is missing (the process died between the two renames) is still loaded, since it was renamed complete.
+"""
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
+import logging
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -16,8 +25,15 @@ from torch import nn
 from .ema import ExponentialMovingAverage
 
 
+log = logging.getLogger("sde_diffusion")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or made for another config; the message names the file."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file is truncated, altered, or not a checkpoint: an earlier one can be used instead."""
 
 
 def atomic_write(path, write) -> None:
@@ -51,20 +67,56 @@ def save_npz(path, **arrays) -> None:
     atomic_write(path, write)
 
 
+def sha256_of(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def digest_path(path) -> Path:
+    """The sidecar file holding a checkpoint's SHA-256."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
 def save_checkpoint(path, state: Dict[str, Any]) -> None:
-    atomic_write(path, lambda p: torch.save(state, p))
+    """torch.save(state) atomically, then its SHA-256 into the sidecar `path.sha256` (also atomically)."""
+    digest = {}
+
+    def write(tmp):
+        torch.save(state, tmp)
+        digest["sha256"] = sha256_of(tmp)
+
+    digest_path(path).unlink(missing_ok=True)  # a stale digest must never vouch for the new file
+    atomic_write(path, write)
+    atomic_write(digest_path(path), lambda p: Path(p).write_text(digest["sha256"] + "\n"))
+
+
+def verify_checkpoint(path) -> None:
+    """Raise CorruptCheckpointError when the file's SHA-256 differs from its sidecar's (no sidecar: nothing to check)."""
+    path = Path(path)
+    sidecar = digest_path(path)
+    if not sidecar.is_file():
+        return
+    expected, actual = sidecar.read_text().strip(), sha256_of(path)
+    if expected != actual:
+        raise CorruptCheckpointError(f"checkpoint {path} is corrupt: its SHA-256 is {actual[:16]}… but {sidecar.name} "
+                                     f"records {expected[:16]}… (truncated or altered after it was written)")
 
 
 def load_checkpoint(path, map_location="cpu") -> Dict[str, Any]:
-    """Load a checkpoint written by `save_checkpoint` with torch.load(weights_only=True)."""
+    """Verify (see `verify_checkpoint`) and load a checkpoint with torch.load(weights_only=True)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    verify_checkpoint(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated zip, bad pickle, foreign objects
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); it may be truncated "
-                              "or not written by sde_diffusion — delete it to fall back to an earlier one") from err
+        raise CorruptCheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); it may be "
+                                     "truncated or not written by sde_diffusion") from err
 
 
 def rng_state() -> Dict[str, Any]:
@@ -87,20 +139,30 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 @dataclass
 class TrainState:
-    """Everything a resumed run needs to continue exactly where it stopped."""
+    """Everything a resumed run needs to continue exactly where it stopped.
+
+    `noise` is the generator of the loss's random times and noise (the same on every rank, which draws the whole
+    global batch's noise and keeps its rows); `rng` holds each rank's global RNG states (dropout and the like).
+    """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     ema: ExponentialMovingAverage
     dataset: Any
+    noise: Optional[torch.Generator] = None
+    scaler: Any = None  # torch.amp.GradScaler for fp16 training
     step: int = 0
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (training.on_nonfinite='skip')
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self, rng_states: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+        """rng_states: one entry per rank (default: this process's only)."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "ema": self.ema.state_dict(), "data": self.dataset.state_dict(), "step": self.step,
-                "rng": rng_state()}
+                "skipped_steps": self.skipped_steps, "rng": rng_states or [rng_state()],
+                "noise": None if self.noise is None else self.noise.get_state(),
+                "scaler": None if self.scaler is None else self.scaler.state_dict()}
 
-    def load_state_dict(self, state: Dict[str, Any], path="checkpoint") -> None:
+    def load_state_dict(self, state: Dict[str, Any], path="checkpoint", rank: int = 0) -> None:
         try:
             self.model.load_state_dict(state["model"], strict=True)
             self.ema.load_state_dict(state["ema"])
@@ -109,7 +171,65 @@ class TrainState:
             raise CheckpointError(f"{path} does not fit the model built from this config: {err}") from err
         self.dataset.load_state_dict(state["data"])
         self.step = int(state["step"])
-        set_rng_state(state["rng"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        if self.noise is not None and state.get("noise") is not None:
+            self.noise.set_state(state["noise"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if rank < len(rngs):
+            set_rng_state(rngs[rank])
+        else:
+            log.warning("%s holds RNG states of %d ranks; rank %d keeps its fresh seed (dropout noise differs from "
+                        "an uninterrupted run)", path, len(rngs), rank)
+
+
+# --------------------------------------------------------------------------------------------------
+# Preemption checkpoints: the newest K, resumed from the newest one that verifies
+# --------------------------------------------------------------------------------------------------
+_STEP_NAME = re.compile(r"^checkpoint_(\d+)\.pth$")
+
+
+def step_checkpoint(folder, step: int) -> Path:
+    return Path(folder) / f"checkpoint_{step}.pth"
+
+
+def step_checkpoints(folder) -> List[Tuple[int, Path]]:
+    """(step, path) of the `checkpoint_<step>.pth` files in folder, newest first."""
+    found = [(int(m.group(1)), p) for p in Path(folder).glob("checkpoint_*.pth") if (m := _STEP_NAME.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def prune_step_checkpoints(folder, keep: int) -> None:
+    """Delete all but the newest `keep` step checkpoints (and their digests)."""
+    for _, path in step_checkpoints(folder)[keep:]:
+        path.unlink(missing_ok=True)
+        digest_path(path).unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder) -> List[Path]:
+    """Delete temporary files left by a process killed inside `atomic_write`; returns them."""
+    stale = [p for p in Path(folder).glob(".*.tmp*") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def newest_good_checkpoint(folder, map_location="cpu") -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """The newest step checkpoint in folder that verifies and loads, with its state; None when there is none.
+
+    A corrupt one is logged, renamed to `*.corrupt` (kept for inspection, never tried again) and the previous one
+    is tried.
+    """
+    for _, path in step_checkpoints(folder):
+        try:
+            return path, load_checkpoint(path, map_location)
+        except CorruptCheckpointError as err:
+            aside = path.with_name(path.name + ".corrupt")
+            os.replace(path, aside)
+            digest_path(path).unlink(missing_ok=True)
+            log.error("%s. Moved it to %s and falling back to the previous checkpoint.", err, aside.name)
+    return None
 
 
 def load_model_weights(path, model: nn.Module, use_ema: bool = True, map_location="cpu") -> Dict[str, Any]:

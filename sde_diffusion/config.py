@@ -20,13 +20,19 @@ def default_config() -> ml_collections.ConfigDict:
     training.likelihood_weighting = False
     training.importance_sampling = False  # with likelihood_weighting: t ~ g²/σ² instead of uniform (lower variance)
     training.eps = 1e-5  # smallest t of the continuous loss
-    training.batch_size = 128
+    training.batch_size = 128  # per process: the global batch is batch_size × the number of torchrun processes
     training.n_iters = 1300001
     training.log_freq = 50
     training.eval_freq = 100  # held-out loss on one test batch
     training.snapshot_freq = 50000  # numbered checkpoints workdir/checkpoints/checkpoint_<step // freq>.pth
-    training.snapshot_freq_for_preemption = 10000  # workdir/checkpoints-meta/checkpoint.pth, resumed automatically
+    training.snapshot_freq_for_preemption = 10000  # workdir/checkpoints-meta/checkpoint_<step>.pth, resumed from
+    training.keep_meta_checkpoints = 2  # newest preemption checkpoints kept (a corrupt newest falls back to older)
     training.snapshot_sampling = True  # sample grid with EMA weights at every numbered checkpoint
+    training.precision = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling)
+    training.compile = False  # torch.compile the network for training
+    training.compile_backend = "inductor"  # torch.compile backend (inductor; aot_eager / eager to debug)
+    training.channels_last = False  # NHWC memory format for image networks (faster convolutions with cuDNN/oneDNN)
+    training.on_nonfinite = "stop"  # NaN/inf loss or gradient: stop (diagnostics saved) | skip (step skipped, counted)
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.method = "pc"
@@ -173,6 +179,22 @@ def _check_bpd(e) -> None:
         raise ConfigError(f"eval.bpd_eps must lie in (0, 1), got {e.bpd_eps}")
 
 
+def _check_training_engine(config) -> None:
+    """Precision, compilation, memory format, non-finite policy and checkpoint retention."""
+    from . import train_step
+    t = config.training
+    _choice("training.precision", t.precision, train_step.PRECISIONS)
+    _choice("training.on_nonfinite", t.on_nonfinite, train_step.NONFINITE_POLICIES)
+    _positive("training.keep_meta_checkpoints", t.keep_meta_checkpoints)
+    if t.channels_last and config.model.name in ("mlp", "dit"):
+        raise ConfigError(f"training.channels_last=True applies to convolutional networks; model.name="
+                          f"{config.model.name!r} has none: set training.channels_last=False")
+    if t.compile:
+        import torch._dynamo
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        _choice("training.compile_backend", t.compile_backend, backends)
+
+
 def validate_config(config) -> None:
     """Check values and combinations before any compute is spent; raises ConfigError naming the key."""
     from . import datasets, models, sampling, sdes  # late imports: the schema itself needs only ml_collections
@@ -213,6 +235,11 @@ def validate_config(config) -> None:
         raise ConfigError("training.importance_sampling=True samples t for the likelihood-weighted loss: set "
                           "training.likelihood_weighting=True")
     _check_bpd(e)
+    _check_training_engine(config)
+    if e.enable_bpd and d.dataset.lower() not in datasets.IMAGE_DATASETS:
+        raise ConfigError(f"eval.enable_bpd=True measures bits/dim of K-level discrete images, but data.dataset="
+                          f"{d.dataset!r} is continuous vector data: set eval.enable_bpd=False (eval reports its "
+                          "exact NLL where the data has a density)")
     if s.steps is not None and s.steps < 1:
         raise ConfigError(f"sampling.steps must be ≥ 1 (or None for model.num_scales), got {s.steps}")
     if e.begin_ckpt > e.end_ckpt:

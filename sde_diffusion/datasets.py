@@ -42,12 +42,19 @@ class DatasetError(RuntimeError):
 # Batch order
 # --------------------------------------------------------------------------------------------------
 class ShuffledBatches:
-    """Endless batches of indices into n examples: a fresh permutation per epoch, the last partial batch dropped."""
+    """Endless batches of indices into n examples: a fresh permutation per epoch, the last partial batch dropped.
 
-    def __init__(self, n: int, batch_size: int, seed: int):
-        if batch_size > n:
-            raise DatasetError(f"batch size {batch_size} exceeds the {n} training examples: lower training.batch_size")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+    Data parallel (rank r of W): global batches of batch_size·W come from the same permutation as in one process,
+    and rank r takes rows [r·batch_size, (r+1)·batch_size) of each, so the ranks together see exactly the batches
+    of a single process with the global batch (an exact, resumable stand-in for torch's DistributedSampler).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if batch_size * world_size > n:
+            raise DatasetError(f"global batch {batch_size}×{world_size} exceeds the {n} training examples: lower "
+                               "training.batch_size")
+        self.rank, self.world_size = rank, world_size
+        self.n, self.batch_size, self.seed = n, batch_size * world_size, seed
         self.epoch, self.position = 0, 0
         self._perm = self._permutation()
 
@@ -60,7 +67,8 @@ class ShuffledBatches:
             self._perm = self._permutation()
         idx = self._perm[self.position:self.position + self.batch_size]
         self.position += self.batch_size
-        return idx
+        mine = self.batch_size // self.world_size
+        return idx[self.rank * mine:(self.rank + 1) * mine]
 
     def state_dict(self) -> Dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
@@ -80,12 +88,14 @@ class ImageDataset:
 
     def __init__(self, train: torch.Tensor, test: torch.Tensor, num_levels: int, *, batch_size: int, seed: int,
                  centered: bool, random_flip: bool, uniform_dequantization: bool,
-                 train_labels: Optional[torch.Tensor] = None, test_labels: Optional[torch.Tensor] = None):
+                 train_labels: Optional[torch.Tensor] = None, test_labels: Optional[torch.Tensor] = None,
+                 rank: int = 0, world_size: int = 1):
         self.train, self.test, self.num_levels = train, test, num_levels
         self.train_labels, self.test_labels = train_labels, test_labels
         self.centered, self.random_flip, self.dequantize = centered, random_flip, uniform_dequantization
         self.shape = tuple(train.shape[1:])
-        self.batches = ShuffledBatches(len(train), batch_size, seed)
+        self.batches = ShuffledBatches(len(train), batch_size, seed, rank, world_size)
+        self.rank, self.world_size = rank, world_size
         self.rng = torch.Generator().manual_seed(seed + 1)  # flips and dequantization noise
 
     # scaling -------------------------------------------------------------------------------------
@@ -105,12 +115,15 @@ class ImageDataset:
     def train_batch(self) -> torch.Tensor:
         """(batch, C, H, W) float training batch in model space, augmented as configured."""
         images = self.train[self.batches.next()]
+        n, mine = len(images), slice(self.rank * len(images), (self.rank + 1) * len(images))
+        full = n * self.world_size  # augmentation noise is drawn for the global batch, as for the indices
         if self.dequantize:
-            x = (images.float() + torch.rand(images.shape, generator=self.rng)) / self.num_levels
+            u = torch.rand((full, *images.shape[1:]), generator=self.rng)[mine]
+            x = (images.float() + u) / self.num_levels
         else:
             x = self.to_float(images)
         if self.random_flip:
-            flip = torch.rand(len(x), generator=self.rng) < 0.5
+            flip = torch.rand(full, generator=self.rng)[mine] < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return self.to_model(x)
 
@@ -236,8 +249,8 @@ class ToyDataset:
 
     is_image = False
 
-    def __init__(self, name: str, *, batch_size: int, seed: int):
-        self.name, self.batch_size = name, batch_size
+    def __init__(self, name: str, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.name, self.batch_size, self.rank, self.world_size = name, batch_size, rank, world_size
         self._draw = TOY_SAMPLERS[name]
         self.log_prob = TOY_DENSITIES.get(name)  # exact density of the data, or None
         self.test = self._draw(TOY_TEST_SIZE, torch.Generator().manual_seed(seed + 12345)).float()
@@ -251,7 +264,9 @@ class ToyDataset:
         return x
 
     def train_batch(self) -> torch.Tensor:
-        return self._draw(self.batch_size, self.rng).float()
+        """This rank's rows of a global batch of batch_size × world_size fresh samples."""
+        batch = self._draw(self.batch_size * self.world_size, self.rng).float()
+        return batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
     def eval_batches(self, batch_size: int, split: str = "test") -> Iterator[torch.Tensor]:
         for start in range(0, len(self.test), batch_size):
@@ -269,15 +284,17 @@ IMAGE_DATASETS = {"digits": (1, 8, DIGITS_LEVELS), "cifar10": (3, 32, 256)}  # c
 DATASETS = sorted(list(IMAGE_DATASETS) + list(TOY_SAMPLERS))
 
 
-def get_dataset(config):
-    """Build the dataset named by config.data.dataset (case-insensitive), checking it against the config."""
+def get_dataset(config, rank: int = 0, world_size: int = 1):
+    """Build the dataset named by config.data.dataset (case-insensitive), checking it against the config.
+
+    rank / world_size: data-parallel training, where training.batch_size is the batch of one rank."""
     d = config.data
     name = d.dataset.lower()
     seed, batch_size = config.seed, config.training.batch_size
     if name in TOY_SAMPLERS:
         if d.dim != 2:
             raise DatasetError(f"toy dataset {name!r} is 2-D but data.dim={d.dim}: set data.dim=2")
-        return ToyDataset(name, batch_size=batch_size, seed=seed)
+        return ToyDataset(name, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
     if name not in IMAGE_DATASETS:
         raise DatasetError(f"data.dataset={d.dataset!r} is not one of {DATASETS}")
     channels, size, levels = IMAGE_DATASETS[name]
@@ -290,4 +307,4 @@ def get_dataset(config):
         train, test, train_y, test_y = read_cifar10(d.root, download=d.download)
     return ImageDataset(train, test, levels, batch_size=batch_size, seed=seed, centered=d.centered,
                         random_flip=d.random_flip, uniform_dequantization=d.uniform_dequantization,
-                        train_labels=train_y, test_labels=test_y)
+                        train_labels=train_y, test_labels=test_y, rank=rank, world_size=world_size)

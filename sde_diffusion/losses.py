@@ -18,6 +18,17 @@ from torch import nn
 from .sdes import SDE, ScoreFn, per_sample
 
 
+Shard = Tuple[int, int]  # (rank, world size) of data-parallel training
+SINGLE = (0, 1)
+
+
+def _rows(n: int, shard: Shard) -> Tuple[int, slice]:
+    """Data-parallel randomness: each rank draws the noise of the whole global batch (n·world rows) from the same
+    generator and keeps its own n rows, so W ranks see exactly the noise of one process with the global batch."""
+    rank, world = shard
+    return n * world, slice(rank * n, (rank + 1) * n)
+
+
 def _reduce(per_element: torch.Tensor, reduce_mean: bool) -> torch.Tensor:
     """(batch, ...) → (batch,): mean or sum over all but the batch dimension."""
     flat = per_element.flatten(1)
@@ -25,15 +36,16 @@ def _reduce(per_element: torch.Tensor, reduce_mean: bool) -> torch.Tensor:
 
 
 def dsm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, eps: float = 1e-5, reduce_mean: bool = True,
-             likelihood_weighting: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             likelihood_weighting: bool = False, generator: Optional[torch.Generator] = None,
+             shard: Shard = SINGLE) -> torch.Tensor:
     """Continuous-time denoising score matching; returns the batch mean (a scalar).
 
     Unweighted: ‖σ(t)·s(x_t, t) + z‖². With likelihood weighting: g(t)²·‖s(x_t, t) + z/σ(t)‖², i.e. the
     unweighted term multiplied by g(t)²/σ(t)², which makes the loss an upper bound on the negative ELBO.
     """
-    n = x0.shape[0]
-    t = torch.rand(n, generator=generator, device=x0.device, dtype=x0.dtype) * (sde.T - eps) + eps
-    z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    total, mine = _rows(x0.shape[0], shard)
+    t = torch.rand(total, generator=generator, device=x0.device, dtype=x0.dtype)[mine] * (sde.T - eps) + eps
+    z = torch.randn((total, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)[mine]
     mean, std = sde.marginal_prob(x0, t)
     score = score_fn(mean + per_sample(std, x0) * z, t)
     losses = _reduce((per_sample(std, x0) * score + z) ** 2, reduce_mean)
@@ -44,28 +56,31 @@ def dsm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, eps: float = 1e-5
 
 
 def importance_sampled_times(sde: SDE, n: int, eps: float, generator: Optional[torch.Generator] = None,
-                             device=None) -> Tuple[torch.Tensor, float]:
+                             device=None, shard: Shard = SINGLE) -> Tuple[torch.Tensor, float]:
     """n times in [eps, T] with density q(t) ∝ g(t)²/σ(t)² (Song et al. 2021b), and Z = ∫_eps^T g²/σ² dt.
 
     g²/σ² = −2 dλ/dt for the log-SNR λ = log(α/σ), so λ is uniform between λ(T) and λ(eps): t = λ⁻¹(λ) and
     Z = 2(λ(eps) − λ(T)). Times are float64 on `device`.
     """
     lam_eps, lam_T = (float(sde.log_snr(torch.tensor(v, dtype=torch.float64))) for v in (eps, sde.T))
-    u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+    total, mine = _rows(n, shard)
+    u = torch.rand(total, generator=generator, device=device, dtype=torch.float64)[mine]
     t = sde.t_from_log_snr(lam_eps + u * (lam_T - lam_eps)).to(device)
     return t.clamp(min=eps, max=sde.T), 2.0 * (lam_eps - lam_T)
 
 
 def importance_sampled_dsm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, eps: float = 1e-5,
-                                reduce_mean: bool = True, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                                reduce_mean: bool = True, generator: Optional[torch.Generator] = None,
+                                shard: Shard = SINGLE) -> torch.Tensor:
     """Likelihood-weighted DSM with t ~ q ∝ g²/σ² instead of uniform t; returns the batch mean (a scalar).
 
     Per example Z/(T − eps)·‖σ(t)·s(x_t, t) + z‖²: the same expectation as `dsm_loss(..., likelihood_weighting=True)`
     (E_{t~U}[g²/σ²·‖σs + z‖²]) with the weight g²/σ², which spans orders of magnitude, moved into the sampling of t.
     """
-    t, normalizer = importance_sampled_times(sde, x0.shape[0], eps, generator, x0.device)
+    t, normalizer = importance_sampled_times(sde, x0.shape[0], eps, generator, x0.device, shard)
     t = t.to(x0.dtype)
-    z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    total, mine = _rows(x0.shape[0], shard)
+    z = torch.randn((total, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)[mine]
     mean, std = sde.marginal_prob(x0, t)
     score = score_fn(mean + per_sample(std, x0) * z, t)
     losses = _reduce((per_sample(std, x0) * score + z) ** 2, reduce_mean)
@@ -73,23 +88,23 @@ def importance_sampled_dsm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *
 
 
 def discrete_dsm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, reduce_mean: bool = True,
-                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                      generator: Optional[torch.Generator] = None, shard: Shard = SINGLE) -> torch.Tensor:
     """DDPM (VP) / SMLD (VE) loss on the SDE's N-step discrete chain; returns the batch mean (a scalar).
 
     Step i ~ U{0..N−1} is evaluated at its grid time t_i = i/(N−1)·T with the chain's α_i, σ_i.
     """
-    n = x0.shape[0]
-    i = torch.randint(0, sde.N, (n,), generator=generator, device=x0.device)
+    total, mine = _rows(x0.shape[0], shard)
+    i = torch.randint(0, sde.N, (total,), generator=generator, device=x0.device)[mine]
     t = i.to(x0.dtype) / (sde.N - 1) * sde.T
     alpha, sigma = sde.discrete_alpha_sigma(t)
-    z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    z = torch.randn((total, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)[mine]
     score = score_fn(per_sample(alpha, x0) * x0 + per_sample(sigma, x0) * z, t)
     return _reduce((per_sample(sigma, x0) * score + z) ** 2, reduce_mean).mean()
 
 
 def get_loss_fn(sde: SDE, *, continuous: bool = True, reduce_mean: bool = True, likelihood_weighting: bool = False,
                 eps: float = 1e-5, importance_sampling: bool = False) -> Callable[..., torch.Tensor]:
-    """loss_fn(score_fn, x0, generator=None) for the configured objective (config.training.continuous, ...).
+    """loss_fn(score_fn, x0, generator=None, shard=(0, 1)) for the configured objective (config.training.*).
 
     importance_sampling (with likelihood_weighting): t ~ g²/σ² (`importance_sampled_dsm_loss`).
     """
@@ -98,20 +113,20 @@ def get_loss_fn(sde: SDE, *, continuous: bool = True, reduce_mean: bool = True, 
                          "training.likelihood_weighting=True and training.continuous=True, or "
                          "training.importance_sampling=False")
     if importance_sampling:
-        return lambda score_fn, x0, generator=None: importance_sampled_dsm_loss(
-            score_fn, sde, x0, eps=eps, reduce_mean=reduce_mean, generator=generator)
+        return lambda score_fn, x0, generator=None, shard=SINGLE: importance_sampled_dsm_loss(
+            score_fn, sde, x0, eps=eps, reduce_mean=reduce_mean, generator=generator, shard=shard)
     if continuous:
-        return lambda score_fn, x0, generator=None: dsm_loss(
+        return lambda score_fn, x0, generator=None, shard=SINGLE: dsm_loss(
             score_fn, sde, x0, eps=eps, reduce_mean=reduce_mean, likelihood_weighting=likelihood_weighting,
-            generator=generator)
+            generator=generator, shard=shard)
     if likelihood_weighting:
         raise ValueError("likelihood weighting applies to the continuous loss only: set training.continuous=True "
                          "or training.likelihood_weighting=False")
     if not sde.has_discrete_chain:
         raise ValueError(f"{type(sde).__name__} has no discrete chain, so no DDPM/SMLD loss: set "
                          "training.continuous=True")
-    return lambda score_fn, x0, generator=None: discrete_dsm_loss(score_fn, sde, x0, reduce_mean=reduce_mean,
-                                                                  generator=generator)
+    return lambda score_fn, x0, generator=None, shard=SINGLE: discrete_dsm_loss(
+        score_fn, sde, x0, reduce_mean=reduce_mean, generator=generator, shard=shard)
 
 
 # --------------------------------------------------------------------------------------------------

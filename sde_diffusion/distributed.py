@@ -1,0 +1,102 @@
+"""Data-parallel training with torch.distributed, set up from the environment that torchrun provides.
+
+    torchrun --standalone --nproc_per_node=8 main.py --config configs/vp_cifar.py --mode train    # one node
+    torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_port=29500 --nproc_per_node=8 main.py ...
+
+`training.batch_size` is the batch of one process: the global batch is batch_size × world size. Without the
+torchrun variables (WORLD_SIZE unset or 1) everything runs in one process and nothing here does any work.
+CUDA devices use NCCL (rank r on cuda:LOCAL_RANK); CPU runs use gloo.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, List
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the data-parallel processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 logs, writes checkpoints, reports and pictures."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def shard(self):
+        """(rank, world size), as the losses and datasets take it."""
+        return self.rank, self.world_size
+
+
+def world_from_env() -> World:
+    """Read RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun); a single process when they are absent."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return World()
+    missing = [key for key in ("RANK", "MASTER_ADDR", "MASTER_PORT") if key not in os.environ]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE={world_size} but {', '.join(missing)} unset: launch with torchrun "
+                           "(it sets them) or unset WORLD_SIZE for a single process")
+    return World(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def setup(world: World, device: torch.device) -> torch.device:
+    """Join the process group (NCCL on CUDA, gloo on CPU); returns this rank's device."""
+    if not world.distributed:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=world.rank,
+                                world_size=world.world_size)
+    return device
+
+
+def teardown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def mean(value: torch.Tensor, world: World) -> torch.Tensor:
+    """The mean of a tensor over all ranks (the tensor itself in a single process)."""
+    if not world.distributed:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / world.world_size
+
+
+def gather(obj: Any, world: World) -> List[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not world.distributed:
+        return [obj]
+    out: List[Any] = [None] * world.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(obj: Any, world: World) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
