@@ -51,8 +51,8 @@ class ShuffledBatches:
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         if batch_size * world_size > n:
-            raise DatasetError(f"global batch {batch_size}×{world_size} exceeds the {n} training examples: lower "
-                               "training.batch_size")
+            raise DatasetError(f"batch size {batch_size} × {world_size} process(es) exceeds the {n} training examples: "
+                               "lower training.batch_size")
         self.rank, self.world_size = rank, world_size
         self.n, self.batch_size, self.seed = n, batch_size * world_size, seed
         self.epoch, self.position = 0, 0
