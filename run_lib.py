@@ -123,19 +123,19 @@ def _build(config, device):
 
 
 # --------------------------------------------------------------------------------------------------
-def train(config, workdir) -> None:
-    """Train, resuming from the newest good checkpoint in workdir/checkpoints-meta. Under torchrun, every process
-    runs this with its own rank (see sde_diffusion/distributed.py); rank 0 writes all files."""
+def train(config, workdir) -> TrainState:
+    """Train, resuming from the newest good checkpoint in workdir/checkpoints-meta; returns the final state. Under
+    torchrun, every process runs this with its own rank (see sde_diffusion/distributed.py); rank 0 writes all files."""
     validate_config(config)
     world = distributed.world_from_env()
     device = distributed.setup(world, resolve_device(config.device))
     try:
-        _train(config, Path(workdir), world, device)
+        return _train(config, Path(workdir), world, device)
     finally:
         distributed.teardown(world)
 
 
-def _train(config, workdir: Path, world: distributed.World, device: torch.device) -> None:
+def _train(config, workdir: Path, world: distributed.World, device: torch.device) -> TrainState:
     t = config.training
     if world.is_main:
         _prepare_workdir(workdir)
@@ -220,6 +220,7 @@ def _train(config, workdir: Path, world: distributed.World, device: torch.device
         writer.close()
     log.info("training finished at step %d in %.1f s (%d steps skipped)", state.step, time.time() - start,
              state.skipped_steps)
+    return state
 
 
 def _resume(state: TrainState, workdir: Path, world: distributed.World, device) -> None:

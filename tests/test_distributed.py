@@ -1,0 +1,92 @@
+"""Data-parallel training on CPU with gloo: two spawned ranks against one process with the same global batch.
+
+Each rank runs `run_lib.train` exactly as under torchrun (the RANK / WORLD_SIZE / MASTER_* variables set).
+The ranks must end with identical weights, only rank 0 may write files, and the logged loss (the mean over ranks)
+must equal the single-process loss at every step: the ranks split each global batch and the noise drawn for it.
+"""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import run_lib
+from configs.toy_gmm import get_config
+
+STEPS = 12
+PER_RANK_BATCH = 64
+
+
+def small_config(batch_size: int):
+    config = get_config()
+    t = config.training
+    t.batch_size, t.n_iters, t.log_freq, t.eval_freq = batch_size, STEPS, 1, 1000
+    t.snapshot_freq = t.snapshot_freq_for_preemption = STEPS
+    t.snapshot_sampling = False
+    config.model.nf, config.model.num_res_blocks = 64, 2
+    config.optim.warmup = 2
+    config.device = "cpu"
+    return config
+
+
+def _rank_main(rank: int, world_size: int, port: int, workdir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    state = run_lib.train(small_config(PER_RANK_BATCH), workdir)
+    torch.save({name: p.detach().clone() for name, p in state.model.named_parameters()},
+               os.path.join(workdir, f"params_rank{rank}.pt"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(workdir):
+    return [json.loads(line)["loss"] for line in (workdir / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    parallel, single = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("single")
+    mp.spawn(_rank_main, args=(2, free_port(), str(parallel)), nprocs=2, join=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        state = run_lib.train(small_config(2 * PER_RANK_BATCH), single)
+    finally:
+        torch.set_num_threads(threads)
+    return parallel, single, state
+
+
+def test_ranks_hold_identical_weights(runs):
+    parallel, _, _ = runs
+    a, b = (torch.load(parallel / f"params_rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_only_rank_0_writes_one_checkpoint(runs):
+    parallel, _, _ = runs
+    assert sorted(p.name for p in (parallel / "checkpoints").iterdir()) == ["checkpoint_1.pth",
+                                                                            "checkpoint_1.pth.sha256"]
+    assert sorted(p.name for p in (parallel / "checkpoints-meta").iterdir()) == [
+        f"checkpoint_{STEPS}.pth", f"checkpoint_{STEPS}.pth.sha256"]
+    state = torch.load(parallel / "checkpoints" / "checkpoint_1.pth", weights_only=True)
+    assert len(state["rng"]) == 2  # both ranks' RNG states, for an exact resume
+
+
+def test_loss_equals_a_single_process_with_the_global_batch(runs):
+    parallel, single, state = runs
+    ddp, one = losses(parallel), losses(single)
+    assert len(ddp) == len(one) == STEPS
+    # the same examples and noise; only the floating-point order of the batch reductions differs
+    torch.testing.assert_close(torch.tensor(ddp), torch.tensor(one), rtol=1e-5, atol=0)
+    ranks = torch.load(parallel / "params_rank0.pt", weights_only=True)
+    for name, p in state.model.named_parameters():
+        torch.testing.assert_close(ranks[name], p.detach(), rtol=1e-4, atol=1e-6)
