@@ -20,6 +20,7 @@ def cifar10_config():
     training.likelihood_weighting = False
     training.continuous = True
     training.reduce_mean = False
+    training.channels_last = True  # ours, not score_sde's: faster convolutions (see BENCHMARKS.md), same numbers
 
     sampling = config.sampling
     sampling.n_steps_each = 1
