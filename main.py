@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -33,9 +34,13 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     workdir = Path(FLAGS.workdir or Path("runs") / Path(config_flags.get_config_filename(FLAGS["config"])).stem)
     workdir.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        handlers=[logging.StreamHandler(sys.stdout), logging.FileHandler(workdir / f"{FLAGS.mode}.log")],
-                        force=True)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 logs (other ranks: warnings and errors)
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if rank == 0:
+        handlers.append(logging.FileHandler(workdir / f"{FLAGS.mode}.log"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s %(levelname)s {f'[rank {rank}] ' if rank else ''}%(message)s",
+                        handlers=handlers, force=True)
     MODES[FLAGS.mode](FLAGS.config, workdir, FLAGS.eval_folder)
 
 
