@@ -189,11 +189,12 @@ def _check_bpd(e) -> None:
 
 def _check_data(d) -> None:
     """The data loader keys and the data.dataset='folder' keys (sde_diffusion/image_folder.py)."""
-    from . import datasets, image_folder
+    from . import datasets
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers must be ≥ 0 (0: batches built in the main process), got {d.num_workers}")
     if d.dataset.lower() != datasets.FOLDER:
         return
+    from . import image_folder  # Pillow, only for your own images
     _choice("data.resize_filter", d.resize_filter, image_folder.RESIZE_FILTERS)
     _choice("data.num_channels", d.num_channels, (1, 3))
     _positive("data.image_size", d.image_size)

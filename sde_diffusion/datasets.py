@@ -52,13 +52,11 @@ class BatchPlan(NamedTuple):
 
     indices: torch.Tensor  # (batch_size,) int64 rows of the training split for this rank
     seed: int  # seeds the flips and dequantization noise of the whole global batch
-    epoch: int
-    position: int  # offset of the global batch in the epoch's permutation
 
 
 def batch_seed(seed: int, epoch: int, position: int) -> int:
     """The augmentation seed of the global batch starting at `position` of epoch `epoch`: a pure function."""
-    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(2, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1, np.uint64)[0] >> 1)  # < 2⁶³
 
 
 class ShuffledBatches:
@@ -92,8 +90,7 @@ class ShuffledBatches:
             self.epoch, self.position = self.epoch + 1, 0
             self._perm = self._permutation()
         start = self.position + self.rank * self.batch_size
-        plan = BatchPlan(self._perm[start:start + self.batch_size], batch_seed(self.seed, self.epoch, self.position),
-                         self.epoch, self.position)
+        plan = BatchPlan(self._perm[start:start + self.batch_size], batch_seed(self.seed, self.epoch, self.position))
         self.position += self.global_size
         return plan
 
@@ -206,7 +203,7 @@ class ImageDataset:
         plan = self.batches.next_plan()
         if built is not None:
             x, indices, seed = next(built)
-            if seed != plan.seed or not torch.equal(indices, plan.indices):  # the loader runs ahead of the cursor
+            if seed != plan.seed or not torch.equal(indices, plan.indices):  # workers build ahead, in plan order
                 raise RuntimeError("DataLoader batches are out of step with the batch order")
         else:
             x, _, _ = self.maker[plan]

@@ -43,7 +43,7 @@ import time
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import List, Optional, Sequence, Tuple
 
@@ -294,6 +294,7 @@ class Decoded:
     channels: Optional[int] = None  # the image's own channel count; None when unreadable
     size: Optional[Tuple[int, int]] = None  # (width, height) as stored
     problem: Optional[str] = None  # why the file is unreadable
+    rejected: Optional[str] = None  # "channels" or "small": why a readable image does not fit the config
 
 
 def _read_one(source, i: int, spec: Preprocessing) -> Decoded:
@@ -302,9 +303,9 @@ def _read_one(source, i: int, spec: Preprocessing) -> Decoded:
         with source.open(i) as image:
             channels, size = native_channels(image, source.describe(name)), image.size
             if channels != spec.num_channels and not spec.convert_channels:
-                return Decoded(None, channels, size)
+                return Decoded(None, channels, size, rejected="channels")
             if min(size) < spec.image_size and not spec.allow_upsample:
-                return Decoded(None, channels, size)
+                return Decoded(None, channels, size, rejected="small")
             image.load()
             image = ImageOps.exif_transpose(image)
             return Decoded(preprocess_image(image, spec.image_size, spec.resize_filter, spec.num_channels),
@@ -315,13 +316,13 @@ def _read_one(source, i: int, spec: Preprocessing) -> Decoded:
 
 def _rejection(source, name: str, result: Decoded, spec: Preprocessing, first_match: Optional[str]) -> DatasetError:
     where = source.describe(name)
-    if result.channels != spec.num_channels:
+    if result.rejected == "channels":
         found, wanted = CHANNEL_NAMES[result.channels], CHANNEL_NAMES[spec.num_channels]
         if first_match is not None:
             return DatasetError(
-                f"mixed channel counts: {where} is {found} while {source.describe(first_match)} and the images "
-                f"before it are {wanted} (data.num_channels={spec.num_channels}): set data.convert_channels=True to "
-                f"convert every image to {wanted.split(' ')[0]}, or remove the odd ones")
+                f"mixed channel counts: {where} is {found} while the images before it (e.g. "
+                f"{source.describe(first_match)}) are {wanted} (data.num_channels={spec.num_channels}): set "
+                f"data.convert_channels=True to convert every image to {wanted.split(' ')[0]}, or remove the odd ones")
         return DatasetError(
             f"{where} is {found} but data.num_channels={spec.num_channels}: set data.num_channels="
             f"{result.channels} if your images are all {found.split(' ')[0]}, or data.convert_channels=True to "
@@ -334,6 +335,10 @@ def _rejection(source, name: str, result: Decoded, spec: Preprocessing, first_ma
         "images, or set data.allow_upsample=True to enlarge them")
 
 
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def decode_images(source, spec: Preprocessing, threads: Optional[int] = None):
     """Read and preprocess every image of the source (in a pool of threads, in order).
 
@@ -344,7 +349,7 @@ def decode_images(source, spec: Preprocessing, threads: Optional[int] = None):
     n, size, channels = len(source.names), spec.image_size, spec.num_channels
     images = np.empty((n, channels, size, size), np.uint8)
     positions, skipped, first_match = [], [], None
-    threads = threads or max(1, min(MAX_DECODE_THREADS, len(os.sched_getaffinity(0))))
+    threads = threads or max(1, min(MAX_DECODE_THREADS, available_cpus()))
     executor = ThreadPoolExecutor(threads)
     try:
         results = executor.map(lambda i: _read_one(source, i, spec), range(n))
@@ -389,7 +394,7 @@ class Preprocessed:
 
 def cache_key(source, spec: Preprocessing) -> str:
     return _sha256({"version": CACHE_VERSION, "kind": source.kind, "source": source.fingerprint(),
-                    "preprocessing": spec.__dict__})
+                    "preprocessing": asdict(spec)})
 
 
 def default_cache_dir(root) -> Path:
@@ -553,7 +558,8 @@ class FolderDataset(ImageDataset):
                  labels: Optional[np.ndarray], class_names: Optional[List[str]], *, source: str, stats_dir: Path,
                  split_key: str, **loading):
         pixels = torch.from_numpy(np.ascontiguousarray(images.images))
-        train, test = pixels[torch.from_numpy(train_idx)], pixels[torch.from_numpy(test_idx)]
+        train = pixels[torch.from_numpy(train_idx)]
+        test = train if np.array_equal(train_idx, test_idx) else pixels[torch.from_numpy(test_idx)]
         train_y = test_y = None
         if labels is not None:
             train_y, test_y = torch.from_numpy(labels[train_idx]), torch.from_numpy(labels[test_idx])

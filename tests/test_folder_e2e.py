@@ -55,7 +55,8 @@ def test_train_and_eval_on_a_folder_by_setting_data_root(photo_folder, tmp_path)
     with np.load(entry) as cached:
         assert cached["images"].shape == (24, 3, 16, 16) and cached["names"][0] == "china/batch_0/00.jpg"
     checkpoint = torch.load(tmp_path / "checkpoints" / "checkpoint_1.pth", weights_only=True)
-    assert checkpoint["step"] == 4 and checkpoint["data"]["batches"] == {"epoch": 1, "position": 16}  # 2 batches an epoch
+    # 22 training images make 2 batches of 8 an epoch: step 4 is the second batch of epoch 1
+    assert checkpoint["step"] == 4 and checkpoint["data"]["batches"] == {"epoch": 1, "position": 16}
     log = main_py(tmp_path, "eval", root)
     assert "cache hit" in log
     report = json.loads((tmp_path / "eval" / "report_1.json").read_text())

@@ -337,3 +337,11 @@ def test_dataloader_workers_give_bit_identical_resumable_batches():
     resumed.load_state_dict(state)
     assert all(torch.equal(a, resumed.train_batch()) for a in first[4:])
     assert any(not torch.equal(first[0], b) for b in first[1:])
+
+
+def test_small_greyscale_image_converted_to_rgb_is_reported_as_small(tmp_path, photo):
+    root = tmp_path / "photos"
+    write_folder(root, crops(photo, 2, 8, 8), classes=None)
+    Image.fromarray(photo[:5, :5]).convert("L").save(root / "img_02.png")
+    with pytest.raises(DatasetError, match=r"img_02\.png is 5×5 pixels"):
+        load_images(folder_config(root, tmp_path, convert_channels=True).data)
