@@ -3,7 +3,7 @@ for 2-D toy data. Inputs are samples already generated (and, for images, their I
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -15,6 +15,15 @@ from .metrics import feature_statistics, frechet_distance, inception_score, kern
 from .reference import reference_statistics
 
 
+def reference_identity(config, dataset) -> Tuple[str, Path]:
+    """The dataset's name in reference-statistics file names, and their default folder. Your own images
+    (data.dataset='folder') are named by a hash of the images and the split, so two folders never share
+    statistics, and keep them beside their preprocessed cache; named datasets use <data.root>/fid_stats."""
+    name = getattr(dataset, "reference_name", None) or config.data.dataset.lower()
+    default_dir = getattr(dataset, "stats_dir", None) or Path(config.data.root) / "fid_stats"
+    return name, Path(default_dir)
+
+
 class ImageMetrics:
     """Inception network plus the reference statistics of one dataset split, ready to score sample features."""
 
@@ -22,10 +31,11 @@ class ImageMetrics:
         e = config.eval
         self.weights = locate_inception(e.inception_path, allow_download=e.inception_download)
         self.network = InceptionNetwork(self.weights, device=device, batch_size=e.inception_batch_size)
-        cache = Path(e.stats_dir) if e.stats_dir else Path(config.data.root) / "fid_stats"
+        name, default_dir = reference_identity(config, dataset)
+        cache = Path(e.stats_dir) if e.stats_dir else default_dir
         self.split, self.seed = e.fid_split, config.seed
-        self.reference = reference_statistics(dataset, config.data.dataset.lower(), e.fid_split, self.network,
-                                              cache, limit=e.fid_num_reference)
+        self.reference = reference_statistics(dataset, name, e.fid_split, self.network, cache,
+                                              limit=e.fid_num_reference)
 
     def describe(self) -> Dict:
         return {"inception_weights": self.weights.describe(), "fid_reference": {

@@ -88,8 +88,8 @@ def default_config() -> ml_collections.ConfigDict:
     compare.checkpoint = placeholder(int)  # None → the newest numbered checkpoint
 
     config.data = data = ml_collections.ConfigDict()
-    data.dataset = "digits"  # digits | cifar10 | gmm | moons | swiss_roll
-    data.root = "data"  # where dataset files live (CIFAR-10: the archive or its extracted folder)
+    data.dataset = "digits"  # digits | cifar10 | folder (your own images) | gmm | moons | swiss_roll
+    data.root = "data"  # where dataset files live (CIFAR-10: the archive or its extracted folder; folder: see below)
     data.download = False  # fetch missing public datasets (checksummed); off by default
     data.image_size = 8
     data.num_channels = 1
@@ -97,6 +97,20 @@ def default_config() -> ml_collections.ConfigDict:
     data.centered = True  # images in [−1, 1] (True) or [0, 1] (False)
     data.random_flip = False
     data.uniform_dequantization = False
+    # training batches: built in the main process (0) or by DataLoader workers, bit-identical either way
+    data.num_workers = 0
+    data.pin_memory = False  # page-locked batches for faster copies to a CUDA device (ignored without CUDA)
+    # data.dataset='folder' (sde_diffusion/image_folder.py): data.root is a folder tree of .png/.jpg/.jpeg/.webp
+    # images (any depth), a .zip of them, or a uint8 array (N, H, W, C) in a .npy / single-array .npz; each image
+    # is center-cropped to a square and resized to data.image_size once, then cached as a uint8 array
+    data.resize_filter = "lanczos"  # Pillow filter of the one resize: box | bilinear | bicubic | lanczos
+    data.allow_upsample = False  # images smaller than data.image_size are an error unless True
+    data.convert_channels = False  # True: convert every image to data.num_channels (RGB ↔ grey); False: must match
+    data.labels = "none"  # none | folders (first sub-folder name, sorted) | path to a labels file (.csv/.txt/.npy)
+    data.test_fraction = 0.1  # held out by data.split_seed when the source has no train/ and test/ folders
+    data.split_seed = 0
+    data.skip_corrupt = False  # True: skip unreadable images (counted and reported) instead of failing
+    data.cache_dir = placeholder(str)  # preprocessed-array cache; None → <parent of data.root>/sde_diffusion_cache
 
     config.model = model = ml_collections.ConfigDict()
     model.name = "ddpm"
@@ -195,6 +209,24 @@ def _check_training_engine(config) -> None:
         _choice("training.compile_backend", t.compile_backend, backends)
 
 
+def _check_data(d) -> None:
+    """The data loader keys and the data.dataset='folder' keys (sde_diffusion/image_folder.py)."""
+    from . import datasets
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be ≥ 0 (0: batches built in the main process), got {d.num_workers}")
+    if d.dataset.lower() != datasets.FOLDER:
+        return
+    from . import image_folder  # Pillow, only for your own images
+    _choice("data.resize_filter", d.resize_filter, image_folder.RESIZE_FILTERS)
+    _choice("data.num_channels", d.num_channels, (1, 3))
+    _positive("data.image_size", d.image_size)
+    if not 0.0 <= d.test_fraction < 1.0:
+        raise ConfigError(f"data.test_fraction must lie in [0, 1) (0: the test split is the training set), "
+                          f"got {d.test_fraction}")
+    if not d.labels.strip():
+        raise ConfigError("data.labels is empty: use 'none', 'folders' or the path of a labels file")
+
+
 def validate_config(config) -> None:
     """Check values and combinations before any compute is spent; raises ConfigError naming the key."""
     from . import datasets, models, sampling, sdes  # late imports: the schema itself needs only ml_collections
@@ -254,6 +286,7 @@ def validate_config(config) -> None:
             check_model(config)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+    _check_data(d)
     if d.dataset.lower() in datasets.IMAGE_DATASETS and m.name in ("ddpm", "ncsnpp"):
         size, levels = d.image_size, len(m.ch_mult) - 1
         if size % 2**levels:

@@ -1,10 +1,12 @@
-"""Datasets: sklearn digits, CIFAR-10 (official python format), and 2-D toy distributions.
+"""Datasets: sklearn digits, CIFAR-10 (official python format), your own images, and 2-D toy distributions.
 
 Image datasets keep their uint8 pixels (K grey levels per channel) in memory, shape (N, C, H, W).
 Training batches are float images in [0, 1] (k/(K−1), or (k + u)/K with uniform dequantization),
 optionally flipped, then mapped to the network's input scale by `to_model` ([−1, 1] when
 `data.centered`, else [0, 1]); `from_model` inverts that map. Toy datasets are already in model space.
-Batch order is a pure function of (seed, epoch, position), so it is saved in checkpoints and resumes exactly.
+Batch order and augmentation are pure functions of (seed, epoch, position), so they are saved in checkpoints and
+resume exactly, whether batches are built in the main process or by DataLoader workers, on one rank or many.
+Your own images (data.dataset='folder') are read by sde_diffusion/image_folder.py.
 """
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ import tarfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.utils.data
 
 from . import toy
 
@@ -41,34 +44,59 @@ class DatasetError(RuntimeError):
 # --------------------------------------------------------------------------------------------------
 # Batch order
 # --------------------------------------------------------------------------------------------------
-class ShuffledBatches:
-    """Endless batches of indices into n examples: a fresh permutation per epoch, the last partial batch dropped.
+PERMUTATION_SEED_STRIDE = 1_000_003  # epoch e of seed s is shuffled by torch.randperm with seed s·stride + e
 
-    Data parallel (rank r of W): global batches of batch_size·W come from the same permutation as in one process,
-    and rank r takes rows [r·batch_size, (r+1)·batch_size) of each, so the ranks together see exactly the batches
-    of a single process with the global batch (an exact, resumable stand-in for torch's DistributedSampler).
+
+class BatchPlan(NamedTuple):
+    """One training batch before it is built: this rank's rows of the dataset and the seed of its augmentation."""
+
+    indices: torch.Tensor  # (batch_size,) int64 rows of the training split for this rank
+    seed: int  # seeds the flips and dequantization noise of the whole global batch
+
+
+def batch_seed(seed: int, epoch: int, position: int) -> int:
+    """The augmentation seed of the global batch starting at `position` of epoch `epoch`: a pure function."""
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1, np.uint64)[0] >> 1)  # < 2⁶³
+
+
+class ShuffledBatches:
+    """Endless batches of indices into n examples: a fresh permutation per epoch, the last partial global batch
+    dropped. The order is a pure function of (seed, epoch, position), so `state_dict` resumes it exactly.
+
+    Sharding (an exact, resumable replacement for torch's DistributedSampler): with `world_size` ranks each
+    rank draws the same global batch of batch_size·world_size indices from the same permutation and keeps rows
+    [rank·batch_size, (rank+1)·batch_size). The ranks' batches, concatenated, are exactly the batches that one
+    process with the global batch size draws, and every rank holds the same (epoch, position) state.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        if batch_size * world_size > n:
-            raise DatasetError(f"batch size {batch_size} × {world_size} process(es) exceeds the {n} training examples: "
-                               "lower training.batch_size")
-        self.rank, self.world_size = rank, world_size
-        self.n, self.batch_size, self.seed = n, batch_size * world_size, seed
+        if not 0 <= rank < world_size:
+            raise DatasetError(f"rank {rank} is outside 0..{world_size - 1} (world_size={world_size})")
+        self.global_size = batch_size * world_size
+        if self.global_size > n:
+            raise DatasetError(f"batch size {batch_size} × {world_size} rank(s) = {self.global_size} exceeds the {n} "
+                               "training examples: lower training.batch_size")
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
         self.epoch, self.position = 0, 0
         self._perm = self._permutation()
 
     def _permutation(self) -> torch.Tensor:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        generator = torch.Generator().manual_seed(self.seed * PERMUTATION_SEED_STRIDE + self.epoch)
+        return torch.randperm(self.n, generator=generator)
 
-    def next(self) -> torch.Tensor:
-        if self.position + self.batch_size > self.n:
+    def next_plan(self) -> BatchPlan:
+        """This rank's next batch with its augmentation seed; advances the shared (epoch, position)."""
+        if self.position + self.global_size > self.n:
             self.epoch, self.position = self.epoch + 1, 0
             self._perm = self._permutation()
-        idx = self._perm[self.position:self.position + self.batch_size]
-        self.position += self.batch_size
-        mine = self.batch_size // self.world_size
-        return idx[self.rank * mine:(self.rank + 1) * mine]
+        start = self.position + self.rank * self.batch_size
+        plan = BatchPlan(self._perm[start:start + self.batch_size], batch_seed(self.seed, self.epoch, self.position))
+        self.position += self.global_size
+        return plan
+
+    def next(self) -> torch.Tensor:
+        """This rank's next batch of indices, (batch_size,)."""
+        return self.next_plan().indices
 
     def state_dict(self) -> Dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
@@ -77,26 +105,79 @@ class ShuffledBatches:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._perm = self._permutation()
 
+    def copy(self) -> "ShuffledBatches":
+        """An independent cursor at the same state (what a DataLoader's sampler iterates ahead with)."""
+        clone = ShuffledBatches(self.n, self.batch_size, self.seed, self.rank, self.world_size)
+        clone.load_state_dict(self.state_dict())
+        return clone
+
+
+class _PlanStream:
+    """The plans a ShuffledBatches cursor would give from its current state on, forever (a DataLoader sampler)."""
+
+    def __init__(self, batches: ShuffledBatches):
+        self.start = batches.copy()
+
+    def __iter__(self) -> Iterator[BatchPlan]:
+        cursor = self.start.copy()
+        while True:
+            yield cursor.next_plan()
+
+
+class BatchMaker:
+    """Builds a training batch from its plan: a pure function of (images, plan), so it gives the same tensor in
+    the main process and in any DataLoader worker. The noise of the whole global batch is drawn from the plan's
+    seed and this rank keeps its rows, so the ranks' batches together equal the single-process global batch."""
+
+    def __init__(self, images: torch.Tensor, num_levels: int, *, dequantize: bool, random_flip: bool,
+                 rank: int, batch_size: int, world_size: int):
+        self.images, self.num_levels = images, num_levels
+        self.dequantize, self.random_flip = dequantize, random_flip
+        self.rows = slice(rank * batch_size, (rank + 1) * batch_size)
+        self.global_size = batch_size * world_size
+
+    def __getitem__(self, plan: BatchPlan) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """(batch, C, H, W) floats in [0, 1], augmented; the plan's indices and seed (to check the order)."""
+        generator = torch.Generator().manual_seed(plan.seed)
+        images = self.images[plan.indices]
+        if self.dequantize:  # (k + u)/K, u ~ U[0, 1)
+            noise = torch.rand((self.global_size, *images.shape[1:]), generator=generator)[self.rows]
+            x = (images.float() + noise) / self.num_levels
+        else:  # k/(K − 1)
+            x = images.float() / (self.num_levels - 1)
+        if self.random_flip:
+            flip = (torch.rand(self.global_size, generator=generator) < 0.5)[self.rows]
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x, plan.indices, plan.seed
+
 
 # --------------------------------------------------------------------------------------------------
 # Image datasets
 # --------------------------------------------------------------------------------------------------
 class ImageDataset:
-    """uint8 images with `num_levels` levels; see the module docstring for the float/scaling conventions."""
+    """uint8 images with `num_levels` levels; see the module docstring for the float/scaling conventions.
+
+    Training batches come from `ShuffledBatches` (sharded by `rank` / `world_size`) and are built by
+    `BatchMaker`, in the main process (num_workers=0) or by a DataLoader with `num_workers` worker processes
+    and pinned memory; both give bit-identical batches, and `state_dict` resumes either exactly.
+    """
 
     is_image = True
 
     def __init__(self, train: torch.Tensor, test: torch.Tensor, num_levels: int, *, batch_size: int, seed: int,
                  centered: bool, random_flip: bool, uniform_dequantization: bool,
                  train_labels: Optional[torch.Tensor] = None, test_labels: Optional[torch.Tensor] = None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, pin_memory: bool = False):
         self.train, self.test, self.num_levels = train, test, num_levels
         self.train_labels, self.test_labels = train_labels, test_labels
         self.centered, self.random_flip, self.dequantize = centered, random_flip, uniform_dequantization
         self.shape = tuple(train.shape[1:])
         self.batches = ShuffledBatches(len(train), batch_size, seed, rank, world_size)
-        self.rank, self.world_size = rank, world_size
-        self.rng = torch.Generator().manual_seed(seed + 1)  # flips and dequantization noise
+        self.maker = BatchMaker(train, num_levels, dequantize=uniform_dequantization, random_flip=random_flip,
+                                rank=rank, batch_size=batch_size, world_size=world_size)
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self._worker_batches = None  # iterator over a DataLoader, started at the first batch after (re)loading
 
     # scaling -------------------------------------------------------------------------------------
     def to_float(self, images: torch.Tensor) -> torch.Tensor:
@@ -112,20 +193,32 @@ class ImageDataset:
         return (x + 1.0) / 2.0 if self.centered else x
 
     # batches ---------------------------------------------------------------------------------------
-    def train_batch(self) -> torch.Tensor:
-        """(batch, C, H, W) float training batch in model space, augmented as configured."""
-        images = self.train[self.batches.next()]
-        n, mine = len(images), slice(self.rank * len(images), (self.rank + 1) * len(images))
-        full = n * self.world_size  # augmentation noise is drawn for the global batch, as for the indices
-        if self.dequantize:
-            u = torch.rand((full, *images.shape[1:]), generator=self.rng)[mine]
-            x = (images.float() + u) / self.num_levels
+    def train_batch(self, with_labels: bool = False):
+        """(batch, C, H, W) float training batch in model space, augmented as configured; with `with_labels`,
+        also the (batch,) int64 class labels of its images."""
+        if with_labels and self.train_labels is None:
+            raise DatasetError("class labels were requested but this dataset has none: for data.dataset='folder' "
+                               "set data.labels to 'folders' or to a labels file")
+        built = self._loader_batches() if self.num_workers > 0 else None  # started from the cursor's state
+        plan = self.batches.next_plan()
+        if built is not None:
+            x, indices, seed = next(built)
+            if seed != plan.seed or not torch.equal(indices, plan.indices):  # workers build ahead, in plan order
+                raise RuntimeError("DataLoader batches are out of step with the batch order")
         else:
-            x = self.to_float(images)
-        if self.random_flip:
-            flip = torch.rand(full, generator=self.rng)[mine] < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return self.to_model(x)
+            x, _, _ = self.maker[plan]
+            if self.pin_memory:
+                x = x.pin_memory()
+        x = self.to_model(x)
+        return (x, self.train_labels[plan.indices]) if with_labels else x
+
+    def _loader_batches(self) -> Iterator:
+        """Batches built by DataLoader workers from the plans the cursor will give next (started lazily)."""
+        if self._worker_batches is None:
+            loader = torch.utils.data.DataLoader(self.maker, batch_size=None, sampler=_PlanStream(self.batches),
+                                                 num_workers=self.num_workers, pin_memory=self.pin_memory)
+            self._worker_batches = iter(loader)
+        return self._worker_batches
 
     def eval_batches(self, batch_size: int, split: str = "test") -> Iterator[torch.Tensor]:
         """Model-space float batches over a whole split, in order, no augmentation."""
@@ -134,11 +227,12 @@ class ImageDataset:
             yield self.to_model(self.to_float(data[start:start + batch_size]))
 
     def state_dict(self) -> Dict:
-        return {"batches": self.batches.state_dict(), "rng": self.rng.get_state()}
+        return {"batches": self.batches.state_dict()}
 
     def load_state_dict(self, state: Dict) -> None:
+        """Resume the batch order (checkpoints of earlier versions also hold an 'rng' entry, no longer used)."""
         self.batches.load_state_dict(state["batches"])
-        self.rng.set_state(state["rng"])
+        self._worker_batches = None  # workers restart from the restored position
 
 
 def load_digits_uint8() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -280,14 +374,17 @@ class ToyDataset:
 
 
 # --------------------------------------------------------------------------------------------------
-IMAGE_DATASETS = {"digits": (1, 8, DIGITS_LEVELS), "cifar10": (3, 32, 256)}  # channels, size, levels
+FOLDER = "folder"  # your own images (sde_diffusion/image_folder.py): channels and size come from the config
+IMAGE_DATASETS = {"digits": (1, 8, DIGITS_LEVELS), "cifar10": (3, 32, 256),
+                  FOLDER: (None, None, 256)}  # channels, size, levels
 DATASETS = sorted(list(IMAGE_DATASETS) + list(TOY_SAMPLERS))
 
 
 def get_dataset(config, rank: int = 0, world_size: int = 1):
     """Build the dataset named by config.data.dataset (case-insensitive), checking it against the config.
 
-    rank / world_size: data-parallel training, where training.batch_size is the batch of one rank."""
+    Image datasets are sharded for distributed training: this process is `rank` of `world_size`, each drawing
+    training.batch_size images of every global batch (see ShuffledBatches)."""
     d = config.data
     name = d.dataset.lower()
     seed, batch_size = config.seed, config.training.batch_size
@@ -297,6 +394,12 @@ def get_dataset(config, rank: int = 0, world_size: int = 1):
         return ToyDataset(name, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
     if name not in IMAGE_DATASETS:
         raise DatasetError(f"data.dataset={d.dataset!r} is not one of {DATASETS}")
+    loading = dict(batch_size=batch_size, seed=seed, centered=d.centered, random_flip=d.random_flip,
+                   uniform_dequantization=d.uniform_dequantization, rank=rank, world_size=world_size,
+                   num_workers=d.num_workers, pin_memory=d.pin_memory)
+    if name == FOLDER:
+        from .image_folder import load_folder_dataset  # late import: Pillow only when it is needed
+        return load_folder_dataset(d, **loading)
     channels, size, levels = IMAGE_DATASETS[name]
     if (d.num_channels, d.image_size) != (channels, size):
         raise DatasetError(f"{name} images are {channels}×{size}×{size} but the config says data.num_channels="
@@ -305,6 +408,4 @@ def get_dataset(config, rank: int = 0, world_size: int = 1):
         train, test, train_y, test_y = load_digits_uint8()
     else:
         train, test, train_y, test_y = read_cifar10(d.root, download=d.download)
-    return ImageDataset(train, test, levels, batch_size=batch_size, seed=seed, centered=d.centered,
-                        random_flip=d.random_flip, uniform_dequantization=d.uniform_dequantization,
-                        train_labels=train_y, test_labels=test_y, rank=rank, world_size=world_size)
+    return ImageDataset(train, test, levels, train_labels=train_y, test_labels=test_y, **loading)
