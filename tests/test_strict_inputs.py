@@ -16,20 +16,21 @@ from sde_diffusion.config import ConfigError, validate_config
 from sde_diffusion.datasets import DatasetError, get_dataset
 
 
-def digits(**changes):
-    config = vp_digits.get_config()
+def changed(module, **changes):
+    """module.get_config() with SECTION__KEY=value changes."""
+    config = module.get_config()
     for key, value in changes.items():
         section, name = key.split("__")
         config[section][name] = value
     return config
+
+
+def digits(**changes):
+    return changed(vp_digits, **changes)
 
 
 def toy(**changes):
-    config = toy_gmm.get_config()
-    for key, value in changes.items():
-        section, name = key.split("__")
-        config[section][name] = value
-    return config
+    return changed(toy_gmm, **changes)
 
 
 def assign(key, value):
