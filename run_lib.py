@@ -425,7 +425,7 @@ def sample(config, workdir, eval_folder: str = "samples") -> None:
 # --------------------------------------------------------------------------------------------------
 # Conditional sampling: inpainting and colorization (sde_diffusion/controllable.py)
 # --------------------------------------------------------------------------------------------------
-MASKED_FILL = 0.5  # how unknown pixels look in the "input" column of the picture (mid grey)
+MASKED_LEVELS = (0.35, 0.65)  # unknown pixels in the picture's "input" column: a checkerboard of these grey levels
 
 
 def conditioning_inputs(config, dataset) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -456,10 +456,14 @@ def conditioning_constraint(config, sde, dataset, originals: torch.Tensor, mask:
 
 
 def conditioning_picture_inputs(config, originals: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """What the sampler was given, viewable in [0, 1]: the grey images, or the known pixels on mid grey."""
+    """What the sampler was given, viewable in [0, 1]: the grey images, or the known pixels with a checkerboard
+    (MASKED_LEVELS) where pixels are unknown."""
     if config.sampling.colorize:
         return controllable.to_grey(originals).expand_as(originals)
-    return torch.where(mask, originals, torch.full_like(originals, MASKED_FILL))
+    rows, cols = torch.meshgrid(torch.arange(originals.shape[-2]), torch.arange(originals.shape[-1]), indexing="ij")
+    dark, light = MASKED_LEVELS
+    checker = torch.where((rows + cols) % 2 == 0, dark, light).to(originals)
+    return torch.where(mask, originals, checker.expand_as(originals))
 
 
 def sample_conditional(config, sde, model, dataset, device, path: Path, out: Path) -> None:

@@ -105,7 +105,8 @@ class Inpainting:
 
     # --- pieces -----------------------------------------------------------------------------------------------
     def _known_like(self, x: torch.Tensor):
-        """(y, mask) on x's device and dtype, expanded to x's shape; a clear error when shapes disagree."""
+        """(y, mask) on x's device and dtype, expanded to x's shape (the same in the basis, which is square); a clear
+        error when shapes disagree."""
         if x.shape[1:] != self.x_known.shape[1:] or self.x_known.shape[0] not in (1, x.shape[0]):
             raise ValueError(f"the sampler's state has shape {tuple(x.shape)} but the known data has shape "
                              f"{tuple(self.x_known.shape)}: give one known item (batch 1) or one per sample, with "
@@ -121,8 +122,8 @@ class Inpainting:
 
     def replace(self, x: torch.Tensor, t: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         """Known coordinates ← a draw of x_t | x_0 = y:  α(t)·y + σ(t)·z."""
+        y, mask = self._known_like(x)
         c = self._in_basis(x)
-        y, mask = self._known_like(c)
         mean, std = self.sde.marginal_prob(y, t.to(c.dtype))
         noisy = mean + std.reshape(-1, *[1] * (c.ndim - 1)) * _noise(c, generator)
         return self._out_of_basis(torch.where(mask, noisy, c))
@@ -154,9 +155,8 @@ class Inpainting:
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         """The returned sample: known coordinates set to y exactly (in the basis, when there is one)."""
-        c = self._in_basis(x)
-        y, mask = self._known_like(c)
-        return self._out_of_basis(torch.where(mask, y, c))
+        y, mask = self._known_like(x)
+        return self._out_of_basis(torch.where(mask, y, self._in_basis(x)))
 
 
 def inpainting(sde: SDE, x_known: torch.Tensor, mask: torch.Tensor, method: str = "replacement",
