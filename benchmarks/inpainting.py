@@ -11,6 +11,8 @@ the final Tweedie step included. Known coordinates (or the grey level) are check
 
     python benchmarks/inpainting.py                # the full table (≈ 4 minutes on one CPU core)
     python benchmarks/inpainting.py --quick        # the cases tests/test_controllable.py asserts (≈ 20 s)
+    python benchmarks/inpainting.py --ablations    # the design choices: RePaint's ancestral way back instead of the
+                                                   # reflection; DPM-Solver-3's history kept or restarted
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import sde_diffusion.sampling as sampling  # noqa: E402
 from sde_diffusion import controllable  # noqa: E402
 from sde_diffusion.metrics_toy import gaussian_moment_errors, gaussian_moment_noise_floor  # noqa: E402
 from sde_diffusion.sampling import sample  # noqa: E402
@@ -85,34 +88,105 @@ def run_colorization(sde, sampler, method, n: int) -> Dict:
                 floor=gaussian_moment_noise_floor(exact_cov, n), grey_error=grey_error)
 
 
+# --------------------------------------------------------------------------------------------------
+# Ablations: what the two design choices of controllable.py / sampling.py buy
+# --------------------------------------------------------------------------------------------------
+def ancestral_way_back(self, score_fn, x, x_jumped, t, t_prev):
+    """RePaint's way back: one ancestral step from t_prev to t, E[x_t | x'] plus the DDPM posterior's isotropic
+    noise σ_{t_prev|t}·σ(t)/σ(t_prev)·z (DDIM with η = 1), instead of the reflection 2·E[x_t | x'] − x."""
+    a, s = self.sde.transition(t_prev, t)
+    mean = (x_jumped + sampling._like(s**2, x) * score_fn(x_jumped, t_prev.to(x.dtype))) / sampling._like(a, x)
+    return mean + sampling._like(s * self.sde.sigma(t) / self.sde.sigma(t_prev), x) * sampling._noise(x, None)
+
+
+def dpm_solver_history(restart: bool):
+    """DPM-Solver++ (order 3, λ grid) that always restarts its x̂_0 history after a constrained step, or never does
+    (sampling.py restarts it only after RePaint, whose rounds move the free coordinates)."""
+    return lambda *args, **kwargs: _dpm_solver_history(*args, restart=restart, **kwargs)
+
+
+def _dpm_solver_history(score_fn, sde, x, timesteps, *, restart, order=3, generator=None, progress=False,
+                        callback=None, constraint=None):
+    ts = sampling.solver_grid(sde, timesteps, "logsnr")
+    lam, n, history = sde.log_snr(ts), len(ts) - 1, []
+    x = sampling._constrain(constraint, x, ts[0], None, score_fn, generator)
+    for i in range(n):
+        t, s = ts[i], ts[i + 1]
+        history = (history + [sampling._denoised_and_noise(score_fn, sde, x, t)[0]])[-order:]
+        step_order = min(order, len(history), n - i)
+        x = sampling.dpm_solver_pp_update(x, history, list(lam[i + 1 - len(history):i + 1]), lam[i + 1],
+                                          sde.sigma(s) / sde.sigma(t), sde.alpha(s), step_order)
+        x = sampling._constrain(constraint, x, s, t, score_fn, generator)
+        history = [] if restart else history
+    return x
+
+
+def ablations(n: int) -> None:
+    torch.manual_seed(SEED)  # the ancestral way back draws from the global generator
+    print("| task | SDE | sampler | variant | NFE | mean error | cov error |")
+    print("|---|---|---|---|---|---|---|")
+    sampling.SAMPLERS["dpm_solver_restart"] = dpm_solver_history(restart=True)
+    sampling.SAMPLERS["dpm_solver_keep"] = dpm_solver_history(restart=False)
+    reflect = controllable.Inpainting.reflect_back
+    variants = [  # (sampler name, sampler, conditioning, variant label, way back)
+        ("pc (Euler–Maruyama) 100", SAMPLERS["pc (Euler–Maruyama) 100"], ("repaint", 5), "reflection (ours)", reflect),
+        ("pc (Euler–Maruyama) 100", SAMPLERS["pc (Euler–Maruyama) 100"], ("repaint", 5), "ancestral way back",
+         ancestral_way_back),
+        ("dpm_solver 20", SAMPLERS["dpm_solver 20"], ("repaint", 5), "reflection (ours)", reflect),
+        ("dpm_solver 20", SAMPLERS["dpm_solver 20"], ("repaint", 5), "ancestral way back", ancestral_way_back),
+        ("dpm_solver 20", ("dpm_solver_keep", 20, {}), ("replacement", 1), "replacement, history kept (ours)",
+         reflect),
+        ("dpm_solver 20", ("dpm_solver_restart", 20, {}), ("replacement", 1), "replacement, history restarted",
+         reflect),
+        ("dpm_solver 20", ("dpm_solver_restart", 20, {}), ("repaint", 5), "repaint r=5, history restarted (ours)",
+         reflect),
+        ("dpm_solver 20", ("dpm_solver_keep", 20, {}), ("repaint", 5), "repaint r=5, history kept", reflect),
+    ]
+    for task, run in (("inpainting", run_inpainting), ("colorization", run_colorization)):
+        for sde_name in ("VP", "VE"):
+            for sampler_name, sampler, method, label, way_back in variants:
+                controllable.Inpainting.reflect_back = way_back
+                row = run(SDES[sde_name](), sampler, method, n)
+                controllable.Inpainting.reflect_back = reflect
+                (mean_error, cov_error) = row["errors"]
+                print(f"| {task} | {sde_name} | {sampler_name} | {label} | {row['nfe']} | {mean_error:.3f} | "
+                      f"{cov_error:.3f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=10000)
     parser.add_argument("--quick", action="store_true",
                         help="the cases of tests/test_controllable.py: 2000 samples, VP and VE, pc and dpm_solver")
+    parser.add_argument("--ablations", action="store_true", help="the design-choice comparison instead of the table")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n = 2000 if args.quick else args.samples
+    if args.ablations:
+        ablations(n)
+        return
     sdes = {k: v for k, v in SDES.items() if not args.quick or k in ("VP", "VE")}
     samplers = {k: v for k, v in SAMPLERS.items() if not args.quick or k.startswith(("pc", "dpm"))}
     rows: List[Dict] = []
-    print("| task | SDE | sampler | method | NFE | mean error | cov error | floor (mean, cov) | s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"{n} samples per cell; cells: mean error / covariance error (NFE)\n")
+    print("| task | SDE | sampler | " + " | ".join(METHODS) + " |")
+    print("|---|---|---|" + "---|" * len(METHODS))
     for task, run in (("inpainting", run_inpainting), ("colorization", run_colorization)):
         for sde_name, make_sde in sdes.items():
             for sampler_name, sampler in samplers.items():
+                cells = []
                 for method_name, method in METHODS.items():
                     start = time.perf_counter()
                     row = run(make_sde(), sampler, method, n)
                     row.update(task=task, sde=sde_name, sampler=sampler_name, method=method_name,
                                seconds=time.perf_counter() - start)
                     rows.append(row)
-                    (mean_error, cov_error), (mean_floor, cov_floor) = row["errors"], row["floor"]
-                    print(f"| {task} | {sde_name} | {sampler_name} | {method_name} | {row['nfe']} | "
-                          f"{mean_error:.3f} | {cov_error:.3f} | {mean_floor:.3f}, {cov_floor:.3f} | "
-                          f"{row['seconds']:.1f} |", flush=True)
+                    cells.append("{:.3f} / {:.3f} ({})".format(*row["errors"], row["nfe"]))
+                print(f"| {task} | {sde_name} | {sampler_name} | " + " | ".join(cells) + " |", flush=True)
+        floor = rows[-1]["floor"]
+        print(f"| {task}: noise floor | | | {floor[0]:.3f} / {floor[1]:.3f} |" + " |" * (len(METHODS) - 1))
     if args.json:
         args.json.write_text(json.dumps(dict(samples=n, seed=SEED, rows=rows), indent=1))
 

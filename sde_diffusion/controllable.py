@@ -6,7 +6,8 @@ to time t, a constraint sets the known coordinates to a fresh draw from the forw
 
     x_known ← α(t)·y + σ(t)·z,  z ~ N(0, I)        (`sde.marginal_prob`: the SDE says what α and σ are)
 
-which is score_sde's "replacement" (Song et al. 2021, app. I.2). Replacement only approximates the posterior
+which is score_sde's "replacement" (Song et al. 2021, app. I.2; its code noises y to the time the update started
+from, here it is the time the state has reached). Replacement only approximates the posterior
 p(x_unknown | y): the unknown coordinates are moved by the score of the joint p_t at known coordinates that are
 an independent re-noising of y, so they never learn more about y than one noisy look at a time gives.
 
@@ -102,6 +103,11 @@ class Inpainting:
             raise ValueError(f"basis must be an orthonormal {x_known.shape[1]}×{x_known.shape[1]} matrix")
         self.sde, self.method, self.resample, self.basis = sde, method, int(resample), basis
         self.x_known, self.mask = x_known, mask.bool()
+
+    @property
+    def moves_free_coordinates(self) -> bool:
+        """RePaint's rounds move the unknown coordinates too (multistep samplers restart their history)."""
+        return self.method == "repaint"
 
     # --- pieces -----------------------------------------------------------------------------------------------
     def _known_like(self, x: torch.Tensor):

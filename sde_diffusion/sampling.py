@@ -30,6 +30,9 @@ any object with
                                                          equals t after a corrector, which does not move time);
                                                          score_fn is the sampler's (counted) score function
     constraint.finish(x) -> x                            optional: applied once to the returned sample
+    constraint.moves_free_coordinates                    optional bool (default True): whether it also moves the
+                                                         coordinates it does not fix (RePaint's rounds do, plain
+                                                         replacement does not); multistep solvers then restart
 
 Every sampler applies it to the prior draw and after every update (pc: after the corrector and after the
 predictor; ode: after every accepted adaptive step; sde: after every grid interval; heun: to x = α·x̃), and
@@ -680,11 +683,12 @@ def dpm_solver_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: 
 
     The first steps use the orders their history allows; with lower_order_final the last steps drop to order
     min(order, steps left), so the final step is first order. One score call per step.
-    A constraint makes the state jump after every step (fresh noise in the known coordinates, and RePaint's
-    rounds move the others too): the x̂_0 history then belongs to a trajectory the solver has left, and its
-    divided differences extrapolate across the jump. As ODE solvers do after a discontinuity, the history restarts
-    after every constrained step, so with a constraint every step is first order (DDIM on the chosen grid);
-    on the Gaussian oracle orders 2–3 with the stale history raised the covariance error (BENCHMARKS.md).
+    With a constraint that only overwrites the coordinates it fixes (replacement: `moves_free_coordinates` False),
+    the free coordinates stay on one trajectory and the history is kept: the fixed ones are overwritten after
+    every step anyway. A constraint that moves the free coordinates too (RePaint's rounds) leaves the x̂_0 history
+    on a trajectory the solver has left, whose divided differences would extrapolate across the jump; as ODE
+    solvers do after a discontinuity, the history then restarts after every step, so every step is first order
+    (DDIM on the chosen grid). Both choices are measured on the Gaussian oracle in BENCHMARKS.md.
     """
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
@@ -701,7 +705,9 @@ def dpm_solver_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: 
         x = dpm_solver_pp_update(x, x0_history, list(lam[i + 1 - known:i + 1]), lam[i + 1],
                                  sde.sigma(s) / sde.sigma(t), sde.alpha(s), step_order)
         if constraint is not None:
-            x, x0_history = _constrain(constraint, x, s, t, score_fn, generator), []
+            x = _constrain(constraint, x, s, t, score_fn, generator)
+            if getattr(constraint, "moves_free_coordinates", True):
+                x0_history = []
         if callback is not None:
             callback(i, s, x)
     return x

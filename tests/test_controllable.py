@@ -67,12 +67,12 @@ def run_colorization(sde_name, sampler, method):
 
 
 # (sde, sampler) → ((mean, cov) error bounds of replacement, of repaint with 5 rounds); measured values in comments.
-# pc: 100 Euler–Maruyama steps; dpm_solver: 20 steps (first order with a constraint, see sampling.py).
+# pc: 100 Euler–Maruyama steps; dpm_solver: order 3, 20 steps (first order after RePaint's rounds, see sampling.py).
 INPAINTING_BOUNDS = {
     ("vp", "pc"): ((1.15, 1.2), (0.08, 0.07)),  # replacement 1.053, 1.086; repaint 0.068, 0.057
     ("ve", "pc"): ((1.15, 1.1), (0.07, 0.1)),  # replacement 1.035, 0.993; repaint 0.056, 0.085
-    ("vp", "dpm_solver"): ((1.95, 2.0), (0.13, 0.145)),  # replacement 1.797, 1.847; repaint 0.115, 0.127
-    ("ve", "dpm_solver"): ((1.95, 2.05), (0.13, 0.14)),  # replacement 1.760, 1.874; repaint 0.109, 0.120
+    ("vp", "dpm_solver"): ((1.8, 2.45), (0.13, 0.145)),  # replacement 1.650, 2.239; repaint 0.115, 0.127
+    ("ve", "dpm_solver"): ((1.8, 2.45), (0.13, 0.14)),  # replacement 1.629, 2.220; repaint 0.109, 0.120
 }
 # Colorization is a milder test of conditioning: the grey level is nearly the colour covariance's top principal
 # direction, so the colour coordinates depend on it only weakly and replacement's covariance is already at the
@@ -80,8 +80,8 @@ INPAINTING_BOUNDS = {
 COLORIZATION_BOUNDS = {
     ("vp", "pc"): ((0.095, 0.045), (0.035, 0.03)),  # replacement 0.081, 0.033; repaint 0.028, 0.019
     ("ve", "pc"): ((0.08, 0.05), (0.03, 0.05)),  # replacement 0.066, 0.042; repaint 0.023, 0.043
-    ("vp", "dpm_solver"): ((0.175, 0.175), (0.03, 0.035)),  # replacement 0.156, 0.155; repaint 0.021, 0.027
-    ("ve", "dpm_solver"): ((0.17, 0.15), (0.025, 0.04)),  # replacement 0.149, 0.133; repaint 0.014, 0.032
+    ("vp", "dpm_solver"): ((0.155, 0.105), (0.03, 0.035)),  # replacement 0.139, 0.092; repaint 0.021, 0.027
+    ("ve", "dpm_solver"): ((0.15, 0.1), (0.025, 0.04)),  # replacement 0.133, 0.087; repaint 0.014, 0.032
 }
 
 
@@ -105,7 +105,7 @@ def test_colorization_against_the_exact_conditional(case):
     assert all(e < b for e, b in zip(replacement + repaint, replacement_bound + repaint_bound)), (replacement, repaint)
     assert repaint[0] < replacement[0] / 2, (replacement, repaint)
     if case[1] == "dpm_solver":  # there replacement's covariance is off too, and resampling fixes it
-        assert repaint[1] < replacement[1] / 3, (replacement, repaint)
+        assert repaint[1] < replacement[1] / 2, (replacement, repaint)
 
 
 # --------------------------------------------------------------------------------------------------
