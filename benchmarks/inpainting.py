@@ -122,7 +122,6 @@ def _dpm_solver_history(score_fn, sde, x, timesteps, *, restart, order=3, genera
 
 
 def ablations(n: int) -> None:
-    torch.manual_seed(SEED)  # the ancestral way back draws from the global generator
     print("| task | SDE | sampler | variant | NFE | mean error | cov error |")
     print("|---|---|---|---|---|---|---|")
     sampling.SAMPLERS["dpm_solver_restart"] = dpm_solver_history(restart=True)
@@ -146,6 +145,7 @@ def ablations(n: int) -> None:
         for sde_name in ("VP", "VE"):
             for sampler_name, sampler, method, label, way_back in variants:
                 controllable.Inpainting.reflect_back = way_back
+                torch.manual_seed(SEED)  # the ancestral way back draws from the global generator
                 row = run(SDES[sde_name](), sampler, method, n)
                 controllable.Inpainting.reflect_back = reflect
                 (mean_error, cov_error) = row["errors"]
