@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from torch import nn
 
-from sde_diffusion import distributed, likelihood, losses, sampling
+from sde_diffusion import controllable, distributed, likelihood, losses, sampling
 from sde_diffusion.checkpoints import (CheckpointError, TrainState, atomic_write, load_checkpoint, load_model_weights,
                                        newest_good_checkpoint, prune_step_checkpoints, remove_stale_temporaries,
                                        rng_state, save_checkpoint, save_npz, step_checkpoint, step_checkpoints,
@@ -510,6 +510,9 @@ def sample(config, workdir, eval_folder: str = "samples") -> None:
     sde, dataset, model = _build(config, device)
     _, path = _newest_checkpoint(workdir)
     load_model_weights(path, model, use_ema=True, map_location=device)
+    if config.sampling.inpaint_mask is not None or config.sampling.colorize:
+        sample_conditional(config, sde, model, dataset, device, path, _prepare_workdir(workdir / eval_folder))
+        return
     samples, nfe = draw_samples(config, sde, model, dataset, config.eval.num_samples, device, config.seed)
     out = _prepare_workdir(workdir / eval_folder)
     stem = f"{path.stem}_{config.sampling.method}_nfe{nfe}"
@@ -517,3 +520,74 @@ def sample(config, workdir, eval_folder: str = "samples") -> None:
     save_samples_picture(samples[:config.sampling.num_grid_samples], dataset, out / f"{stem}.png",
                          title=f"{path.name}, {config.sampling.method}, NFE {nfe}")
     log.info("wrote %s.png and .npz (%d samples, NFE %d)", out / stem, len(samples), nfe)
+
+
+# --------------------------------------------------------------------------------------------------
+# Conditional sampling: inpainting and colorization (sde_diffusion/controllable.py)
+# --------------------------------------------------------------------------------------------------
+MASKED_LEVELS = (0.35, 0.65)  # unknown pixels in the picture's "input" column: a checkerboard of these grey levels
+
+
+def conditioning_inputs(config, dataset) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(originals, mask): images in [0, 1] whose known part is kept, (n, C, H, W), and the known-pixel mask
+    (1, C, H, W), all True for colorization (where the known part is the grey level)."""
+    s = config.sampling
+    if s.inpaint_image is not None:
+        originals = controllable.load_image(s.inpaint_image, dataset.shape).expand(config.eval.num_samples,
+                                                                                   *dataset.shape)
+    else:
+        originals = dataset.to_float(dataset.test[:config.eval.num_samples])
+        if len(originals) < config.eval.num_samples:
+            log.info("eval.num_samples=%d but the test split has %d images: using those",
+                     config.eval.num_samples, len(originals))
+    if s.colorize:
+        return originals, torch.ones((1, *dataset.shape), dtype=torch.bool)
+    return originals, controllable.load_mask(s.inpaint_mask, dataset.shape)
+
+
+def conditioning_constraint(config, sde, dataset, originals: torch.Tensor, mask: torch.Tensor):
+    """The constraint for model-space images `originals` (in [0, 1]): colorization of their grey level, or
+    inpainting of their pixels where mask is True."""
+    s, x = config.sampling, dataset.to_model(originals)
+    if s.colorize:
+        return controllable.colorization(sde, controllable.to_grey(x), method=s.conditioning_method,
+                                         resample=s.resample)
+    return controllable.inpainting(sde, x, mask, method=s.conditioning_method, resample=s.resample)
+
+
+def conditioning_picture_inputs(config, originals: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """What the sampler was given, viewable in [0, 1]: the grey images, or the known pixels with a checkerboard
+    (MASKED_LEVELS) where pixels are unknown."""
+    if config.sampling.colorize:
+        return controllable.to_grey(originals).expand_as(originals)
+    rows, cols = torch.meshgrid(torch.arange(originals.shape[-2]), torch.arange(originals.shape[-1]), indexing="ij")
+    dark, light = MASKED_LEVELS
+    checker = torch.where((rows + cols) % 2 == 0, dark, light).to(originals)
+    return torch.where(mask, originals, checker.expand_as(originals))
+
+
+def sample_conditional(config, sde, model, dataset, device, path: Path, out: Path) -> None:
+    """Inpaint or colourize (config.sampling.inpaint_mask / colorize) in rounds of eval.batch_size; writes a PNG
+    whose rows show input, sample and original side by side, and an .npz with all three (and the inpainting mask)."""
+    s = config.sampling
+    model.eval()
+    score_fn = get_score_fn(sde, model, continuous=config.training.continuous)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    settings = sampler_settings(config, sde)
+    originals, mask = conditioning_inputs(config, dataset)
+    chunks, nfe = [], 0
+    for start in range(0, len(originals), config.eval.batch_size):
+        batch = originals[start:start + config.eval.batch_size].to(device)
+        constraint = conditioning_constraint(config, sde, dataset, batch, mask.to(device))
+        x, nfe = sampling.sample(score_fn, sde, tuple(batch.shape), generator=generator, device=device,
+                                 progress=True, constraint=constraint, **settings)
+        chunks.append(dataset.from_model(x).cpu())
+    samples = torch.cat(chunks)
+    inputs = conditioning_picture_inputs(config, originals, mask)
+    task = "colorize" if s.colorize else "inpaint"
+    stem = f"{path.stem}_{task}_{s.conditioning_method}_{s.method}_nfe{nfe}"
+    arrays = dict(samples=samples.numpy(), inputs=inputs.numpy(), originals=originals.numpy())
+    save_npz(out / f"{stem}.npz", **arrays, **({} if s.colorize else {"mask": mask.numpy()}))
+    rows = s.num_grid_samples
+    save_strip([inputs[:rows], samples[:rows].clamp(0, 1), originals[:rows]], out / f"{stem}.png")
+    log.info("wrote %s.png (input | sample | original) and .npz (%d samples, NFE %d)", out / stem, len(samples), nfe)

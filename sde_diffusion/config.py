@@ -54,6 +54,12 @@ def default_config() -> ml_collections.ConfigDict:
     sampling.order = 3  # dpm_solver: DPM-Solver++ order 1, 2 or 3
     sampling.rho = 7.0  # heun, and grid="edm": EDM's ρ of the σ/α grid
     sampling.grid = placeholder(str)  # ddim, dpm_solver, heun: time | logsnr | edm; None → the sampler's default
+    # --mode sample, conditional (sde_diffusion/controllable.py): inpaint or colourize test images (or one image)
+    sampling.inpaint_mask = placeholder(str)  # .png (white = known) or .npy (1 = known) mask, (H, W) or (C, H, W)
+    sampling.inpaint_image = placeholder(str)  # .png/.npy image whose pixels are kept; None → the test images
+    sampling.colorize = False  # colourize the grey (channel-mean) versions of the test images (3-channel data)
+    sampling.conditioning_method = "replacement"  # replacement (score_sde) | repaint (+ resampling rounds)
+    sampling.resample = 5  # repaint: RePaint resampling rounds per sampler update (each one more score call)
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.begin_ckpt = 1
@@ -227,6 +233,33 @@ def _check_data(d) -> None:
         raise ConfigError("data.labels is empty: use 'none', 'folders' or the path of a labels file")
 
 
+def _check_conditional_sampling(config) -> None:
+    """The sampling.* keys of conditional sampling (inpainting, colorization) in --mode sample."""
+    from . import controllable, datasets
+    s, d = config.sampling, config.data
+    _choice("sampling.conditioning_method", s.conditioning_method, controllable.METHODS)
+    _positive("sampling.resample", s.resample)
+    if s.inpaint_mask is None and not s.colorize:
+        if s.inpaint_image is not None:
+            raise ConfigError("sampling.inpaint_image is set but there is nothing to condition on: set "
+                              "sampling.inpaint_mask (inpainting) or sampling.colorize=True")
+        return
+    if s.inpaint_mask is not None and s.colorize:
+        raise ConfigError("sampling.inpaint_mask and sampling.colorize=True are two different tasks: set one")
+    if d.dataset.lower() not in datasets.IMAGE_DATASETS:
+        raise ConfigError(f"inpainting and colorization need image data, not data.dataset={d.dataset!r}")
+    if s.colorize and d.num_channels != 3:
+        raise ConfigError(f"sampling.colorize=True needs 3-channel (RGB) data, but data.num_channels="
+                          f"{d.num_channels}")
+    shape = (d.num_channels, d.image_size, d.image_size)
+    for key, load in (("inpaint_mask", controllable.load_mask), ("inpaint_image", controllable.load_image)):
+        if s[key] is not None:
+            try:
+                load(s[key], shape)
+            except (ValueError, OSError) as err:
+                raise ConfigError(f"sampling.{key}: {err}") from err
+
+
 def validate_config(config) -> None:
     """Check values and combinations before any compute is spent; raises ConfigError naming the key."""
     from . import datasets, models, sampling, sdes  # late imports: the schema itself needs only ml_collections
@@ -272,6 +305,9 @@ def validate_config(config) -> None:
         raise ConfigError(f"eval.enable_bpd=True measures bits/dim of K-level discrete images, but data.dataset="
                           f"{d.dataset!r} is continuous vector data: set eval.enable_bpd=False (eval reports its "
                           "exact NLL where the data has a density)")
+
+
+    _check_conditional_sampling(config)
     if s.steps is not None and s.steps < 1:
         raise ConfigError(f"sampling.steps must be ≥ 1 (or None for model.num_scales), got {s.steps}")
     if e.begin_ckpt > e.end_ckpt:

@@ -1,7 +1,9 @@
 """Distances between point clouds for the low-dimensional oracles: sliced 2-Wasserstein distance, its noise floor
-for a Gaussian mixture, and per-mode statistics. Used by the sampler tests and benchmarks."""
+for a Gaussian mixture, per-mode statistics, and the moment errors of samples against a Gaussian. Used by the
+sampler and inpainting tests and benchmarks."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import numpy as np
@@ -78,3 +80,19 @@ def mode_statistics(mixture: GaussianMixture, x: torch.Tensor) -> Tuple[torch.Te
     means = torch.zeros(K, x.shape[1], dtype=torch.float64).index_add_(0, labels, x) / counts[:, None]
     squares = torch.zeros(K, dtype=torch.float64).index_add_(0, labels, (x - means[labels]).pow(2).sum(1))
     return counts / len(x), means, (squares / (counts * x.shape[1])).sqrt()
+
+
+def gaussian_moment_errors(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> Tuple[float, float]:
+    """How far the sample moments of x (n, k) are from N(mean, cov), relative to its size:
+    ‖m̂ − μ‖ / √tr Σ  and  ‖Ĉ − Σ‖_F / ‖Σ‖_F  (Ĉ with the 1/(n − 1) normalization)."""
+    x, mean, cov = x.double(), mean.double(), cov.double()
+    mean_error = (x.mean(0) - mean).norm() / cov.trace().sqrt()
+    cov_error = (torch.cov(x.T).reshape(cov.shape) - cov).norm() / cov.norm()
+    return mean_error.item(), cov_error.item()
+
+
+def gaussian_moment_noise_floor(cov: torch.Tensor, n: int) -> Tuple[float, float]:
+    """Root-mean-square values of `gaussian_moment_errors` for n exact samples: 1/√n and
+    √((‖Σ‖_F² + (tr Σ)²)/(n − 1)) / ‖Σ‖_F  (E‖m̂ − μ‖² = tr Σ/n; Var Ĉ_ij = (Σ_ij² + Σ_ii Σ_jj)/(n − 1))."""
+    cov = cov.double()
+    return 1.0 / math.sqrt(n), math.sqrt((cov.norm() ** 2 + cov.trace() ** 2).item() / (n - 1)) / cov.norm().item()

@@ -99,3 +99,103 @@ def high_dim_mixture(dim: int = 16, seed: int = 0) -> GaussianMixture:
     seed, so the mixture is the same everywhere; pairwise mean distances ≈ √(2·dim)), and unequal stds 0.3..0.6."""
     means = torch.randn(4, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return GaussianMixture(weights=[0.1, 0.2, 0.3, 0.4], means=means, stds=[0.3, 0.5, 0.4, 0.6])
+
+
+class Gaussian:
+    """N(μ, Σ) on R^d with a full covariance (float64): the exact score of p_t under every SDE and Gaussian
+    conditionals, the oracle for inpainting and colorization.
+
+    With Σ = U diag(λ) Uᵀ the marginal p_t = N(α μ, α² Σ + σ² I) has score −U diag(1/(α² λ + σ²)) Uᵀ (x − α μ).
+    """
+
+    def __init__(self, mean, cov):
+        self.mean = torch.as_tensor(mean, dtype=torch.float64)
+        self.cov = torch.as_tensor(cov, dtype=torch.float64)
+        self.dim = len(self.mean)
+        if self.cov.shape != (self.dim, self.dim) or not torch.allclose(self.cov, self.cov.T):
+            raise ValueError(f"cov must be a symmetric {self.dim}×{self.dim} matrix")
+        self.eigenvalues, self.eigenvectors = torch.linalg.eigh(self.cov)
+        if self.eigenvalues.min() <= 0:
+            raise ValueError("cov must be positive definite")
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """(n, d) float64 draws."""
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        return self.mean + (z * self.eigenvalues.sqrt()) @ self.eigenvectors.T
+
+    def score(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """∇ log N(x; α μ, α² Σ + σ² I) for x (n, ...) flattened to (n, d), per-sample α, σ (n,); like x."""
+        flat = x.reshape(len(x), -1).double()
+        alpha, sigma = alpha.double()[:, None], sigma.double()[:, None]
+        rotated = (flat - alpha * self.mean) @ self.eigenvectors  # Uᵀ(x − αμ), row-wise
+        return (-(rotated / (alpha**2 * self.eigenvalues + sigma**2)) @ self.eigenvectors.T).reshape(x.shape).to(x)
+
+    def marginal_score_fn(self, sde: SDE):
+        """Exact score function (x, t) ↦ ∇ log p_t(x); x of shape (n, ...) with d elements per item."""
+        def score_fn(x, t):
+            t = batch_time(t, x)
+            return self.score(x, sde.alpha(t), sde.sigma(t))
+        return score_fn
+
+    def linear_map(self, matrix) -> "Gaussian":
+        """The law of A·x: N(A μ, A Σ Aᵀ) (A square and invertible)."""
+        matrix = torch.as_tensor(matrix, dtype=torch.float64)
+        return Gaussian(matrix @ self.mean, matrix @ self.cov @ matrix.T)
+
+    def conditional(self, known: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mean (u,) and covariance (u, u) of the coordinates where `known` (bool, (d,)) is False given x[known] =
+        values:  μ_u + Σ_uk Σ_kk⁻¹ (values − μ_k),  Σ_uu − Σ_uk Σ_kk⁻¹ Σ_ku."""
+        known = torch.as_tensor(known, dtype=torch.bool)
+        values = torch.as_tensor(values, dtype=torch.float64)
+        cov_kk, cov_uk = self.cov[known][:, known], self.cov[~known][:, known]
+        gain = torch.linalg.solve(cov_kk, cov_uk.T).T  # Σ_uk Σ_kk⁻¹
+        mean = self.mean[~known] + gain @ (values - self.mean[known])
+        return mean, self.cov[~known][:, ~known] - gain @ cov_uk.T
+
+
+def ar1_gaussian(dim: int = 6, rho: float = 0.9, seed: int = 0) -> Gaussian:
+    """N(μ, Σ) with Σ_ij = ρ^|i−j| (an AR(1) chain: neighbours strongly correlated, unit variances) and μ drawn
+    once from N(0, ¼ I) with a fixed seed. The inpainting oracle."""
+    i = torch.arange(dim, dtype=torch.float64)
+    mean = 0.5 * torch.randn(dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return Gaussian(mean, rho ** (i[:, None] - i[None]).abs())
+
+
+# Colour correlations of the colorization oracle (R, G, B), and the channels' standard deviations.
+PIXEL_COLOUR_CORRELATION = ((1.0, 0.8, 0.5), (0.8, 1.0, 0.7), (0.5, 0.7, 1.0))
+PIXEL_COLOUR_STDS = (1.0, 0.8, 1.2)
+
+
+def colour_pixels_gaussian(pixels: int = 2, pixel_rho: float = 0.7, seed: int = 0) -> Gaussian:
+    """A Gaussian over `pixels` RGB pixels, as vectors of length 3·pixels in channel-major order (the layout of a
+    (3, pixels) array): Σ = C ⊗ P with C the colour covariance (PIXEL_COLOUR_CORRELATION scaled by
+    PIXEL_COLOUR_STDS) and P_ij = pixel_rho^|i−j|; μ drawn once from N(0, ¼ I). The colorization oracle."""
+    stds = torch.tensor(PIXEL_COLOUR_STDS, dtype=torch.float64)
+    colour = torch.tensor(PIXEL_COLOUR_CORRELATION, dtype=torch.float64) * stds[:, None] * stds[None]
+    i = torch.arange(pixels, dtype=torch.float64)
+    mean = 0.5 * torch.randn(3 * pixels, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return Gaussian(mean, torch.kron(colour, pixel_rho ** (i[:, None] - i[None]).abs()))
+
+
+# The inpainting oracle's known coordinates and how far above their means they are set (in their std units).
+ORACLE_KNOWN = (0, 3)
+ORACLE_SHIFT = 1.5
+
+
+def inpainting_oracle() -> Tuple[Gaussian, torch.Tensor, torch.Tensor]:
+    """(data, mask, x_known): `ar1_gaussian()` (d = 6) with coordinates ORACLE_KNOWN known at ORACLE_SHIFT above
+    their means; mask (d,) bool, x_known (d,) with zeros where unknown. The exact answer is
+    `data.conditional(mask, x_known[mask])`."""
+    data = ar1_gaussian()
+    mask = torch.zeros(data.dim, dtype=torch.bool)
+    mask[list(ORACLE_KNOWN)] = True
+    x_known = torch.where(mask, data.mean + ORACLE_SHIFT, torch.zeros_like(data.mean))
+    return data, mask, x_known
+
+
+def colorization_oracle(pixels: int = 2) -> Tuple[Gaussian, torch.Tensor]:
+    """(data, grey): `colour_pixels_gaussian(pixels)` and a grey input (1, 1, pixels), the channel mean of
+    μ + ORACLE_SHIFT·(channel stds) (a bright, plausible image)."""
+    data = colour_pixels_gaussian(pixels)
+    image = data.mean.reshape(3, pixels) + ORACLE_SHIFT * torch.tensor(PIXEL_COLOUR_STDS, dtype=torch.float64)[:, None]
+    return data, image.mean(0).reshape(1, 1, pixels)
