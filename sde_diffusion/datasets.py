@@ -102,9 +102,12 @@ class ImageDataset:
         return (x + 1.0) / 2.0 if self.centered else x
 
     # batches ---------------------------------------------------------------------------------------
-    def train_batch(self) -> torch.Tensor:
-        """(batch, C, H, W) float training batch in model space, augmented as configured."""
-        images = self.train[self.batches.next()]
+    def train_batch(self, with_labels: bool = False):
+        """(batch, C, H, W) float training batch in model space, augmented as configured; with_labels: the pair
+        (batch, (batch,) class labels). Labels take no random numbers: the batches are the same either way."""
+        labels = _require_labels(self.train_labels, "train") if with_labels else None
+        idx = self.batches.next()
+        images = self.train[idx]
         if self.dequantize:
             x = (images.float() + torch.rand(images.shape, generator=self.rng)) / self.num_levels
         else:
@@ -112,13 +115,16 @@ class ImageDataset:
         if self.random_flip:
             flip = torch.rand(len(x), generator=self.rng) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return self.to_model(x)
+        return (self.to_model(x), labels[idx]) if with_labels else self.to_model(x)
 
-    def eval_batches(self, batch_size: int, split: str = "test") -> Iterator[torch.Tensor]:
-        """Model-space float batches over a whole split, in order, no augmentation."""
+    def eval_batches(self, batch_size: int, split: str = "test", with_labels: bool = False) -> Iterator:
+        """Model-space float batches over a whole split, in order, no augmentation; with_labels: (batch, labels)."""
         data = self.test if split == "test" else self.train
+        labels = _require_labels(self.test_labels if split == "test" else self.train_labels, split) \
+            if with_labels else None
         for start in range(0, len(data), batch_size):
-            yield self.to_model(self.to_float(data[start:start + batch_size]))
+            x = self.to_model(self.to_float(data[start:start + batch_size]))
+            yield (x, labels[start:start + batch_size]) if with_labels else x
 
     def state_dict(self) -> Dict:
         return {"batches": self.batches.state_dict(), "rng": self.rng.get_state()}
@@ -126,6 +132,13 @@ class ImageDataset:
     def load_state_dict(self, state: Dict) -> None:
         self.batches.load_state_dict(state["batches"])
         self.rng.set_state(state["rng"])
+
+
+def _require_labels(labels: Optional[torch.Tensor], split: str) -> torch.Tensor:
+    if labels is None:
+        raise DatasetError(f"this dataset has no class labels for its {split} split: class-conditional training "
+                           f"and classifiers need one of the labelled datasets {sorted(NUM_CLASSES)}")
+    return labels
 
 
 def load_digits_uint8() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -225,6 +238,9 @@ TOY_SAMPLERS = {
     "moons": toy.two_moons,
     "swiss_roll": toy.swiss_roll,
 }
+TOY_LABELLED_SAMPLERS = {  # the same draws as TOY_SAMPLERS (same random numbers) with their (n,) class labels
+    "gmm": lambda n, g: toy.default_mixture().sample(n, g),  # label = mixture component
+}
 TOY_DENSITIES = {  # exact log-densities (n, d) → (n,) nats, where the distribution has one in closed form
     "gmm": lambda x: toy.default_mixture().log_prob(x),
 }
@@ -240,7 +256,13 @@ class ToyDataset:
         self.name, self.batch_size = name, batch_size
         self._draw = TOY_SAMPLERS[name]
         self.log_prob = TOY_DENSITIES.get(name)  # exact density of the data, or None
-        self.test = self._draw(TOY_TEST_SIZE, torch.Generator().manual_seed(seed + 12345)).float()
+        self._draw_labelled = TOY_LABELLED_SAMPLERS.get(name)
+        test_generator = torch.Generator().manual_seed(seed + 12345)
+        if self._draw_labelled is not None:
+            self.test, self.test_labels = self._draw_labelled(TOY_TEST_SIZE, test_generator)
+        else:
+            self.test, self.test_labels = self._draw(TOY_TEST_SIZE, test_generator), None
+        self.test = self.test.float()
         self.shape = tuple(self.test.shape[1:])
         self.rng = torch.Generator().manual_seed(seed)
 
@@ -250,12 +272,20 @@ class ToyDataset:
     def from_model(self, x):
         return x
 
-    def train_batch(self) -> torch.Tensor:
-        return self._draw(self.batch_size, self.rng).float()
+    def train_batch(self, with_labels: bool = False):
+        """(batch, d) fresh samples; with_labels: the pair (samples, (batch,) class labels), from the same draws."""
+        if not with_labels:
+            return self._draw(self.batch_size, self.rng).float()
+        if self._draw_labelled is None:
+            _require_labels(None, "train")
+        x, labels = self._draw_labelled(self.batch_size, self.rng)
+        return x.float(), labels
 
-    def eval_batches(self, batch_size: int, split: str = "test") -> Iterator[torch.Tensor]:
+    def eval_batches(self, batch_size: int, split: str = "test", with_labels: bool = False) -> Iterator:
+        labels = _require_labels(self.test_labels, "test") if with_labels else None
         for start in range(0, len(self.test), batch_size):
-            yield self.test[start:start + batch_size]
+            x = self.test[start:start + batch_size]
+            yield (x, labels[start:start + batch_size]) if with_labels else x
 
     def state_dict(self) -> Dict:
         return {"rng": self.rng.get_state()}
@@ -266,6 +296,7 @@ class ToyDataset:
 
 # --------------------------------------------------------------------------------------------------
 IMAGE_DATASETS = {"digits": (1, 8, DIGITS_LEVELS), "cifar10": (3, 32, 256)}  # channels, size, levels
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "gmm": 4}  # datasets with class labels 0..n−1
 DATASETS = sorted(list(IMAGE_DATASETS) + list(TOY_SAMPLERS))
 
 
