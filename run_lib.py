@@ -155,11 +155,10 @@ def load_classifier(config, workdir: Path, device) -> torch.nn.Module:
     return model.eval()
 
 
-def make_conditioning(config, sde, model, dataset, workdir: Path, device, *, use_classifier: bool = True,
+def make_conditioning(config, sde, model, dataset, workdir: Path, device, *,
                       label_sequence: Optional[torch.Tensor] = None) -> Conditioning:
     """Conditioning from config.sampling, loading the classifier when sampling.classifier_scale > 0."""
-    use_classifier = use_classifier and config.sampling.classifier_scale > 0
-    classifier = load_classifier(config, workdir, device) if use_classifier else None
+    classifier = load_classifier(config, workdir, device) if config.sampling.classifier_scale > 0 else None
     return Conditioning(config, sde, model, dataset, classifier=classifier, label_sequence=label_sequence)
 
 

@@ -1,5 +1,6 @@
 """Low-dimensional distributions with exact answers: Gaussian mixtures (closed-form score and density at every
-time of every SDE), two moons and swiss roll. Used as toy datasets and as test oracles."""
+time of every SDE), mixtures with classes (exact conditional scores and class posteriors, for guidance), two moons
+and swiss roll. Used as toy datasets and as test oracles."""
 from __future__ import annotations
 
 import math

@@ -18,6 +18,7 @@ from sde_diffusion import guidance
 from sde_diffusion.checkpoints import CheckpointError
 from sde_diffusion.config import ConfigError, default_config, validate_config
 from sde_diffusion.datasets import DatasetError, ToyDataset, get_dataset
+from sde_diffusion.interop import ReferenceCheckpointError, convert_checkpoint
 from sde_diffusion.models import create_model, get_score_fn
 from sde_diffusion.sampling import sample
 from sde_diffusion.sdes import VPSDE
@@ -90,6 +91,12 @@ def test_score_fn_labels_select_the_class_and_must_fit_the_model():
         get_score_fn(sde, model, labels=torch.tensor([0, 1]))(x, t)
     with pytest.raises(ValueError, match="num_classes"):
         get_score_fn(sde, create_model(network_config("mlp", 0)), labels=1)
+
+
+def test_score_sde_pytorch_checkpoints_need_an_unconditional_config():
+    config = network_config("ddpm", 10)
+    with pytest.raises(ReferenceCheckpointError, match="num_classes=0"):
+        convert_checkpoint({"model": {}, "ema": {}}, config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,6 +243,11 @@ def test_sample_mode_with_labels_and_both_guidances_in_process(toy_classifier):
     assert saved["samples"].shape == (40, 2) and np.isfinite(saved["samples"]).all()
     assert (saved["labels"] == np.repeat([1, 3], 20)).all()
     assert (workdir / "pictures" / "checkpoint_1_dpm_solver_nfe5_labels1-3_w1.5_cls1.png").stat().st_size > 0
+    run_lib.evaluate(config, workdir)  # labels of the test split, both guidances
+    report = json.loads((workdir / "eval" / "report_1.json").read_text())
+    assert report["conditioning"] == {"labels": "test split, in order", "guidance_scale": 1.5,
+                                      "classifier_scale": 1.0}
+    assert report["num_samples"] == 40 and np.isfinite([report["eval_loss"], report["sliced_w2"]]).all()
 
 
 def test_classifier_guidance_without_a_trained_classifier_says_what_to_run(tmp_path):
