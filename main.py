@@ -1,5 +1,5 @@
-"""Command line: python main.py --config CONFIG --mode {train,eval,sample,compare} [--workdir DIR] [--eval_folder NAME]
-[--config.SECTION.KEY=VALUE ...]
+"""Command line: python main.py --config CONFIG --mode {train,eval,sample,compare,train_classifier} [--workdir DIR]
+[--eval_folder NAME] [--config.SECTION.KEY=VALUE ...]
 
 --workdir defaults to runs/<config file stem>. Unknown --config.* keys are rejected (the config is locked).
 """
@@ -17,7 +17,8 @@ import run_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py) with get_config().", lock_config=True)
-flags.DEFINE_enum("mode", None, ["train", "eval", "sample", "compare"], "What to run.")
+flags.DEFINE_enum("mode", None, ["train", "eval", "sample", "compare", "train_classifier"],
+                  "What to run (train_classifier: the noise-conditional classifier for classifier guidance).")
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config file stem>).")
 flags.DEFINE_string("eval_folder", None, "Subfolder of workdir for eval reports (default 'eval'), samples "
                     "(default 'samples') or sampler comparisons (default 'compare').")
@@ -26,7 +27,8 @@ flags.mark_flags_as_required(["config", "mode"])
 MODES = {"train": lambda c, w, f: run_lib.train(c, w),
          "eval": lambda c, w, f: run_lib.evaluate(c, w, f or "eval"),
          "sample": lambda c, w, f: run_lib.sample(c, w, f or "samples"),
-         "compare": lambda c, w, f: run_lib.compare(c, w, f or "compare")}
+         "compare": lambda c, w, f: run_lib.compare(c, w, f or "compare"),
+         "train_classifier": lambda c, w, f: run_lib.train_classifier(c, w)}
 
 
 def main(argv):

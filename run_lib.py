@@ -9,6 +9,8 @@ Workdir layout:
     samples/iter_<step>.png         sample grids (EMA weights) taken at numbered checkpoints
     tensorboard/                    scalars (loss, learning rate, gradient norm, eval loss)
     <eval_folder>/report_<k>.json   evaluation reports, with samples_<k>.png and samples_<k>.npz
+    classifier/checkpoint.pth       the noise-conditional classifier of `train_classifier` (classifier guidance),
+                                    with classifier/report.json (its test accuracy at several t)
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,12 +27,13 @@ from tqdm.auto import tqdm
 
 from torch import nn
 
-from sde_diffusion import controllable, distributed, likelihood, losses, sampling
+from sde_diffusion import classifier as noisy_classifier
+from sde_diffusion import controllable, distributed, guidance, likelihood, losses, sampling
 from sde_diffusion.checkpoints import (CheckpointError, TrainState, atomic_write, load_checkpoint, load_model_weights,
                                        newest_good_checkpoint, prune_step_checkpoints, remove_stale_temporaries,
                                        rng_state, save_checkpoint, save_npz, step_checkpoint, step_checkpoints,
                                        write_json)
-from sde_diffusion.config import validate_config
+from sde_diffusion.config import sample_label_rows, validate_config
 from sde_diffusion.datasets import get_dataset
 from sde_diffusion.ema import ExponentialMovingAverage
 from sde_diffusion.models import create_model, get_score_fn
@@ -92,16 +95,88 @@ def sampler_settings(config, sde) -> Dict:
     return settings
 
 
-def draw_samples(config, sde, model, dataset, num: int, device, seed: int) -> Tuple[torch.Tensor, int]:
+class Conditioning:
+    """What samples are conditioned on (config.sampling): class labels, classifier-free guidance with
+    sampling.guidance_scale, classifier guidance with sampling.classifier_scale.
+
+    Sample i gets label `label_sequence[i mod len]`: by default the labels of the test split in order, so that a
+    conditional model's samples follow the data's class frequencies (eval, snapshots); `--mode sample` with
+    sampling.class_labels passes its own sequence (one block per grid row). Unconditional (no class-conditional
+    model, no classifier guidance): every score function is the network's plain score.
+    """
+
+    def __init__(self, config, sde, model, dataset, *, classifier: Optional[torch.nn.Module] = None,
+                 label_sequence: Optional[torch.Tensor] = None):
+        s = config.sampling
+        self.sde, self.model, self.continuous = sde, model, config.training.continuous
+        self.classifier = classifier
+        self.guidance_scale = s.guidance_scale
+        self.classifier_scale = s.classifier_scale if classifier is not None else 0.0
+        self.labelled = config.model.num_classes > 0 or self.classifier_scale > 0
+        self.from_test_split = label_sequence is None
+        self.label_sequence = None
+        if self.labelled:
+            self.label_sequence = dataset.test_labels.long() if label_sequence is None else label_sequence.long()
+
+    def labels(self, start: int, n: int) -> Optional[torch.Tensor]:
+        """Labels (n,) of samples start..start+n−1, or None when unconditional."""
+        if not self.labelled:
+            return None
+        return self.label_sequence[(start + torch.arange(n)) % len(self.label_sequence)]
+
+    def score_fn(self, start: int, n: int, device):
+        """The (guided) score function for samples start..start+n−1."""
+        labels = self.labels(start, n)
+        if labels is not None:
+            labels = labels.to(device)
+        grad = None
+        if self.classifier_scale:
+            grad = noisy_classifier.grad_log_p_y_fn(self.sde, self.classifier, labels)
+        return guidance.guided_score_fn(self.sde, self.model, labels, guidance_scale=self.guidance_scale,
+                                        continuous=self.continuous, grad_log_p_y=grad,
+                                        classifier_scale=self.classifier_scale)
+
+    def describe(self) -> Dict:
+        """For reports and round fingerprints: {} when unconditional."""
+        if not self.labelled:
+            return {}
+        return {"labels": "test split, in order" if self.from_test_split else "sampling.class_labels",
+                "guidance_scale": self.guidance_scale, "classifier_scale": self.classifier_scale}
+
+
+def load_classifier(config, workdir: Path, device) -> torch.nn.Module:
+    """The classifier written by `train_classifier` (eval mode); a clear error when it is missing or mismatched."""
+    from sde_diffusion.datasets import NUM_CLASSES
+    path = noisy_classifier.checkpoint_path(workdir)
+    if not path.exists():
+        raise CheckpointError(f"sampling.classifier_scale={config.sampling.classifier_scale} needs the classifier "
+                              f"{path}, which does not exist: run --mode train_classifier first (same --workdir)")
+    model = noisy_classifier.create_classifier(config, NUM_CLASSES[config.data.dataset.lower()]).to(device)
+    try:
+        model.load_state_dict(load_checkpoint(path, device)["model"], strict=True)
+    except (RuntimeError, KeyError) as err:
+        raise CheckpointError(f"{path} does not fit the classifier built from config.classifier: {err}") from err
+    return model.eval()
+
+
+def make_conditioning(config, sde, model, dataset, workdir: Path, device, *,
+                      label_sequence: Optional[torch.Tensor] = None) -> Conditioning:
+    """Conditioning from config.sampling, loading the classifier when sampling.classifier_scale > 0."""
+    classifier = load_classifier(config, workdir, device) if config.sampling.classifier_scale > 0 else None
+    return Conditioning(config, sde, model, dataset, classifier=classifier, label_sequence=label_sequence)
+
+
+def draw_samples(config, sde, model, dataset, num: int, device, seed: int,
+                 conditioning: Optional[Conditioning] = None) -> Tuple[torch.Tensor, int]:
     """num samples in [0, 1] (images) or data space (toy), generated in rounds of eval.batch_size."""
     model.eval()
-    score_fn = get_score_fn(sde, model, continuous=config.training.continuous)
+    conditioning = conditioning or Conditioning(config, sde, model, dataset)
     generator = torch.Generator(device=device).manual_seed(seed)
     settings, chunks, nfe = sampler_settings(config, sde), [], 0
     for start in range(0, num, config.eval.batch_size):
         n = min(config.eval.batch_size, num - start)
-        x, nfe = sampling.sample(score_fn, sde, (n, *dataset.shape), generator=generator, device=device,
-                                 progress=True, **settings)
+        x, nfe = sampling.sample(conditioning.score_fn(start, n, device), sde, (n, *dataset.shape),
+                                 generator=generator, device=device, progress=True, **settings)
         chunks.append(dataset.from_model(x).cpu())
     return torch.cat(chunks), nfe
 
@@ -156,7 +231,8 @@ def _train(config, workdir: Path, world: distributed.World, device: torch.device
         network = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if t.compile:
         network = torch.compile(network, backend=t.compile_backend)
-    score_fn = get_score_fn(sde, network, continuous=t.continuous)
+    conditional = config.model.num_classes > 0
+    score_fn_for = labelled_score_fn(config, sde, network)  # labels ↦ the training score function
     step_fn = TrainStep(model, optimizer, ema, loss_fn, config.optim, precision=t.precision, device=device,
                         on_nonfinite=t.on_nonfinite, noise=noise, world=world)
     state = TrainState(model, optimizer, ema, dataset, noise, step_fn.scaler)
@@ -173,16 +249,21 @@ def _train(config, workdir: Path, world: distributed.World, device: torch.device
     if world.is_main:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(workdir / "tensorboard"))
-    eval_batch = next(dataset.eval_batches(t.batch_size)).to(device)
+    eval_batch = next(labelled_batches(dataset, t.batch_size, conditional, device))
     start = time.time()
     for step in tqdm(range(state.step + 1, t.n_iters + 1), desc="train", initial=state.step, total=t.n_iters,
                      disable=not world.is_main):
         network.train()
-        x = dataset.train_batch().to(device)
+        labels = None
+        if conditional:  # labels of the batch, each replaced by the null label with probability label_dropout
+            x, labels = (v.to(device) for v in dataset.train_batch(with_labels=True))
+            labels = guidance.drop_labels(labels, t.label_dropout, config.model.num_classes)
+        else:
+            x = dataset.train_batch().to(device)
         if t.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         try:
-            result = step_fn(x, step, score_fn)
+            result = step_fn(x, step, score_fn_for(labels))
         except NonFiniteError as err:
             raise _stopped_on_nonfinite(err, step, x, model, workdir, world) from None
         state.step = step
@@ -200,7 +281,7 @@ def _train(config, workdir: Path, world: distributed.World, device: torch.device
             writer.add_scalar("learning_rate", result.lr, step)
         if step % t.eval_freq == 0 and world.is_main:
             with ema.average_parameters(model):
-                eval_loss = evaluation_loss(loss_fn, get_score_fn(sde, model, t.continuous), model, [eval_batch],
+                eval_loss = evaluation_loss(loss_fn, labelled_score_fn(config, sde, model), model, [eval_batch],
                                             seed=config.seed)
             log.info("step %d  eval_loss %.5f", step, eval_loss)
             writer.add_scalar("eval_loss", eval_loss, step)
@@ -278,9 +359,11 @@ def _stopped_on_nonfinite(err: NonFiniteError, step: int, x: torch.Tensor, model
 
 
 def _snapshot_samples(config, sde, model, ema, dataset, device, workdir, step, writer) -> None:
+    # labels of the test split with classifier-free guidance; no classifier guidance (it may not be trained yet)
+    conditioning = Conditioning(config, sde, model, dataset)
     with ema.average_parameters(model):
         samples, nfe = draw_samples(config, sde, model, dataset, config.sampling.num_grid_samples, device,
-                                    config.seed)
+                                    config.seed, conditioning)
     path = workdir / "samples" / f"iter_{step}.png"
     save_samples_picture(samples, dataset, path, title=f"step {step}, NFE {nfe}")
     if dataset.is_image:
@@ -288,15 +371,36 @@ def _snapshot_samples(config, sde, model, ema, dataset, device, workdir, step, w
     log.info("sample grid %s (NFE %d)", path, nfe)
 
 
+def labelled_score_fn(config, sde, model) -> Callable:
+    """labels (batch,) or None ↦ the network's score function given those labels (None: unconditional)."""
+    plain = get_score_fn(sde, model, continuous=config.training.continuous)
+
+    def score_fn_for(labels: Optional[torch.Tensor]):
+        if labels is None:
+            return plain
+        return get_score_fn(sde, model, continuous=config.training.continuous, labels=labels)
+
+    return score_fn_for
+
+
+def labelled_batches(dataset, batch_size: int, with_labels: bool, device, split: str = "test"):
+    """(x, labels) test batches on device; labels None unless with_labels."""
+    for batch in dataset.eval_batches(batch_size, split, with_labels=with_labels):
+        x, labels = batch if with_labels else (batch, None)
+        yield x.to(device), None if labels is None else labels.to(device)
+
+
 @torch.no_grad()
-def evaluation_loss(loss_fn, score_fn, model, batches, seed: int) -> float:
-    """Mean loss over batches in eval mode with its own seeded random stream (comparable across steps)."""
+def evaluation_loss(loss_fn, score_fn_for: Callable, model, batches, seed: int) -> float:
+    """Mean loss over (x, labels) batches in eval mode with its own seeded random stream (comparable across steps);
+    score_fn_for(labels) gives the score function (labels None: unconditional; class-conditional models are
+    evaluated with the true labels)."""
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     total, count = 0.0, 0
-    for x in batches:
-        total += loss_fn(score_fn, x, generator=generator).item() * len(x)
+    for x, labels in batches:
+        total += loss_fn(score_fn_for(labels), x, generator=generator).item() * len(x)
         count += len(x)
     model.train(was_training)
     return total / count
@@ -338,34 +442,40 @@ def evaluate(config, workdir, eval_folder: str = "eval") -> None:
     loss_fn = losses.get_loss_fn(sde, continuous=t.continuous, reduce_mean=t.reduce_mean,
                                  likelihood_weighting=t.likelihood_weighting, eps=t.eps,
                                  importance_sampling=t.importance_sampling)
+    conditional = config.model.num_classes > 0
+    conditioning = make_conditioning(config, sde, model, dataset, workdir, device)  # loads a classifier first
     if dataset.is_image:
         _save_forward_noising_picture(config, sde, dataset, out / "forward_noising.png")
     for k, path in checkpoints:
         start = time.time()
         ckpt = load_model_weights(path, model, use_ema=True, map_location=device)
         model.eval()
-        score_fn = get_score_fn(sde, model, continuous=t.continuous)
+        score_fn_for = labelled_score_fn(config, sde, model)
         report = {"checkpoint": path.name, "step": int(ckpt["step"]), "config": config.to_dict()}
-        if e.enable_loss:
-            batches = (x.to(device) for x in dataset.eval_batches(e.batch_size))
-            report["eval_loss"] = evaluation_loss(loss_fn, score_fn, model, batches, seed=config.seed)
-        if e.enable_bpd:
+        if conditioning.describe():
+            report["conditioning"] = conditioning.describe()
+        if e.enable_loss:  # class-conditional models: with the test split's labels
+            batches = labelled_batches(dataset, e.batch_size, conditional, device)
+            report["eval_loss"] = evaluation_loss(loss_fn, score_fn_for, model, batches, seed=config.seed)
+        if e.enable_bpd:  # class-conditional models: the null label's unconditional score, so bpd of p(x)
             generator = torch.Generator(device=device).manual_seed(round_seed(config.seed, k))
-            report.update(likelihood.evaluate_bpd(score_fn, sde, dataset, config, device, generator))
+            report.update(likelihood.evaluate_bpd(score_fn_for(None), sde, dataset, config, device, generator))
         if e.enable_sampling:
-            report.update(_evaluate_samples(config, sde, score_fn, dataset, device, out, k, path, image_metrics))
+            report.update(_evaluate_samples(config, sde, conditioning, dataset, device, out, k, path,
+                                            image_metrics))
         if e.enable_sampling and dataset.is_image:
-            _save_trajectory_picture(config, sde, score_fn, dataset, device, out / f"trajectory_{k}.png", k)
+            _save_trajectory_picture(config, sde, conditioning, dataset, device, out / f"trajectory_{k}.png", k)
         report["eval_seconds"] = time.time() - start
         write_json(out / f"report_{k}.json", report)
         log.info("wrote %s: %s", out / f"report_{k}.json",
                  {key: v for key, v in report.items() if key not in ("config", "sampler", "inception_weights")})
 
 
-def _evaluate_samples(config, sde, score_fn, dataset, device, out: Path, k: int, path: Path, image_metrics) -> Dict:
+def _evaluate_samples(config, sde, conditioning, dataset, device, out: Path, k: int, path: Path,
+                      image_metrics) -> Dict:
     """Generate eval.num_samples in rounds (each saved, so a killed eval resumes), score them, save a grid."""
     settings = sampler_settings(config, sde)
-    samples, report = _generate_and_score(config, sde, score_fn, dataset, device, out / f"rounds_{k}",
+    samples, report = _generate_and_score(config, sde, conditioning, dataset, device, out / f"rounds_{k}",
                                           (config.seed, k), settings, config.eval.num_samples, image_metrics,
                                           {"checkpoint": path.name})
     save_npz(out / f"samples_{k}.npz", samples=samples.numpy())
@@ -387,20 +497,21 @@ def _save_forward_noising_picture(config, sde, dataset, path: Path) -> None:
     save_strip([dataset.from_model(c) for c in columns], path)
 
 
-def _save_trajectory_picture(config, sde, score_fn, dataset, device, path: Path, k: int) -> None:
+def _save_trajectory_picture(config, sde, conditioning, dataset, device, path: Path, k: int) -> None:
     """The sampler's states from the prior to the data for a few samples (rescaled to unit variance)."""
     recorder = TrajectoryRecorder()
     generator = torch.Generator(device=device).manual_seed(round_seed(config.seed, k, TRAJECTORY_SEED_KEY))
-    x, _ = sampling.sample(score_fn, sde, (PICTURE_IMAGES, *dataset.shape), generator=generator, device=device,
-                           callback=recorder, **sampler_settings(config, sde))
+    x, _ = sampling.sample(conditioning.score_fn(0, PICTURE_IMAGES, device), sde, (PICTURE_IMAGES, *dataset.shape),
+                           generator=generator, device=device, callback=recorder, **sampler_settings(config, sde))
     columns = [dataset.from_model(unit_scale(sde, state, t)) for t, state in recorder.pick(8)]
     save_strip(columns + [dataset.from_model(x).cpu()], path)
 
 
-def _generate_and_score(config, sde, score_fn, dataset, device, folder: Path, seed_keys, settings: Dict, num: int,
-                        image_metrics, fingerprint: Dict) -> Tuple[torch.Tensor, Dict]:
-    """num samples with `settings`, in resumable rounds of eval.batch_size seeded by (*seed_keys, round), and
-    their metrics: FID/KID/IS for images (when image_metrics is given), sliced W₂ / NLL for toy data."""
+def _generate_and_score(config, sde, conditioning, dataset, device, folder: Path, seed_keys, settings: Dict,
+                        num: int, image_metrics, fingerprint: Dict) -> Tuple[torch.Tensor, Dict]:
+    """num samples with `settings` and `conditioning` (labels, guidance), in resumable rounds of eval.batch_size
+    seeded by (*seed_keys, round), and their metrics: FID/KID/IS for images (when image_metrics is given), sliced
+    W₂ / NLL for toy data."""
     from evaluation.inception import to_uint8_rgb
     from evaluation.rounds import run_in_rounds
     from evaluation.sample_quality import toy_scores
@@ -408,6 +519,7 @@ def _generate_and_score(config, sde, score_fn, dataset, device, folder: Path, se
     def make_round(r: int, n: int) -> Dict[str, np.ndarray]:
         round_start = time.time()
         generator = torch.Generator(device=device).manual_seed(round_seed(*seed_keys, r))
+        score_fn = conditioning.score_fn(r * config.eval.batch_size, n, device)
         x, nfe = sampling.sample(score_fn, sde, (n, *dataset.shape), generator=generator, device=device,
                                  progress=True, **settings)
         samples = dataset.from_model(x).cpu()
@@ -424,6 +536,8 @@ def _generate_and_score(config, sde, score_fn, dataset, device, folder: Path, se
     fingerprint = {**fingerprint, "sampler": settings, "seed_keys": list(seed_keys),
                    "round_size": config.eval.batch_size,
                    "inception_sha256": image_metrics.weights.sha256 if image_metrics else None}
+    if conditioning.describe():
+        fingerprint["conditioning"] = conditioning.describe()
     rounds = run_in_rounds(folder, num, config.eval.batch_size, make_round, fingerprint, desc=folder.name)
     samples = torch.from_numpy(rounds["samples"])
     report = {"sampler": settings, "nfe": int(rounds["nfe"][0]), "num_samples": len(samples),
@@ -459,7 +573,7 @@ def compare(config, workdir, eval_folder: str = "compare") -> None:
         image_metrics = ImageMetrics(config, dataset, device)
     load_model_weights(path, model, use_ema=True, map_location=device)
     model.eval()
-    score_fn = get_score_fn(sde, model, continuous=config.training.continuous)
+    conditioning = make_conditioning(config, sde, model, dataset, workdir, device)
     num = config.compare.num_samples or config.eval.num_samples
     s = config.sampling
     metrics = (["fid", "kid"] if image_metrics else []) if dataset.is_image else ["sliced_w2"]
@@ -468,7 +582,7 @@ def compare(config, workdir, eval_folder: str = "compare") -> None:
     rows = []
     for entry in entries:
         settings = dict(method=entry.method, steps=entry.steps, eps=s.eps, denoise=s.noise_removal, **entry.options)
-        samples, report = _generate_and_score(config, sde, score_fn, dataset, device, out / f"rounds_{entry.slug}",
+        samples, report = _generate_and_score(config, sde, conditioning, dataset, device, out / f"rounds_{entry.slug}",
                                               (config.seed, k), settings, num, image_metrics,
                                               {"checkpoint": path.name})
         save_samples_picture(samples[:config.sampling.num_grid_samples], dataset, out / f"samples_{entry.slug}.png",
@@ -502,29 +616,41 @@ def _compare_checkpoint(config, workdir: Path) -> Tuple[int, Path]:
 
 
 def sample(config, workdir, eval_folder: str = "samples") -> None:
-    """Draw eval.num_samples with config.sampling from the newest numbered checkpoint: PNG grid and .npz."""
+    """Draw eval.num_samples with config.sampling from the newest numbered checkpoint: PNG grid and .npz.
+
+    With sampling.class_labels (e.g. (3, 5) or ("per_class",)) the samples are split evenly over those labels and
+    the grid has one row per label; guidance follows sampling.guidance_scale and sampling.classifier_scale.
+    """
     validate_config(config)
     workdir = Path(workdir)
     device = resolve_device(config.device)
     seed_everything(config.seed)
     sde, dataset, model = _build(config, device)
     _, path = _newest_checkpoint(workdir)
+    rows = sample_label_rows(config)
+    num, label_sequence = config.eval.num_samples, None
+    if rows:  # each label's samples side by side, one grid row per label
+        per_row = max(1, num // len(rows))
+        num, label_sequence = per_row * len(rows), torch.tensor(rows).repeat_interleave(per_row)
+    conditioning = make_conditioning(config, sde, model, dataset, workdir, device, label_sequence=label_sequence)
     load_model_weights(path, model, use_ema=True, map_location=device)
     if config.sampling.inpaint_mask is not None or config.sampling.colorize:
         sample_conditional(config, sde, model, dataset, device, path, _prepare_workdir(workdir / eval_folder))
         return
-    samples, nfe = draw_samples(config, sde, model, dataset, config.eval.num_samples, device, config.seed)
+    samples, nfe = draw_samples(config, sde, model, dataset, num, device, config.seed, conditioning)
     out = _prepare_workdir(workdir / eval_folder)
-    stem = f"{path.stem}_{config.sampling.method}_nfe{nfe}"
-    save_npz(out / f"{stem}.npz", samples=samples.numpy())
-    save_samples_picture(samples[:config.sampling.num_grid_samples], dataset, out / f"{stem}.png",
-                         title=f"{path.name}, {config.sampling.method}, NFE {nfe}")
-    log.info("wrote %s.png and .npz (%d samples, NFE %d)", out / stem, len(samples), nfe)
+    stem = f"{path.stem}_{config.sampling.method}_nfe{nfe}" + _conditioning_suffix(config, rows)
+    save_npz(out / f"{stem}.npz", samples=samples.numpy(),
+             **({"labels": conditioning.labels(0, num).numpy()} if conditioning.labelled else {}))
+    title = f"{path.name}, {config.sampling.method}, NFE {nfe}"
+    if rows and dataset.is_image:
+        save_image_grid(samples, out / f"{stem}.png", nrow=num // len(rows))
+    else:
+        save_samples_picture(samples[:config.sampling.num_grid_samples], dataset, out / f"{stem}.png", title=title)
+    log.info("wrote %s.png and .npz (%d samples, NFE %d%s)", out / stem, len(samples), nfe,
+             f", rows = labels {list(rows)}" if rows else "")
 
 
-# --------------------------------------------------------------------------------------------------
-# Conditional sampling: inpainting and colorization (sde_diffusion/controllable.py)
-# --------------------------------------------------------------------------------------------------
 MASKED_LEVELS = (0.35, 0.65)  # unknown pixels in the picture's "input" column: a checkerboard of these grey levels
 
 
@@ -591,3 +717,72 @@ def sample_conditional(config, sde, model, dataset, device, path: Path, out: Pat
     rows = s.num_grid_samples
     save_strip([inputs[:rows], samples[:rows].clamp(0, 1), originals[:rows]], out / f"{stem}.png")
     log.info("wrote %s.png (input | sample | original) and .npz (%d samples, NFE %d)", out / stem, len(samples), nfe)
+
+
+def _conditioning_suffix(config, rows) -> str:
+    """File-name part for conditional sampling: which labels and which guidance ('' when unconditional)."""
+    s = config.sampling
+    parts = []
+    if rows:
+        parts.append("per_class" if tuple(s.class_labels) == ("per_class",) else
+                     "labels" + "-".join(str(y) for y in rows))
+    if config.model.num_classes > 0:
+        parts.append(f"w{s.guidance_scale:g}")
+    if s.classifier_scale > 0:
+        parts.append(f"cls{s.classifier_scale:g}")
+    return "".join(f"_{p}" for p in parts)
+
+
+# --------------------------------------------------------------------------------------------------
+CLASSIFIER_REPORT_TIMES = (0.01, 0.1, 0.25, 0.5, 0.75, 1.0)  # times of the classifier's test accuracy
+
+
+def train_classifier(config, workdir) -> None:
+    """Train the noise-conditional classifier p_t(y | x_t) for classifier guidance (config.classifier) on
+    training batches diffused to t ~ U(training.eps, T); writes workdir/classifier/checkpoint.pth and report.json
+    (test accuracy at CLASSIFIER_REPORT_TIMES)."""
+    from sde_diffusion.datasets import NUM_CLASSES
+    validate_config(config)
+    name = config.data.dataset.lower()
+    if name not in NUM_CLASSES:
+        raise ValueError(f"data.dataset={config.data.dataset!r} has no class labels to train a classifier on; "
+                         f"labelled datasets: {sorted(NUM_CLASSES)}")
+    workdir = _prepare_workdir(workdir)
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    sde, dataset = sde_from_config(config), get_dataset(config)
+    c, t = config.classifier, config.training
+    model = noisy_classifier.create_classifier(config, NUM_CLASSES[name]).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=c.lr)
+    log.info("training a classifier (%d parameters) on %s, %s, %d steps", sum(p.numel() for p in model.parameters()),
+             config.data.dataset, type(sde).__name__, c.n_iters)
+    start = time.time()
+    model.train()
+    for step in tqdm(range(1, c.n_iters + 1), desc="train_classifier"):
+        x, labels = (v.to(device) for v in dataset.train_batch(with_labels=True))
+        loss = noisy_classifier.classifier_loss(model, sde, x, labels, eps=t.eps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % c.log_freq == 0:
+            log.info("step %d  cross-entropy %.4f  (%.1f s)", step, loss.item(), time.time() - start)
+    model.eval()
+    path = noisy_classifier.checkpoint_path(workdir)
+    save_checkpoint(path, {"model": model.state_dict(), "step": c.n_iters})
+    report = {"checkpoint": str(path), "steps": c.n_iters, "seconds": time.time() - start,
+              "test_accuracy": classifier_accuracy(config, sde, model, dataset, device)}
+    write_json(path.parent / "report.json", report)
+    log.info("wrote %s; test accuracy by t: %s", path, report["test_accuracy"])
+
+
+def classifier_accuracy(config, sde, model, dataset, device) -> Dict[str, float]:
+    """Test-split accuracy of the classifier at each of CLASSIFIER_REPORT_TIMES (seeded noise)."""
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    result = {}
+    for t in CLASSIFIER_REPORT_TIMES:
+        correct = total = 0
+        for x, labels in labelled_batches(dataset, config.eval.batch_size, True, device):
+            correct += noisy_classifier.accuracy(model, sde, x, labels, t, generator) * len(x)
+            total += len(x)
+        result[f"{t:g}"] = correct / total
+    return result

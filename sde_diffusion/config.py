@@ -33,6 +33,9 @@ def default_config() -> ml_collections.ConfigDict:
     training.compile_backend = "inductor"  # torch.compile backend (inductor; aot_eager / eager to debug)
     training.channels_last = False  # NHWC memory format for image networks (faster convolutions with cuDNN/oneDNN)
     training.on_nonfinite = "stop"  # NaN/inf loss or gradient: stop (diagnostics saved) | skip (step skipped, counted)
+    # class-conditional models (model.num_classes > 0): probability that a training label is replaced by the null
+    # label, so that the network also learns the unconditional score (classifier-free guidance needs > 0, e.g. 0.1)
+    training.label_dropout = 0.0
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.method = "pc"
@@ -60,6 +63,12 @@ def default_config() -> ml_collections.ConfigDict:
     sampling.colorize = False  # colourize the grey (channel-mean) versions of the test images (3-channel data)
     sampling.conditioning_method = "replacement"  # replacement (score_sde) | repaint (+ resampling rounds)
     sampling.resample = 5  # repaint: RePaint resampling rounds per sampler update (each one more score call)
+    # class-conditional sampling (sde_diffusion/guidance.py). class_labels: the classes --mode sample draws, e.g.
+    # (3,) or (0, 5, 7), one grid row each; ("per_class",) (--config.sampling.class_labels=per_class): one row per
+    # class; () → the labels of the test split, in order (also what eval and training snapshots use)
+    sampling.class_labels = ()
+    sampling.guidance_scale = 0.0  # w of classifier-free guidance: (1 + w)·s(x,t,y) − w·s(x,t); 0 = conditional
+    sampling.classifier_scale = 0.0  # > 0: + scale·∇log p_t(y|x) of the classifier in workdir/classifier/
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.begin_ckpt = 1
@@ -132,6 +141,7 @@ def default_config() -> ml_collections.ConfigDict:
     model.embedding_type = "positional"  # positional | fourier (of log σ)
     model.fourier_scale = 16.0
     model.ema_rate = 0.9999
+    model.num_classes = 0  # > 0: class-conditional, a label embedding (+ a null label) added to the noise embedding
     # SDE parameters (in `model` as in score_sde)
     model.beta_min = 0.1
     model.beta_max = 20.0
@@ -156,6 +166,19 @@ def default_config() -> ml_collections.ConfigDict:
     model.depth = 6
     model.num_heads = 4
     model.mlp_ratio = 4.0
+
+    # noise-conditional classifier p_t(y | x_t) for classifier guidance (sde_diffusion/classifier.py), trained by
+    # --mode train_classifier on batches of training.batch_size at t ~ U(training.eps, T); it shares the noise
+    # embedding options of config.model (embedding_type, fourier_scale, nonlinearity)
+    config.classifier = classifier = ml_collections.ConfigDict()
+    classifier.nf = 32  # base width: of the U-Net encoder (images) or the residual MLP (vectors)
+    classifier.ch_mult = (1, 2, 2)  # encoder levels (images)
+    classifier.num_res_blocks = 1  # residual blocks per encoder level, or MLP blocks
+    classifier.attn_resolutions = ()  # encoder resolutions with self-attention (images)
+    classifier.dropout = 0.0
+    classifier.n_iters = 2000
+    classifier.lr = 1e-3  # Adam, constant
+    classifier.log_freq = 100
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.optimizer = "Adam"
@@ -260,6 +283,72 @@ def _check_conditional_sampling(config) -> None:
                 raise ConfigError(f"sampling.{key}: {err}") from err
 
 
+PER_CLASS = "per_class"  # sampling.class_labels=per_class: one grid row per class
+
+
+def sample_label_rows(config):
+    """The class labels sampling.class_labels asks for, one grid row each: a tuple of ints, () for none."""
+    labels = tuple(config.sampling.class_labels)
+    if labels == (PER_CLASS,):
+        from .datasets import NUM_CLASSES
+        return tuple(range(NUM_CLASSES.get(config.data.dataset.lower(), 0)))
+    return labels
+
+
+def _check_classes(config) -> None:
+    """Class-conditional models, label dropout, guidance and the classifier (guidance.py, classifier.py)."""
+    from . import datasets
+    t, s, m, c, d = config.training, config.sampling, config.model, config.classifier, config.data
+    classes = datasets.NUM_CLASSES.get(d.dataset.lower(), 0)
+    has_labels = f"has {classes} classes" if classes else "has no class labels"
+    if m.num_classes < 0 or (m.num_classes and m.num_classes != classes):
+        raise ConfigError(f"model.num_classes={m.num_classes}, but data.dataset={d.dataset!r} {has_labels}: set "
+                          f"model.num_classes={classes or 0} (or 0 for an unconditional model)")
+    if m.num_classes and not m.conditional:
+        raise ConfigError("model.num_classes > 0 adds the label embedding to the noise embedding: set "
+                          "model.conditional=True")
+    if not 0.0 <= t.label_dropout < 1.0:
+        raise ConfigError(f"training.label_dropout must lie in [0, 1), got {t.label_dropout}")
+    if t.label_dropout and not m.num_classes:
+        raise ConfigError("training.label_dropout > 0 drops class labels, but the model is unconditional: set "
+                          f"model.num_classes={classes} or training.label_dropout=0")
+    if s.guidance_scale < 0:
+        raise ConfigError(f"sampling.guidance_scale must be ≥ 0, got {s.guidance_scale}")
+    if s.guidance_scale and not m.num_classes:
+        raise ConfigError("sampling.guidance_scale ≠ 0 (classifier-free guidance) needs a class-conditional model: "
+                          "set model.num_classes and train with training.label_dropout > 0")
+    if s.guidance_scale and not t.label_dropout:
+        raise ConfigError("sampling.guidance_scale ≠ 0 needs the unconditional score, which the null label only "
+                          "learns with training.label_dropout > 0 (e.g. 0.1): retrain with it, or set "
+                          "sampling.guidance_scale=0")
+    if s.classifier_scale < 0:
+        raise ConfigError(f"sampling.classifier_scale must be ≥ 0, got {s.classifier_scale}")
+    if s.classifier_scale and not classes:
+        raise ConfigError(f"sampling.classifier_scale > 0 needs a classifier, but data.dataset={d.dataset!r} "
+                          f"{has_labels} to train one on")
+    labels = tuple(s.class_labels)
+    if labels and labels != (PER_CLASS,):
+        if not all(isinstance(y, int) and not isinstance(y, bool) for y in labels):
+            raise ConfigError(f"sampling.class_labels={labels!r} must be class indices such as (3,) or (0, 5), or "
+                              f"{PER_CLASS!r}")
+        if not all(0 <= y < classes for y in labels):
+            raise ConfigError(f"sampling.class_labels={labels!r}: data.dataset={d.dataset!r} {has_labels}, so "
+                              f"labels must lie in 0..{classes - 1}")
+    if labels and not (m.num_classes or s.classifier_scale):
+        raise ConfigError("sampling.class_labels needs a class-conditional model (model.num_classes > 0) or "
+                          "classifier guidance (sampling.classifier_scale > 0)")
+    for key in ("nf", "num_res_blocks", "n_iters", "lr", "log_freq"):
+        _positive(f"classifier.{key}", c[key])
+    if not 0.0 <= c.dropout < 1.0:
+        raise ConfigError(f"classifier.dropout must lie in [0, 1), got {c.dropout}")
+    if classes and d.dataset.lower() in datasets.IMAGE_DATASETS:
+        from .classifier import check_encoder
+        try:
+            check_encoder(config)
+        except ValueError as err:
+            raise ConfigError(f"config.classifier cannot be built: {err}") from err
+
+
 def validate_config(config) -> None:
     """Check values and combinations before any compute is spent; raises ConfigError naming the key."""
     from . import datasets, models, sampling, sdes  # late imports: the schema itself needs only ml_collections
@@ -305,9 +394,8 @@ def validate_config(config) -> None:
         raise ConfigError(f"eval.enable_bpd=True measures bits/dim of K-level discrete images, but data.dataset="
                           f"{d.dataset!r} is continuous vector data: set eval.enable_bpd=False (eval reports its "
                           "exact NLL where the data has a density)")
-
-
     _check_conditional_sampling(config)
+    _check_classes(config)
     if s.steps is not None and s.steps < 1:
         raise ConfigError(f"sampling.steps must be ≥ 1 (or None for model.num_scales), got {s.steps}")
     if e.begin_ckpt > e.end_ckpt:

@@ -220,11 +220,14 @@ class ImageDataset:
             self._worker_batches = iter(loader)
         return self._worker_batches
 
-    def eval_batches(self, batch_size: int, split: str = "test") -> Iterator[torch.Tensor]:
-        """Model-space float batches over a whole split, in order, no augmentation."""
+    def eval_batches(self, batch_size: int, split: str = "test", with_labels: bool = False) -> Iterator:
+        """Model-space float batches over a whole split, in order, no augmentation; with_labels: (batch, labels)."""
         data = self.test if split == "test" else self.train
+        labels = _require_labels(self.test_labels if split == "test" else self.train_labels, split) \
+            if with_labels else None
         for start in range(0, len(data), batch_size):
-            yield self.to_model(self.to_float(data[start:start + batch_size]))
+            x = self.to_model(self.to_float(data[start:start + batch_size]))
+            yield (x, labels[start:start + batch_size]) if with_labels else x
 
     def state_dict(self) -> Dict:
         return {"batches": self.batches.state_dict()}
@@ -233,6 +236,13 @@ class ImageDataset:
         """Resume the batch order (checkpoints of earlier versions also hold an 'rng' entry, no longer used)."""
         self.batches.load_state_dict(state["batches"])
         self._worker_batches = None  # workers restart from the restored position
+
+
+def _require_labels(labels: Optional[torch.Tensor], split: str) -> torch.Tensor:
+    if labels is None:
+        raise DatasetError(f"this dataset has no class labels for its {split} split: class-conditional training "
+                           f"and classifiers need one of the labelled datasets {sorted(NUM_CLASSES)}")
+    return labels
 
 
 def load_digits_uint8() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -332,6 +342,9 @@ TOY_SAMPLERS = {
     "moons": toy.two_moons,
     "swiss_roll": toy.swiss_roll,
 }
+TOY_LABELLED_SAMPLERS = {  # the same draws as TOY_SAMPLERS (same random numbers) with their (n,) class labels
+    "gmm": lambda n, g: toy.default_mixture().sample(n, g),  # label = mixture component
+}
 TOY_DENSITIES = {  # exact log-densities (n, d) → (n,) nats, where the distribution has one in closed form
     "gmm": lambda x: toy.default_mixture().log_prob(x),
 }
@@ -347,7 +360,13 @@ class ToyDataset:
         self.name, self.batch_size, self.rank, self.world_size = name, batch_size, rank, world_size
         self._draw = TOY_SAMPLERS[name]
         self.log_prob = TOY_DENSITIES.get(name)  # exact density of the data, or None
-        self.test = self._draw(TOY_TEST_SIZE, torch.Generator().manual_seed(seed + 12345)).float()
+        self._draw_labelled = TOY_LABELLED_SAMPLERS.get(name)
+        test_generator = torch.Generator().manual_seed(seed + 12345)
+        if self._draw_labelled is not None:
+            self.test, self.test_labels = self._draw_labelled(TOY_TEST_SIZE, test_generator)
+        else:
+            self.test, self.test_labels = self._draw(TOY_TEST_SIZE, test_generator), None
+        self.test = self.test.float()
         self.shape = tuple(self.test.shape[1:])
         self.rng = torch.Generator().manual_seed(seed)
 
@@ -357,14 +376,22 @@ class ToyDataset:
     def from_model(self, x):
         return x
 
-    def train_batch(self) -> torch.Tensor:
-        """This rank's rows of a global batch of batch_size × world_size fresh samples."""
-        batch = self._draw(self.batch_size * self.world_size, self.rng).float()
-        return batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+    def train_batch(self, with_labels: bool = False):
+        """This rank's rows of a global batch of batch_size × world_size fresh samples; with_labels: the pair
+        (samples, (batch,) class labels), from the same draws."""
+        n, rows = self.batch_size * self.world_size, slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        if not with_labels:
+            return self._draw(n, self.rng).float()[rows]
+        if self._draw_labelled is None:
+            _require_labels(None, "train")
+        x, labels = self._draw_labelled(n, self.rng)
+        return x.float()[rows], labels[rows]
 
-    def eval_batches(self, batch_size: int, split: str = "test") -> Iterator[torch.Tensor]:
+    def eval_batches(self, batch_size: int, split: str = "test", with_labels: bool = False) -> Iterator:
+        labels = _require_labels(self.test_labels, "test") if with_labels else None
         for start in range(0, len(self.test), batch_size):
-            yield self.test[start:start + batch_size]
+            x = self.test[start:start + batch_size]
+            yield (x, labels[start:start + batch_size]) if with_labels else x
 
     def state_dict(self) -> Dict:
         return {"rng": self.rng.get_state()}
@@ -377,6 +404,7 @@ class ToyDataset:
 FOLDER = "folder"  # your own images (sde_diffusion/image_folder.py): channels and size come from the config
 IMAGE_DATASETS = {"digits": (1, 8, DIGITS_LEVELS), "cifar10": (3, 32, 256),
                   FOLDER: (None, None, 256)}  # channels, size, levels
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "gmm": 4}  # datasets with class labels 0..n−1 (folder: data.labels)
 DATASETS = sorted(list(IMAGE_DATASETS) + list(TOY_SAMPLERS))
 
 

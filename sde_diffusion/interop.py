@@ -353,6 +353,9 @@ def convert_checkpoint(state: Mapping[str, Any], config, model: Optional[nn.Modu
         raise ReferenceCheckpointError("score_sde_pytorch's VE networks trained without model.scale_by_sigma output "
                                        "the score itself, while sde_diffusion's output σ·score (get_score_fn divides "
                                        "by σ): such a checkpoint would get a different score function here")
+    if config.model.num_classes:
+        raise ReferenceCheckpointError("score_sde_pytorch's networks are unconditional (no label embedding): load "
+                                       "its checkpoints with model.num_classes=0")
     model = model if model is not None else create_model(config)
     ours = model.state_dict()
     ref_model = _strip_prefix(state["model"])

@@ -1,9 +1,10 @@
 """Low-dimensional distributions with exact answers: Gaussian mixtures (closed-form score and density at every
-time of every SDE), two moons and swiss roll. Used as toy datasets and as test oracles."""
+time of every SDE), mixtures with classes (exact conditional scores and class posteriors, for guidance), two moons
+and swiss roll. Used as toy datasets and as test oracles."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -199,3 +200,65 @@ def colorization_oracle(pixels: int = 2) -> Tuple[Gaussian, torch.Tensor]:
     data = colour_pixels_gaussian(pixels)
     image = data.mean.reshape(3, pixels) + ORACLE_SHIFT * torch.tensor(PIXEL_COLOUR_STDS, dtype=torch.float64)[:, None]
     return data, image.mean(0).reshape(1, 1, pixels)
+
+
+class LabelledMixture:
+    """A Gaussian mixture whose components are grouped into classes y = 0..C−1 (`classes[y]` lists y's components):
+    p(x | y) is the mixture of class y's components with renormalized weights, p(y) the sum of their weights.
+
+    Exact at every time of every SDE, as oracles for guidance: the class-conditional scores ∇ log p_t(x | y), the
+    unconditional score ∇ log p_t(x), and the class posterior log p_t(y | x) with its gradient (by autograd).
+    """
+
+    def __init__(self, mixture: GaussianMixture, classes: Sequence[Sequence[int]]):
+        members = [sorted(int(k) for k in group) for group in classes]
+        if sorted(k for group in members for k in group) != list(range(len(mixture.weights))):
+            raise ValueError(f"classes {classes} must split the components 0..{len(mixture.weights) - 1} into groups")
+        self.mixture, self.classes = mixture, members
+        self.membership = torch.zeros(len(members), len(mixture.weights), dtype=torch.bool)  # (C, K)
+        for y, group in enumerate(members):
+            self.membership[y, group] = True
+        self.class_weights = (self.membership.double() * mixture.weights[None]).sum(1)  # (C,)
+        self._class_mixtures = [GaussianMixture(mixture.weights[k] / mixture.weights[k].sum(), mixture.means[k],
+                                                mixture.stds[k]) for k in members]
+
+    def class_mixture(self, y: int) -> GaussianMixture:
+        """p(x | y) as a GaussianMixture of class y's components."""
+        return self._class_mixtures[y]
+
+    def label_of_component(self) -> torch.Tensor:
+        """(K,) the class of each component."""
+        return self.membership.double().argmax(0)
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(n, d) points of the mixture and their (n,) class labels."""
+        x, k = self.mixture.sample(n, generator)
+        return x, self.label_of_component()[k]
+
+    def log_class_posterior(self, x: torch.Tensor, alpha=None, sigma=None) -> torch.Tensor:
+        """(n, C) log p(y | x) under the mixture perturbed by x = αx_0 + σz (float64, differentiable in x)."""
+        log_joint = self.mixture._component_log_probs(x, *self.mixture._coeffs(x, alpha, sigma))  # (n, K)
+        per_class = log_joint[:, None, :].masked_fill(~self.membership[None], -math.inf)  # (n, C, K)
+        return torch.logsumexp(per_class, dim=2) - torch.logsumexp(log_joint, dim=1, keepdim=True)
+
+    def conditional_score_fn(self, sde: SDE, labels: torch.Tensor):
+        """Exact (x, t) ↦ ∇ log p_t(x | y_i) for row i, labels (n,)."""
+        def score_fn(x, t):
+            t = batch_time(t, x)
+            alpha, sigma = sde.alpha(t).double(), sde.sigma(t).double()
+            out = torch.empty_like(x)
+            for y in range(len(self.classes)):
+                rows = labels == y
+                out[rows] = self.class_mixture(y).score(x[rows], alpha[rows], sigma[rows])
+            return out
+        return score_fn
+
+    def class_posterior_grad_fn(self, sde: SDE, labels: torch.Tensor):
+        """Exact (x, t) ↦ ∇ₓ log p_t(y_i | x) for row i, labels (n,), by autograd of `log_class_posterior`."""
+        def grad_log_p_y(x, t):
+            t = batch_time(t, x)
+            with torch.enable_grad():
+                x_in = x.detach().double().requires_grad_(True)
+                log_post = self.log_class_posterior(x_in, sde.alpha(t).double(), sde.sigma(t).double())
+                return torch.autograd.grad(log_post.gather(1, labels[:, None]).sum(), x_in)[0].to(x.dtype)
+        return grad_log_p_y

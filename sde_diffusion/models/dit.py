@@ -10,9 +10,12 @@ condition is whatever `SDE.noise_condition` gives (999·t, σ(t), or discrete la
 turns the output into a score as for any other network.
 
 config.model: nf (width D), patch_size (p), depth, num_heads, mlp_ratio, embedding_type, fourier_scale,
-dropout, conditional; config.data: image_size, num_channels, centered.
+dropout, conditional, num_classes (> 0: a label embedding added to c); config.data: image_size, num_channels,
+centered.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -127,7 +130,8 @@ def check_options(config) -> None:
 
 @register_model("dit")
 class DiT(nn.Module):
-    """x (B, C, H, W) and noise condition (B,) → output (B, C, H, W). See the module docstring."""
+    """x (B, C, H, W), noise condition (B,) and optional class labels (B,) → output (B, C, H, W). See the module
+    docstring."""
 
     check_config = staticmethod(check_options)  # used by config.validate_config
 
@@ -149,6 +153,12 @@ class DiT(nn.Module):
                 nn.init.zeros_(layer.bias)
         else:
             self.embed = self.temb = None
+        self.num_classes = m.num_classes
+        if m.num_classes and not m.conditional:
+            raise ValueError("model.num_classes > 0 adds the label embedding to the noise embedding: set "
+                             "model.conditional=True")
+        self.label_embed = (layers.LabelEmbedding(m.num_classes, dim, init_std=TEMB_INIT_STD) if m.num_classes
+                            else None)
         self.blocks = nn.ModuleList(DiTBlock(dim, m.num_heads, m.mlp_ratio, m.dropout) for _ in range(m.depth))
         self.final = FinalLayer(dim, p * p * d.num_channels)
 
@@ -158,11 +168,12 @@ class DiT(nn.Module):
         x = patches.reshape(B, height // p, width // p, p, p, C)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(B, C, height, width)
 
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cond: Tensor, y: Optional[Tensor] = None) -> Tensor:
         B, _, H, W = x.shape
         if not self.centered:
             x = 2 * x - 1.0  # data in [0, 1] → [−1, 1]
         c = self.temb(self.embed(cond)) if self.temb is not None else x.new_zeros(B, self.dim)
+        c = layers.add_label_embedding(c, self.label_embed, y)
         tokens = self.patchify(x).flatten(2).transpose(1, 2) + self.positions.to(x.dtype)  # (B, N, D)
         for block in self.blocks:
             tokens = block(tokens, c)

@@ -1,7 +1,8 @@
-"""Building blocks shared by the score networks: noise-level embeddings, initializers, activations."""
+"""Building blocks shared by the score networks: noise-level and class-label embeddings, initializers, activations."""
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -92,3 +93,39 @@ class NoiseEmbedding(nn.Module):
         if self.kind == "fourier":
             return self.fourier(torch.log(cond))
         return timestep_embedding(cond, self.dim)
+
+
+class LabelEmbedding(nn.Module):
+    """Class labels (batch,) → (batch, dim), added to a network's noise embedding (class-conditional models).
+
+    Rows 0..num_classes−1 embed the classes; row num_classes is the "no label" entry (`null_label`), used for
+    labels dropped in training (classifier-free guidance) and for unconditional evaluation; y=None selects it.
+    """
+
+    def __init__(self, num_classes: int, dim: int, init_std: float = 1.0):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"model.num_classes={num_classes}: a label embedding needs at least one class")
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)
+        nn.init.normal_(self.table.weight, std=init_std)
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def forward(self, y: Optional[torch.Tensor], batch: int, device) -> torch.Tensor:
+        if y is None:
+            y = torch.full((batch,), self.null_label, dtype=torch.long, device=device)
+        return self.table(y)
+
+
+def add_label_embedding(emb: torch.Tensor, label_embed: Optional[LabelEmbedding], y: Optional[torch.Tensor]):
+    """emb (batch, dim) plus the embedding of labels y (None: the null label); an unconditional network
+    (label_embed None) must get y=None."""
+    if label_embed is None:
+        if y is not None:
+            raise ValueError("class labels given to a network without a label embedding: build it with "
+                             "model.num_classes > 0")
+        return emb
+    return emb + label_embed(y, emb.shape[0], emb.device).to(emb.dtype)

@@ -1,6 +1,8 @@
 """A residual MLP score network for low-dimensional (toy) data."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -24,10 +26,10 @@ class ResidualMLPBlock(nn.Module):
 
 @register_model("mlp")
 class MLP(nn.Module):
-    """x (batch, d) and noise condition (batch,) → output (batch, d).
+    """x (batch, d), noise condition (batch,) and optional class labels (batch,) → output (batch, d).
 
     config.model: nf (hidden width), num_res_blocks (residual blocks), nonlinearity, embedding_type,
-    fourier_scale; config.data.dim (d).
+    fourier_scale, num_classes (> 0: a label embedding added to the noise embedding); config.data.dim (d).
     """
 
     def __init__(self, config):
@@ -37,6 +39,8 @@ class MLP(nn.Module):
         self.embed = layers.NoiseEmbedding(m.embedding_type, width, m.fourier_scale)
         self.emb_mlp = nn.Sequential(layers.linear(width, 2 * width), layers.get_act(m.nonlinearity),
                                      layers.linear(2 * width, 2 * width))
+        self.num_classes = m.num_classes
+        self.label_embed = layers.LabelEmbedding(m.num_classes, 2 * width) if m.num_classes else None
         self.input = layers.linear(dim, width)
         self.blocks = nn.ModuleList(ResidualMLPBlock(width, 2 * width, layers.get_act(m.nonlinearity))
                                     for _ in range(m.num_res_blocks))
@@ -44,8 +48,8 @@ class MLP(nn.Module):
         self.act = layers.get_act(m.nonlinearity)
         self.output = layers.linear(width, dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        emb = self.emb_mlp(self.embed(cond))
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        emb = layers.add_label_embedding(self.emb_mlp(self.embed(cond)), self.label_embed, y)
         h = self.input(x)
         for block in self.blocks:
             h = block(h, emb)

@@ -95,6 +95,7 @@ class UNetOptions:
     sigma_max: float = 50.0
     num_scales: int = 1000
     groups: GroupsFn = ncsnpp_groups  # GroupNorm group count for a channel count
+    num_classes: int = 0  # > 0: a class-label embedding added to the noise embedding
 
     @classmethod
     def from_config(cls, config) -> "UNetOptions":
@@ -109,7 +110,7 @@ class UNetOptions:
                    fir_kernel=tuple(m.fir_kernel), skip_rescale=m.skip_rescale, init_scale=m.init_scale,
                    progressive=m.progressive.lower(), progressive_input=m.progressive_input.lower(),
                    progressive_combine=m.progressive_combine.lower(), sigma_min=m.sigma_min,
-                   sigma_max=m.sigma_max, num_scales=m.num_scales)
+                   sigma_max=m.sigma_max, num_scales=m.num_scales, num_classes=m.num_classes)
 
     @property
     def resolutions(self) -> List[int]:
@@ -270,7 +271,8 @@ class UpLevel(nn.Module):
 
 
 class UNet(nn.Module):
-    """x (B, C, H, W) and noise condition (B,) → output (B, C, H, W). See the module docstring.
+    """x (B, C, H, W), noise condition (B,) and optional class labels (B,) → output (B, C, H, W). See the module
+    docstring.
 
     The noise condition is 999·t (VP, sub-VP) or σ(t) (VE) as produced by `SDE.noise_condition`. With
     scale_by_sigma the output is divided by σ: σ = the condition itself ('fourier' embedding) or the
@@ -290,6 +292,11 @@ class UNet(nn.Module):
                                       layers.linear(make.temb_dim, make.temb_dim))
         else:
             self.embed = self.temb = None
+        self.num_classes = o.num_classes
+        if o.num_classes and not o.conditional:
+            raise ValueError("model.num_classes > 0 adds the label embedding to the noise embedding: set "
+                             "model.conditional=True")
+        self.label_embed = layers.LabelEmbedding(o.num_classes, make.temb_dim) if o.num_classes else None
         self.divides_by_sigma = o.scale_by_sigma  # then the output is the VE score itself (see get_score_fn)
         sigmas = None
         if o.scale_by_sigma and o.embedding_type == "positional":  # σ_0 = σ_max > … > σ_min, by discrete label
@@ -336,9 +343,12 @@ class UNet(nn.Module):
             self.norm_out = group_norm(ch, o.groups)
             self.conv_out = layers.conv3x3(ch, o.channels, init_scale=o.init_scale)
 
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cond: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        """y: (B,) class labels of a class-conditional network (None: the null label, i.e. unconditional)."""
         o = self.options
         temb = self.temb(self.embed(cond)) if self.temb is not None else None
+        if temb is not None or y is not None:
+            temb = layers.add_label_embedding(temb, self.label_embed, y)
         if not o.centered:
             x = 2 * x - 1.0  # data in [0, 1] → [−1, 1]
         p = x if o.progressive_input != "none" else None

@@ -1,0 +1,95 @@
+"""Class-conditional generation by guidance: new score functions built from old ones, so every sampler uses them.
+
+    classifier-free (Ho & Salimans 2022):  s_w(x, t, y) = (1 + w)·s(x, t, y) − w·s(x, t)
+    classifier (Dhariwal & Nichol 2021):   s_c(x, t, y) = s(x, t) + scale·∇ₓ log p_t(y | x)
+
+With exact scores, w = 0 and scale = 1 both give ∇ log p_t(x | y) (Bayes: log p_t(x|y) = log p_t(x) +
+log p_t(y|x) − log p(y)), so a sampler then draws from p(x | y); w > 0 or scale > 1 sharpen toward samples the
+class explains best. The two agree exactly when scale = 1 + w: s_w = s(x, t) + (1 + w)·∇ log p_t(y | x).
+
+A class-conditional network learns s(x, t) as well when its labels are replaced by the null label with probability
+`training.label_dropout` (`drop_labels`); `guided_score_fn` turns such a network (and optionally a noise-conditional
+classifier's gradient, see classifier.py) into one guided score function.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .models.score_fn import Labels, batch_labels, get_score_fn
+from .sdes import SDE, ScoreFn, batch_time
+
+GradLogPy = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, w: float) -> torch.Tensor:
+    """(1 + w)·s(x, t, y) − w·s(x, t) for two scores like x."""
+    return (1 + w) * cond - w * uncond
+
+
+def classifier_free(cond_score_fn: ScoreFn, uncond_score_fn: ScoreFn, w: float) -> ScoreFn:
+    """Classifier-free guidance: score_fn(x, t) = (1 + w)·cond_score_fn(x, t) − w·uncond_score_fn(x, t)."""
+
+    def score_fn(x: torch.Tensor, t) -> torch.Tensor:
+        return cfg_combine(cond_score_fn(x, t), uncond_score_fn(x, t), w)
+
+    return score_fn
+
+
+def classifier(score_fn: ScoreFn, grad_log_p_y: GradLogPy, scale: float = 1.0) -> ScoreFn:
+    """Classifier guidance: guided(x, t) = score_fn(x, t) + scale·grad_log_p_y(x, t), with grad_log_p_y(x, t) the
+    gradient ∇ₓ log p_t(y | x) of a (noise-conditional) classifier for the wanted labels y, like x."""
+
+    def guided(x: torch.Tensor, t) -> torch.Tensor:
+        return score_fn(x, t) + scale * grad_log_p_y(x, t)
+
+    return guided
+
+
+def drop_labels(labels: torch.Tensor, p: float, null_label: int,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Replace each label by `null_label` with probability p (training for classifier-free guidance): (batch,)."""
+    if p == 0:
+        return labels
+    dropped = torch.rand(labels.shape, generator=generator, device=labels.device) < p
+    return torch.where(dropped, torch.full_like(labels, null_label), labels)
+
+
+def paired_score_fn(sde: SDE, model: nn.Module, labels: Labels, continuous: bool = True):
+    """(x, t) ↦ (s(x, t, y), s(x, t)) of a class-conditional network in one forward pass over [x; x] with labels
+    [y; null label] (one network call per guided score instead of two)."""
+
+    def pair(x: torch.Tensor, t):
+        y = batch_labels(labels, x)
+        both = torch.cat([y, torch.full_like(y, model.num_classes)])
+        scores = get_score_fn(sde, model, continuous, labels=both)(torch.cat([x, x]), batch_time(t, x).repeat(2))
+        return scores.chunk(2)
+
+    return pair
+
+
+def guided_score_fn(sde: SDE, model: nn.Module, labels: Optional[Labels] = None, *, guidance_scale: float = 0.0,
+                    continuous: bool = True, grad_log_p_y: Optional[GradLogPy] = None,
+                    classifier_scale: float = 0.0) -> ScoreFn:
+    """The score function a sampler should follow for a network and wanted labels (config.sampling's guidance).
+
+    labels: (batch,) or one int; None for unconditional sampling (a class-conditional network then gets its null
+    label). guidance_scale: w of classifier-free guidance (needs a class-conditional network, labels, and training
+    with label dropout). grad_log_p_y, classifier_scale: classifier guidance, added to the (guided) score.
+    """
+    conditional = getattr(model, "num_classes", 0) > 0
+    if guidance_scale and not (conditional and labels is not None):
+        raise ValueError("classifier-free guidance (sampling.guidance_scale ≠ 0) needs a class-conditional network "
+                         "(model.num_classes > 0) and class labels")
+    if classifier_scale and grad_log_p_y is None:
+        raise ValueError("classifier guidance (sampling.classifier_scale > 0) needs a classifier gradient")
+    if conditional and labels is not None and guidance_scale:
+        pair = paired_score_fn(sde, model, labels, continuous)
+
+        def score_fn(x: torch.Tensor, t) -> torch.Tensor:
+            return cfg_combine(*pair(x, t), guidance_scale)
+    else:
+        score_fn = get_score_fn(sde, model, continuous, labels=labels if conditional else None)
+    return classifier(score_fn, grad_log_p_y, classifier_scale) if classifier_scale else score_fn
