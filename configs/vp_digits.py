@@ -31,6 +31,9 @@ def get_config():
     config.eval.num_samples = 128
     config.eval.batch_size = 128
     config.eval.enable_bpd = True  # bits/dim of the test split by the probability-flow ODE
+    # ODE tolerance 1e-4: NFE 130 instead of 432 at 1e-5, and bits/dim within 1e-4 of it (2.19703 vs 2.19695)
+    config.eval.bpd_rtol = 1e-4
+    config.eval.bpd_atol = 1e-4
     config.eval.fid_split = "test"  # 297 images: reference statistics in under a minute on 2 CPU cores
 
     data = config.data
