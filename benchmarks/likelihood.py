@@ -14,7 +14,6 @@ difference. The default network is the DDPM++ of the score_sde_pytorch fixture `
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -27,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sde_diffusion import likelihood, sdes  # noqa: E402
+from sde_diffusion.config import load_config_file  # noqa: E402
 from sde_diffusion.interop import config_from_score_sde, load_score_sde_pytorch  # noqa: E402
 from sde_diffusion.models import create_model, get_score_fn  # noqa: E402
 
@@ -35,20 +35,13 @@ NUM_LEVELS = 256  # 8-bit images
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def build(args):
     """(config, model) from the fixture checkpoint (its JSON holds the config) or from --config with fresh weights."""
     if args.checkpoint != "none":
         checkpoint = Path(args.checkpoint)
         config, _ = config_from_score_sde(json.loads(checkpoint.with_suffix(".json").read_text())["config"])
         return config, load_score_sde_pytorch(checkpoint, config, use_ema=True)
-    config = load_config(args.config)
+    config = load_config_file(args.config)
     torch.manual_seed(0)
     return config, create_model(config).eval()
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import statistics
 import sys
@@ -28,26 +27,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sde_diffusion import losses, sdes  # noqa: E402
+from sde_diffusion import losses  # noqa: E402
+from sde_diffusion.config import load_config_file  # noqa: E402
 from sde_diffusion.models import create_model, get_score_fn  # noqa: E402
+from sde_diffusion.sdes import sde_from_config  # noqa: E402
 
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (input and weight gradients)
-
-
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def make_sde(config):
-    m = config.model
-    name = config.training.sde.lower()
-    if name == "vesde":
-        return sdes.VESDE(m.sigma_min, m.sigma_max, m.num_scales)
-    cls = sdes.SubVPSDE if name == "subvpsde" else sdes.VPSDE
-    return cls(m.beta_min, m.beta_max, m.num_scales)
 
 
 def timed(fn, warmup: int, repeats: int, device: torch.device) -> list:
@@ -94,8 +79,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    config = load_config(args.config)
-    sde = make_sde(config)
+    config = load_config_file(args.config)
+    sde = sde_from_config(config)
     d, continuous = config.data, config.training.continuous
     loss_fn = losses.get_loss_fn(sde, continuous=continuous, reduce_mean=config.training.reduce_mean)
     for fmt in args.formats.split(","):

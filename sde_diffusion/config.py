@@ -195,6 +195,16 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
+def load_config_file(path) -> ml_collections.ConfigDict:
+    """get_config() of a config file such as configs/vp_cifar.py (as main.py's --config loads it)."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 class ConfigError(ValueError):
     """A config value or combination that cannot work; the message names the key and the fix."""
 

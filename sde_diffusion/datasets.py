@@ -24,6 +24,7 @@ import torch
 import torch.utils.data
 
 from . import toy
+from .distributed import global_rows
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -133,8 +134,7 @@ class BatchMaker:
                  rank: int, batch_size: int, world_size: int):
         self.images, self.num_levels = images, num_levels
         self.dequantize, self.random_flip = dequantize, random_flip
-        self.rows = slice(rank * batch_size, (rank + 1) * batch_size)
-        self.global_size = batch_size * world_size
+        self.global_size, self.rows = global_rows(batch_size, rank, world_size)
 
     def __getitem__(self, plan: BatchPlan) -> Tuple[torch.Tensor, torch.Tensor, int]:
         """(batch, C, H, W) floats in [0, 1], augmented; the plan's indices and seed (to check the order)."""
@@ -379,7 +379,7 @@ class ToyDataset:
     def train_batch(self, with_labels: bool = False):
         """This rank's rows of a global batch of batch_size × world_size fresh samples; with_labels: the pair
         (samples, (batch,) class labels), from the same draws."""
-        n, rows = self.batch_size * self.world_size, slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        n, rows = global_rows(self.batch_size, self.rank, self.world_size)
         if not with_labels:
             return self._draw(n, self.rng).float()[rows]
         if self._draw_labelled is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, List
+from typing import Any, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -38,6 +38,16 @@ class World:
     def shard(self):
         """(rank, world size), as the losses and datasets take it."""
         return self.rank, self.world_size
+
+
+def global_rows(n: int, rank: int = 0, world_size: int = 1) -> Tuple[int, slice]:
+    """(rows of the global batch, this rank's slice of them) for a per-rank batch of n.
+
+    Data-parallel randomness (batch order, augmentation, the loss's noise) is drawn for the whole global batch of
+    n·world_size rows from a generator that is the same on every rank, and rank r keeps rows [r·n, (r+1)·n): the
+    ranks together see exactly what one process with the global batch sees.
+    """
+    return n * world_size, slice(rank * n, (rank + 1) * n)
 
 
 def world_from_env() -> World:

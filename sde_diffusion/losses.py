@@ -15,18 +15,12 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
+from .distributed import global_rows
 from .sdes import SDE, ScoreFn, per_sample
 
 
-Shard = Tuple[int, int]  # (rank, world size) of data-parallel training
+Shard = Tuple[int, int]  # (rank, world size): noise is drawn for the global batch, see distributed.global_rows
 SINGLE = (0, 1)
-
-
-def _rows(n: int, shard: Shard) -> Tuple[int, slice]:
-    """Data-parallel randomness: each rank draws the noise of the whole global batch (n·world rows) from the same
-    generator and keeps its own n rows, so W ranks see exactly the noise of one process with the global batch."""
-    rank, world = shard
-    return n * world, slice(rank * n, (rank + 1) * n)
 
 
 def _reduce(per_element: torch.Tensor, reduce_mean: bool) -> torch.Tensor:
@@ -43,7 +37,7 @@ def dsm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, eps: float = 1e-5
     Unweighted: ‖σ(t)·s(x_t, t) + z‖². With likelihood weighting: g(t)²·‖s(x_t, t) + z/σ(t)‖², i.e. the
     unweighted term multiplied by g(t)²/σ(t)², which makes the loss an upper bound on the negative ELBO.
     """
-    total, mine = _rows(x0.shape[0], shard)
+    total, mine = global_rows(x0.shape[0], *shard)
     t = torch.rand(total, generator=generator, device=x0.device, dtype=x0.dtype)[mine] * (sde.T - eps) + eps
     z = torch.randn((total, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)[mine]
     mean, std = sde.marginal_prob(x0, t)
@@ -63,7 +57,7 @@ def importance_sampled_times(sde: SDE, n: int, eps: float, generator: Optional[t
     Z = 2(λ(eps) − λ(T)). Times are float64 on `device`.
     """
     lam_eps, lam_T = (float(sde.log_snr(torch.tensor(v, dtype=torch.float64))) for v in (eps, sde.T))
-    total, mine = _rows(n, shard)
+    total, mine = global_rows(n, *shard)
     u = torch.rand(total, generator=generator, device=device, dtype=torch.float64)[mine]
     t = sde.t_from_log_snr(lam_eps + u * (lam_T - lam_eps)).to(device)
     return t.clamp(min=eps, max=sde.T), 2.0 * (lam_eps - lam_T)
@@ -79,7 +73,7 @@ def importance_sampled_dsm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *
     """
     t, normalizer = importance_sampled_times(sde, x0.shape[0], eps, generator, x0.device, shard)
     t = t.to(x0.dtype)
-    total, mine = _rows(x0.shape[0], shard)
+    total, mine = global_rows(x0.shape[0], *shard)
     z = torch.randn((total, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)[mine]
     mean, std = sde.marginal_prob(x0, t)
     score = score_fn(mean + per_sample(std, x0) * z, t)
@@ -93,7 +87,7 @@ def discrete_dsm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, reduce_m
 
     Step i ~ U{0..N−1} is evaluated at its grid time t_i = i/(N−1)·T with the chain's α_i, σ_i.
     """
-    total, mine = _rows(x0.shape[0], shard)
+    total, mine = global_rows(x0.shape[0], *shard)
     i = torch.randint(0, sde.N, (total,), generator=generator, device=x0.device)[mine]
     t = i.to(x0.dtype) / (sde.N - 1) * sde.T
     alpha, sigma = sde.discrete_alpha_sigma(t)

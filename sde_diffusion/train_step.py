@@ -10,6 +10,7 @@ the weights, optimizer and EMA untouched and counts the step.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -73,7 +74,7 @@ class TrainStep:
         with autocast(self.device, self.precision):
             loss = self.loss_fn(score_fn, x, generator=self.noise, shard=self.world.shard)
         loss_value = float(distributed.mean(loss.detach().float(), self.world))
-        if not torch.isfinite(torch.tensor(loss_value)):
+        if not math.isfinite(loss_value):
             return self._fail(step, "loss", loss_value)
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         lr = learning_rate(step, self.optim_config)
@@ -83,7 +84,7 @@ class TrainStep:
             self.scaler.unscale_(self.optimizer)
         clip = self.optim_config.grad_clip if self.optim_config.grad_clip >= 0 else float("inf")
         grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=clip))
-        finite = bool(torch.isfinite(torch.tensor(grad_norm)))
+        finite = math.isfinite(grad_norm)
         if not finite and self.scaler is None:
             return self._fail(step, "gradient norm", grad_norm)
         if self.scaler:

@@ -79,18 +79,22 @@ class Resample(FIRFilter):
         return fir.downsample_2d(x, self.K) if self.K is not None else F.avg_pool2d(x, 2)
 
 
-class Upsample(FIRFilter):
-    """(B, in_ch, H, W) → (B, out_ch, 2H, 2W).
-
-    Without FIR: nearest neighbour, then an optional 3×3 conv. With FIR: the FIR upsampler, or (with_conv)
-    the fused StyleGAN2 upsample-conv: a stride-2 transposed convolution followed by the FIR filter.
-    """
+class _Resample(FIRFilter):
+    """Up/downsampling by 2, optionally with a 3×3 convolution from in_ch to out_ch (default in_ch) channels."""
 
     def __init__(self, in_ch: int, out_ch: Optional[int] = None, with_conv: bool = False,
                  fir_kernel: Optional[Sequence[int]] = None):
         super().__init__(fir_kernel)
         out_ch = out_ch or in_ch
         self.conv = layers.conv3x3(in_ch, out_ch) if with_conv else None
+
+
+class Upsample(_Resample):
+    """(B, in_ch, H, W) → (B, out_ch, 2H, 2W).
+
+    Without FIR: nearest neighbour, then an optional 3×3 conv. With FIR: the FIR upsampler, or (with_conv)
+    the fused StyleGAN2 upsample-conv: a stride-2 transposed convolution followed by the FIR filter.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
         if self.K is None:
@@ -101,18 +105,12 @@ class Upsample(FIRFilter):
         return fir.upsample_conv_2d(x, self.conv.weight, self.K) + self.conv.bias[:, None, None]
 
 
-class Downsample(FIRFilter):
+class Downsample(_Resample):
     """(B, in_ch, H, W) → (B, out_ch, H/2, W/2).
 
     Without FIR: a stride-2 3×3 conv on the input padded at the bottom/right ('SAME' as in TensorFlow), or 2×2
     average pooling. With FIR: the FIR downsampler, or (with_conv) the FIR filter followed by a stride-2 conv.
     """
-
-    def __init__(self, in_ch: int, out_ch: Optional[int] = None, with_conv: bool = False,
-                 fir_kernel: Optional[Sequence[int]] = None):
-        super().__init__(fir_kernel)
-        out_ch = out_ch or in_ch
-        self.conv = layers.conv3x3(in_ch, out_ch) if with_conv else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.K is None:
