@@ -8,6 +8,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .convs import Conv3x3
+
 # Sinusoidal embeddings use frequencies 1 / MAX_PERIOD^(k/half) as in the Transformer and DDPM.
 MAX_PERIOD = 10000.0
 
@@ -54,7 +56,7 @@ def variance_scaling_(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
 
 
 def conv3x3(in_ch: int, out_ch: int, init_scale: float = 1.0) -> nn.Conv2d:
-    conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+    conv = Conv3x3(in_ch, out_ch)
     variance_scaling_(conv.weight, init_scale)
     nn.init.zeros_(conv.bias)
     return conv
