@@ -34,7 +34,7 @@ from sde_diffusion.checkpoints import (CheckpointError, TrainState, atomic_write
                                        rng_state, save_checkpoint, save_npz, step_checkpoint, step_checkpoints,
                                        write_json)
 from sde_diffusion.config import sample_label_rows, validate_config
-from sde_diffusion.datasets import get_dataset
+from sde_diffusion.datasets import FOLDER, dataset_classes, get_dataset
 from sde_diffusion.ema import ExponentialMovingAverage
 from sde_diffusion.models import create_model, get_score_fn
 from sde_diffusion.sdes import sde_from_config
@@ -144,14 +144,17 @@ class Conditioning:
                 "guidance_scale": self.guidance_scale, "classifier_scale": self.classifier_scale}
 
 
-def load_classifier(config, workdir: Path, device) -> torch.nn.Module:
-    """The classifier written by `train_classifier` (eval mode); a clear error when it is missing or mismatched."""
-    from sde_diffusion.datasets import NUM_CLASSES
+def load_classifier(config, workdir: Path, device, num_classes: Optional[int] = None) -> torch.nn.Module:
+    """The classifier written by `train_classifier` (eval mode); a clear error when it is missing or mismatched.
+    num_classes: the dataset's (datasets.dataset_classes); None: the built-in labelled dataset's count."""
+    if num_classes is None:
+        from sde_diffusion.datasets import NUM_CLASSES
+        num_classes = NUM_CLASSES[config.data.dataset.lower()]
     path = noisy_classifier.checkpoint_path(workdir)
     if not path.exists():
         raise CheckpointError(f"sampling.classifier_scale={config.sampling.classifier_scale} needs the classifier "
                               f"{path}, which does not exist: run --mode train_classifier first (same --workdir)")
-    model = noisy_classifier.create_classifier(config, NUM_CLASSES[config.data.dataset.lower()]).to(device)
+    model = noisy_classifier.create_classifier(config, num_classes).to(device)
     try:
         model.load_state_dict(load_checkpoint(path, device)["model"], strict=True)
     except (RuntimeError, KeyError) as err:
@@ -162,7 +165,8 @@ def load_classifier(config, workdir: Path, device) -> torch.nn.Module:
 def make_conditioning(config, sde, model, dataset, workdir: Path, device, *,
                       label_sequence: Optional[torch.Tensor] = None) -> Conditioning:
     """Conditioning from config.sampling, loading the classifier when sampling.classifier_scale > 0."""
-    classifier = load_classifier(config, workdir, device) if config.sampling.classifier_scale > 0 else None
+    classifier = (load_classifier(config, workdir, device, dataset_classes(config, dataset))
+                  if config.sampling.classifier_scale > 0 else None)
     return Conditioning(config, sde, model, dataset, classifier=classifier, label_sequence=label_sequence)
 
 
@@ -627,7 +631,7 @@ def sample(config, workdir, eval_folder: str = "samples") -> None:
     seed_everything(config.seed)
     sde, dataset, model = _build(config, device)
     _, path = _newest_checkpoint(workdir)
-    rows = sample_label_rows(config)
+    rows = sample_label_rows(config, dataset_classes(config, dataset))
     num, label_sequence = config.eval.num_samples, None
     if rows:  # each label's samples side by side, one grid row per label
         per_row = max(1, num // len(rows))
@@ -744,15 +748,15 @@ def train_classifier(config, workdir) -> None:
     from sde_diffusion.datasets import NUM_CLASSES
     validate_config(config)
     name = config.data.dataset.lower()
-    if name not in NUM_CLASSES:
+    if name not in NUM_CLASSES and not (name == FOLDER and config.data.labels != "none"):
         raise ValueError(f"data.dataset={config.data.dataset!r} has no class labels to train a classifier on; "
-                         f"labelled datasets: {sorted(NUM_CLASSES)}")
+                         f"labelled datasets: {sorted(NUM_CLASSES)}, or folder data with data.labels")
     workdir = _prepare_workdir(workdir)
     device = resolve_device(config.device)
     seed_everything(config.seed)
     sde, dataset = sde_from_config(config), get_dataset(config)
     c, t = config.classifier, config.training
-    model = noisy_classifier.create_classifier(config, NUM_CLASSES[name]).to(device)
+    model = noisy_classifier.create_classifier(config, dataset_classes(config, dataset)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=c.lr)
     log.info("training a classifier (%d parameters) on %s, %s, %d steps", sum(p.numel() for p in model.parameters()),
              config.data.dataset, type(sde).__name__, c.n_iters)

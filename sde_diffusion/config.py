@@ -296,22 +296,24 @@ def _check_conditional_sampling(config) -> None:
 PER_CLASS = "per_class"  # sampling.class_labels=per_class: one grid row per class
 
 
-def sample_label_rows(config):
-    """The class labels sampling.class_labels asks for, one grid row each: a tuple of ints, () for none."""
+def sample_label_rows(config, num_classes: int):
+    """The class labels sampling.class_labels asks for, one grid row each: a tuple of ints, () for none;
+    'per_class' means 0..num_classes−1 (the dataset's classes)."""
     labels = tuple(config.sampling.class_labels)
-    if labels == (PER_CLASS,):
-        from .datasets import NUM_CLASSES
-        return tuple(range(NUM_CLASSES.get(config.data.dataset.lower(), 0)))
-    return labels
+    return tuple(range(num_classes)) if labels == (PER_CLASS,) else labels
 
 
 def _check_classes(config) -> None:
     """Class-conditional models, label dropout, guidance and the classifier (guidance.py, classifier.py)."""
     from . import datasets
     t, s, m, c, d = config.training, config.sampling, config.model, config.classifier, config.data
-    classes = datasets.NUM_CLASSES.get(d.dataset.lower(), 0)
-    has_labels = f"has {classes} classes" if classes else "has no class labels"
-    if m.num_classes < 0 or (m.num_classes and m.num_classes != classes):
+    if d.dataset.lower() == datasets.FOLDER and d.labels != "none":
+        classes = m.num_classes or None  # counted when the images are loaded (datasets.check_classes)
+        has_labels = f"has labels (data.labels={d.labels!r})"
+    else:
+        classes = datasets.NUM_CLASSES.get(d.dataset.lower(), 0)
+        has_labels = f"has {classes} classes" if classes else "has no class labels"
+    if m.num_classes < 0 or (m.num_classes and classes is not None and m.num_classes != classes):
         raise ConfigError(f"model.num_classes={m.num_classes}, but data.dataset={d.dataset!r} {has_labels}: set "
                           f"model.num_classes={classes or 0} (or 0 for an unconditional model)")
     if m.num_classes and not m.conditional:
@@ -321,7 +323,7 @@ def _check_classes(config) -> None:
         raise ConfigError(f"training.label_dropout must lie in [0, 1), got {t.label_dropout}")
     if t.label_dropout and not m.num_classes:
         raise ConfigError("training.label_dropout > 0 drops class labels, but the model is unconditional: set "
-                          f"model.num_classes={classes} or training.label_dropout=0")
+                          f"model.num_classes={classes or 'N (the number of classes)'} or training.label_dropout=0")
     if s.guidance_scale < 0:
         raise ConfigError(f"sampling.guidance_scale must be ≥ 0, got {s.guidance_scale}")
     if s.guidance_scale and not m.num_classes:
@@ -333,7 +335,7 @@ def _check_classes(config) -> None:
                           "sampling.guidance_scale=0")
     if s.classifier_scale < 0:
         raise ConfigError(f"sampling.classifier_scale must be ≥ 0, got {s.classifier_scale}")
-    if s.classifier_scale and not classes:
+    if s.classifier_scale and classes == 0:
         raise ConfigError(f"sampling.classifier_scale > 0 needs a classifier, but data.dataset={d.dataset!r} "
                           f"{has_labels} to train one on")
     labels = tuple(s.class_labels)
@@ -341,7 +343,7 @@ def _check_classes(config) -> None:
         if not all(isinstance(y, int) and not isinstance(y, bool) for y in labels):
             raise ConfigError(f"sampling.class_labels={labels!r} must be class indices such as (3,) or (0, 5), or "
                               f"{PER_CLASS!r}")
-        if not all(0 <= y < classes for y in labels):
+        if classes is not None and not all(0 <= y < classes for y in labels):
             raise ConfigError(f"sampling.class_labels={labels!r}: data.dataset={d.dataset!r} {has_labels}, so "
                               f"labels must lie in 0..{classes - 1}")
     if labels and not (m.num_classes or s.classifier_scale):
@@ -351,7 +353,7 @@ def _check_classes(config) -> None:
         _positive(f"classifier.{key}", c[key])
     if not 0.0 <= c.dropout < 1.0:
         raise ConfigError(f"classifier.dropout must lie in [0, 1), got {c.dropout}")
-    if classes and d.dataset.lower() in datasets.IMAGE_DATASETS:
+    if classes != 0 and d.dataset.lower() in datasets.IMAGE_DATASETS:
         from .classifier import check_encoder
         try:
             check_encoder(config)

@@ -241,7 +241,8 @@ class ImageDataset:
 def _require_labels(labels: Optional[torch.Tensor], split: str) -> torch.Tensor:
     if labels is None:
         raise DatasetError(f"this dataset has no class labels for its {split} split: class-conditional training "
-                           f"and classifiers need one of the labelled datasets {sorted(NUM_CLASSES)}")
+                           f"and classifiers need one of the labelled datasets {sorted(NUM_CLASSES)}, or folder "
+                           f"data with data.labels ('folders' or a labels file)")
     return labels
 
 
@@ -408,6 +409,29 @@ NUM_CLASSES = {"digits": 10, "cifar10": 10, "gmm": 4}  # datasets with class lab
 DATASETS = sorted(list(IMAGE_DATASETS) + list(TOY_SAMPLERS))
 
 
+def dataset_classes(config, dataset) -> int:
+    """Number of classes (labels 0..n−1) of the loaded dataset named by config.data.dataset, 0 when unlabelled:
+    NUM_CLASSES for the built-in ones; for folder data, counted from its labels (data.labels)."""
+    name = config.data.dataset.lower()
+    if name in NUM_CLASSES:
+        return NUM_CLASSES[name]
+    labels = [y for y in (dataset.train_labels, dataset.test_labels) if y is not None and len(y)]
+    names = getattr(dataset, "class_names", None) or []
+    return max([len(names)] + [int(y.max()) + 1 for y in labels])
+
+
+def check_classes(config, dataset) -> None:
+    """model.num_classes must equal the loaded dataset's class count (folder labels are only known now)."""
+    wanted, found = config.model.num_classes, dataset_classes(config, dataset)
+    if wanted and wanted != found:
+        from .config import ConfigError
+        names = getattr(dataset, "class_names", None)
+        shown = f" ({', '.join(names[:8])}{', …' if len(names) > 8 else ''})" if names else ""
+        raise ConfigError(f"model.num_classes={wanted}, but the labels of data.root={config.data.root!r} "
+                          f"(data.labels={config.data.labels!r}) have {found} classes{shown}: set "
+                          f"model.num_classes={found}")
+
+
 def get_dataset(config, rank: int = 0, world_size: int = 1):
     """Build the dataset named by config.data.dataset (case-insensitive), checking it against the config.
 
@@ -427,7 +451,9 @@ def get_dataset(config, rank: int = 0, world_size: int = 1):
                    num_workers=d.num_workers, pin_memory=d.pin_memory)
     if name == FOLDER:
         from .image_folder import load_folder_dataset  # late import: Pillow only when it is needed
-        return load_folder_dataset(d, **loading)
+        dataset = load_folder_dataset(d, **loading)
+        check_classes(config, dataset)
+        return dataset
     channels, size, levels = IMAGE_DATASETS[name]
     if (d.num_channels, d.image_size) != (channels, size):
         raise DatasetError(f"{name} images are {channels}×{size}×{size} but the config says data.num_channels="

@@ -63,3 +63,19 @@ def test_train_and_eval_on_a_folder_by_setting_data_root(photo_folder, tmp_path)
     assert report["step"] == 4 and report["num_samples"] == 4 and report["nfe"] == 4  # 3 steps + denoising
     assert 0 < report["eval_loss"] < 10 and report["config"]["data"]["dataset"] == "folder"
     assert (tmp_path / "eval" / "samples_1.png").stat().st_size > 0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_class_conditional_model_on_folder_labels(photo_folder, tmp_path):
+    """data.labels='folders' (china, flower) trains a class-conditional model whose per-class grid has a row per
+    class folder."""
+    conditional = [f"--config.data.root={photo_folder}", "--config.data.labels=folders",
+                   "--config.model.num_classes=2", "--config.training.label_dropout=0.2",
+                   "--config.training.n_iters=2", "--config.training.snapshot_freq=2"]
+    main_py(tmp_path, "train", *conditional)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "checkpoint_1.pth", weights_only=True)
+    assert checkpoint["model"]["label_embed.table.weight"].shape[0] == 3  # two classes and the null label
+    log = main_py(tmp_path, "sample", *conditional, "--config.sampling.class_labels=per_class",
+                  "--config.sampling.guidance_scale=1.5")
+    [grid] = (tmp_path / "samples").glob("*per_class*.png")
+    assert "rows = labels [0, 1]" in log and Image.open(grid).size[1] > Image.open(grid).size[0] / 3

@@ -12,7 +12,7 @@ from PIL import Image
 
 from sde_diffusion import image_folder
 from sde_diffusion.config import ConfigError, default_config, validate_config
-from sde_diffusion.datasets import DatasetError, ImageDataset, ShuffledBatches, get_dataset
+from sde_diffusion.datasets import DatasetError, ImageDataset, ShuffledBatches, dataset_classes, get_dataset
 from sde_diffusion.image_folder import load_images, preprocess_image, split_indices
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -345,3 +345,26 @@ def test_small_greyscale_image_converted_to_rgb_is_reported_as_small(tmp_path, p
     Image.fromarray(photo[:5, :5]).convert("L").save(root / "img_02.png")
     with pytest.raises(DatasetError, match=r"img_02\.png is 5×5 pixels"):
         load_images(folder_config(root, tmp_path, convert_channels=True).data)
+
+
+# --- class-conditional models on folder labels ---------------------------------------------------------
+def test_class_count_of_folder_labels_is_checked_when_the_images_are_loaded(tmp_path, photo):
+    root = tmp_path / "animals"
+    write_folder(root, crops(photo, 6, 8, 8), classes=("zebra", "ant"))
+    config = folder_config(root, tmp_path, labels="folders", test_fraction=0.0)
+    config.model.ch_mult, config.model.attn_resolutions, config.model.num_classes = (1, 2), (4,), 2
+    validate_config(config)  # the count is unknown until the images are read
+    assert dataset_classes(config, get_dataset(config)) == 2
+    config.model.num_classes = 3
+    validate_config(config)
+    with pytest.raises(ConfigError, match=r"model.num_classes=3, but the labels of data.root=.*animals.* "
+                                          r"\(data.labels='folders'\) have 2 classes \(ant, zebra\): set "
+                                          r"model.num_classes=2"):
+        get_dataset(config)
+    np.save(tmp_path / "labels.npy", np.array([7, 1, 7, 1, 7, 2]))  # integer labels are class ids: 0..7
+    config.data.labels = str(tmp_path / "labels.npy")
+    config.model.num_classes = 8
+    assert dataset_classes(config, get_dataset(config)) == 8
+    config.data.labels = "none"
+    with pytest.raises(ConfigError, match="data.dataset='folder' has no class labels: set model.num_classes=0"):
+        validate_config(config)
