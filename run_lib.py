@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -64,7 +65,7 @@ def _prepare_workdir(workdir) -> Path:
     workdir = Path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_test"
+        probe = workdir / f".write_test_{os.getpid()}"  # one per process: torchrun ranks share the folder
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
@@ -430,10 +431,19 @@ def round_seed(*keys: int) -> int:
 
 def evaluate(config, workdir, eval_folder: str = "eval") -> None:
     """For each checkpoint eval.begin_ckpt..eval.end_ckpt, with EMA weights: eval loss, samples in resumable
-    rounds, FID/KID/IS (images) or sliced W₂/NLL (toy data), a sample grid and report_<k>.json."""
+    rounds, FID/KID/IS (images) or sliced W₂/NLL (toy data), a sample grid and report_<k>.json. Under torchrun the
+    ranks share the sampling rounds; rank 0 alone computes the rest and writes the files (the same report as one
+    process: every round is seeded by its index)."""
     validate_config(config)
-    workdir = Path(workdir)
-    device = resolve_device(config.device)
+    world = distributed.world_from_env()
+    device = distributed.setup(world, resolve_device(config.device))
+    try:
+        _evaluate(config, Path(workdir), eval_folder, world, device)
+    finally:
+        distributed.teardown(world)
+
+
+def _evaluate(config, workdir: Path, eval_folder: str, world: distributed.World, device: torch.device) -> None:
     seed_everything(config.seed)
     sde, dataset, model = _build(config, device)
     out = _prepare_workdir(workdir / eval_folder)
@@ -441,19 +451,22 @@ def evaluate(config, workdir, eval_folder: str = "eval") -> None:
     e, t = config.eval, config.training
     image_metrics = None
     if e.enable_sampling and e.enable_fid and dataset.is_image:  # fail on missing weights before any sampling
-        from evaluation.sample_quality import ImageMetrics
-        image_metrics = ImageMetrics(config, dataset, device)
+        image_metrics = _image_metrics(config, dataset, device, world)
     loss_fn = losses.get_loss_fn(sde, continuous=t.continuous, reduce_mean=t.reduce_mean,
                                  likelihood_weighting=t.likelihood_weighting, eps=t.eps,
                                  importance_sampling=t.importance_sampling)
     conditional = config.model.num_classes > 0
     conditioning = make_conditioning(config, sde, model, dataset, workdir, device)  # loads a classifier first
-    if dataset.is_image:
+    if dataset.is_image and world.is_main:
         _save_forward_noising_picture(config, sde, dataset, out / "forward_noising.png")
     for k, path in checkpoints:
         start = time.time()
         ckpt = load_model_weights(path, model, use_ema=True, map_location=device)
         model.eval()
+        if not world.is_main:  # the other ranks only help with the sampling rounds
+            if e.enable_sampling:
+                _evaluate_samples(config, sde, conditioning, dataset, device, out, k, path, image_metrics, world)
+            continue
         score_fn_for = labelled_score_fn(config, sde, model)
         report = {"checkpoint": path.name, "step": int(ckpt["step"]), "config": config.to_dict()}
         if conditioning.describe():
@@ -466,7 +479,9 @@ def evaluate(config, workdir, eval_folder: str = "eval") -> None:
             report.update(likelihood.evaluate_bpd(score_fn_for(None), sde, dataset, config, device, generator))
         if e.enable_sampling:
             report.update(_evaluate_samples(config, sde, conditioning, dataset, device, out, k, path,
-                                            image_metrics))
+                                            image_metrics, world))
+        if world.distributed:
+            report["world_size"] = world.world_size
         if e.enable_sampling and dataset.is_image:
             _save_trajectory_picture(config, sde, conditioning, dataset, device, out / f"trajectory_{k}.png", k)
         report["eval_seconds"] = time.time() - start
@@ -475,13 +490,24 @@ def evaluate(config, workdir, eval_folder: str = "eval") -> None:
                  {key: v for key, v in report.items() if key not in ("config", "sampler", "inception_weights")})
 
 
+def _image_metrics(config, dataset, device, world: distributed.World):
+    """Inception and the reference statistics; rank 0 first, so that the others read its cached statistics."""
+    from evaluation.sample_quality import ImageMetrics
+    metrics = ImageMetrics(config, dataset, device) if world.is_main else None
+    distributed.barrier(world)
+    return metrics if metrics is not None else ImageMetrics(config, dataset, device)
+
+
 def _evaluate_samples(config, sde, conditioning, dataset, device, out: Path, k: int, path: Path,
-                      image_metrics) -> Dict:
-    """Generate eval.num_samples in rounds (each saved, so a killed eval resumes), score them, save a grid."""
+                      image_metrics, world: distributed.World) -> Optional[Dict]:
+    """Generate eval.num_samples in rounds (each saved, so a killed eval resumes), score them, save a grid.
+    Under torchrun every rank makes its share of the rounds; rank 0 gets the report, the others None."""
     settings = sampler_settings(config, sde)
     samples, report = _generate_and_score(config, sde, conditioning, dataset, device, out / f"rounds_{k}",
                                           (config.seed, k), settings, config.eval.num_samples, image_metrics,
-                                          {"checkpoint": path.name})
+                                          {"checkpoint": path.name}, world)
+    if not world.is_main:
+        return None
     save_npz(out / f"samples_{k}.npz", samples=samples.numpy())
     save_samples_picture(samples[:config.sampling.num_grid_samples], dataset, out / f"samples_{k}.png",
                          title=f"{path.name}, NFE {report['nfe']}")
@@ -512,10 +538,12 @@ def _save_trajectory_picture(config, sde, conditioning, dataset, device, path: P
 
 
 def _generate_and_score(config, sde, conditioning, dataset, device, folder: Path, seed_keys, settings: Dict,
-                        num: int, image_metrics, fingerprint: Dict) -> Tuple[torch.Tensor, Dict]:
+                        num: int, image_metrics, fingerprint: Dict,
+                        world: distributed.World = distributed.World()) -> Tuple[torch.Tensor, Dict]:
     """num samples with `settings` and `conditioning` (labels, guidance), in resumable rounds of eval.batch_size
     seeded by (*seed_keys, round), and their metrics: FID/KID/IS for images (when image_metrics is given), sliced
-    W₂ / NLL for toy data."""
+    W₂ / NLL for toy data. Under torchrun the ranks share the rounds and only rank 0 gets results ((None, None)
+    on the others)."""
     from evaluation.inception import to_uint8_rgb
     from evaluation.rounds import run_in_rounds
     from evaluation.sample_quality import toy_scores
@@ -542,7 +570,10 @@ def _generate_and_score(config, sde, conditioning, dataset, device, folder: Path
                    "inception_sha256": image_metrics.weights.sha256 if image_metrics else None}
     if conditioning.describe():
         fingerprint["conditioning"] = conditioning.describe()
-    rounds = run_in_rounds(folder, num, config.eval.batch_size, make_round, fingerprint, desc=folder.name)
+    rounds = run_in_rounds(folder, num, config.eval.batch_size, make_round, fingerprint, desc=folder.name,
+                           rank=world.rank, world_size=world.world_size, barrier=lambda: distributed.barrier(world))
+    if rounds is None:
+        return None, None
     samples = torch.from_numpy(rounds["samples"])
     report = {"sampler": settings, "nfe": int(rounds["nfe"][0]), "num_samples": len(samples),
               "sampling_seconds": float(rounds["sample_seconds"].sum())}
@@ -557,7 +588,7 @@ def _generate_and_score(config, sde, conditioning, dataset, device, folder: Path
 def compare(config, workdir, eval_folder: str = "compare") -> None:
     """Every entry of config.compare.samplers on one checkpoint (EMA weights): a table (Markdown + CSV) with NFE,
     wall time and FID/KID (images) or sliced W₂/NLL (toy data), a plot of each metric against NFE, a grid each."""
-    from evaluation.compare import parse_entry, plot_metrics, write_table
+    from evaluation.compare import parse_entry
 
     validate_config(config)
     entries = [parse_entry(text) for text in config.compare.samplers]
@@ -565,16 +596,24 @@ def compare(config, workdir, eval_folder: str = "compare") -> None:
         if entry.method not in sampling.SAMPLERS:
             raise ValueError(f"compare.samplers entry {entry.label}@{entry.steps}: unknown method {entry.method!r}; "
                              f"available: {sorted(sampling.SAMPLERS)}")
-    workdir = Path(workdir)
-    device = resolve_device(config.device)
+    world = distributed.world_from_env()  # under torchrun the ranks share each sampler's rounds
+    device = distributed.setup(world, resolve_device(config.device))
+    try:
+        _compare(config, Path(workdir), eval_folder, entries, world, device)
+    finally:
+        distributed.teardown(world)
+
+
+def _compare(config, workdir: Path, eval_folder: str, entries, world: distributed.World, device) -> None:
+    from evaluation.compare import plot_metrics, write_table
+
     seed_everything(config.seed)
     sde, dataset, model = _build(config, device)
     k, path = _compare_checkpoint(config, workdir)
     out = _prepare_workdir(workdir / eval_folder)
     image_metrics = None
     if dataset.is_image and config.eval.enable_fid:
-        from evaluation.sample_quality import ImageMetrics
-        image_metrics = ImageMetrics(config, dataset, device)
+        image_metrics = _image_metrics(config, dataset, device, world)
     load_model_weights(path, model, use_ema=True, map_location=device)
     model.eval()
     conditioning = make_conditioning(config, sde, model, dataset, workdir, device)
@@ -588,12 +627,16 @@ def compare(config, workdir, eval_folder: str = "compare") -> None:
         settings = dict(method=entry.method, steps=entry.steps, eps=s.eps, denoise=s.noise_removal, **entry.options)
         samples, report = _generate_and_score(config, sde, conditioning, dataset, device, out / f"rounds_{entry.slug}",
                                               (config.seed, k), settings, num, image_metrics,
-                                              {"checkpoint": path.name})
+                                              {"checkpoint": path.name}, world)
+        if not world.is_main:
+            continue
         save_samples_picture(samples[:config.sampling.num_grid_samples], dataset, out / f"samples_{entry.slug}.png",
                              title=f"{entry.label}, NFE {report['nfe']}")
         rows.append({"sampler": entry.label, "steps": entry.steps, "nfe": report["nfe"],
                      "seconds": report["sampling_seconds"], **{m: report.get(m) for m in metrics}})
         log.info("%s@%d: %s", entry.label, entry.steps, rows[-1])
+    if not world.is_main:
+        return
     columns = ["sampler", "steps", "nfe", "seconds", *metrics]
     write_table(rows, columns, out)
     if metrics:

@@ -1,14 +1,15 @@
 """Resumable work in rounds: each finished round is saved atomically, a restarted job skips finished rounds.
 
 A round's result depends only on its index (callers seed each round from it), so a run killed after round k and
-restarted produces exactly what an uninterrupted run produces.
+restarted produces exactly what an uninterrupted run produces, and several processes (torchrun ranks) can share
+the rounds: rank i makes rounds i, i + world_size, …, and rank 0 collects them all from the folder.
 """
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -21,11 +22,13 @@ RoundFn = Callable[[int, int], Dict[str, np.ndarray]]  # (round index, round siz
 
 
 def run_in_rounds(folder: Path, total: int, round_size: int, make_round: RoundFn, fingerprint: dict,
-                  desc: str = "rounds") -> Dict[str, np.ndarray]:
+                  desc: str = "rounds", rank: int = 0, world_size: int = 1,
+                  barrier: Callable[[], None] = lambda: None) -> Optional[Dict[str, np.ndarray]]:
     """Produce `total` items in rounds of `round_size` under `folder`; returns every array concatenated.
 
     `fingerprint` (JSON-able) describes what the rounds compute (checkpoint, sampler, seed, ...). A folder holding
-    rounds of a different fingerprint is an error rather than silently mixed results.
+    rounds of a different fingerprint is an error rather than silently mixed results. With world_size > 1 every
+    rank calls this (`barrier` waits for all of them); rank 0 gets the arrays, the other ranks None.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -34,17 +37,22 @@ def run_in_rounds(folder: Path, total: int, round_size: int, make_round: RoundFn
     if stamp.exists() and stamp.read_text() != expected:
         raise RuntimeError(f"{folder} holds rounds of a different run ({stamp.read_text()}), not {expected}: "
                            "delete the folder or use another --eval_folder")
-    atomic_write(stamp, lambda tmp: tmp.write_text(expected))
+    barrier()  # every rank has checked the old stamp before rank 0 replaces it
+    if rank == 0:
+        atomic_write(stamp, lambda tmp: tmp.write_text(expected))
     sizes = [min(round_size, total - start) for start in range(0, total, round_size)]
-    parts = []
-    for r, size in enumerate(tqdm(sizes, desc=desc)):
-        path = folder / f"round_{r:05d}.npz"
-        if path.exists():
-            with np.load(path) as saved:
-                parts.append({key: saved[key] for key in saved.files})
-            log.info("round %d/%d: reusing %s", r + 1, len(sizes), path)
+    paths = [folder / f"round_{r:05d}.npz" for r in range(len(sizes))]
+    mine = [r for r in range(rank, len(sizes), world_size)]
+    for r in tqdm(mine, desc=desc, disable=rank != 0):
+        if paths[r].exists():
+            log.info("round %d/%d: reusing %s", r + 1, len(sizes), paths[r])
             continue
-        result = make_round(r, size)
-        save_npz(path, **result)
-        parts.append(result)
+        save_npz(paths[r], **make_round(r, sizes[r]))
+    barrier()  # all rounds are on disk
+    if rank != 0:
+        return None
+    parts = []
+    for path in paths:
+        with np.load(path) as saved:
+            parts.append({key: saved[key] for key in saved.files})
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]} if parts else {}

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -90,3 +91,65 @@ def test_loss_equals_a_single_process_with_the_global_batch(runs):
     ranks = torch.load(parallel / "params_rank0.pt", weights_only=True)
     for name, p in state.model.named_parameters():
         torch.testing.assert_close(ranks[name], p.detach(), rtol=1e-4, atol=1e-6)
+
+
+def _eval_rank_main(rank: int, world_size: int, port: int, workdir: str, mode: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    getattr(run_lib, mode)(eval_config(), workdir)
+
+
+EVAL_ROUNDS, EVAL_BATCH = 5, 64
+
+
+def eval_config():
+    config = small_config(PER_RANK_BATCH)
+    config.sampling.steps = 20
+    config.eval.num_samples, config.eval.batch_size = EVAL_ROUNDS * EVAL_BATCH - 10, EVAL_BATCH  # a short last round
+    config.compare.samplers = ("ddim@10", "pc@10")
+    return config
+
+
+@pytest.mark.parametrize("mode,report", [("evaluate", "eval/report_1.json"), ("compare", "compare/compare.json")])
+def test_ranks_share_the_sampling_rounds_and_report_what_one_process_reports(runs, tmp_path, mode, report):
+    """evaluate / compare under torchrun: rank r makes rounds r, r + 2, …; rank 0 alone writes the report, which
+    equals a single process's (every round is seeded by its index)."""
+    import shutil
+    trained, _, _ = runs
+    parallel, single = tmp_path / "parallel", tmp_path / "single"
+    for workdir in (parallel, single):
+        shutil.copytree(trained / "checkpoints", workdir / "checkpoints")
+    mp.spawn(_eval_rank_main, args=(2, free_port(), str(parallel), mode), nprocs=2, join=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        getattr(run_lib, mode)(eval_config(), single)
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (json.loads((w / report).read_text()) for w in (parallel, single))
+    volatile = ("eval_seconds", "sampling_seconds", "seconds", "world_size")
+    strip = lambda r: {k: strip(v) if isinstance(v, dict) else [strip(x) for x in v] if isinstance(v, list) else v
+                       for k, v in r.items() if k not in volatile} if isinstance(r, dict) else r
+    assert strip(a) == strip(b)
+    if mode == "evaluate":
+        assert a["world_size"] == 2 and "world_size" not in b
+        assert a["num_samples"] == EVAL_ROUNDS * EVAL_BATCH - 10
+        rounds = sorted(p.name for p in (parallel / "eval" / "rounds_1").glob("round_*.npz"))
+        assert rounds == [f"round_{r:05d}.npz" for r in range(EVAL_ROUNDS)]
+        with np.load(parallel / "eval" / "samples_1.npz") as x, np.load(single / "eval" / "samples_1.npz") as y:
+            assert np.array_equal(x["samples"], y["samples"])
+
+
+def test_each_rank_makes_only_its_own_rounds(tmp_path):
+    from evaluation.rounds import run_in_rounds
+    made = []
+
+    def make_round(r, n):
+        made.append(r)
+        return {"x": np.full(n, r)}
+
+    assert run_in_rounds(tmp_path, 9, 2, make_round, {"run": 1}, rank=1, world_size=2) is None
+    assert made == [1, 3]
+    out = run_in_rounds(tmp_path, 9, 2, make_round, {"run": 1}, rank=0, world_size=2)
+    assert made == [1, 3, 0, 2, 4] and out["x"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4]
