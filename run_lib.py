@@ -662,6 +662,14 @@ def _compare_checkpoint(config, workdir: Path) -> Tuple[int, Path]:
     return config.compare.checkpoint, path
 
 
+def _require_one_process(mode: str) -> None:
+    """sample and train_classifier are not distributed: under torchrun every rank would repeat the whole job."""
+    world = distributed.world_from_env()
+    if world.distributed:
+        raise RuntimeError(f"--mode {mode} runs in one process, but WORLD_SIZE={world.world_size}: run it with plain "
+                           "python (under torchrun only train, eval and compare share the work among ranks)")
+
+
 def sample(config, workdir, eval_folder: str = "samples") -> None:
     """Draw eval.num_samples with config.sampling from the newest numbered checkpoint: PNG grid and .npz.
 
@@ -669,6 +677,7 @@ def sample(config, workdir, eval_folder: str = "samples") -> None:
     the grid has one row per label; guidance follows sampling.guidance_scale and sampling.classifier_scale.
     """
     validate_config(config)
+    _require_one_process("sample")
     workdir = Path(workdir)
     device = resolve_device(config.device)
     seed_everything(config.seed)
@@ -790,6 +799,7 @@ def train_classifier(config, workdir) -> None:
     (test accuracy at CLASSIFIER_REPORT_TIMES)."""
     from sde_diffusion.datasets import NUM_CLASSES
     validate_config(config)
+    _require_one_process("train_classifier")
     name = config.data.dataset.lower()
     if name not in NUM_CLASSES and not (name == FOLDER and config.data.labels != "none"):
         raise ValueError(f"data.dataset={config.data.dataset!r} has no class labels to train a classifier on; "

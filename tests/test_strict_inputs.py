@@ -85,6 +85,16 @@ def torchrun_variables_incomplete(tmp_path):
         del os.environ["WORLD_SIZE"]
 
 
+def sample_under_torchrun(tmp_path):
+    variables = dict(WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    os.environ.update(variables)
+    try:
+        run_lib.sample(toy(), tmp_path)
+    finally:
+        for key in variables:
+            del os.environ[key]
+
+
 CASES = {
     # config schema
     "misspelled key": (assign("model.nff", 3), AttributeError, ["nff"]),
@@ -127,6 +137,8 @@ CASES = {
                                      ["does not fit the model built from this config", "size mismatch for"]),
     "incomplete torchrun environment": (torchrun_variables_incomplete, RuntimeError,
                                         ["WORLD_SIZE=2", "RANK", "torchrun"]),
+    "sample under torchrun": (sample_under_torchrun, RuntimeError,
+                              ["--mode sample runs in one process", "WORLD_SIZE=2", "plain python"]),
 }
 
 
