@@ -35,7 +35,7 @@ from sde_diffusion.checkpoints import (CheckpointError, TrainState, atomic_write
                                        rng_state, save_checkpoint, save_npz, step_checkpoint, step_checkpoints,
                                        write_json)
 from sde_diffusion.config import sample_label_rows, validate_config
-from sde_diffusion.datasets import FOLDER, dataset_classes, get_dataset
+from sde_diffusion.datasets import dataset_classes, get_dataset
 from sde_diffusion.ema import ExponentialMovingAverage
 from sde_diffusion.models import create_model, get_score_fn
 from sde_diffusion.sdes import sde_from_config
@@ -147,10 +147,9 @@ class Conditioning:
 
 def load_classifier(config, workdir: Path, device, num_classes: Optional[int] = None) -> torch.nn.Module:
     """The classifier written by `train_classifier` (eval mode); a clear error when it is missing or mismatched.
-    num_classes: the dataset's (datasets.dataset_classes); None: the built-in labelled dataset's count."""
+    num_classes: datasets.dataset_classes(config, dataset); None: a built-in dataset's count."""
     if num_classes is None:
-        from sde_diffusion.datasets import NUM_CLASSES
-        num_classes = NUM_CLASSES[config.data.dataset.lower()]
+        num_classes = dataset_classes(config)
     path = noisy_classifier.checkpoint_path(workdir)
     if not path.exists():
         raise CheckpointError(f"sampling.classifier_scale={config.sampling.classifier_scale} needs the classifier "
@@ -800,16 +799,16 @@ def train_classifier(config, workdir) -> None:
     from sde_diffusion.datasets import NUM_CLASSES
     validate_config(config)
     _require_one_process("train_classifier")
-    name = config.data.dataset.lower()
-    if name not in NUM_CLASSES and not (name == FOLDER and config.data.labels != "none"):
+    seed_everything(config.seed)
+    sde, dataset = sde_from_config(config), get_dataset(config)
+    num_classes = dataset_classes(config, dataset)
+    if not num_classes:
         raise ValueError(f"data.dataset={config.data.dataset!r} has no class labels to train a classifier on; "
                          f"labelled datasets: {sorted(NUM_CLASSES)}, or folder data with data.labels")
     workdir = _prepare_workdir(workdir)
     device = resolve_device(config.device)
-    seed_everything(config.seed)
-    sde, dataset = sde_from_config(config), get_dataset(config)
     c, t = config.classifier, config.training
-    model = noisy_classifier.create_classifier(config, dataset_classes(config, dataset)).to(device)
+    model = noisy_classifier.create_classifier(config, num_classes).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=c.lr)
     log.info("training a classifier (%d parameters) on %s, %s, %d steps", sum(p.numel() for p in model.parameters()),
              config.data.dataset, type(sde).__name__, c.n_iters)

@@ -4,7 +4,7 @@
 
 Part 1, per shape (B, C_in, C_out, H=W), channels_last: the minimum over `repeats` interleaved calls of each
 kernel (the minimum, because on a shared machine other jobs only ever add time), their ratio, and whether
-Conv3x3's dispatch rule (GEMM_MIN_CHANNELS, GEMM_MAX_POSITIONS) picks the GEMM there.
+Conv3x3's dispatch rule (convs.gemm_shape) picks the GEMM there.
 
 Part 2, the 3×3 convolutions of one training step of --config at --batch, found by running the network once
 with hooks: per-step totals of the forward, the input gradient and the weight gradient, in NCHW (as
@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sde_diffusion.config import load_config_file  # noqa: E402
 from sde_diffusion.models import create_model  # noqa: E402
-from sde_diffusion.models.convs import GEMM_MAX_POSITIONS, GEMM_MIN_CHANNELS, Conv3x3, weight_grad_3x3  # noqa: E402
+from sde_diffusion.models.convs import (GEMM_MAX_POSITIONS, GEMM_MIN_CHANNELS, Conv3x3, gemm_shape,  # noqa: E402
+                                       weight_grad_3x3)
 from sde_diffusion.sdes import sde_from_config  # noqa: E402
 
 SHAPES = [(8, 128, 128, 32), (8, 256, 128, 32), (8, 256, 256, 16), (8, 512, 256, 16), (8, 256, 256, 8),
@@ -46,10 +47,6 @@ def input_grad(grad_out, x, weight):
                                                [True, False, False])[0]
 
 
-def gemm_applies(b: int, c_in: int, c_out: int, h: int, w: int) -> bool:
-    return min(c_in, c_out) >= GEMM_MIN_CHANNELS and b * h * w <= GEMM_MAX_POSITIONS
-
-
 def tensors(b, c_in, c_out, h, w, memory_format):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b, c_in, h, w, generator=g).contiguous(memory_format=memory_format)
@@ -61,7 +58,8 @@ def tensors(b, c_in, c_out, h, w, memory_format):
 def per_shape(repeats: int) -> None:
     for b, c_in, c_out, size in SHAPES:
         x, weight, grad_out = tensors(b, c_in, c_out, size, size, torch.channels_last)
-        kernels = {"onednn": lambda: onednn_weight_grad(grad_out, x, weight), "gemm": lambda: weight_grad_3x3(grad_out, x)}
+        kernels = {"onednn": lambda: onednn_weight_grad(grad_out, x, weight),
+                   "gemm": lambda: weight_grad_3x3(grad_out, x)}
         times = {name: [] for name in kernels}
         for round_ in range(repeats + 1):
             for name, fn in kernels.items():
@@ -71,17 +69,20 @@ def per_shape(repeats: int) -> None:
                     times[name].append(time.perf_counter() - start)
         best = {name: min(ts) for name, ts in times.items()}
         print(json.dumps({"shape_B_Cin_Cout_HW": [b, c_in, c_out, size], "onednn_ms": round(best["onednn"] * 1e3, 2),
-                          "gemm_ms": round(best["gemm"] * 1e3, 2), "gemm_over_onednn": round(best["gemm"] / best["onednn"], 3),
-                          "dispatch": "gemm" if gemm_applies(b, c_in, c_out, size, size) else "onednn"}), flush=True)
+                          "gemm_ms": round(best["gemm"] * 1e3, 2),
+                          "gemm_over_onednn": round(best["gemm"] / best["onednn"], 3),
+                          "dispatch": "gemm" if gemm_shape(b, c_in, c_out, size, size) else "onednn"}), flush=True)
 
 
 def step_inventory(config, batch: int) -> collections.Counter:
     """(B, C_in, C_out, H, W) → how many 3×3 convolutions of that shape one forward pass runs."""
     model = create_model(config)
     seen = collections.Counter()
-    hooks = [m.register_forward_pre_hook(lambda m, args: seen.update([(args[0].shape[0], m.in_channels, m.out_channels,
-                                                                        *args[0].shape[2:])]))
-             for m in model.modules() if isinstance(m, Conv3x3)]
+    def count(m, args):
+        batch, _, height, width = args[0].shape
+        seen.update([(batch, m.in_channels, m.out_channels, height, width)])
+
+    hooks = [m.register_forward_pre_hook(count) for m in model.modules() if isinstance(m, Conv3x3)]
     d, sde = config.data, sde_from_config(config)
     with torch.no_grad():
         model(torch.zeros(batch, d.num_channels, d.image_size, d.image_size),
@@ -96,7 +97,7 @@ def per_step(config, batch: int, rounds: int) -> None:
     print(json.dumps({"config_3x3_convs": sum(inventory.values()), "shapes": len(inventory)}), flush=True)
     data = {fmt: [(tensors(*shape, mf), n) for shape, n in inventory.items()]
             for fmt, mf in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last))}
-    dispatched = lambda g, x, w: (weight_grad_3x3(g, x) if gemm_applies(x.shape[0], x.shape[1], g.shape[1], *x.shape[2:])
+    dispatched = lambda g, x, w: (weight_grad_3x3(g, x) if gemm_shape(x.shape[0], x.shape[1], g.shape[1], *x.shape[2:])
                                   else onednn_weight_grad(g, x, w))
     parts = {"forward": lambda g, x, w: F.conv2d(x, w, padding=1), "input_grad": lambda g, x, w: input_grad(g, x, w),
              "weight_grad_onednn": lambda g, x, w: onednn_weight_grad(g, x, w),

@@ -11,9 +11,10 @@ each per round), so that load from other jobs on a shared machine falls on all o
 A step is the config's loss through `get_score_fn`, backward, and `losses.optimization_step` (warm-up
 learning rate, gradient clipping, Adam), as in run_lib.train; 'training' is the optimizer run_lib builds
 (losses.make_optimizer), 'fused' the same Adam with fused=True. --conv-weight-grad 'gemm' is the networks' own
-3×3 convolution (models/convs.py: on CPU, the weight gradient by GEMMs), 'onednn' the stock nn.Conv2d kernels. The eval forward is one network call in
-eval mode under torch.inference_mode. Model FLOPs are counted by torch.utils.flop_counter (a training step
-counts as 3× the forward: forward, and backward to inputs and to weights).
+3×3 convolution (models/convs.py: on CPU, the weight gradient by GEMMs), 'onednn' the stock nn.Conv2d kernels.
+The eval forward is one network call in eval mode under torch.inference_mode. Model FLOPs are counted by
+torch.utils.flop_counter (a training step counts as 3× the forward: forward, and backward to inputs and to
+weights).
 """
 from __future__ import annotations
 
@@ -110,14 +111,14 @@ def main() -> None:
                         base, config, sde, loss_fn, x0, cond, kind, precision) + (flops,)
 
     fns = {}
-    for key, (train_step, eval_forward, _) in variants.items():
-        fns[key + ("train",)] = train_step
-        fns[key + ("forward",)] = eval_forward
+    for (fmt, kernel, kind, precision), (train_step, eval_forward, _) in variants.items():
+        fns[fmt, kernel, kind, precision, "train"] = train_step
+        fns[fmt, kernel, precision, "forward"] = eval_forward  # once per model and precision, whatever the optimizer
     times = interleaved(fns, args.warmup, args.repeats, device)
     first = None
     for key, (_, _, flops) in variants.items():
         fmt, kernel, kind, precision = key
-        train, forward = times[key + ("train",)], times[key + ("forward",)]
+        train, forward = times[key + ("train",)], times[fmt, kernel, precision, "forward"]
         step_s, forward_s = statistics.median(train), statistics.median(forward)
         first = first or (step_s, forward_s)
         row = {"config": args.config, "device": str(device), "batch": args.batch, "format": fmt,

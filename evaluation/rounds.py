@@ -42,17 +42,20 @@ def run_in_rounds(folder: Path, total: int, round_size: int, make_round: RoundFn
         atomic_write(stamp, lambda tmp: tmp.write_text(expected))
     sizes = [min(round_size, total - start) for start in range(0, total, round_size)]
     paths = [folder / f"round_{r:05d}.npz" for r in range(len(sizes))]
-    mine = [r for r in range(rank, len(sizes), world_size)]
-    for r in tqdm(mine, desc=desc, disable=rank != 0):
+    made = {}  # this rank's new rounds, kept in memory
+    for r in tqdm(range(rank, len(sizes), world_size), desc=desc, disable=rank != 0):
         if paths[r].exists():
             log.info("round %d/%d: reusing %s", r + 1, len(sizes), paths[r])
             continue
-        save_npz(paths[r], **make_round(r, sizes[r]))
+        made[r] = make_round(r, sizes[r])
+        save_npz(paths[r], **made[r])
     barrier()  # all rounds are on disk
     if rank != 0:
         return None
-    parts = []
-    for path in paths:
-        with np.load(path) as saved:
-            parts.append({key: saved[key] for key in saved.files})
+    parts = [made[r] if r in made else _load(paths[r]) for r in range(len(sizes))]
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]} if parts else {}
+
+
+def _load(path: Path) -> Dict[str, np.ndarray]:
+    with np.load(path) as saved:
+        return {key: saved[key] for key in saved.files}

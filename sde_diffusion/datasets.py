@@ -409,15 +409,16 @@ NUM_CLASSES = {"digits": 10, "cifar10": 10, "gmm": 4}  # datasets with class lab
 DATASETS = sorted(list(IMAGE_DATASETS) + list(TOY_SAMPLERS))
 
 
-def dataset_classes(config, dataset) -> int:
-    """Number of classes (labels 0..n−1) of the loaded dataset named by config.data.dataset, 0 when unlabelled:
-    NUM_CLASSES for the built-in ones; for folder data, counted from its labels (data.labels)."""
+def dataset_classes(config, dataset=None) -> int:
+    """Number of classes (labels 0..n−1) of the dataset named by config.data.dataset, 0 when unlabelled: NUM_CLASSES
+    for the built-in ones; for folder data, counted from the labels of the loaded `dataset` (data.labels)."""
     name = config.data.dataset.lower()
-    if name in NUM_CLASSES:
-        return NUM_CLASSES[name]
+    if name != FOLDER:
+        return NUM_CLASSES.get(name, 0)
+    if dataset is None:
+        raise ValueError("the classes of folder data are counted from its labels: pass the loaded dataset")
     labels = [y for y in (dataset.train_labels, dataset.test_labels) if y is not None and len(y)]
-    names = getattr(dataset, "class_names", None) or []
-    return max([len(names)] + [int(y.max()) + 1 for y in labels])
+    return max([len(dataset.class_names or [])] + [int(y.max()) + 1 for y in labels])
 
 
 def check_classes(config, dataset) -> None:
@@ -425,7 +426,7 @@ def check_classes(config, dataset) -> None:
     wanted, found = config.model.num_classes, dataset_classes(config, dataset)
     if wanted and wanted != found:
         from .config import ConfigError
-        names = getattr(dataset, "class_names", None)
+        names = dataset.class_names
         shown = f" ({', '.join(names[:8])}{', …' if len(names) > 8 else ''})" if names else ""
         raise ConfigError(f"model.num_classes={wanted}, but the labels of data.root={config.data.root!r} "
                           f"(data.labels={config.data.labels!r}) have {found} classes{shown}: set "

@@ -1,6 +1,6 @@
 """Distances between point clouds for the low-dimensional oracles: sliced 2-Wasserstein distance, its noise floor
-for a Gaussian mixture, per-mode statistics, and the moment errors of samples against a Gaussian. Used by the
-sampler and inpainting tests and benchmarks."""
+for a Gaussian mixture, per-mode statistics and the checks built on them (mixture_failures), and the moment errors
+of samples against a Gaussian. Used by the sampler, guidance and inpainting tests and benchmarks."""
 from __future__ import annotations
 
 import math
@@ -80,6 +80,37 @@ def mode_statistics(mixture: GaussianMixture, x: torch.Tensor) -> Tuple[torch.Te
     means = torch.zeros(K, x.shape[1], dtype=torch.float64).index_add_(0, labels, x) / counts[:, None]
     squares = torch.zeros(K, dtype=torch.float64).index_add_(0, labels, (x - means[labels]).pow(2).sum(1))
     return counts / len(x), means, (squares / (counts * x.shape[1])).sqrt()
+
+
+# Tolerances of mixture_failures: a correct sampler passes them with a few thousand samples.
+MAX_SW2_RATIO = 1.5  # sliced W₂ / noise floor
+WEIGHT_Z, WEIGHT_SLACK = 4.0, 0.01  # |ŵ_k − w_k| ≤ 4·√(w(1−w)/n) + 0.01
+MEAN_Z, MEAN_SLACK = 5.0, 0.1  # ‖μ̂_k − μ_k‖∞ ≤ 5·s_k/√n_k + 0.1·s_k  (the slack admits a solver's O(h^p) bias)
+STD_TOLERANCE = 0.15  # |ŝ_k/s_k − 1|
+
+
+def mixture_failures(mixture: GaussianMixture, x: torch.Tensor, chunk: int, floor: float) -> list:
+    """What samples x (n, d) of `mixture` get wrong, as messages (empty: all checks passed): the sliced W₂ in units
+    of its noise floor `floor` (chunks of `chunk` points), and the per-mode weights, means and stds."""
+    if not torch.isfinite(x).all():
+        return ["non-finite samples"]
+    failures = []
+    ratio = sliced_w2_ratio(x, mixture, chunk, floor)
+    if not ratio <= MAX_SW2_RATIO:
+        failures.append(f"sliced W2 = {ratio:.2f} × noise floor > {MAX_SW2_RATIO}")
+    weights, means, stds = mode_statistics(mixture, x)
+    n = len(x)
+    w_tol = WEIGHT_Z * torch.sqrt(mixture.weights * (1 - mixture.weights) / n) + WEIGHT_SLACK
+    if not torch.all((weights - mixture.weights).abs() <= w_tol):
+        failures.append(f"mode weights {weights.numpy().round(3)} vs {mixture.weights.numpy().round(3)}")
+    mean_err = (means - mixture.means).abs().max(1).values
+    mean_tol = MEAN_Z * mixture.stds / torch.sqrt(weights * n) + MEAN_SLACK * mixture.stds
+    if not torch.all(mean_err <= mean_tol):
+        failures.append(f"mode mean errors {mean_err.numpy().round(3)} > {mean_tol.numpy().round(3)}")
+    std_err = (stds / mixture.stds - 1).abs()
+    if not torch.all(std_err <= STD_TOLERANCE):
+        failures.append(f"mode std relative errors {std_err.numpy().round(3)} > {STD_TOLERANCE}")
+    return failures
 
 
 def gaussian_moment_errors(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> Tuple[float, float]:

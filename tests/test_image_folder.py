@@ -368,3 +368,10 @@ def test_class_count_of_folder_labels_is_checked_when_the_images_are_loaded(tmp_
     config.data.labels = "none"
     with pytest.raises(ConfigError, match="data.dataset='folder' has no class labels: set model.num_classes=0"):
         validate_config(config)
+    config.model.num_classes = 0
+    assert dataset_classes(config, get_dataset(config)) == 0
+    with pytest.raises(ValueError, match="pass the loaded dataset"):
+        dataset_classes(config)
+    moons = default_config()
+    moons.data.dataset = "moons"  # unlabelled toy data (whose dataset object has no train_labels)
+    assert dataset_classes(moons, get_dataset(moons)) == 0

@@ -20,7 +20,7 @@ import torch
 
 import sde_diffusion.sampling as sampling
 from sde_diffusion import sdes
-from sde_diffusion.metrics_toy import mode_statistics, sliced_w2_noise_floor, sliced_w2_ratio
+from sde_diffusion.metrics_toy import mixture_failures, sliced_w2_noise_floor
 from sde_diffusion.sampling import (SAMPLERS, dpm_solver_pp_update, ode_decode, ode_encode, sample, solver_grid,
                                     time_grid)
 from sde_diffusion.sdes import SubVPSDE, VESDE, VPSDE
@@ -39,12 +39,6 @@ SDES = {
 MIXTURES = {"2d": (default_mixture(), 2000), "16d": (high_dim_mixture(16), 1000)}
 CHUNKS = 4
 SEED = 1
-
-# Thresholds of the distribution check.
-MAX_SW2_RATIO = 1.5  # sliced W₂ / noise floor
-WEIGHT_Z, WEIGHT_SLACK = 4.0, 0.01  # |ŵ_k − w_k| ≤ 4·√(w(1−w)/n) + 0.01
-MEAN_Z, MEAN_SLACK = 5.0, 0.1  # ‖μ̂_k − μ_k‖∞ ≤ 5·s_k/√n_k + 0.1·s_k  (the slack admits a solver's O(h^p) bias)
-STD_TOLERANCE = 0.15  # |ŝ_k/s_k − 1|
 
 # sampler id → (method, steps, options): the budget at which each sampler is tested (NFE in the comment, with the
 # final Tweedie step). Stochastic solvers converge weakly at first order, hence their larger budgets.
@@ -84,29 +78,6 @@ def floors():
     return {name: sliced_w2_noise_floor(mixture, chunk) for name, (mixture, chunk) in MIXTURES.items()}
 
 
-def oracle_failures(mixture, x, chunk, floor):
-    """The checks a correct sampler passes, as a list of failure messages (empty: all passed)."""
-    failures = []
-    if not torch.isfinite(x).all():
-        return ["non-finite samples"]
-    ratio = sliced_w2_ratio(x, mixture, chunk, floor)
-    if not ratio <= MAX_SW2_RATIO:
-        failures.append(f"sliced W2 = {ratio:.2f} × noise floor > {MAX_SW2_RATIO}")
-    weights, means, stds = mode_statistics(mixture, x)
-    n = len(x)
-    w_tol = WEIGHT_Z * torch.sqrt(mixture.weights * (1 - mixture.weights) / n) + WEIGHT_SLACK
-    if not torch.all((weights - mixture.weights).abs() <= w_tol):
-        failures.append(f"mode weights {weights.numpy().round(3)} vs {mixture.weights.numpy()}")
-    mean_err = (means - mixture.means).abs().max(1).values
-    mean_tol = MEAN_Z * mixture.stds / torch.sqrt(weights * n) + MEAN_SLACK * mixture.stds
-    if not torch.all(mean_err <= mean_tol):
-        failures.append(f"mode mean errors {mean_err.numpy().round(3)} > {mean_tol.numpy().round(3)}")
-    std_err = (stds / mixture.stds - 1).abs()
-    if not torch.all(std_err <= STD_TOLERANCE):
-        failures.append(f"mode std relative errors {std_err.numpy().round(3)} > {STD_TOLERANCE}")
-    return failures
-
-
 def draw(sde, mixture_name, method, steps, options, score_fn=None, seed=SEED):
     mixture, chunk = MIXTURES[mixture_name]
     score_fn = mixture.marginal_score_fn(sde) if score_fn is None else score_fn
@@ -122,7 +93,7 @@ def test_sampler_matches_exact_distribution(sde_name, mixture_name, sampler, flo
     method, steps, options = BUDGETS[sampler]
     mixture, chunk = MIXTURES[mixture_name]
     x, nfe = draw(SDES[sde_name](), mixture_name, method, steps, options)
-    failures = oracle_failures(mixture, x, chunk, floors[mixture_name])
+    failures = mixture_failures(mixture, x, chunk, floors[mixture_name])
     assert not failures, f"{sampler} on {sde_name}/{mixture_name} (NFE {nfe}): {failures}"
 
 
@@ -216,7 +187,7 @@ def test_mutated_solver_fails_the_oracle(mutation, floors, monkeypatch):
         mutate(monkeypatch)
     mixture, chunk = MIXTURES[mixture_name]
     x, _ = draw(sde, mixture_name, method, steps, options, score_fn=score_fn)
-    assert oracle_failures(mixture, x, chunk, floors[mixture_name]), f"mutation {mutation} went undetected"
+    assert mixture_failures(mixture, x, chunk, floors[mixture_name]), f"mutation {mutation} went undetected"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,6 +29,11 @@ GEMM_MIN_CHANNELS = 256    # both C_in and C_out: with 128 channels oneDNN is as
 GEMM_MAX_POSITIONS = 8192  # B·H·W: beyond this oneDNN's per-thread reduction is amortised
 
 
+def gemm_shape(batch: int, c_in: int, c_out: int, height: int, width: int) -> bool:
+    """Whether a channels_last 3×3 layer of this shape takes the GEMM weight gradient (module docstring)."""
+    return min(c_in, c_out) >= GEMM_MIN_CHANNELS and batch * height * width <= GEMM_MAX_POSITIONS
+
+
 def weight_grad_3x3(grad_out: Tensor, x: Tensor) -> Tensor:
     """∂L/∂W of a 3×3 stride-1 padding-1 convolution: grad_out (B, C_out, H, W), x (B, C_in, H, W)
     → (C_out, C_in, 3, 3), in channels_last strides (the layout of a channels_last weight)."""
@@ -97,5 +102,4 @@ class Conv3x3(nn.Conv2d):
                 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
                 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
                 and x.is_contiguous(memory_format=torch.channels_last)
-                and min(self.in_channels, self.out_channels) >= GEMM_MIN_CHANNELS
-                and B * H * W <= GEMM_MAX_POSITIONS)
+                and gemm_shape(B, self.in_channels, self.out_channels, H, W))
