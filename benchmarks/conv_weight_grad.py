@@ -28,13 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sde_diffusion.config import load_config_file  # noqa: E402
 from sde_diffusion.models import create_model  # noqa: E402
-from sde_diffusion.models.convs import (GEMM_MAX_POSITIONS, GEMM_MIN_CHANNELS, Conv3x3, gemm_shape,  # noqa: E402
-                                       weight_grad_3x3)
+from sde_diffusion.models.convs import (GEMM_MAX_POSITIONS, GEMM_MIN_CHANNELS, GEMM_MIN_CHANNELS_SMALL_BATCH,  # noqa
+                                       SMALL_BATCH, Conv3x3, gemm_shape, weight_grad_3x3)
 from sde_diffusion.sdes import sde_from_config  # noqa: E402
 
-SHAPES = [(8, 128, 128, 32), (8, 256, 128, 32), (8, 256, 256, 16), (8, 512, 256, 16), (8, 256, 256, 8),
-          (8, 256, 256, 4), (16, 256, 256, 16), (32, 256, 256, 16), (128, 256, 256, 4), (32, 128, 128, 16),
-          (64, 128, 128, 8), (128, 128, 128, 8), (16, 64, 64, 64), (128, 32, 32, 8), (128, 64, 64, 4)]
+SHAPES = [(8, 128, 128, 32), (8, 256, 128, 32), (8, 128, 256, 16), (8, 128, 128, 8), (8, 256, 256, 16),
+          (8, 512, 256, 16), (8, 256, 256, 8), (8, 256, 256, 4), (16, 256, 256, 16), (32, 256, 256, 16),
+          (128, 256, 256, 4), (16, 128, 128, 16), (32, 128, 128, 16), (32, 256, 128, 8), (64, 128, 128, 8),
+          (128, 128, 128, 8), (16, 64, 64, 64), (128, 32, 32, 8), (128, 64, 64, 4)]
 
 
 def onednn_weight_grad(grad_out, x, weight):
@@ -130,6 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(json.dumps({"threads": args.threads, "torch": torch.__version__, "GEMM_MIN_CHANNELS": GEMM_MIN_CHANNELS,
+                      "GEMM_MIN_CHANNELS_SMALL_BATCH": GEMM_MIN_CHANNELS_SMALL_BATCH, "SMALL_BATCH": SMALL_BATCH,
                       "GEMM_MAX_POSITIONS": GEMM_MAX_POSITIONS}), flush=True)
     if not args.skip_shapes:
         per_shape(args.repeats)

@@ -33,8 +33,7 @@ class ExponentialMovingAverage:
         if self.num_updates is not None:
             self.num_updates += 1
             decay = min(decay, (1 + self.num_updates) / (10 + self.num_updates))
-        for s, p in zip(self.shadow_params, self._trainable(parameters)):
-            s.lerp_(p, 1.0 - decay)
+        torch._foreach_lerp_(self.shadow_params, self._trainable(parameters), 1.0 - decay)  # one fused kernel on GPU
 
     @torch.no_grad()
     def copy_to(self, parameters: Iterable[nn.Parameter]) -> None:

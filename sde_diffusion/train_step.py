@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .losses import learning_rate
+from .losses import clip_grad_norm, learning_rate
 
 PRECISIONS: Dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NONFINITE_POLICIES = ("stop", "skip")
@@ -83,7 +83,7 @@ class TrainStep:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = self.optim_config.grad_clip if self.optim_config.grad_clip >= 0 else float("inf")
-        grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=clip))
+        grad_norm = float(clip_grad_norm(self.model.parameters(), clip))
         finite = math.isfinite(grad_norm)
         if not finite and self.scaler is None:
             return self._fail(step, "gradient norm", grad_norm)

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sde_diffusion.models.convs import GEMM_MAX_POSITIONS, GEMM_MIN_CHANNELS, Conv3x3, weight_grad_3x3
+from sde_diffusion.models.convs import (GEMM_MAX_POSITIONS, GEMM_MIN_CHANNELS, GEMM_MIN_CHANNELS_SMALL_BATCH,
+                                       SMALL_BATCH, Conv3x3, weight_grad_3x3)
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 7, 6), (1, 3, 4, 9), (3, 16, 8, 8), (2, 4, 1, 5)])
@@ -65,7 +66,12 @@ def test_conv3x3_uses_gemm_weight_grad_only_where_it_applies():
     assert _kernel(layer, x) == "stock"                                # no weight gradient wanted
     layer.requires_grad_(True)
     assert _kernel(layer, x.contiguous()) == "stock"                   # NCHW
-    assert _kernel(Conv3x3(c, c // 2), x) == "stock"                   # too few channels
+    narrow = GEMM_MIN_CHANNELS_SMALL_BATCH
+    assert _kernel(Conv3x3(c, narrow), x) == "gemm"                    # narrower, at a small batch ...
+    wide_batch = torch.randn(SMALL_BATCH + 1, c, 5, 5).contiguous(memory_format=torch.channels_last)
+    assert _kernel(Conv3x3(c, narrow), wide_batch) == "stock"          # ... but not at a larger one
+    assert _kernel(Conv3x3(c, c), wide_batch) == "gemm"
+    assert _kernel(Conv3x3(c, narrow // 2), x) == "stock"              # too few channels
     side = int((GEMM_MAX_POSITIONS // 2) ** 0.5) + 1
     big = torch.randn(2, c, side, side).contiguous(memory_format=torch.channels_last)
     assert _kernel(layer, big) == "stock"                              # too many positions
@@ -85,3 +91,19 @@ def test_input_without_gradient():
         layer(x).square().sum().backward()
     torch.testing.assert_close(ours.weight.grad, stock.weight.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours.bias.grad, stock.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_reused_tap_buffer_leaves_nothing_behind():
+    """Under no_grad (as in backward) the tap layout is a reused buffer: a call after a larger one, with other
+    shapes and a dtype change, must still see zero padding and only its own input."""
+    g = torch.Generator().manual_seed(1)
+    for B, c_in, H, W, dtype in [(3, 8, 9, 7, torch.float64), (2, 5, 4, 3, torch.float64), (1, 3, 6, 2, torch.float64),
+                                 (2, 4, 5, 5, torch.float32), (3, 8, 9, 7, torch.float64)]:
+        x = torch.randn(B, c_in, H, W, generator=g, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        grad_out = torch.randn(B, 4, H, W, generator=g, dtype=dtype)
+        w = torch.zeros(4, c_in, 3, 3, dtype=dtype, requires_grad=True)
+        (F.conv2d(x, w, padding=1) * grad_out).sum().backward()
+        with torch.no_grad():
+            ours = weight_grad_3x3(grad_out, x)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(ours, w.grad, rtol=tol, atol=tol)

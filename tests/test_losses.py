@@ -119,6 +119,26 @@ def test_warmup_and_gradient_clipping():
     assert torch.linalg.norm(p.grad).item() == pytest.approx(1.0, rel=1e-5)  # clipped to grad_clip
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 100.0, float("inf")])
+def test_clip_grad_norm_equals_torchs(max_norm):
+    """losses.clip_grad_norm (foreach norms; no scaling pass when nothing is clipped) against
+    nn.utils.clip_grad_norm_, on float32 and float64 gradients together."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g, dtype=torch.float64),
+             torch.randn(2, 2, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)]
+    ours, theirs = ([torch.nn.Parameter(torch.zeros_like(t)) for t in grads] for _ in range(2))
+    for a, b, t in zip(ours, theirs, grads):
+        a.grad, b.grad = t.clone(), t.clone()
+    norm = losses.clip_grad_norm(ours + [torch.nn.Parameter(torch.zeros(2))], max_norm)  # one without a gradient
+    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    assert norm.item() == pytest.approx(math.sqrt(sum(t.double().square().sum().item() for t in grads)), rel=1e-6)
+    assert norm.item() == pytest.approx(expected.item(), rel=1e-6)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad)
+    total_after = math.sqrt(sum(a.grad.double().square().sum().item() for a in ours))
+    assert total_after == pytest.approx(min(max_norm, norm.item()), rel=1e-5)
+
+
 def test_ema_update_store_restore():
     p = torch.nn.Parameter(torch.zeros(2))
     ema = ExponentialMovingAverage([p], decay=0.9, use_num_updates=False)

@@ -13,25 +13,48 @@ by side — the weight gradient of kernel row kh is one matrix product over all 
 which reads the input three times instead of materialising the nine-fold im2col matrix.
 
 It is used where it measured faster (BENCHMARKS.md, issue 3 section; AMD EPYC, AVX2, 1–2 threads): channels_last
-inputs with at least GEMM_MIN_CHANNELS input and output channels and at most GEMM_MAX_POSITIONS positions, where
-it took 0.6–0.9× oneDNN's time at every batch size tried; with 128 channels it won at batch 8 but lost (up to
-1.14×) at batch 64–128 on 8×8 images, so such layers keep oneDNN. Elsewhere (GPU,
+inputs with at most GEMM_MAX_POSITIONS positions and at least GEMM_MIN_CHANNELS input and output channels, where
+it took 0.6–0.9× oneDNN's time at every batch size tried, or at least GEMM_MIN_CHANNELS_SMALL_BATCH at batch
+≤ SMALL_BATCH (0.8–0.97×; at batch 16–128 such layers measured 0.94–1.14×, so they keep oneDNN). Elsewhere (GPU,
 autocast, torch.compile, eval mode, no weight gradient) the layer is the stock ``nn.Conv2d``. The choice depends
 on shapes only, so training stays bit-reproducible.
 """
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-GEMM_MIN_CHANNELS = 256    # both C_in and C_out: with 128 channels oneDNN is as fast at larger batches
-GEMM_MAX_POSITIONS = 8192  # B·H·W: beyond this oneDNN's per-thread reduction is amortised
+GEMM_MIN_CHANNELS = 256              # both C_in and C_out, at any batch size
+GEMM_MIN_CHANNELS_SMALL_BATCH = 128  # ... and at batch ≤ SMALL_BATCH (at 16–128 oneDNN is as fast with 128)
+SMALL_BATCH = 8
+GEMM_MAX_POSITIONS = 8192            # B·H·W: beyond this oneDNN's per-thread reduction is amortised
 
 
 def gemm_shape(batch: int, c_in: int, c_out: int, height: int, width: int) -> bool:
     """Whether a channels_last 3×3 layer of this shape takes the GEMM weight gradient (module docstring)."""
-    return min(c_in, c_out) >= GEMM_MIN_CHANNELS and batch * height * width <= GEMM_MAX_POSITIONS
+    min_channels = GEMM_MIN_CHANNELS_SMALL_BATCH if batch <= SMALL_BATCH else GEMM_MIN_CHANNELS
+    return min(c_in, c_out) >= min_channels and batch * height * width <= GEMM_MAX_POSITIONS
+
+
+_buffers = threading.local()  # per thread: autograd may run backward passes in several threads
+
+
+def _workspace(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """An uninitialised scratch tensor of `shape` for the tap layout, reused from call to call (one per thread,
+    grown to the largest size asked for: 27 MB for vp_cifar at batch 8). A fresh allocation of this size comes
+    from the kernel as untouched pages, and their first-touch faults cost as much as the copy into them (about
+    10 ms per call on the 32×32 layers). Fresh when autograd records (double backward), which may save it."""
+    n = math.prod(shape)
+    if torch.is_grad_enabled():
+        return like.new_empty(shape)
+    buffer = getattr(_buffers, "taps", None)
+    if buffer is None or buffer.numel() < n or buffer.dtype != like.dtype or buffer.device != like.device:
+        buffer = _buffers.taps = like.new_empty(n)
+    return buffer[:n].view(shape)
 
 
 def weight_grad_3x3(grad_out: Tensor, x: Tensor) -> Tensor:
@@ -40,8 +63,8 @@ def weight_grad_3x3(grad_out: Tensor, x: Tensor) -> Tensor:
     B, c_out, H, W = grad_out.shape
     c_in = x.shape[1]
     rows = x.permute(2, 0, 3, 1)                                   # (H, B, W, C_in): image rows outermost
-    taps = x.new_empty(H + 2, B, W, 3, c_in)                       # padded rows; the 3 horizontal taps
-    taps[[0, H + 1]] = 0                                           # zero padding above and below
+    taps = _workspace((H + 2, B, W, 3, c_in), x)                   # padded rows; the 3 horizontal taps
+    taps[0] = taps[H + 1] = 0                                      # zero padding above and below
     taps[:, :, 0, 0] = taps[:, :, W - 1, 2] = 0                    # ... and left and right
     taps[1:H + 1, :, 1:, 0] = rows[:, :, :W - 1]                   # left neighbour
     taps[1:H + 1, :, :, 1] = rows                                  # centre
