@@ -45,6 +45,9 @@ class GaussianFourierProjection(nn.Module):
         return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
 
 
+INT32_RANDOM_RANGE = 2 ** 31  # an int32 tensor's random_() draws uniformly from [0, 2³¹)
+
+
 class Dropout(nn.Dropout):
     """``nn.Dropout(p)`` (same function and distribution; no parameters), with a faster mask on CPU.
 
@@ -60,7 +63,7 @@ class Dropout(nn.Dropout):
                 and not torch.compiler.is_compiling()):
             return super().forward(x)
         keep = 1.0 - self.p
-        kept = torch.empty_like(x, dtype=torch.int32).random_() < round(keep * 2 ** 31)  # random_: [0, 2³¹)
+        kept = torch.empty_like(x, dtype=torch.int32).random_() < round(keep * INT32_RANDOM_RANGE)
         return x * kept.to(x.dtype).mul_(1.0 / keep)
 
 
