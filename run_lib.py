@@ -34,7 +34,8 @@ from sde_diffusion.checkpoints import (CheckpointError, TrainState, atomic_write
                                        newest_good_checkpoint, prune_step_checkpoints, remove_stale_temporaries,
                                        rng_state, save_checkpoint, save_npz, step_checkpoint, step_checkpoints,
                                        write_json)
-from sde_diffusion.config import sample_label_rows, validate_config
+from sde_diffusion.config import validate_config
+from sde_diffusion.guidance import sample_label_rows
 from sde_diffusion.datasets import dataset_classes, get_dataset
 from sde_diffusion.ema import ExponentialMovingAverage
 from sde_diffusion.models import create_model, get_score_fn
