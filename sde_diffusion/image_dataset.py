@@ -205,7 +205,7 @@ class ImageDataset:
         return {"batches": self.batches.state_dict()}
 
     def load_state_dict(self, state: Dict) -> None:
-        """Resume the batch order (checkpoints of earlier versions also hold an 'rng' entry, no longer used)."""
+        """Resume the batch order (an 'rng' entry, which some checkpoints hold, is ignored)."""
         self.batches.load_state_dict(state["batches"])
         self._worker_batches = None  # workers restart from the restored position
 

@@ -53,7 +53,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from .checkpoints import atomic_write
-from .datasets import ImageDataset
+from .image_dataset import ImageDataset
 from .errors import ConfigError, DatasetError, choice, positive
 
 log = logging.getLogger("sde_diffusion")
