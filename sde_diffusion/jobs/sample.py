@@ -18,14 +18,11 @@ from ..datasets import dataset_classes
 from ..guidance import PER_CLASS, sample_label_rows
 from ..models import get_score_fn
 from ..validation import validate_config
-from ..visualize import save_image_grid, save_strip
+from ..visualize import checkerboard_where_unknown, save_image_grid, save_strip
 from . import builder
 from .generation import draw_samples, make_conditioning, save_samples_picture
 
 log = logging.getLogger("sde_diffusion")
-
-MASKED_LEVELS = (0.35, 0.65)  # unknown pixels in the picture's "input" column: a checkerboard of these grey levels
-
 
 def run(config, workdir, eval_folder: str = "samples") -> None:
     """Draw eval.num_samples with config.sampling from the newest numbered checkpoint: PNG grid and .npz.
@@ -108,13 +105,10 @@ def conditioning_constraint(config, sde, dataset, originals: torch.Tensor, mask:
 
 def conditioning_picture_inputs(config, originals: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """What the sampler was given, viewable in [0, 1]: the grey images, or the known pixels with a checkerboard
-    (MASKED_LEVELS) where pixels are unknown."""
+    where pixels are unknown."""
     if config.sampling.colorize:
         return controllable.to_grey(originals).expand_as(originals)
-    rows, cols = torch.meshgrid(torch.arange(originals.shape[-2]), torch.arange(originals.shape[-1]), indexing="ij")
-    dark, light = MASKED_LEVELS
-    checker = torch.where((rows + cols) % 2 == 0, dark, light).to(originals)
-    return torch.where(mask, originals, checker.expand_as(originals))
+    return checkerboard_where_unknown(originals, mask)
 
 
 def sample_conditional(config, sde, model, dataset, device, path: Path, out: Path) -> None:
