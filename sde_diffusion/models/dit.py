@@ -91,7 +91,7 @@ class DiTBlock(nn.Module):
         self.norm_1 = nn.LayerNorm(dim, elementwise_affine=False, eps=LAYER_NORM_EPS)
         self.attn = SelfAttention(dim, num_heads)
         self.norm_2 = nn.LayerNorm(dim, elementwise_affine=False, eps=LAYER_NORM_EPS)
-        self.mlp = nn.Sequential(xavier_linear(dim, hidden), nn.GELU(approximate="tanh"), layers.Dropout(dropout),
+        self.mlp = nn.Sequential(xavier_linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
                                  xavier_linear(hidden, dim))
         self.adaLN = nn.Sequential(nn.SiLU(), zero_linear(dim, 6 * dim))
 
