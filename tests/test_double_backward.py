@@ -114,20 +114,20 @@ def test_dropout_is_active_in_train_mode():
         assert torch.equal(model(x, cond), model(x, cond))
 
 
-GRADGRADCHECK_TENSORS = 5  # x and about this many weight tensors, spread over the network (each costs evaluations)
+GRADGRADCHECK_TENSORS = 5  # x and about this many weight matrices, spread over the network (each costs evaluations)
 
 
 @pytest.mark.parametrize("case", ["ncsnpp-fir-progressive", "dit"])
 def test_second_derivatives_match_finite_differences(case):
     """float64, eval mode: the Jacobian of the input and weight gradients (vector-Jacobian products of the output)
     against central differences of them, along random directions (gradgradcheck's fast mode), for x and weight
-    tensors from the input, middle and output layers."""
+    matrices from the input to the output layer."""
     config = network_config(**dict(CASES[case], nf=8, embedding_type="fourier"), dropout=0.0)
     torch.manual_seed(0)
     model = randomized_(create_model(config).double()).eval()
     x, cond = inputs(config, dtype=torch.float64)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    names = trainable[::len(trainable) // GRADGRADCHECK_TENSORS] + trainable[-1:]
+    matrices = [n for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]  # conv/linear weights
+    names = list(dict.fromkeys(matrices[::len(matrices) // GRADGRADCHECK_TENSORS] + matrices[-1:]))
     params = {n: p.detach() for n, p in model.named_parameters()}
 
     def network(x, *weights):
