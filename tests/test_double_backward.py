@@ -2,15 +2,13 @@
 divergence-in-the-loss objectives take them: train mode on CPU (dropout active), NCHW and channels_last, a
 256-channel case, and float64 checks of the second derivatives against finite differences.
 
-The networks are stock torch layers. Their attention is ``F.scaled_dot_product_attention``, whose fused kernels
-(CPU flash, CUDA flash/memory-efficient) have no double backward; its math backend has one. Higher-order
-gradients are therefore taken with the forward pass under ``sdpa_kernel(SDPBackend.MATH)``, as a user does."""
+The networks are stock torch layers; on CPU their attention is written out with matmul and softmax
+(`layers.attention`), so no context manager is needed."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sde_diffusion.config import default_config, validate_config
 from sde_diffusion.models import MODELS, create_model
@@ -75,8 +73,7 @@ def gradient_penalty_grads(model: torch.nn.Module, x: torch.Tensor, cond: torch.
     """∂P/∂(x, θ) of P = Σ ‖∂L/∂v‖² over v ∈ (x, θ), L = Σ model(x)²: a double backward through the network."""
     weights = [p for p in model.parameters() if p.requires_grad]
     x = x.detach().requires_grad_(True)
-    with sdpa_kernel(SDPBackend.MATH):
-        first = torch.autograd.grad(model(x, cond).pow(2).sum(), [x] + weights, create_graph=True)
+    first = torch.autograd.grad(model(x, cond).pow(2).sum(), [x] + weights, create_graph=True)
     penalty = sum(g.pow(2).sum() for g in first)
     return torch.autograd.grad(penalty, [x] + weights)
 
@@ -134,5 +131,4 @@ def test_second_derivatives_match_finite_differences(case):
         return functional_call(model, {**params, **dict(zip(names, weights))}, (x, cond))
 
     weights = [params[n].clone().requires_grad_(True) for n in names]
-    with sdpa_kernel(SDPBackend.MATH):
-        assert torch.autograd.gradgradcheck(network, [x.requires_grad_(True)] + weights, fast_mode=True)
+    assert torch.autograd.gradgradcheck(network, [x.requires_grad_(True)] + weights, fast_mode=True)

@@ -20,14 +20,28 @@ def get_act(name: str) -> nn.Module:
     return ACTIVATIONS[name.lower()]()
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ/√d) v over (..., N, d) tokens.
+
+    On CUDA this is `F.scaled_dot_product_attention` (flash / memory-efficient kernels); elsewhere it is written out
+    with matmul and softmax, which autograd differentiates to any order (the fused kernels have no double backward:
+    on a GPU, take higher-order gradients under `torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`).
+    """
+    if q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v)
+    weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+    return weights @ v
+
+
 def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
-    """DDPM sinusoidal embedding of a (batch,) tensor of noise levels → (batch, dim): [sin | cos]."""
+    """DDPM sinusoidal embedding of a (batch,) tensor of noise levels → (batch, dim): [sin | cos], computed in float32
+    (float64 for float64 levels)."""
     half = dim // 2
     # exp(k · (−log MAX_PERIOD / (half − 1))), in the reference's order of operations (bit-identical frequencies)
     k = torch.arange(half, device=timesteps.device, dtype=torch.float32)
     freqs = torch.exp(k * -(math.log(MAX_PERIOD) / (half - 1)))
     args = timesteps.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1).to(torch.promote_types(timesteps.dtype, torch.float32))
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 

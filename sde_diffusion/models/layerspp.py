@@ -186,7 +186,7 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         q, k, v = self.qkv(tokens).unsqueeze(1).chunk(3, dim=-1)  # each (B, 1, HW, C): one head of width C
-        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (B, HW, C)
+        h = layers.attention(q, k, v).squeeze(1)  # (B, HW, C)
         h = self.proj_out(h).transpose(1, 2).unflatten(2, (H, W))
         return residual_sum(x, h, self.skip_rescale)
 
