@@ -4,14 +4,13 @@
     python benchmarks/train_step.py --device cuda --batch 128 --precisions fp32,bf16,bf16+compile \\
         --formats channels_last --optimizers fused --peak-tflops 989                                  # GPU
 
-Prints one JSON line per (memory format, CPU weight-gradient kernel, optimizer, precision) with the median over
-`repeats` timed steps (after `warmup` untimed ones), images/s, the model FLOPs utilisation when --peak-tflops is
-given, and the ratio of its median to the first row's. The variants are timed in interleaved rounds (one step of
-each per round), so that load from other jobs on a shared machine falls on all of them alike.
+Prints one JSON line per (memory format, optimizer, precision) with the median over `repeats` timed steps (after
+`warmup` untimed ones), images/s, the model FLOPs utilisation when --peak-tflops is given, and the ratio of its
+median to the first row's. The variants are timed in interleaved rounds (one step of each per round), so that load
+from other jobs on a shared machine falls on all of them alike.
 A step is the config's loss through `get_score_fn`, backward, and `losses.optimization_step` (warm-up
 learning rate, gradient clipping, Adam), as in run_lib.train; 'training' is the optimizer run_lib builds
-(losses.make_optimizer), 'fused' the same Adam with fused=True. --conv-weight-grad 'gemm' is the networks' own
-3×3 convolution (models/convs.py: on CPU, the weight gradient by GEMMs), 'onednn' the stock nn.Conv2d kernels.
+(losses.make_optimizer), 'fused' the same Adam with fused=True.
 The eval forward is one network call in eval mode under torch.inference_mode. Model FLOPs are counted by
 torch.utils.flop_counter (a training step counts as 3× the forward: forward, and backward to inputs and to
 weights).
@@ -34,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sde_diffusion import losses  # noqa: E402
 from sde_diffusion.config import load_config_file  # noqa: E402
 from sde_diffusion.models import create_model, get_score_fn  # noqa: E402
-from sde_diffusion.models.convs import Conv3x3  # noqa: E402
 from sde_diffusion.sdes import sde_from_config  # noqa: E402
 
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (input and weight gradients)
@@ -79,8 +77,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--formats", default="contiguous,channels_last")
     parser.add_argument("--optimizers", default="training,fused")
-    parser.add_argument("--conv-weight-grad", default="gemm",
-                        help="gemm (the networks' CPU kernel), onednn (stock nn.Conv2d), or both: gemm,onednn")
     parser.add_argument("--precisions", default="fp32", help="any of fp32, bf16, bf16+compile (comma-separated)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU column")
     args = parser.parse_args()
@@ -91,38 +87,34 @@ def main() -> None:
     sde = sde_from_config(config)
     d, continuous = config.data, config.training.continuous
     loss_fn = losses.get_loss_fn(sde, continuous=continuous, reduce_mean=config.training.reduce_mean)
-    variants = {}  # (format, kernel, optimizer, precision) → (train step, eval forward, forward FLOPs)
+    variants = {}  # (format, optimizer, precision) → (train step, eval forward, forward FLOPs)
     for fmt in args.formats.split(","):
         memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
         x0 = torch.rand(args.batch, d.num_channels, d.image_size, d.image_size, device=device)
         x0 = x0.contiguous(memory_format=memory_format)
         cond = sde.noise_condition(torch.full((args.batch,), 0.5, device=device), continuous)
-        for kernel in args.conv_weight_grad.split(","):
-            torch.manual_seed(0)
-            base = create_model(config).to(device=device, memory_format=memory_format)
-            for module in base.modules():
-                if isinstance(module, Conv3x3):
-                    module.gemm_weight_grad = kernel == "gemm"
-            flops = forward_flops(base, x0, cond)
-            n_params = sum(p.numel() for p in base.parameters())
-            for precision in args.precisions.split(","):
-                for kind in args.optimizers.split(","):
-                    variants[fmt, kernel, kind, precision] = make_variant(
-                        base, config, sde, loss_fn, x0, cond, kind, precision) + (flops,)
+        torch.manual_seed(0)
+        base = create_model(config).to(device=device, memory_format=memory_format)
+        flops = forward_flops(base, x0, cond)
+        n_params = sum(p.numel() for p in base.parameters())
+        for precision in args.precisions.split(","):
+            for kind in args.optimizers.split(","):
+                variants[fmt, kind, precision] = make_variant(
+                    base, config, sde, loss_fn, x0, cond, kind, precision) + (flops,)
 
     fns = {}
-    for (fmt, kernel, kind, precision), (train_step, eval_forward, _) in variants.items():
-        fns[fmt, kernel, kind, precision, "train"] = train_step
-        fns[fmt, kernel, precision, "forward"] = eval_forward  # once per model and precision, whatever the optimizer
+    for (fmt, kind, precision), (train_step, eval_forward, _) in variants.items():
+        fns[fmt, kind, precision, "train"] = train_step
+        fns[fmt, precision, "forward"] = eval_forward  # once per model and precision, whatever the optimizer
     times = interleaved(fns, args.warmup, args.repeats, device)
     first = None
     for key, (_, _, flops) in variants.items():
-        fmt, kernel, kind, precision = key
-        train, forward = times[key + ("train",)], times[fmt, kernel, precision, "forward"]
+        fmt, kind, precision = key
+        train, forward = times[key + ("train",)], times[fmt, precision, "forward"]
         step_s, forward_s = statistics.median(train), statistics.median(forward)
         first = first or (step_s, forward_s)
         row = {"config": args.config, "device": str(device), "batch": args.batch, "format": fmt,
-               "conv_weight_grad": kernel, "optimizer": kind, "precision": precision, "params": n_params,
+               "optimizer": kind, "precision": precision, "params": n_params,
                "forward_gflops": round(flops / 1e9, 1),
                "train_step_s_median": round(step_s, 4), "eval_forward_s_median": round(forward_s, 4),
                "train_step_s_min": round(min(train), 4),

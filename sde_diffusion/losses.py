@@ -157,27 +157,6 @@ def optimization_step(optimizer: torch.optim.Optimizer, params, step: int, optim
 
 
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
-    """Scale the gradients by min(1, max_norm / (‖g‖ + 1e-6)), ‖g‖ the 2-norm of all of them together, as
-    ``nn.utils.clip_grad_norm_`` does; returns ‖g‖ (float32, on the first gradient's device).
-
-    The per-tensor norms are one ``_foreach_norm`` per device and dtype (``clip_grad_norm_`` loops over the
-    tensors in Python on CPU). On CPU the scaling pass is skipped when nothing is clipped, which is most steps;
-    on GPUs it always runs, with the factor on the device, so the step never waits for the host."""
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for p in params:
-        if p.grad is not None:
-            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
-    if not groups:
-        return torch.tensor(0.0)
-    device = next(iter(groups))[0]
-    norms = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float().to(device)
-             for grads in groups.values()]
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    if max_norm == float("inf"):
-        return total
-    factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    if device.type == "cpu" and factor.item() == 1.0:
-        return total
-    for (grad_device, _), grads in groups.items():
-        torch._foreach_mul_(grads, factor.to(grad_device))
-    return total
+    """Scale the gradients of `params` in place by min(1, max_norm / (‖g‖ + 1e-6)), ‖g‖ the 2-norm of all of
+    them together; returns ‖g‖ before scaling (a 0-d tensor). Exactly ``nn.utils.clip_grad_norm_``."""
+    return nn.utils.clip_grad_norm_(params, max_norm=max_norm)

@@ -121,8 +121,8 @@ def test_warmup_and_gradient_clipping():
 
 @pytest.mark.parametrize("max_norm", [0.5, 100.0, float("inf")])
 def test_clip_grad_norm_equals_torchs(max_norm):
-    """losses.clip_grad_norm (foreach norms; no scaling pass when nothing is clipped) against
-    nn.utils.clip_grad_norm_, on float32 and float64 gradients together."""
+    """losses.clip_grad_norm against nn.utils.clip_grad_norm_ and the 2-norm computed directly, on float32 and
+    float64 gradients together and a parameter without a gradient."""
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g, dtype=torch.float64),
              torch.randn(2, 2, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)]

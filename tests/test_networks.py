@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import math
 from pathlib import Path
 
 import pytest
@@ -295,26 +294,3 @@ def test_dit_patchify_then_unpatchify_is_the_identity():
         validate_config(small_config(name="dit", nf=32, num_heads=2, patch_size=3))
     with pytest.raises(ConfigError, match="num_heads"):
         validate_config(small_config(name="dit", nf=32, num_heads=3, patch_size=2))
-
-
-def test_cpu_dropout_mask_has_the_right_rate_scale_gradient_and_seed():
-    """layers.Dropout's CPU mask (31-bit integers against a threshold) is dropout with rate p: kept entries are
-    x/(1−p), the kept fraction is 1−p within 5 binomial standard deviations, the gradient is the same mask,
-    and the default generator's seed fixes it."""
-    from sde_diffusion.models.layers import Dropout
-    p, n = 0.1, 1_000_000
-    drop = Dropout(p).train()
-    x = (torch.rand(8, 125, 25, 40) + 0.5).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    torch.manual_seed(3)
-    y = drop(x)
-    kept = y != 0
-    assert abs(kept.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
-    torch.testing.assert_close(y[kept], x.detach()[kept] / (1 - p))
-    assert y.is_contiguous(memory_format=torch.channels_last)
-    y.sum().backward()
-    torch.testing.assert_close(x.grad, kept.float() / (1 - p))
-    torch.manual_seed(3)
-    assert torch.equal(drop(x) != 0, kept)
-    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
-    half = Dropout(0.5).train()(torch.ones(n))
-    assert abs((half != 0).float().mean().item() - 0.5) < 5 * 0.5 / math.sqrt(n)

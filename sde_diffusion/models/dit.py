@@ -66,7 +66,7 @@ def xavier_linear(in_dim: int, out_dim: int) -> nn.Linear:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over tokens (B, N, D) through scaled_dot_product_attention."""
+    """Multi-head self-attention over tokens (B, N, D) (`layers.attention`)."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -77,7 +77,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, N, D = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, D / heads)
+        h = layers.attention(q, k, v)  # (B, heads, N, D / heads)
         return self.proj(h.transpose(1, 2).reshape(B, N, D))
 
 
@@ -91,7 +91,7 @@ class DiTBlock(nn.Module):
         self.norm_1 = nn.LayerNorm(dim, elementwise_affine=False, eps=LAYER_NORM_EPS)
         self.attn = SelfAttention(dim, num_heads)
         self.norm_2 = nn.LayerNorm(dim, elementwise_affine=False, eps=LAYER_NORM_EPS)
-        self.mlp = nn.Sequential(xavier_linear(dim, hidden), nn.GELU(approximate="tanh"), layers.Dropout(dropout),
+        self.mlp = nn.Sequential(xavier_linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
                                  xavier_linear(hidden, dim))
         self.adaLN = nn.Sequential(nn.SiLU(), zero_linear(dim, 6 * dim))
 

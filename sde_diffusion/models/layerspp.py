@@ -147,7 +147,7 @@ class ResnetBlock(nn.Module):
         self.conv_0 = layers.conv3x3(in_ch, out_ch)
         self.temb_proj = layers.linear(temb_dim, out_ch) if temb_dim else None
         self.norm_1 = group_norm(out_ch, groups)
-        self.dropout = layers.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         self.conv_1 = layers.conv3x3(out_ch, out_ch, init_scale=init_scale)
         needs_shortcut = in_ch != out_ch or resample is not None
         self.shortcut = layers.conv1x1(in_ch, out_ch, init_scale=shortcut_init_scale) if needs_shortcut else None
@@ -186,7 +186,7 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         q, k, v = self.qkv(tokens).unsqueeze(1).chunk(3, dim=-1)  # each (B, 1, HW, C): one head of width C
-        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (B, HW, C)
+        h = layers.attention(q, k, v).squeeze(1)  # (B, HW, C)
         h = self.proj_out(h).transpose(1, 2).unflatten(2, (H, W))
         return residual_sum(x, h, self.skip_rescale)
 
