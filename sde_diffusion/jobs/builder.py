@@ -39,6 +39,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global random streams."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -93,6 +94,7 @@ def build(config, device, rank: int = 0, world_size: int = 1):
 
 
 def make_ema(config, model: nn.Module) -> ExponentialMovingAverage:
+    """The EMA of the model's weights at rate model.ema_rate."""
     return ExponentialMovingAverage(model.parameters(), config.model.ema_rate)
 
 
@@ -160,6 +162,7 @@ def sampler_settings(config, sde: SDE) -> Dict:
 
 # --------------------------------------------------------------------------------------------------
 def numbered_checkpoint(workdir: Path, k: int) -> Path:
+    """workdir/checkpoints/checkpoint_<k>.pth."""
     return step_checkpoint(Path(workdir) / NUMBERED, k)
 
 
