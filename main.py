@@ -17,18 +17,12 @@ import run_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py) with get_config().", lock_config=True)
-flags.DEFINE_enum("mode", None, ["train", "eval", "sample", "compare", "train_classifier"],
+flags.DEFINE_enum("mode", None, list(run_lib.JOBS),
                   "What to run (train_classifier: the noise-conditional classifier for classifier guidance).")
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config file stem>).")
 flags.DEFINE_string("eval_folder", None, "Subfolder of workdir for eval reports (default 'eval'), samples "
                     "(default 'samples') or sampler comparisons (default 'compare').")
 flags.mark_flags_as_required(["config", "mode"])
-
-MODES = {"train": lambda c, w, f: run_lib.train(c, w),
-         "eval": lambda c, w, f: run_lib.evaluate(c, w, f or "eval"),
-         "sample": lambda c, w, f: run_lib.sample(c, w, f or "samples"),
-         "compare": lambda c, w, f: run_lib.compare(c, w, f or "compare"),
-         "train_classifier": lambda c, w, f: run_lib.train_classifier(c, w)}
 
 
 def main(argv):
@@ -43,7 +37,7 @@ def main(argv):
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s %(levelname)s {f'[rank {rank}] ' if rank else ''}%(message)s",
                         handlers=handlers, force=True)
-    MODES[FLAGS.mode](FLAGS.config, workdir, FLAGS.eval_folder)
+    run_lib.JOBS[FLAGS.mode](FLAGS.config, workdir, FLAGS.eval_folder)
 
 
 if __name__ == "__main__":

@@ -1,1 +1,2 @@
-"""Sample-quality metrics (FID / KID / IS on clean-fid); see issue [5/7]."""
+"""Sample quality for the jobs: Inception features, FID / KID / IS (clean-fid), reference statistics, resumable
+sampling rounds, sampler-comparison tables."""

@@ -23,17 +23,10 @@ import torch
 from torch import nn
 
 from .ema import ExponentialMovingAverage
+from .errors import CheckpointError, CorruptCheckpointError  # noqa: F401  (importable from here too)
 
 
 log = logging.getLogger("sde_diffusion")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or made for another config; the message names the file."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A checkpoint file is truncated, altered, or not a checkpoint: an earlier one can be used instead."""
 
 
 def atomic_write(path, write) -> None:

@@ -20,10 +20,12 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .datasets import declared_classes, is_image_data
+from .errors import ConfigError, positive
 from .models import layers
 from .models.layerspp import group_norm, ncsnpp_groups
 from .models.mlp import ResidualMLPBlock
-from .models.ncsnpp import Blocks, DownLevel, MiddleBlock, UNetOptions
+from .models.ncsnpp import Blocks, DownLevel, MiddleBlock, UNetOptions, check_resolutions
 from .models.score_fn import Labels, batch_labels
 from .sdes import SDE, batch_time, per_sample
 
@@ -50,13 +52,7 @@ def encoder_options(config) -> UNetOptions:
 def check_encoder(config) -> None:
     """Raise ValueError naming the classifier.* key when the U-Net encoder cannot be built from config."""
     o = encoder_options(config)
-    if o.image_size % 2 ** (len(o.ch_mult) - 1):
-        raise ValueError(f"data.image_size={o.image_size} cannot be halved {len(o.ch_mult) - 1} times for "
-                         f"classifier.ch_mult={o.ch_mult}")
-    unreachable = [r for r in o.attn_resolutions if r not in o.resolutions]
-    if unreachable:
-        raise ValueError(f"classifier.attn_resolutions has {unreachable}, which the encoder never reaches (its "
-                         f"resolutions are {o.resolutions})")
+    check_resolutions(o, "classifier")
     with torch.device("meta"):
         EncoderClassifier(o, num_classes=2)  # every width and GroupNorm group count
 
@@ -118,8 +114,7 @@ class MLPClassifier(nn.Module):
 
 def create_classifier(config, num_classes: int) -> nn.Module:
     """The classifier for config.data: the U-Net encoder for images, the residual MLP for vectors."""
-    from .datasets import IMAGE_DATASETS
-    if config.data.dataset.lower() in IMAGE_DATASETS:
+    if is_image_data(config):
         return EncoderClassifier(encoder_options(config), num_classes)
     return MLPClassifier(config, num_classes)
 
@@ -171,3 +166,17 @@ def grad_log_p_y_fn(sde: SDE, model: nn.Module, labels: Labels) -> Callable[[tor
             return torch.autograd.grad(chosen, x_in)[0].detach()
 
     return grad_log_p_y
+
+
+def check_config(config) -> None:
+    """The classifier.* keys, and for labelled image data that the encoder builds. Raises ConfigError."""
+    c = config.classifier
+    for key in ("nf", "num_res_blocks", "n_iters", "lr", "log_freq"):
+        positive(f"classifier.{key}", c[key])
+    if not 0.0 <= c.dropout < 1.0:
+        raise ConfigError(f"classifier.dropout must lie in [0, 1), got {c.dropout}")
+    if declared_classes(config) != 0 and is_image_data(config):
+        try:
+            check_encoder(config)
+        except ValueError as err:
+            raise ConfigError(f"config.classifier cannot be built: {err}") from err

@@ -1,13 +1,16 @@
-"""The configuration schema: every key a config may set, with its default, and start-up validation.
+"""The configuration schema: every key a config may set, with its default.
 
 Config files in configs/ start from `default_config()`, which is *locked*: assigning a key that is not
 defined here (a typo such as `config.model.nff`) raises at once, and so does a value of the wrong type.
-Section and key names follow score_sde_pytorch wherever the concept is the same.
+Section and key names follow score_sde_pytorch wherever the concept is the same. `validate_config` checks a
+config by asking each section's owner (sde_diffusion/validation.py).
 """
 from __future__ import annotations
 
 import ml_collections
 from ml_collections.config_dict import placeholder
+
+from .errors import ConfigError  # noqa: F401  (importable from here too)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -205,230 +208,9 @@ def load_config_file(path) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-class ConfigError(ValueError):
-    """A config value or combination that cannot work; the message names the key and the fix."""
-
-
-def _choice(key: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not one of {sorted(allowed)}")
-
-
-def _positive(key: str, value) -> None:
-    if not value > 0:
-        raise ConfigError(f"{key} must be > 0, got {value}")
-
-
-def _check_bpd(e) -> None:
-    """The eval.bpd_* keys (sde_diffusion.likelihood.evaluate_bpd)."""
-    from .likelihood import DIVERGENCES
-    _choice("eval.bpd_dataset", e.bpd_dataset, ("test", "train"))
-    _choice("eval.bpd_divergence", e.bpd_divergence, DIVERGENCES)
-    for key in ("bpd_repeats", "bpd_rtol", "bpd_atol"):
-        _positive(f"eval.{key}", e[key])
-    if e.bpd_num_batches is not None:
-        _positive("eval.bpd_num_batches", e.bpd_num_batches)
-    if not 0.0 < e.bpd_eps < 1.0:
-        raise ConfigError(f"eval.bpd_eps must lie in (0, 1), got {e.bpd_eps}")
-
-
-def _check_training_engine(config) -> None:
-    """Precision, compilation, memory format, non-finite policy and checkpoint retention."""
-    from . import train_step
-    t = config.training
-    _choice("training.precision", t.precision, train_step.PRECISIONS)
-    _choice("training.on_nonfinite", t.on_nonfinite, train_step.NONFINITE_POLICIES)
-    _positive("training.keep_meta_checkpoints", t.keep_meta_checkpoints)
-    if t.channels_last and config.model.name in ("mlp", "dit"):
-        raise ConfigError(f"training.channels_last=True applies to convolutional networks; model.name="
-                          f"{config.model.name!r} has none: set training.channels_last=False")
-    if t.compile:
-        import torch._dynamo
-        backends = torch._dynamo.list_backends(exclude_tags=())
-        _choice("training.compile_backend", t.compile_backend, backends)
-
-
-def _check_data(d) -> None:
-    """The data loader keys and the data.dataset='folder' keys (sde_diffusion/image_folder.py)."""
-    from . import datasets
-    if d.num_workers < 0:
-        raise ConfigError(f"data.num_workers must be ≥ 0 (0: batches built in the main process), got {d.num_workers}")
-    if d.dataset.lower() != datasets.FOLDER:
-        return
-    from . import image_folder  # Pillow, only for your own images
-    _choice("data.resize_filter", d.resize_filter, image_folder.RESIZE_FILTERS)
-    _choice("data.num_channels", d.num_channels, (1, 3))
-    _positive("data.image_size", d.image_size)
-    if not 0.0 <= d.test_fraction < 1.0:
-        raise ConfigError(f"data.test_fraction must lie in [0, 1) (0: the test split is the training set), "
-                          f"got {d.test_fraction}")
-    if not d.labels.strip():
-        raise ConfigError("data.labels is empty: use 'none', 'folders' or the path of a labels file")
-
-
-def _check_conditional_sampling(config) -> None:
-    """The sampling.* keys of conditional sampling (inpainting, colorization) in --mode sample."""
-    from . import controllable, datasets
-    s, d = config.sampling, config.data
-    _choice("sampling.conditioning_method", s.conditioning_method, controllable.METHODS)
-    _positive("sampling.resample", s.resample)
-    if s.inpaint_mask is None and not s.colorize:
-        if s.inpaint_image is not None:
-            raise ConfigError("sampling.inpaint_image is set but there is nothing to condition on: set "
-                              "sampling.inpaint_mask (inpainting) or sampling.colorize=True")
-        return
-    if s.inpaint_mask is not None and s.colorize:
-        raise ConfigError("sampling.inpaint_mask and sampling.colorize=True are two different tasks: set one")
-    if d.dataset.lower() not in datasets.IMAGE_DATASETS:
-        raise ConfigError(f"inpainting and colorization need image data, not data.dataset={d.dataset!r}")
-    if s.colorize and d.num_channels != 3:
-        raise ConfigError(f"sampling.colorize=True needs 3-channel (RGB) data, but data.num_channels="
-                          f"{d.num_channels}")
-    shape = (d.num_channels, d.image_size, d.image_size)
-    for key, load in (("inpaint_mask", controllable.load_mask), ("inpaint_image", controllable.load_image)):
-        if s[key] is not None:
-            try:
-                load(s[key], shape)
-            except (ValueError, OSError) as err:
-                raise ConfigError(f"sampling.{key}: {err}") from err
-
-
-PER_CLASS = "per_class"  # sampling.class_labels=per_class: one grid row per class
-
-
-def sample_label_rows(config, num_classes: int):
-    """The class labels sampling.class_labels asks for, one grid row each: a tuple of ints, () for none;
-    'per_class' means 0..num_classes−1 (the dataset's classes)."""
-    labels = tuple(config.sampling.class_labels)
-    return tuple(range(num_classes)) if labels == (PER_CLASS,) else labels
-
-
-def _check_classes(config) -> None:
-    """Class-conditional models, label dropout, guidance and the classifier (guidance.py, classifier.py)."""
-    from . import datasets
-    t, s, m, c, d = config.training, config.sampling, config.model, config.classifier, config.data
-    if d.dataset.lower() == datasets.FOLDER and d.labels != "none":
-        classes = m.num_classes or None  # counted when the images are loaded (datasets.check_classes)
-        has_labels = f"has labels (data.labels={d.labels!r})"
-    else:
-        classes = datasets.NUM_CLASSES.get(d.dataset.lower(), 0)
-        has_labels = f"has {classes} classes" if classes else "has no class labels"
-    if m.num_classes < 0 or (m.num_classes and classes is not None and m.num_classes != classes):
-        raise ConfigError(f"model.num_classes={m.num_classes}, but data.dataset={d.dataset!r} {has_labels}: set "
-                          f"model.num_classes={classes or 0} (or 0 for an unconditional model)")
-    if m.num_classes and not m.conditional:
-        raise ConfigError("model.num_classes > 0 adds the label embedding to the noise embedding: set "
-                          "model.conditional=True")
-    if not 0.0 <= t.label_dropout < 1.0:
-        raise ConfigError(f"training.label_dropout must lie in [0, 1), got {t.label_dropout}")
-    if t.label_dropout and not m.num_classes:
-        raise ConfigError("training.label_dropout > 0 drops class labels, but the model is unconditional: set "
-                          f"model.num_classes={classes or 'N (the number of classes)'} or training.label_dropout=0")
-    if s.guidance_scale < 0:
-        raise ConfigError(f"sampling.guidance_scale must be ≥ 0, got {s.guidance_scale}")
-    if s.guidance_scale and not m.num_classes:
-        raise ConfigError("sampling.guidance_scale ≠ 0 (classifier-free guidance) needs a class-conditional model: "
-                          "set model.num_classes and train with training.label_dropout > 0")
-    if s.guidance_scale and not t.label_dropout:
-        raise ConfigError("sampling.guidance_scale ≠ 0 needs the unconditional score, which the null label only "
-                          "learns with training.label_dropout > 0 (e.g. 0.1): retrain with it, or set "
-                          "sampling.guidance_scale=0")
-    if s.classifier_scale < 0:
-        raise ConfigError(f"sampling.classifier_scale must be ≥ 0, got {s.classifier_scale}")
-    if s.classifier_scale and classes == 0:
-        raise ConfigError(f"sampling.classifier_scale > 0 needs a classifier, but data.dataset={d.dataset!r} "
-                          f"{has_labels} to train one on")
-    labels = tuple(s.class_labels)
-    if labels and labels != (PER_CLASS,):
-        if not all(isinstance(y, int) and not isinstance(y, bool) for y in labels):
-            raise ConfigError(f"sampling.class_labels={labels!r} must be class indices such as (3,) or (0, 5), or "
-                              f"{PER_CLASS!r}")
-        if classes is not None and not all(0 <= y < classes for y in labels):
-            raise ConfigError(f"sampling.class_labels={labels!r}: data.dataset={d.dataset!r} {has_labels}, so "
-                              f"labels must lie in 0..{classes - 1}")
-    if labels and not (m.num_classes or s.classifier_scale):
-        raise ConfigError("sampling.class_labels needs a class-conditional model (model.num_classes > 0) or "
-                          "classifier guidance (sampling.classifier_scale > 0)")
-    for key in ("nf", "num_res_blocks", "n_iters", "lr", "log_freq"):
-        _positive(f"classifier.{key}", c[key])
-    if not 0.0 <= c.dropout < 1.0:
-        raise ConfigError(f"classifier.dropout must lie in [0, 1), got {c.dropout}")
-    if classes != 0 and d.dataset.lower() in datasets.IMAGE_DATASETS:
-        from .classifier import check_encoder
-        try:
-            check_encoder(config)
-        except ValueError as err:
-            raise ConfigError(f"config.classifier cannot be built: {err}") from err
-
-
 def validate_config(config) -> None:
-    """Check values and combinations before any compute is spent; raises ConfigError naming the key."""
-    from . import datasets, models, sampling, sdes  # late imports: the schema itself needs only ml_collections
-
-    t, s, m, d, e = config.training, config.sampling, config.model, config.data, config.eval
-    _choice("training.sde", t.sde.lower(), sdes.SDES)
-    _choice("model.name", m.name, models.MODELS)
-    _choice("data.dataset", d.dataset.lower(), datasets.DATASETS)
-    _choice("model.beta_schedule", m.beta_schedule, sdes.BETA_SCHEDULES)
-    _choice("sampling.method", s.method, sampling.SAMPLERS)
-    _choice("sampling.predictor", s.predictor, sampling.PREDICTORS)
-    _choice("sampling.corrector", s.corrector, sampling.CORRECTORS)
-    _choice("sampling.sde_method", s.sde_method, sampling.SDE_METHODS)
-    _choice("sampling.ode_backend", s.ode_backend, sampling.ODE_BACKENDS)
-    _choice("sampling.order", s.order, (1, 2, 3))
-    if s.grid is not None:
-        _choice("sampling.grid", s.grid, sampling.GRIDS)
-    for key in ("rtol", "atol", "rho"):
-        _positive(f"sampling.{key}", s[key])
-    if s.eta < 0:
-        raise ConfigError(f"sampling.eta must be ≥ 0, got {s.eta}")
-    if s.method == "pc" and s.predictor == "ancestral_sampling" and s.probability_flow:
-        raise ConfigError("sampling.predictor='ancestral_sampling' is stochastic: with sampling.probability_flow=True "
-                          "use euler_maruyama or reverse_diffusion")
-    for key in ("training.batch_size", "training.n_iters", "training.log_freq", "training.eval_freq",
-                "training.snapshot_freq", "training.snapshot_freq_for_preemption", "eval.batch_size",
-                "eval.num_samples", "sampling.num_grid_samples", "model.num_scales", "optim.lr"):
-        section, name = key.split(".")
-        _positive(key, config[section][name])
-    if not 0.0 < t.eps < 1.0:
-        raise ConfigError(f"training.eps must lie in (0, 1), got {t.eps}")
-    if not t.continuous and not sdes.SDES[t.sde.lower()].has_discrete_chain:
-        raise ConfigError(f"training.sde={t.sde!r} has no discrete chain, so training.continuous=False (DDPM/SMLD "
-                          "loss) is impossible: set training.continuous=True")
-    if not t.continuous and t.likelihood_weighting:
-        raise ConfigError("training.likelihood_weighting=True needs training.continuous=True")
-    if t.importance_sampling and not t.likelihood_weighting:
-        raise ConfigError("training.importance_sampling=True samples t for the likelihood-weighted loss: set "
-                          "training.likelihood_weighting=True")
-    _check_bpd(e)
-    _check_training_engine(config)
-    if e.enable_bpd and d.dataset.lower() not in datasets.IMAGE_DATASETS:
-        raise ConfigError(f"eval.enable_bpd=True measures bits/dim of K-level discrete images, but data.dataset="
-                          f"{d.dataset!r} is continuous vector data: set eval.enable_bpd=False (eval reports its "
-                          "exact NLL where the data has a density)")
-    _check_conditional_sampling(config)
-    _check_classes(config)
-    if s.steps is not None and s.steps < 1:
-        raise ConfigError(f"sampling.steps must be ≥ 1 (or None for model.num_scales), got {s.steps}")
-    if e.begin_ckpt > e.end_ckpt:
-        raise ConfigError(f"eval.begin_ckpt={e.begin_ckpt} is after eval.end_ckpt={e.end_ckpt}")
-    if m.name != "mlp" and d.dataset.lower() in datasets.TOY_SAMPLERS:
-        raise ConfigError(f"data.dataset={d.dataset!r} is vector data: use model.name='mlp'")
-    if m.name == "mlp" and d.dataset.lower() in datasets.IMAGE_DATASETS:
-        raise ConfigError(f"model.name='mlp' is for vector data, not the image dataset {d.dataset!r}")
-    check_model = getattr(models.MODELS[m.name], "check_config", None)  # the network's own option rules
-    if check_model is not None:
-        try:
-            check_model(config)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
-    _check_data(d)
-    if d.dataset.lower() in datasets.IMAGE_DATASETS and m.name in ("ddpm", "ncsnpp"):
-        size, levels = d.image_size, len(m.ch_mult) - 1
-        if size % 2**levels:
-            raise ConfigError(f"data.image_size={size} cannot be halved {levels} times for model.ch_mult={m.ch_mult}")
-        reached = {size // 2**i for i in range(levels + 1)}
-        unreachable = [r for r in m.attn_resolutions if r not in reached]
-        if unreachable:
-            raise ConfigError(f"model.attn_resolutions has {unreachable}, which the network never reaches "
-                              f"(its resolutions are {sorted(reached, reverse=True)})")
+    """Check values and combinations before any compute is spent; raises ConfigError naming the key.
+    The checks are each section's owner's (see sde_diffusion/validation.py, imported here only when called, so
+    that the schema itself needs only ml_collections)."""
+    from .validation import validate_config as validate
+    validate(config)

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import ConfigError, choice, positive
 from .sampling import _like, _noise
 from .sdes import SDE, ScoreFn
 
@@ -237,3 +238,33 @@ def load_image(path, shape: Sequence[int]) -> torch.Tensor:
     if not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
         raise ValueError(f"image {path} must hold values in [0, 1]")
     return _fit_to(array, shape, "image", path).float()
+
+
+def conditional_task(config) -> bool:
+    """Whether config.sampling asks --mode sample to inpaint or colourize."""
+    return config.sampling.inpaint_mask is not None or config.sampling.colorize
+
+
+def check_config(config) -> None:
+    """The sampling.* keys of inpainting and colorization (the mask and image files are read to check them).
+    Raises ConfigError naming the key."""
+    s, d = config.sampling, config.data
+    choice("sampling.conditioning_method", s.conditioning_method, METHODS)
+    positive("sampling.resample", s.resample)
+    if not conditional_task(config):
+        if s.inpaint_image is not None:
+            raise ConfigError("sampling.inpaint_image is set but there is nothing to condition on: set "
+                              "sampling.inpaint_mask (inpainting) or sampling.colorize=True")
+        return
+    if s.inpaint_mask is not None and s.colorize:
+        raise ConfigError("sampling.inpaint_mask and sampling.colorize=True are two different tasks: set one")
+    if s.colorize and d.num_channels != 3:
+        raise ConfigError(f"sampling.colorize=True needs 3-channel (RGB) data, but data.num_channels="
+                          f"{d.num_channels}")
+    shape = (d.num_channels, d.image_size, d.image_size)
+    for key, load in (("inpaint_mask", load_mask), ("inpaint_image", load_image)):
+        if s[key] is not None:
+            try:
+                load(s[key], shape)
+            except (ValueError, OSError) as err:
+                raise ConfigError(f"sampling.{key}: {err}") from err

@@ -4,9 +4,7 @@ Image datasets keep their uint8 pixels (K grey levels per channel) in memory, sh
 Training batches are float images in [0, 1] (k/(K−1), or (k + u)/K with uniform dequantization),
 optionally flipped, then mapped to the network's input scale by `to_model` ([−1, 1] when
 `data.centered`, else [0, 1]); `from_model` inverts that map. Toy datasets are already in model space.
-Batch order and augmentation are pure functions of (seed, epoch, position), so they are saved in checkpoints and
-resume exactly, whether batches are built in the main process or by DataLoader workers, on one rank or many.
-Your own images (data.dataset='folder') are read by sde_diffusion/image_folder.py.
+Batching (shuffled, sharded, resumable) is sde_diffusion/image_dataset.py's; your own images (data.dataset='folder') are read by sde_diffusion/image_folder.py.
 """
 from __future__ import annotations
 
@@ -17,14 +15,16 @@ import tarfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Dict, Iterator, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.utils.data
 
 from . import toy
 from .distributed import global_rows
+from .errors import ConfigError, DatasetError, choice
+from .image_dataset import (BatchMaker, BatchPlan, ImageDataset, PERMUTATION_SEED_STRIDE,  # noqa: F401
+                            ShuffledBatches, batch_seed, require_labels)
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -36,214 +36,6 @@ CIFAR10_TEST_BATCH = "test_batch"
 DIGITS_LEVELS = 17  # sklearn's 8×8 digits have grey levels 0..16
 DIGITS_TEST_SIZE = 297  # of 1797 images; the remaining 1500 train
 DIGITS_SPLIT_SEED = 0
-
-
-class DatasetError(RuntimeError):
-    """Data missing, malformed or inconsistent with the config; the message says what to do."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Batch order
-# --------------------------------------------------------------------------------------------------
-PERMUTATION_SEED_STRIDE = 1_000_003  # epoch e of seed s is shuffled by torch.randperm with seed s·stride + e
-
-
-class BatchPlan(NamedTuple):
-    """One training batch before it is built: this rank's rows of the dataset and the seed of its augmentation."""
-
-    indices: torch.Tensor  # (batch_size,) int64 rows of the training split for this rank
-    seed: int  # seeds the flips and dequantization noise of the whole global batch
-
-
-def batch_seed(seed: int, epoch: int, position: int) -> int:
-    """The augmentation seed of the global batch starting at `position` of epoch `epoch`: a pure function."""
-    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1, np.uint64)[0] >> 1)  # < 2⁶³
-
-
-class ShuffledBatches:
-    """Endless batches of indices into n examples: a fresh permutation per epoch, the last partial global batch
-    dropped. The order is a pure function of (seed, epoch, position), so `state_dict` resumes it exactly.
-
-    Sharding (an exact, resumable replacement for torch's DistributedSampler): with `world_size` ranks each
-    rank draws the same global batch of batch_size·world_size indices from the same permutation and keeps rows
-    [rank·batch_size, (rank+1)·batch_size). The ranks' batches, concatenated, are exactly the batches that one
-    process with the global batch size draws, and every rank holds the same (epoch, position) state.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        if not 0 <= rank < world_size:
-            raise DatasetError(f"rank {rank} is outside 0..{world_size - 1} (world_size={world_size})")
-        self.global_size = batch_size * world_size
-        if self.global_size > n:
-            raise DatasetError(f"batch size {batch_size} × {world_size} rank(s) = {self.global_size} exceeds the {n} "
-                               "training examples: lower training.batch_size")
-        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
-        self.epoch, self.position = 0, 0
-        self._perm = self._permutation()
-
-    def _permutation(self) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * PERMUTATION_SEED_STRIDE + self.epoch)
-        return torch.randperm(self.n, generator=generator)
-
-    def next_plan(self) -> BatchPlan:
-        """This rank's next batch with its augmentation seed; advances the shared (epoch, position)."""
-        if self.position + self.global_size > self.n:
-            self.epoch, self.position = self.epoch + 1, 0
-            self._perm = self._permutation()
-        start = self.position + self.rank * self.batch_size
-        plan = BatchPlan(self._perm[start:start + self.batch_size], batch_seed(self.seed, self.epoch, self.position))
-        self.position += self.global_size
-        return plan
-
-    def next(self) -> torch.Tensor:
-        """This rank's next batch of indices, (batch_size,)."""
-        return self.next_plan().indices
-
-    def state_dict(self) -> Dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: Dict[str, int]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._perm = self._permutation()
-
-    def copy(self) -> "ShuffledBatches":
-        """An independent cursor at the same state (what a DataLoader's sampler iterates ahead with)."""
-        clone = ShuffledBatches(self.n, self.batch_size, self.seed, self.rank, self.world_size)
-        clone.load_state_dict(self.state_dict())
-        return clone
-
-
-class _PlanStream:
-    """The plans a ShuffledBatches cursor would give from its current state on, forever (a DataLoader sampler)."""
-
-    def __init__(self, batches: ShuffledBatches):
-        self.start = batches.copy()
-
-    def __iter__(self) -> Iterator[BatchPlan]:
-        cursor = self.start.copy()
-        while True:
-            yield cursor.next_plan()
-
-
-class BatchMaker:
-    """Builds a training batch from its plan: a pure function of (images, plan), so it gives the same tensor in
-    the main process and in any DataLoader worker. The noise of the whole global batch is drawn from the plan's
-    seed and this rank keeps its rows, so the ranks' batches together equal the single-process global batch."""
-
-    def __init__(self, images: torch.Tensor, num_levels: int, *, dequantize: bool, random_flip: bool,
-                 rank: int, batch_size: int, world_size: int):
-        self.images, self.num_levels = images, num_levels
-        self.dequantize, self.random_flip = dequantize, random_flip
-        self.global_size, self.rows = global_rows(batch_size, rank, world_size)
-
-    def __getitem__(self, plan: BatchPlan) -> Tuple[torch.Tensor, torch.Tensor, int]:
-        """(batch, C, H, W) floats in [0, 1], augmented; the plan's indices and seed (to check the order)."""
-        generator = torch.Generator().manual_seed(plan.seed)
-        images = self.images[plan.indices]
-        if self.dequantize:  # (k + u)/K, u ~ U[0, 1)
-            noise = torch.rand((self.global_size, *images.shape[1:]), generator=generator)[self.rows]
-            x = (images.float() + noise) / self.num_levels
-        else:  # k/(K − 1)
-            x = images.float() / (self.num_levels - 1)
-        if self.random_flip:
-            flip = (torch.rand(self.global_size, generator=generator) < 0.5)[self.rows]
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x, plan.indices, plan.seed
-
-
-# --------------------------------------------------------------------------------------------------
-# Image datasets
-# --------------------------------------------------------------------------------------------------
-class ImageDataset:
-    """uint8 images with `num_levels` levels; see the module docstring for the float/scaling conventions.
-
-    Training batches come from `ShuffledBatches` (sharded by `rank` / `world_size`) and are built by
-    `BatchMaker`, in the main process (num_workers=0) or by a DataLoader with `num_workers` worker processes
-    and pinned memory; both give bit-identical batches, and `state_dict` resumes either exactly.
-    """
-
-    is_image = True
-
-    def __init__(self, train: torch.Tensor, test: torch.Tensor, num_levels: int, *, batch_size: int, seed: int,
-                 centered: bool, random_flip: bool, uniform_dequantization: bool,
-                 train_labels: Optional[torch.Tensor] = None, test_labels: Optional[torch.Tensor] = None,
-                 rank: int = 0, world_size: int = 1, num_workers: int = 0, pin_memory: bool = False):
-        self.train, self.test, self.num_levels = train, test, num_levels
-        self.train_labels, self.test_labels = train_labels, test_labels
-        self.centered, self.random_flip, self.dequantize = centered, random_flip, uniform_dequantization
-        self.shape = tuple(train.shape[1:])
-        self.batches = ShuffledBatches(len(train), batch_size, seed, rank, world_size)
-        self.maker = BatchMaker(train, num_levels, dequantize=uniform_dequantization, random_flip=random_flip,
-                                rank=rank, batch_size=batch_size, world_size=world_size)
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory and torch.cuda.is_available()
-        self._worker_batches = None  # iterator over a DataLoader, started at the first batch after (re)loading
-
-    # scaling -------------------------------------------------------------------------------------
-    def to_float(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 levels k → k/(K−1) in [0, 1]."""
-        return images.float() / (self.num_levels - 1)
-
-    def to_model(self, x: torch.Tensor) -> torch.Tensor:
-        """[0, 1] → the network's input scale."""
-        return 2.0 * x - 1.0 if self.centered else x
-
-    def from_model(self, x: torch.Tensor) -> torch.Tensor:
-        """The network's scale → [0, 1] (inverse of `to_model`)."""
-        return (x + 1.0) / 2.0 if self.centered else x
-
-    # batches ---------------------------------------------------------------------------------------
-    def train_batch(self, with_labels: bool = False):
-        """(batch, C, H, W) float training batch in model space, augmented as configured; with `with_labels`,
-        also the (batch,) int64 class labels of its images."""
-        if with_labels and self.train_labels is None:
-            raise DatasetError("class labels were requested but this dataset has none: for data.dataset='folder' "
-                               "set data.labels to 'folders' or to a labels file")
-        built = self._loader_batches() if self.num_workers > 0 else None  # started from the cursor's state
-        plan = self.batches.next_plan()
-        if built is not None:
-            x, indices, seed = next(built)
-            if seed != plan.seed or not torch.equal(indices, plan.indices):  # workers build ahead, in plan order
-                raise RuntimeError("DataLoader batches are out of step with the batch order")
-        else:
-            x, _, _ = self.maker[plan]
-            if self.pin_memory:
-                x = x.pin_memory()
-        x = self.to_model(x)
-        return (x, self.train_labels[plan.indices]) if with_labels else x
-
-    def _loader_batches(self) -> Iterator:
-        """Batches built by DataLoader workers from the plans the cursor will give next (started lazily)."""
-        if self._worker_batches is None:
-            loader = torch.utils.data.DataLoader(self.maker, batch_size=None, sampler=_PlanStream(self.batches),
-                                                 num_workers=self.num_workers, pin_memory=self.pin_memory)
-            self._worker_batches = iter(loader)
-        return self._worker_batches
-
-    def eval_batches(self, batch_size: int, split: str = "test", with_labels: bool = False) -> Iterator:
-        """Model-space float batches over a whole split, in order, no augmentation; with_labels: (batch, labels)."""
-        data = self.test if split == "test" else self.train
-        labels = _require_labels(self.test_labels if split == "test" else self.train_labels, split) \
-            if with_labels else None
-        for start in range(0, len(data), batch_size):
-            x = self.to_model(self.to_float(data[start:start + batch_size]))
-            yield (x, labels[start:start + batch_size]) if with_labels else x
-
-    def state_dict(self) -> Dict:
-        return {"batches": self.batches.state_dict()}
-
-    def load_state_dict(self, state: Dict) -> None:
-        """Resume the batch order (checkpoints of earlier versions also hold an 'rng' entry, no longer used)."""
-        self.batches.load_state_dict(state["batches"])
-        self._worker_batches = None  # workers restart from the restored position
-
-
-def _require_labels(labels: Optional[torch.Tensor], split: str) -> torch.Tensor:
-    if labels is None:
-        raise DatasetError(f"this dataset has no class labels for its {split} split: class-conditional training "
-                           f"and classifiers need one of the labelled datasets {sorted(NUM_CLASSES)}, or folder "
-                           f"data with data.labels ('folders' or a labels file)")
-    return labels
 
 
 def load_digits_uint8() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -384,12 +176,12 @@ class ToyDataset:
         if not with_labels:
             return self._draw(n, self.rng).float()[rows]
         if self._draw_labelled is None:
-            _require_labels(None, "train")
+            require_labels(None, "train")
         x, labels = self._draw_labelled(n, self.rng)
         return x.float()[rows], labels[rows]
 
     def eval_batches(self, batch_size: int, split: str = "test", with_labels: bool = False) -> Iterator:
-        labels = _require_labels(self.test_labels, "test") if with_labels else None
+        labels = require_labels(self.test_labels, "test") if with_labels else None
         for start in range(0, len(self.test), batch_size):
             x = self.test[start:start + batch_size]
             yield (x, labels[start:start + batch_size]) if with_labels else x
@@ -421,11 +213,35 @@ def dataset_classes(config, dataset=None) -> int:
     return max([len(dataset.class_names or [])] + [int(y.max()) + 1 for y in labels])
 
 
+def declared_classes(config) -> Optional[int]:
+    """Number of classes config.data promises before any image is read: NUM_CLASSES for the built-in datasets
+    (0 when unlabelled), None for folder data with data.labels (counted when the images are loaded)."""
+    d = config.data
+    if d.dataset.lower() == FOLDER and d.labels != "none":
+        return None
+    return NUM_CLASSES.get(d.dataset.lower(), 0)
+
+
+def is_image_data(config) -> bool:
+    """Whether config.data names an image dataset (else vector data)."""
+    return config.data.dataset.lower() in IMAGE_DATASETS
+
+
+def check_config(config) -> None:
+    """The data.* keys: the dataset's name, the loader, and the folder keys (image_folder.check_config)."""
+    d = config.data
+    choice("data.dataset", d.dataset.lower(), DATASETS)
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be ≥ 0 (0: batches built in the main process), got {d.num_workers}")
+    if d.dataset.lower() == FOLDER:
+        from .image_folder import check_config as check_folder  # Pillow, only for your own images
+        check_folder(d)
+
+
 def check_classes(config, dataset) -> None:
     """model.num_classes must equal the loaded dataset's class count (folder labels are only known now)."""
     wanted, found = config.model.num_classes, dataset_classes(config, dataset)
     if wanted and wanted != found:
-        from .config import ConfigError
         names = dataset.class_names
         shown = f" ({', '.join(names[:8])}{', …' if len(names) > 8 else ''})" if names else ""
         raise ConfigError(f"model.num_classes={wanted}, but the labels of data.root={config.data.root!r} "

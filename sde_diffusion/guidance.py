@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .models.score_fn import Labels, batch_labels, get_score_fn
 from .sdes import SDE, ScoreFn, batch_time
 
@@ -93,3 +94,43 @@ def guided_score_fn(sde: SDE, model: nn.Module, labels: Optional[Labels] = None,
     else:
         score_fn = get_score_fn(sde, model, continuous, labels=labels if conditional else None)
     return classifier(score_fn, grad_log_p_y, classifier_scale) if classifier_scale else score_fn
+
+
+PER_CLASS = "per_class"  # sampling.class_labels=per_class: one grid row per class
+
+
+def sample_label_rows(config, num_classes: int):
+    """The class labels sampling.class_labels asks for, one grid row each: a tuple of ints, () for none;
+    'per_class' means 0..num_classes−1 (the dataset's classes)."""
+    labels = tuple(config.sampling.class_labels)
+    return tuple(range(num_classes)) if labels == (PER_CLASS,) else labels
+
+
+def check_config(config) -> None:
+    """Class-conditional models and guidance: model.num_classes with model.conditional, training.label_dropout,
+    sampling.guidance_scale, classifier_scale and class_labels (their agreement with the data is the job of
+    sde_diffusion.validation). Raises ConfigError naming the key."""
+    t, s, m = config.training, config.sampling, config.model
+    if m.num_classes and not m.conditional:
+        raise ConfigError("model.num_classes > 0 adds the label embedding to the noise embedding: set "
+                          "model.conditional=True")
+    if not 0.0 <= t.label_dropout < 1.0:
+        raise ConfigError(f"training.label_dropout must lie in [0, 1), got {t.label_dropout}")
+    if s.guidance_scale < 0:
+        raise ConfigError(f"sampling.guidance_scale must be ≥ 0, got {s.guidance_scale}")
+    if s.guidance_scale and not m.num_classes:
+        raise ConfigError("sampling.guidance_scale ≠ 0 (classifier-free guidance) needs a class-conditional model: "
+                          "set model.num_classes and train with training.label_dropout > 0")
+    if s.guidance_scale and not t.label_dropout:
+        raise ConfigError("sampling.guidance_scale ≠ 0 needs the unconditional score, which the null label only "
+                          "learns with training.label_dropout > 0 (e.g. 0.1): retrain with it, or set "
+                          "sampling.guidance_scale=0")
+    if s.classifier_scale < 0:
+        raise ConfigError(f"sampling.classifier_scale must be ≥ 0, got {s.classifier_scale}")
+    labels = tuple(s.class_labels)
+    if labels and labels != (PER_CLASS,) and not all(isinstance(y, int) and not isinstance(y, bool) for y in labels):
+        raise ConfigError(f"sampling.class_labels={labels!r} must be class indices such as (3,) or (0, 5), or "
+                          f"{PER_CLASS!r}")
+    if labels and not (m.num_classes or s.classifier_scale):
+        raise ConfigError("sampling.class_labels needs a class-conditional model (model.num_classes > 0) or "
+                          "classifier guidance (sampling.classifier_scale > 0)")

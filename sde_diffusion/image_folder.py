@@ -53,7 +53,8 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from .checkpoints import atomic_write
-from .datasets import DatasetError, ImageDataset
+from .image_dataset import ImageDataset
+from .errors import ConfigError, DatasetError, choice, positive
 
 log = logging.getLogger("sde_diffusion")
 
@@ -597,3 +598,14 @@ def load_folder_dataset(d, **loading) -> FolderDataset:
              len(images.skipped), "cache hit" if images.from_cache else "cached to", images.path, time.time() - start)
     return dataset
 
+
+def check_config(d) -> None:
+    """The data.* keys of data.dataset='folder' (config section `d`). Raises ConfigError naming the key."""
+    choice("data.resize_filter", d.resize_filter, RESIZE_FILTERS)
+    choice("data.num_channels", d.num_channels, CHANNEL_MODES)
+    positive("data.image_size", d.image_size)
+    if not 0.0 <= d.test_fraction < 1.0:
+        raise ConfigError(f"data.test_fraction must lie in [0, 1) (0: the test split is the training set), "
+                          f"got {d.test_fraction}")
+    if not d.labels.strip():
+        raise ConfigError("data.labels is empty: use 'none', 'folders' or the path of a labels file")

@@ -28,6 +28,7 @@ from .config import default_config
 from .models import create_model
 from .models.ddpm import ddpm_options
 from .models.ncsnpp import UNetOptions
+from .validation import validate_config
 
 PREFIX = "module."  # torch.nn.DataParallel
 SIGMAS = "sigmas"  # the reference's float64 buffer of SMLD noise levels, exp(linspace(log σ_max, log σ_min, N))
@@ -422,7 +423,6 @@ def main(argv: Sequence[str]) -> None:
     """Command line: convert a score_sde_pytorch checkpoint to our format."""
     from absl import flags
 
-    from .config import validate_config
 
     FLAGS = flags.FLAGS
     if len(argv) != 2:

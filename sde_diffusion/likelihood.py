@@ -21,6 +21,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 import torch
 
 from . import sampling
+from .errors import ConfigError, choice, positive
 from .sdes import SDE, ScoreFn, batch_time, per_sample
 
 Tensor = torch.Tensor
@@ -28,17 +29,13 @@ Scaler = Callable[[Tensor], Tensor]
 
 LN2 = math.log(2.0)
 DIVERGENCES = ("exact", "rademacher", "gaussian")
+BPD_SPLITS = ("test", "train")  # eval.bpd_dataset
 DEFAULT_RTOL = DEFAULT_ATOL = 1e-5  # score_sde's likelihood tolerances
 DEFAULT_EPS = 1e-5  # the time the data lives at (score_sde's likelihood eps)
 # The ODE solvers of `sampling`: Dormand–Prince RK45 on the device, or scipy's solve_ivp on the host.
 ODE_SOLVERS = {"torch": sampling.dopri5, "scipy": sampling.scipy_rk45}
 # A scaler must be affine: to_model(½) may differ from the midpoint of to_model(0), to_model(1) by this much.
 AFFINE_TOLERANCE = 1e-6
-
-
-def _choice(kind: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"unknown {kind} {value!r}; available: {sorted(allowed)}")
 
 
 def _check_eps(sde: SDE, eps: float) -> None:
@@ -69,7 +66,7 @@ def draw_probe(kind: str, like: Tensor, generator: Optional[torch.Generator]) ->
 
     Both have E[ε εᵀ] = I, so E[εᵀ J ε] = tr J. One probe serves the whole ODE solve.
     """
-    _choice("divergence", kind, DIVERGENCES)
+    choice("divergence", kind, DIVERGENCES, ValueError)
     if kind == "exact":
         return None
     if kind == "gaussian":
@@ -140,7 +137,7 @@ def log_likelihood(score_fn: ScoreFn, sde: SDE, x: Tensor, *, divergence: str = 
     host in float64, the state copied at every evaluation).
     nfe = score evaluations (each one batched call and one backward pass).
     """
-    _choice("ODE backend", backend, ODE_SOLVERS)
+    choice("ODE backend", backend, ODE_SOLVERS, ValueError)
     _check_eps(sde, eps)
     probe = draw_probe(divergence, x, generator)
     counted = sampling.CountingScore(score_fn)
@@ -237,7 +234,7 @@ def evaluate_bpd(score_fn: ScoreFn, sde: SDE, dataset, config, device,
       bpd_passes: the mean of each pass;  bpd_count: n.
     """
     e = config.eval
-    _choice("eval.bpd_dataset", e.bpd_dataset, ("test", "train"))
+    choice("eval.bpd_dataset", e.bpd_dataset, BPD_SPLITS, ValueError)
     if e.bpd_repeats < 1:
         raise ValueError(f"eval.bpd_repeats must be ≥ 1, got {e.bpd_repeats}")
     options = dict(divergence=e.bpd_divergence, rtol=e.bpd_rtol, atol=e.bpd_atol, eps=e.bpd_eps,
@@ -329,7 +326,7 @@ def step_coefficients(chain: NoiseChain, i: int) -> StepCoefficients:
 
 def model_variance(chain: NoiseChain, i: int, variance: str) -> float:
     """Variance of p(x_{i−1} | x_i), i ≥ 2: "large" = v_i (DDPM's β_t), "small" = the posterior variance β̃_t."""
-    _choice("VLB variance", variance, VLB_VARIANCES)
+    choice("VLB variance", variance, VLB_VARIANCES, ValueError)
     c = step_coefficients(chain, i)
     return c.v if variance == "large" else c.posterior_var
 
@@ -626,3 +623,16 @@ def elbo_bits_per_dim(score_fn: ScoreFn, sde: SDE, levels: Tensor, *, num_levels
     estimate = elbo(score_fn, sde, x, eps=eps, num_times=num_times, importance_sampling=importance_sampling,
                     generator=generator)
     return nats_to_bits_per_dim(-estimate.elbo, num_dims(x)) + offset
+
+
+def check_config(config) -> None:
+    """The eval.bpd_* keys of `evaluate_bpd`. Raises ConfigError naming the key."""
+    e = config.eval
+    choice("eval.bpd_dataset", e.bpd_dataset, BPD_SPLITS)
+    choice("eval.bpd_divergence", e.bpd_divergence, DIVERGENCES)
+    for key in ("bpd_repeats", "bpd_rtol", "bpd_atol"):
+        positive(f"eval.{key}", e[key])
+    if e.bpd_num_batches is not None:
+        positive("eval.bpd_num_batches", e.bpd_num_batches)
+    if not 0.0 < e.bpd_eps < 1.0:
+        raise ConfigError(f"eval.bpd_eps must lie in (0, 1), got {e.bpd_eps}")

@@ -742,3 +742,26 @@ def heun_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.
         if callback is not None:
             callback(i, s, _like(sde.alpha(s), x) * y)
     return _like(sde.alpha(ts[-1]), x) * y
+
+
+def check_config(config) -> None:
+    """The sampling.* keys of the samplers (method, per-method options, time grid, steps). Raises ConfigError."""
+    from .errors import ConfigError, choice, positive
+    s = config.sampling
+    choice("sampling.method", s.method, SAMPLERS)
+    choice("sampling.predictor", s.predictor, PREDICTORS)
+    choice("sampling.corrector", s.corrector, CORRECTORS)
+    choice("sampling.sde_method", s.sde_method, SDE_METHODS)
+    choice("sampling.ode_backend", s.ode_backend, ODE_BACKENDS)
+    choice("sampling.order", s.order, (1, 2, 3))
+    if s.grid is not None:
+        choice("sampling.grid", s.grid, GRIDS)
+    for key in ("rtol", "atol", "rho"):
+        positive(f"sampling.{key}", s[key])
+    if s.eta < 0:
+        raise ConfigError(f"sampling.eta must be ≥ 0, got {s.eta}")
+    if s.method == "pc" and s.predictor == "ancestral_sampling" and s.probability_flow:
+        raise ConfigError("sampling.predictor='ancestral_sampling' is stochastic: with sampling.probability_flow=True "
+                          "use euler_maruyama or reverse_diffusion")
+    if s.steps is not None and s.steps < 1:
+        raise ConfigError(f"sampling.steps must be ≥ 1 (or None for model.num_scales), got {s.steps}")

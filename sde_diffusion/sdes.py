@@ -519,3 +519,16 @@ def sde_from_config(config) -> SDE:
     if name == "vesde":
         return VESDE(sigma_min=m.sigma_min, sigma_max=m.sigma_max, N=m.num_scales)
     raise ValueError(f"training.sde={config.training.sde!r} is not one of {sorted(SDES)}")
+
+
+def check_config(config) -> None:
+    """The SDE's keys: training.sde, model.beta_schedule, model.num_scales, and whether training.continuous=False
+    (a DDPM/SMLD loss) has a discrete chain to use. Raises ConfigError naming the key."""
+    from .errors import ConfigError, choice, positive
+    t, m = config.training, config.model
+    choice("training.sde", t.sde.lower(), SDES)
+    choice("model.beta_schedule", m.beta_schedule, BETA_SCHEDULES)
+    positive("model.num_scales", m.num_scales)
+    if not t.continuous and not SDES[t.sde.lower()].has_discrete_chain:
+        raise ConfigError(f"training.sde={t.sde!r} has no discrete chain, so training.continuous=False (DDPM/SMLD "
+                          "loss) is impossible: set training.continuous=True")

@@ -18,14 +18,11 @@ import torch
 from torch import nn
 
 from . import distributed
+from .errors import ConfigError, NonFiniteError, choice, positive
 from .losses import clip_grad_norm, learning_rate
 
 PRECISIONS: Dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NONFINITE_POLICIES = ("stop", "skip")
-
-
-class NonFiniteError(FloatingPointError):
-    """The loss or the gradient of a training step is NaN or infinite; the message names the step."""
 
 
 @dataclass
@@ -95,3 +92,22 @@ class TrainStep:
         if finite:
             self.ema.update(self.model.parameters())
         return StepResult(loss_value, grad_norm, lr, applied=finite, reason="" if finite else "fp16 overflow")
+
+
+def check_config(config) -> None:
+    """The keys of the step: training.precision, on_nonfinite, compile_backend (when compiling), optim.lr, and the
+    loss options (training.eps, likelihood_weighting, importance_sampling). Raises ConfigError naming the key."""
+    t = config.training
+    choice("training.precision", t.precision, PRECISIONS)
+    choice("training.on_nonfinite", t.on_nonfinite, NONFINITE_POLICIES)
+    positive("optim.lr", config.optim.lr)
+    if t.compile:
+        import torch._dynamo  # its backend list, only when compiling
+        choice("training.compile_backend", t.compile_backend, torch._dynamo.list_backends(exclude_tags=()))
+    if not 0.0 < t.eps < 1.0:
+        raise ConfigError(f"training.eps must lie in (0, 1), got {t.eps}")
+    if not t.continuous and t.likelihood_weighting:
+        raise ConfigError("training.likelihood_weighting=True needs training.continuous=True")
+    if t.importance_sampling and not t.likelihood_weighting:
+        raise ConfigError("training.importance_sampling=True samples t for the likelihood-weighted loss: set "
+                          "training.likelihood_weighting=True")

@@ -101,3 +101,15 @@ class TrajectoryRecorder:
         n = len(self.states)
         indices = sorted({round(j * (n - 1) / max(count - 1, 1)) for j in range(min(count, n))})
         return [self.states[j] for j in indices]
+
+
+MASKED_LEVELS = (0.35, 0.65)  # grey levels of the checkerboard that marks unknown pixels
+
+
+def checkerboard_where_unknown(images: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """images (n, C, H, W) in [0, 1] where `known` (broadcastable boolean) is True, a checkerboard of
+    MASKED_LEVELS elsewhere: what an inpainting sampler was given, viewable."""
+    rows, cols = torch.meshgrid(torch.arange(images.shape[-2]), torch.arange(images.shape[-1]), indexing="ij")
+    dark, light = MASKED_LEVELS
+    checker = torch.where((rows + cols) % 2 == 0, dark, light).to(images)
+    return torch.where(known, images, checker.expand_as(images))

@@ -3,6 +3,8 @@ names the key, before any compute is spent."""
 import pytest
 
 from configs import toy_gmm, vp_digits
+from sde_diffusion import (classifier, controllable, datasets, guidance, likelihood, models, sampling, sdes,
+                           train_step)
 from sde_diffusion.config import ConfigError, default_config, validate_config
 
 
@@ -62,3 +64,38 @@ def test_impossible_combinations():
     config.model.name = "ddpm"
     with pytest.raises(ConfigError, match="vector data"):
         validate_config(config)
+
+
+# Each section's owner checks it by itself: (its check, key, bad value, words of the message).
+OWNER_CHECKS = [
+    (datasets.check_config, "data.dataset", "mnist", "data.dataset='mnist'"),
+    (datasets.check_config, "data.num_workers", -1, "data.num_workers"),
+    (sdes.check_config, "training.sde", "vpsdee", "training.sde='vpsdee'"),
+    (sdes.check_config, "model.num_scales", 0, "model.num_scales must be > 0"),
+    (models.check_config, "model.name", "unet9", "model.name='unet9'"),
+    (models.check_config, "model.attn_resolutions", (3,), "never reaches"),
+    (sampling.check_config, "sampling.corrector", "magic", "sampling.corrector='magic'"),
+    (sampling.check_config, "sampling.eta", -1.0, "sampling.eta"),
+    (train_step.check_config, "training.precision", "fp8", "training.precision='fp8'"),
+    (train_step.check_config, "training.eps", 0.0, "training.eps"),
+    (likelihood.check_config, "eval.bpd_divergence", "magic", "eval.bpd_divergence='magic'"),
+    (controllable.check_config, "sampling.conditioning_method", "magic", "sampling.conditioning_method"),
+    (guidance.check_config, "sampling.guidance_scale", -1.0, "sampling.guidance_scale must be ≥ 0"),
+    (classifier.check_config, "classifier.nf", 0, "classifier.nf must be > 0"),
+]
+
+
+@pytest.mark.parametrize("check, key, value, message", OWNER_CHECKS)
+def test_each_section_is_checked_by_its_owner(check, key, value, message):
+    config = vp_digits.get_config()
+    check(config)  # the shipped config passes every owner's check
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ConfigError, match=message):
+        check(config)
+
+
+def test_a_network_declares_what_data_it_takes():
+    assert [name for name in sorted(models.MODELS) if models.takes_vectors(name)] == ["mlp"]
+    assert not models.is_convolutional("mlp") and not models.is_convolutional("dit")
+    assert models.is_convolutional("ncsnpp") and models.is_convolutional("ddpm")

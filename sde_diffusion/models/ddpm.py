@@ -38,7 +38,7 @@ class DDPM(UNet):
 
     @staticmethod
     def check_config(config) -> None:
-        """Raise ValueError if the network cannot be built from config (used by config.validate_config)."""
+        """Raise ValueError if the network cannot be built from config (used by models.check_config)."""
         build_on_meta(ddpm_options(config))
 
     def __init__(self, config):

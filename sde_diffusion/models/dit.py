@@ -133,7 +133,8 @@ class DiT(nn.Module):
     """x (B, C, H, W), noise condition (B,) and optional class labels (B,) → output (B, C, H, W). See the module
     docstring."""
 
-    check_config = staticmethod(check_options)  # used by config.validate_config
+    check_config = staticmethod(check_options)
+    convolutional = False  # patches and attention: channels_last does not apply
 
     def __init__(self, config):
         super().__init__()

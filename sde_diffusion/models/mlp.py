@@ -32,6 +32,9 @@ class MLP(nn.Module):
     fourier_scale, num_classes (> 0: a label embedding added to the noise embedding); config.data.dim (d).
     """
 
+    vector_data = True
+    convolutional = False
+
     def __init__(self, config):
         super().__init__()
         m = config.model

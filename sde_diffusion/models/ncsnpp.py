@@ -367,8 +367,23 @@ class UNet(nn.Module):
         return out
 
 
+def check_resolutions(o: UNetOptions, section: str = "model") -> None:
+    """Raise ValueError when data.image_size cannot be halved once per level of `section`.ch_mult, or when
+    `section`.attn_resolutions names a resolution the network never reaches."""
+    levels = len(o.ch_mult) - 1
+    if o.image_size % 2**levels:
+        raise ValueError(f"data.image_size={o.image_size} cannot be halved {levels} times for "
+                         f"{section}.ch_mult={o.ch_mult}")
+    unreachable = [r for r in o.attn_resolutions if r not in o.resolutions]
+    if unreachable:
+        raise ValueError(f"{section}.attn_resolutions has {unreachable}, which the network never reaches "
+                         f"(its resolutions are {o.resolutions})")
+
+
 def build_on_meta(options: UNetOptions) -> None:
-    """Construct the network without allocating memory, so that every width and group count is checked."""
+    """Check the resolutions, then construct the network without allocating memory, so that every width and group
+    count is checked."""
+    check_resolutions(options)
     with torch.device("meta"):
         UNet(options)
 
@@ -383,7 +398,7 @@ class NCSNpp(UNet):
 
     @staticmethod
     def check_config(config) -> None:
-        """Raise ValueError if the network cannot be built from config (used by config.validate_config)."""
+        """Raise ValueError if the network cannot be built from config (used by models.check_config)."""
         build_on_meta(UNetOptions.from_config(config))
 
     def __init__(self, config):

@@ -1,9 +1,15 @@
-"""Name → network class registry behind `create_model(config)`."""
+"""Name → network class registry behind `create_model(config)`, and the check of config.model.
+
+A network class may declare `check_config(config)` (raise ValueError naming the key when it cannot be built),
+`vector_data = True` (it takes vectors (batch, d), not images) and `convolutional = False` (channels_last does
+not apply to it)."""
 from __future__ import annotations
 
 from typing import Callable, Dict
 
 from torch import nn
+
+from ..errors import ConfigError, choice
 
 MODELS: Dict[str, Callable] = {}
 
@@ -24,3 +30,24 @@ def create_model(config) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"config.model.name={name!r} is not a registered model; available: {sorted(MODELS)}")
     return MODELS[name](config)
+
+
+def takes_vectors(name: str) -> bool:
+    """Whether the registered network `name` takes vector data (batch, d) rather than images."""
+    return getattr(MODELS[name], "vector_data", False)
+
+
+def is_convolutional(name: str) -> bool:
+    """Whether the registered network `name` is convolutional (channels_last applies to it)."""
+    return getattr(MODELS[name], "convolutional", True)
+
+
+def check_config(config) -> None:
+    """config.model.name, then the network's own rules (its `check_config`). Raises ConfigError naming the key."""
+    choice("model.name", config.model.name, MODELS)
+    check_model = getattr(MODELS[config.model.name], "check_config", None)
+    if check_model is not None:
+        try:
+            check_model(config)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err

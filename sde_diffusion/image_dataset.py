@@ -1,0 +1,219 @@
+"""uint8 images in memory and their training batches: shuffled, sharded over ranks, augmented, and resumable.
+
+Batch order and augmentation are pure functions of (seed, epoch, position), so they are saved in checkpoints and
+resume exactly, whether batches are built in the main process or by DataLoader workers, on one rank or many.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterator, NamedTuple, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from .distributed import global_rows
+from .errors import DatasetError
+
+# --------------------------------------------------------------------------------------------------
+# Batch order
+# --------------------------------------------------------------------------------------------------
+PERMUTATION_SEED_STRIDE = 1_000_003  # epoch e of seed s is shuffled by torch.randperm with seed s·stride + e
+
+
+class BatchPlan(NamedTuple):
+    """One training batch before it is built: this rank's rows of the dataset and the seed of its augmentation."""
+
+    indices: torch.Tensor  # (batch_size,) int64 rows of the training split for this rank
+    seed: int  # seeds the flips and dequantization noise of the whole global batch
+
+
+def batch_seed(seed: int, epoch: int, position: int) -> int:
+    """The augmentation seed of the global batch starting at `position` of epoch `epoch`: a pure function."""
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1, np.uint64)[0] >> 1)  # < 2⁶³
+
+
+class ShuffledBatches:
+    """Endless batches of indices into n examples: a fresh permutation per epoch, the last partial global batch
+    dropped. The order is a pure function of (seed, epoch, position), so `state_dict` resumes it exactly.
+
+    Sharding (an exact, resumable replacement for torch's DistributedSampler): with `world_size` ranks each
+    rank draws the same global batch of batch_size·world_size indices from the same permutation and keeps rows
+    [rank·batch_size, (rank+1)·batch_size). The ranks' batches, concatenated, are exactly the batches that one
+    process with the global batch size draws, and every rank holds the same (epoch, position) state.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise DatasetError(f"rank {rank} is outside 0..{world_size - 1} (world_size={world_size})")
+        self.global_size = batch_size * world_size
+        if self.global_size > n:
+            raise DatasetError(f"batch size {batch_size} × {world_size} rank(s) = {self.global_size} exceeds the {n} "
+                               "training examples: lower training.batch_size")
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.epoch, self.position = 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * PERMUTATION_SEED_STRIDE + self.epoch)
+        return torch.randperm(self.n, generator=generator)
+
+    def next_plan(self) -> BatchPlan:
+        """This rank's next batch with its augmentation seed; advances the shared (epoch, position)."""
+        if self.position + self.global_size > self.n:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._perm = self._permutation()
+        start = self.position + self.rank * self.batch_size
+        plan = BatchPlan(self._perm[start:start + self.batch_size], batch_seed(self.seed, self.epoch, self.position))
+        self.position += self.global_size
+        return plan
+
+    def next(self) -> torch.Tensor:
+        """This rank's next batch of indices, (batch_size,)."""
+        return self.next_plan().indices
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._perm = self._permutation()
+
+    def copy(self) -> "ShuffledBatches":
+        """An independent cursor at the same state (what a DataLoader's sampler iterates ahead with)."""
+        clone = ShuffledBatches(self.n, self.batch_size, self.seed, self.rank, self.world_size)
+        clone.load_state_dict(self.state_dict())
+        return clone
+
+
+class _PlanStream:
+    """The plans a ShuffledBatches cursor would give from its current state on, forever (a DataLoader sampler)."""
+
+    def __init__(self, batches: ShuffledBatches):
+        self.start = batches.copy()
+
+    def __iter__(self) -> Iterator[BatchPlan]:
+        cursor = self.start.copy()
+        while True:
+            yield cursor.next_plan()
+
+
+class BatchMaker:
+    """Builds a training batch from its plan: a pure function of (images, plan), so it gives the same tensor in
+    the main process and in any DataLoader worker. The noise of the whole global batch is drawn from the plan's
+    seed and this rank keeps its rows, so the ranks' batches together equal the single-process global batch."""
+
+    def __init__(self, images: torch.Tensor, num_levels: int, *, dequantize: bool, random_flip: bool,
+                 rank: int, batch_size: int, world_size: int):
+        self.images, self.num_levels = images, num_levels
+        self.dequantize, self.random_flip = dequantize, random_flip
+        self.global_size, self.rows = global_rows(batch_size, rank, world_size)
+
+    def __getitem__(self, plan: BatchPlan) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """(batch, C, H, W) floats in [0, 1], augmented; the plan's indices and seed (to check the order)."""
+        generator = torch.Generator().manual_seed(plan.seed)
+        images = self.images[plan.indices]
+        if self.dequantize:  # (k + u)/K, u ~ U[0, 1)
+            noise = torch.rand((self.global_size, *images.shape[1:]), generator=generator)[self.rows]
+            x = (images.float() + noise) / self.num_levels
+        else:  # k/(K − 1)
+            x = images.float() / (self.num_levels - 1)
+        if self.random_flip:
+            flip = (torch.rand(self.global_size, generator=generator) < 0.5)[self.rows]
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x, plan.indices, plan.seed
+
+
+# --------------------------------------------------------------------------------------------------
+# Image datasets
+# --------------------------------------------------------------------------------------------------
+class ImageDataset:
+    """uint8 images with `num_levels` levels; see the module docstring for the float/scaling conventions.
+
+    Training batches come from `ShuffledBatches` (sharded by `rank` / `world_size`) and are built by
+    `BatchMaker`, in the main process (num_workers=0) or by a DataLoader with `num_workers` worker processes
+    and pinned memory; both give bit-identical batches, and `state_dict` resumes either exactly.
+    """
+
+    is_image = True
+
+    def __init__(self, train: torch.Tensor, test: torch.Tensor, num_levels: int, *, batch_size: int, seed: int,
+                 centered: bool, random_flip: bool, uniform_dequantization: bool,
+                 train_labels: Optional[torch.Tensor] = None, test_labels: Optional[torch.Tensor] = None,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, pin_memory: bool = False):
+        self.train, self.test, self.num_levels = train, test, num_levels
+        self.train_labels, self.test_labels = train_labels, test_labels
+        self.centered, self.random_flip, self.dequantize = centered, random_flip, uniform_dequantization
+        self.shape = tuple(train.shape[1:])
+        self.batches = ShuffledBatches(len(train), batch_size, seed, rank, world_size)
+        self.maker = BatchMaker(train, num_levels, dequantize=uniform_dequantization, random_flip=random_flip,
+                                rank=rank, batch_size=batch_size, world_size=world_size)
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self._worker_batches = None  # iterator over a DataLoader, started at the first batch after (re)loading
+
+    # scaling -------------------------------------------------------------------------------------
+    def to_float(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 levels k → k/(K−1) in [0, 1]."""
+        return images.float() / (self.num_levels - 1)
+
+    def to_model(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] → the network's input scale."""
+        return 2.0 * x - 1.0 if self.centered else x
+
+    def from_model(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's scale → [0, 1] (inverse of `to_model`)."""
+        return (x + 1.0) / 2.0 if self.centered else x
+
+    # batches ---------------------------------------------------------------------------------------
+    def train_batch(self, with_labels: bool = False):
+        """(batch, C, H, W) float training batch in model space, augmented as configured; with `with_labels`,
+        also the (batch,) int64 class labels of its images."""
+        if with_labels and self.train_labels is None:
+            raise DatasetError("class labels were requested but this dataset has none: for data.dataset='folder' "
+                               "set data.labels to 'folders' or to a labels file")
+        built = self._loader_batches() if self.num_workers > 0 else None  # started from the cursor's state
+        plan = self.batches.next_plan()
+        if built is not None:
+            x, indices, seed = next(built)
+            if seed != plan.seed or not torch.equal(indices, plan.indices):  # workers build ahead, in plan order
+                raise RuntimeError("DataLoader batches are out of step with the batch order")
+        else:
+            x, _, _ = self.maker[plan]
+            if self.pin_memory:
+                x = x.pin_memory()
+        x = self.to_model(x)
+        return (x, self.train_labels[plan.indices]) if with_labels else x
+
+    def _loader_batches(self) -> Iterator:
+        """Batches built by DataLoader workers from the plans the cursor will give next (started lazily)."""
+        if self._worker_batches is None:
+            loader = torch.utils.data.DataLoader(self.maker, batch_size=None, sampler=_PlanStream(self.batches),
+                                                 num_workers=self.num_workers, pin_memory=self.pin_memory)
+            self._worker_batches = iter(loader)
+        return self._worker_batches
+
+    def eval_batches(self, batch_size: int, split: str = "test", with_labels: bool = False) -> Iterator:
+        """Model-space float batches over a whole split, in order, no augmentation; with_labels: (batch, labels)."""
+        data = self.test if split == "test" else self.train
+        labels = require_labels(self.test_labels if split == "test" else self.train_labels, split) \
+            if with_labels else None
+        for start in range(0, len(data), batch_size):
+            x = self.to_model(self.to_float(data[start:start + batch_size]))
+            yield (x, labels[start:start + batch_size]) if with_labels else x
+
+    def state_dict(self) -> Dict:
+        return {"batches": self.batches.state_dict()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        """Resume the batch order (an 'rng' entry, which some checkpoints hold, is ignored)."""
+        self.batches.load_state_dict(state["batches"])
+        self._worker_batches = None  # workers restart from the restored position
+
+
+def require_labels(labels: Optional[torch.Tensor], split: str) -> torch.Tensor:
+    """labels, or a DatasetError when the split has none."""
+    if labels is None:
+        raise DatasetError(f"this dataset has no class labels for its {split} split: class-conditional training "
+                           "and classifiers need a labelled dataset (sde_diffusion.datasets.NUM_CLASSES), or "
+                           "folder data with data.labels ('folders' or a labels file)")
+    return labels

@@ -1,0 +1,197 @@
+"""What every job builds from a config: device, workdir, seeds, data, SDE, network, loss, EMA, sampler settings,
+the names of its checkpoints, and the torchrun context it runs in.
+
+Checkpoint names: workdir/checkpoints/checkpoint_<k>.pth (numbered, k = step // training.snapshot_freq) and
+workdir/checkpoints-meta/checkpoint_<step>.pth (preemption); both are read by `checkpoints.step_checkpoints`.
+"""
+from __future__ import annotations
+
+import os
+import random
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import distributed, losses
+from ..checkpoints import step_checkpoint, step_checkpoints
+from ..datasets import get_dataset
+from ..ema import ExponentialMovingAverage
+from ..errors import CheckpointError
+from ..models import create_model, get_score_fn
+from ..sdes import SDE, sde_from_config
+
+NUMBERED = "checkpoints"  # workdir/NUMBERED/checkpoint_<k>.pth
+PREEMPTION = "checkpoints-meta"  # workdir/PREEMPTION/checkpoint_<step>.pth
+
+
+def resolve_device(name: str) -> torch.device:
+    """config.device ('auto', 'cpu', 'cuda', 'cuda:N') as a device; an error when CUDA is asked for but absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"config.device={name!r} but no CUDA device is visible: use config.device='cpu' or 'auto'")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global random streams."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def round_seed(*keys: int) -> int:
+    """A seed for one unit of work (e.g. checkpoint k, sampling round r) that depends only on its keys."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+def prepare_workdir(workdir) -> Path:
+    """workdir, created and checked to be writable (an error naming it otherwise)."""
+    workdir = Path(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write_test_{os.getpid()}"  # one per process: torchrun ranks share it
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise RuntimeError(f"workdir {workdir} is not writable ({err}): pass another --workdir") from err
+    return workdir
+
+
+@contextmanager
+def distributed_job(config) -> Iterator[Tuple[distributed.World, torch.device]]:
+    """(world, device) of this process: torchrun's ranks when launched by it, else one process."""
+    world = distributed.world_from_env()
+    device = distributed.setup(world, resolve_device(config.device))
+    try:
+        yield world, device
+    finally:
+        distributed.teardown(world)
+
+
+def require_one_process(mode: str) -> None:
+    """sample and train_classifier are not distributed: under torchrun every rank would repeat the whole job."""
+    world = distributed.world_from_env()
+    if world.distributed:
+        raise RuntimeError(f"--mode {mode} runs in one process, but WORLD_SIZE={world.world_size}: run it with plain "
+                           "python (under torchrun only train, eval and compare share the work among ranks)")
+
+
+# --------------------------------------------------------------------------------------------------
+def build(config, device, rank: int = 0, world_size: int = 1):
+    """(sde, dataset, model): the SDE, the data (this rank's shard of it) and a fresh network on device."""
+    sde = sde_from_config(config)
+    dataset = get_dataset(config, rank, world_size)
+    model = create_model(config).to(device)
+    if config.training.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return sde, dataset, model
+
+
+def make_ema(config, model: nn.Module) -> ExponentialMovingAverage:
+    """The EMA of the model's weights at rate model.ema_rate."""
+    return ExponentialMovingAverage(model.parameters(), config.model.ema_rate)
+
+
+def make_loss_fn(config, sde: SDE) -> Callable:
+    """The training loss of config.training."""
+    t = config.training
+    return losses.get_loss_fn(sde, continuous=t.continuous, reduce_mean=t.reduce_mean,
+                              likelihood_weighting=t.likelihood_weighting, eps=t.eps,
+                              importance_sampling=t.importance_sampling)
+
+
+def labelled_score_fn(config, sde: SDE, model: nn.Module) -> Callable:
+    """labels (batch,) or None ↦ the network's score function given those labels (None: unconditional)."""
+    plain = get_score_fn(sde, model, continuous=config.training.continuous)
+
+    def score_fn_for(labels: Optional[torch.Tensor]):
+        if labels is None:
+            return plain
+        return get_score_fn(sde, model, continuous=config.training.continuous, labels=labels)
+
+    return score_fn_for
+
+
+def labelled_batches(dataset, batch_size: int, with_labels: bool, device, split: str = "test"):
+    """(x, labels) test batches on device; labels None unless with_labels."""
+    for batch in dataset.eval_batches(batch_size, split, with_labels=with_labels):
+        x, labels = batch if with_labels else (batch, None)
+        yield x.to(device), None if labels is None else labels.to(device)
+
+
+@torch.no_grad()
+def evaluation_loss(loss_fn, score_fn_for: Callable, model, batches, seed: int) -> float:
+    """Mean loss over (x, labels) batches in eval mode with its own seeded random stream (comparable across steps);
+    score_fn_for(labels) gives the score function (labels None: unconditional; class-conditional models are
+    evaluated with the true labels)."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    total, count = 0.0, 0
+    for x, labels in batches:
+        total += loss_fn(score_fn_for(labels), x, generator=generator).item() * len(x)
+        count += len(x)
+    model.train(was_training)
+    return total / count
+
+
+def sampler_settings(config, sde: SDE) -> Dict:
+    """Keyword arguments for `sampling.sample` from config.sampling (only the options the method takes)."""
+    s = config.sampling
+    settings = dict(method=s.method, steps=s.steps if s.steps is not None else sde.N, eps=s.eps,
+                    denoise=s.noise_removal)
+    settings.update({
+        "pc": dict(predictor=s.predictor, corrector=s.corrector, snr=s.snr, n_steps=s.n_steps_each,
+                   probability_flow=s.probability_flow),
+        "ode": dict(rtol=s.rtol, atol=s.atol, backend=s.ode_backend),
+        "sde": dict(sde_method=s.sde_method),
+        "ddim": dict(eta=s.eta),
+        "dpm_solver": dict(order=s.order),
+        "heun": dict(rho=s.rho),
+    }.get(s.method, {}))
+    if s.grid is not None and s.method != "ode":
+        settings["grid"] = s.grid
+    return settings
+
+
+# --------------------------------------------------------------------------------------------------
+def numbered_checkpoint(workdir: Path, k: int) -> Path:
+    """workdir/checkpoints/checkpoint_<k>.pth."""
+    return step_checkpoint(Path(workdir) / NUMBERED, k)
+
+
+def newest_checkpoint(workdir: Path) -> Tuple[int, Path]:
+    """(k, path) of the newest numbered checkpoint; an error when there is none."""
+    found = step_checkpoints(workdir / NUMBERED)
+    if not found:
+        raise CheckpointError(f"no checkpoints in {workdir / NUMBERED}: train first (--mode train)")
+    return found[0]
+
+
+def checkpoint_range(config, workdir: Path) -> List[Tuple[int, Path]]:
+    """(k, path) of the numbered checkpoints eval.begin_ckpt..eval.end_ckpt; an error naming any that is missing."""
+    e = config.eval
+    paths = [(k, numbered_checkpoint(workdir, k)) for k in range(e.begin_ckpt, e.end_ckpt + 1)]
+    missing = [str(p) for _, p in paths if not p.exists()]
+    if missing:
+        found = sorted(p.name for _, p in step_checkpoints(workdir / NUMBERED))
+        raise CheckpointError(f"eval.begin_ckpt..eval.end_ckpt = {e.begin_ckpt}..{e.end_ckpt} asks for {missing}, "
+                              f"which do not exist; {workdir / NUMBERED} holds {found or 'nothing'}. Train "
+                              "first or set eval.begin_ckpt/eval.end_ckpt.")
+    return paths
+
+
+def chosen_checkpoint(workdir: Path, k: Optional[int], key: str) -> Tuple[int, Path]:
+    """(k, path) of numbered checkpoint k (the config key `key` names it), or of the newest when k is None."""
+    if k is None:
+        return newest_checkpoint(workdir)
+    path = numbered_checkpoint(workdir, k)
+    if not path.exists():
+        raise CheckpointError(f"{key}={k}: {path} does not exist")
+    return k, path

@@ -1,0 +1,178 @@
+"""Samples for the jobs: what they are conditioned on (class labels, classifier-free guidance, classifier
+guidance with the classifier of `train_classifier`), drawn in batches or in resumable, scored rounds, and their
+pictures."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .. import classifier as noisy_classifier
+from .. import distributed, guidance, sampling
+from ..checkpoints import load_checkpoint
+from ..datasets import dataset_classes
+from ..errors import CheckpointError
+from ..visualize import save_image_grid, save_scatter
+from .builder import round_seed, sampler_settings
+
+
+class Conditioning:
+    """What samples are conditioned on (config.sampling): class labels, classifier-free guidance with
+    sampling.guidance_scale, classifier guidance with sampling.classifier_scale.
+
+    Sample i gets label `label_sequence[i mod len]`: by default the labels of the test split in order, so that a
+    conditional model's samples follow the data's class frequencies (eval, snapshots); `--mode sample` with
+    sampling.class_labels passes its own sequence (one block per grid row). Unconditional (no class-conditional
+    model, no classifier guidance): every score function is the network's plain score.
+    """
+
+    def __init__(self, config, sde, model, dataset, *, classifier: Optional[torch.nn.Module] = None,
+                 label_sequence: Optional[torch.Tensor] = None):
+        s = config.sampling
+        self.sde, self.model, self.continuous = sde, model, config.training.continuous
+        self.classifier = classifier
+        self.guidance_scale = s.guidance_scale
+        self.classifier_scale = s.classifier_scale if classifier is not None else 0.0
+        self.labelled = config.model.num_classes > 0 or self.classifier_scale > 0
+        self.from_test_split = label_sequence is None
+        self.label_sequence = None
+        if self.labelled:
+            self.label_sequence = dataset.test_labels.long() if label_sequence is None else label_sequence.long()
+
+    def labels(self, start: int, n: int) -> Optional[torch.Tensor]:
+        """Labels (n,) of samples start..start+n−1, or None when unconditional."""
+        if not self.labelled:
+            return None
+        return self.label_sequence[(start + torch.arange(n)) % len(self.label_sequence)]
+
+    def score_fn(self, start: int, n: int, device):
+        """The (guided) score function for samples start..start+n−1."""
+        labels = self.labels(start, n)
+        if labels is not None:
+            labels = labels.to(device)
+        grad = None
+        if self.classifier_scale:
+            grad = noisy_classifier.grad_log_p_y_fn(self.sde, self.classifier, labels)
+        return guidance.guided_score_fn(self.sde, self.model, labels, guidance_scale=self.guidance_scale,
+                                        continuous=self.continuous, grad_log_p_y=grad,
+                                        classifier_scale=self.classifier_scale)
+
+    def describe(self) -> Dict:
+        """For reports and round fingerprints: {} when unconditional."""
+        if not self.labelled:
+            return {}
+        return {"labels": "test split, in order" if self.from_test_split else "sampling.class_labels",
+                "guidance_scale": self.guidance_scale, "classifier_scale": self.classifier_scale}
+
+
+def load_classifier(config, workdir: Path, device, num_classes: Optional[int] = None) -> torch.nn.Module:
+    """The classifier written by `train_classifier` (eval mode); a clear error when it is missing or mismatched.
+    num_classes: datasets.dataset_classes(config, dataset); None: a built-in dataset's count."""
+    if num_classes is None:
+        num_classes = dataset_classes(config)
+    path = noisy_classifier.checkpoint_path(workdir)
+    if not path.exists():
+        raise CheckpointError(f"sampling.classifier_scale={config.sampling.classifier_scale} needs the classifier "
+                              f"{path}, which does not exist: run --mode train_classifier first (same --workdir)")
+    model = noisy_classifier.create_classifier(config, num_classes).to(device)
+    try:
+        model.load_state_dict(load_checkpoint(path, device)["model"], strict=True)
+    except (RuntimeError, KeyError) as err:
+        raise CheckpointError(f"{path} does not fit the classifier built from config.classifier: {err}") from err
+    return model.eval()
+
+
+def make_conditioning(config, sde, model, dataset, workdir: Path, device, *,
+                      label_sequence: Optional[torch.Tensor] = None) -> Conditioning:
+    """Conditioning from config.sampling, loading the classifier when sampling.classifier_scale > 0."""
+    classifier = (load_classifier(config, workdir, device, dataset_classes(config, dataset))
+                  if config.sampling.classifier_scale > 0 else None)
+    return Conditioning(config, sde, model, dataset, classifier=classifier, label_sequence=label_sequence)
+
+
+def draw_samples(config, sde, model, dataset, num: int, device, seed: int,
+                 conditioning: Optional[Conditioning] = None) -> Tuple[torch.Tensor, int]:
+    """num samples in [0, 1] (images) or data space (toy), generated in rounds of eval.batch_size."""
+    model.eval()
+    conditioning = conditioning or Conditioning(config, sde, model, dataset)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    settings, chunks, nfe = sampler_settings(config, sde), [], 0
+    for start in range(0, num, config.eval.batch_size):
+        n = min(config.eval.batch_size, num - start)
+        x, nfe = sampling.sample(conditioning.score_fn(start, n, device), sde, (n, *dataset.shape),
+                                 generator=generator, device=device, progress=True, **settings)
+        chunks.append(dataset.from_model(x).cpu())
+    return torch.cat(chunks), nfe
+
+
+def save_samples_picture(samples: torch.Tensor, dataset, path: Path, title: str = "") -> None:
+    """A grid of images, or a scatter plot of vectors over the test split."""
+    if dataset.is_image:
+        save_image_grid(samples, path)
+    else:
+        save_scatter(samples, path, reference=dataset.test, title=title)
+
+
+def image_metrics(config, dataset, device, world: distributed.World):
+    """Inception and the reference statistics; rank 0 first, so that the others read its cached statistics."""
+    from evaluation.sample_quality import ImageMetrics
+    metrics = ImageMetrics(config, dataset, device) if world.is_main else None
+    distributed.barrier(world)
+    return metrics if metrics is not None else ImageMetrics(config, dataset, device)
+
+
+def generate_and_score(config, sde, conditioning, dataset, device, folder: Path, seed_keys, settings: Dict,
+                       num: int, metrics, fingerprint: Dict,
+                       world: distributed.World = distributed.World()) -> Tuple[torch.Tensor, Dict]:
+    """num samples with `settings` and `conditioning` (labels, guidance), in resumable rounds of eval.batch_size
+    seeded by (*seed_keys, round), and their metrics: FID/KID/IS for images (when `metrics`, an ImageMetrics, is
+    given), sliced W₂ / NLL for toy data. Under torchrun the ranks share the rounds and only rank 0 gets results
+    ((None, None) on the others)."""
+    from evaluation.rounds import run_in_rounds
+    from evaluation.sample_quality import toy_scores
+
+    def make_round(r: int, n: int) -> Dict[str, np.ndarray]:
+        round_start = time.time()
+        generator = torch.Generator(device=device).manual_seed(round_seed(*seed_keys, r))
+        score_fn = conditioning.score_fn(r * config.eval.batch_size, n, device)
+        x, nfe = sampling.sample(score_fn, sde, (n, *dataset.shape), generator=generator, device=device,
+                                 progress=True, **settings)
+        samples = dataset.from_model(x).cpu()
+        result = {"samples": samples.numpy(), "nfe": np.full(n, nfe),
+                  "sample_seconds": np.full(n, (time.time() - round_start) / n)}  # per sample, so sums add up
+        if metrics is not None:
+            result.update(round_features(metrics, samples))
+        return result
+
+    fingerprint = {**fingerprint, "sampler": settings, "seed_keys": list(seed_keys),
+                   "round_size": config.eval.batch_size,
+                   "inception_sha256": metrics.weights.sha256 if metrics else None}
+    if conditioning.describe():
+        fingerprint["conditioning"] = conditioning.describe()
+    rounds = run_in_rounds(folder, num, config.eval.batch_size, make_round, fingerprint, desc=folder.name,
+                           rank=world.rank, world_size=world.world_size, barrier=lambda: distributed.barrier(world))
+    if rounds is None:
+        return None, None
+    samples = torch.from_numpy(rounds["samples"])
+    report = {"sampler": settings, "nfe": int(rounds["nfe"][0]), "num_samples": len(samples),
+              "sampling_seconds": float(rounds["sample_seconds"].sum())}
+    if metrics is not None:
+        report.update(metrics.describe())
+        report.update(metrics.scores(rounds["features"], rounds.get("probabilities")))
+    elif not dataset.is_image:
+        report.update(toy_scores(samples, dataset))
+    return samples, report
+
+
+def round_features(metrics, samples: torch.Tensor) -> Dict[str, np.ndarray]:
+    """Inception features (and class probabilities, when the weights have logits) of one round of samples."""
+    from evaluation.inception import to_uint8_rgb
+    pixels = to_uint8_rgb(samples)
+    result = {"features": metrics.network.features(pixels)}
+    probabilities = metrics.network.probabilities(pixels)
+    if probabilities is not None:
+        result["probabilities"] = probabilities
+    return result

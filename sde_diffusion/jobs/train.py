@@ -1,0 +1,250 @@
+"""--mode train: the score network, resumable from the newest good preemption checkpoint, on one process or on
+every rank of torchrun (rank 0 writes all files).
+
+Writes: config.json, checkpoints/checkpoint_<k>.pth (k = step // training.snapshot_freq),
+checkpoints-meta/checkpoint_<step>.pth (with .sha256 sidecars; the newest training.keep_meta_checkpoints are
+kept), train_log.jsonl, samples/iter_<step>.png, tensorboard/, and diagnostics/ when a step is not finite.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import distributed, guidance, losses
+from ..checkpoints import (TrainState, atomic_write, load_checkpoint, newest_good_checkpoint, prune_step_checkpoints,
+                           remove_stale_temporaries, rng_state, save_checkpoint, step_checkpoint, step_checkpoints,
+                           write_json)
+from ..ema import ExponentialMovingAverage
+from ..train_step import NonFiniteError, StepResult, TrainStep, nonfinite_parameters
+from ..validation import validate_config
+from . import builder
+from .generation import Conditioning, draw_samples, save_samples_picture
+
+log = logging.getLogger("sde_diffusion")
+
+
+class TrainLog:
+    """workdir/train_log.jsonl: one JSON line per logged step. A resumed run first drops the lines after the step it
+    resumes from, so the file always reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, resumed_step: int):
+        self.path = path
+        if path.exists():
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if entry["step"] <= resumed_step:
+                    kept.append(line + "\n")
+            atomic_write(path, lambda p: Path(p).write_text("".join(kept)))
+
+    def append(self, **entry) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+
+
+@dataclass
+class Training:
+    """Everything one training run holds (rank 0 alone has train_log and writer)."""
+
+    config: object
+    workdir: Path
+    world: distributed.World
+    device: torch.device
+    sde: object
+    dataset: object
+    model: nn.Module
+    ema: ExponentialMovingAverage
+    loss_fn: Callable
+    score_fn_for: Callable  # labels ↦ the training score function (through DDP / torch.compile)
+    step_fn: TrainStep
+    state: TrainState
+    train_log: Optional[TrainLog] = None
+    writer: object = None
+    eval_batch: tuple = ()
+
+
+def run(config, workdir) -> TrainState:
+    """Train, resuming from the newest good checkpoint in workdir/checkpoints-meta; returns the final state. Under
+    torchrun, every process runs this with its own rank (see sde_diffusion/distributed.py); rank 0 writes all files."""
+    validate_config(config)
+    with builder.distributed_job(config) as (world, device):
+        return train(setup(config, Path(workdir), world, device))
+
+
+def training_network(model: nn.Module, config, world: distributed.World, device) -> nn.Module:
+    """The module the loss calls: the model, wrapped for data parallelism and compiled as configured."""
+    network = model
+    if world.distributed:
+        network = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if config.training.compile:
+        network = torch.compile(network, backend=config.training.compile_backend)
+    return network
+
+
+def setup(config, workdir: Path, world: distributed.World, device: torch.device) -> Training:
+    """Build the run (the same initial weights on every rank), resume it, open its log and tensorboard."""
+    t = config.training
+    if world.is_main:
+        builder.prepare_workdir(workdir)
+    builder.seed_everything(config.seed)
+    sde, dataset, model = builder.build(config, device, *world.shard)
+    optimizer = losses.make_optimizer(model.parameters(), config.optim)
+    ema = builder.make_ema(config, model)
+    noise = torch.Generator(device=device).manual_seed(config.seed)  # the loss's t and z: identical on all ranks
+    loss_fn = builder.make_loss_fn(config, sde)
+    score_fn_for = builder.labelled_score_fn(config, sde, training_network(model, config, world, device))
+    step_fn = TrainStep(model, optimizer, ema, loss_fn, config.optim, precision=t.precision, device=device,
+                        on_nonfinite=t.on_nonfinite, noise=noise, world=world)
+    state = TrainState(model, optimizer, ema, dataset, noise, step_fn.scaler)
+    builder.seed_everything(builder.round_seed(config.seed, world.rank))  # per-rank streams; a resume restores them
+    resume(state, workdir, world, device)
+    run = Training(config, workdir, world, device, sde, dataset, model, ema, loss_fn, score_fn_for, step_fn, state)
+    if world.is_main:
+        run.train_log = TrainLog(workdir / "train_log.jsonl", state.step)
+        write_json(workdir / "config.json", config.to_dict())
+    log.info("training %s (%d parameters) on %s, %s, %s, step %d → %d, %d process(es) × batch %d",
+             config.model.name, sum(p.numel() for p in model.parameters()), config.data.dataset, type(sde).__name__,
+             t.precision, state.step, t.n_iters, world.world_size, t.batch_size)
+    if world.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        run.writer = SummaryWriter(str(workdir / "tensorboard"))
+    conditional = config.model.num_classes > 0
+    run.eval_batch = next(builder.labelled_batches(dataset, t.batch_size, conditional, device))
+    return run
+
+
+def resume(state: TrainState, workdir: Path, world: distributed.World, device) -> None:
+    """Load the newest preemption checkpoint that verifies (rank 0 picks it, every rank loads it)."""
+    found = None
+    if world.is_main:
+        for folder in (workdir / builder.PREEMPTION, workdir / builder.NUMBERED):
+            for stale in remove_stale_temporaries(folder):
+                log.warning("removed %s, left by a run killed while writing it", stale)
+        found = newest_good_checkpoint(workdir / builder.PREEMPTION, map_location=device)
+    path = distributed.broadcast(None if found is None else str(found[0]), world)
+    if path is None:
+        return
+    checkpoint = found[1] if world.is_main else load_checkpoint(path, device)
+    state.load_state_dict(checkpoint, path, rank=world.rank)
+    log.info("resuming from %s at step %d", path, state.step)
+
+
+def train(run: Training) -> TrainState:
+    """Steps state.step + 1 .. training.n_iters: log, held-out loss, checkpoints and sample grids as configured."""
+    t, state = run.config.training, run.state
+    start = time.time()
+    for step in tqdm(range(state.step + 1, t.n_iters + 1), desc="train", initial=state.step, total=t.n_iters,
+                     disable=not run.world.is_main):
+        result = take_step(run, step)
+        if step % t.log_freq == 0 and run.world.is_main:
+            log_step(run, step, result, start)
+        if step % t.eval_freq == 0 and run.world.is_main:
+            log_eval_loss(run, step)
+        save_step(run, step)
+    if run.writer is not None:
+        run.writer.close()
+    log.info("training finished at step %d in %.1f s (%d steps skipped)", state.step, time.time() - start,
+             state.skipped_steps)
+    return state
+
+
+def take_step(run: Training, step: int) -> StepResult:
+    """One optimization step on the next training batch (labels dropped with probability training.label_dropout
+    for class-conditional models)."""
+    config, device = run.config, run.device
+    labels = None
+    run.model.train()
+    if config.model.num_classes > 0:
+        x, labels = (v.to(device) for v in run.dataset.train_batch(with_labels=True))
+        labels = guidance.drop_labels(labels, config.training.label_dropout, config.model.num_classes)
+    else:
+        x = run.dataset.train_batch().to(device)
+    if config.training.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        result = run.step_fn(x, step, run.score_fn_for(labels))
+    except NonFiniteError as err:
+        raise stopped_on_nonfinite(err, step, x, run) from None
+    run.state.step = step
+    if not result.applied:
+        run.state.skipped_steps += 1
+        log.warning("step %d skipped (%s); %d skipped so far", step, result.reason, run.state.skipped_steps)
+    return result
+
+
+def log_step(run: Training, step: int, result: StepResult, start: float) -> None:
+    log.info("step %d  loss %.5f  grad_norm %.3f  lr %.2e  (%.1f s)", step, result.loss, result.grad_norm,
+             result.lr, time.time() - start)
+    run.train_log.append(step=step, loss=result.loss, grad_norm=result.grad_norm, lr=result.lr,
+                         skipped_steps=run.state.skipped_steps)
+    run.writer.add_scalar("training_loss", result.loss, step)
+    run.writer.add_scalar("grad_norm", result.grad_norm, step)
+    run.writer.add_scalar("learning_rate", result.lr, step)
+
+
+def log_eval_loss(run: Training, step: int) -> None:
+    """The loss of the EMA weights on one fixed test batch."""
+    with run.ema.average_parameters(run.model):
+        eval_loss = builder.evaluation_loss(run.loss_fn, builder.labelled_score_fn(run.config, run.sde, run.model),
+                                            run.model, [run.eval_batch], seed=run.config.seed)
+    log.info("step %d  eval_loss %.5f", step, eval_loss)
+    run.writer.add_scalar("eval_loss", eval_loss, step)
+
+
+def save_step(run: Training, step: int) -> None:
+    """Preemption and numbered checkpoints (every rank's RNG state gathered into them), then a sample grid."""
+    t, world, workdir = run.config.training, run.world, run.workdir
+    numbered = step % t.snapshot_freq == 0 or step == t.n_iters
+    if not (numbered or step % t.snapshot_freq_for_preemption == 0):
+        return
+    checkpoint = run.state.state_dict(distributed.gather(rng_state(), world))
+    if world.is_main:
+        save_checkpoint(step_checkpoint(workdir / builder.PREEMPTION, step), checkpoint)
+        prune_step_checkpoints(workdir / builder.PREEMPTION, t.keep_meta_checkpoints)
+        if numbered:
+            path = builder.numbered_checkpoint(workdir, step // t.snapshot_freq)
+            save_checkpoint(path, checkpoint)
+            log.info("saved %s", path)
+    if numbered and t.snapshot_sampling and world.is_main:
+        snapshot_samples(run, step)
+
+
+def stopped_on_nonfinite(err: NonFiniteError, step: int, x: torch.Tensor, run: Training) -> NonFiniteError:
+    """Save the batch and the names of parameters with non-finite gradients; the error to raise instead."""
+    path = run.workdir / "diagnostics" / f"nonfinite_step_{step}.pt"
+    if run.world.is_main:
+        diagnostics = {"step": step, "error": str(err), "batch": x.detach().cpu(),
+                       "nonfinite_gradients": nonfinite_parameters(run.model)}
+        atomic_write(path, lambda p: torch.save(diagnostics, p))
+    good = step_checkpoints(run.workdir / builder.PREEMPTION)
+    last = f"the last good checkpoint, {good[0][1]} (step {good[0][0]}), is untouched" if good else "no checkpoint yet"
+    return NonFiniteError(f"training stopped: {err}. Diagnostics (batch, parameters with non-finite gradients) are in "
+                          f"{path}; {last}. Lower optim.lr, keep optim.grad_clip ≥ 0, try training.precision='fp32', "
+                          "or set training.on_nonfinite='skip' to skip such steps.")
+
+
+def snapshot_samples(run: Training, step: int) -> None:
+    """A grid of samples with the EMA weights: labels of the test split with classifier-free guidance, no
+    classifier guidance (the classifier may not be trained yet)."""
+    config, model, dataset = run.config, run.model, run.dataset
+    conditioning = Conditioning(config, run.sde, model, dataset)
+    with run.ema.average_parameters(model):
+        samples, nfe = draw_samples(config, run.sde, model, dataset, config.sampling.num_grid_samples, run.device,
+                                    config.seed, conditioning)
+    path = run.workdir / "samples" / f"iter_{step}.png"
+    save_samples_picture(samples, dataset, path, title=f"step {step}, NFE {nfe}")
+    if dataset.is_image:
+        run.writer.add_images("samples", samples[:64], step)
+    log.info("sample grid %s (NFE %d)", path, nfe)
