@@ -79,21 +79,7 @@ def numbered_checkpoint(workdir: Path, k: int) -> Path:
 
 def sampler_settings(config, sde) -> Dict:
     """Keyword arguments for `sampling.sample` from config.sampling (only the options the method takes)."""
-    s = config.sampling
-    settings = dict(method=s.method, steps=s.steps if s.steps is not None else sde.N, eps=s.eps,
-                    denoise=s.noise_removal)
-    settings.update({
-        "pc": dict(predictor=s.predictor, corrector=s.corrector, snr=s.snr, n_steps=s.n_steps_each,
-                   probability_flow=s.probability_flow),
-        "ode": dict(rtol=s.rtol, atol=s.atol, backend=s.ode_backend),
-        "sde": dict(sde_method=s.sde_method),
-        "ddim": dict(eta=s.eta),
-        "dpm_solver": dict(order=s.order),
-        "heun": dict(rho=s.rho),
-    }.get(s.method, {}))
-    if s.grid is not None and s.method != "ode":
-        settings["grid"] = s.grid
-    return settings
+    return sampling.settings_from_config(config, sde)
 
 
 class Conditioning:
@@ -590,11 +576,7 @@ def compare(config, workdir, eval_folder: str = "compare") -> None:
     from evaluation.compare import parse_entry
 
     validate_config(config)
-    entries = [parse_entry(text) for text in config.compare.samplers]
-    for entry in entries:
-        if entry.method not in sampling.SAMPLERS:
-            raise ValueError(f"compare.samplers entry {entry.label}@{entry.steps}: unknown method {entry.method!r}; "
-                             f"available: {sorted(sampling.SAMPLERS)}")
+    entries = [parse_entry(text) for text in config.compare.samplers]  # checked against the sampler registry
     world = distributed.world_from_env()  # under torchrun the ranks share each sampler's rounds
     device = distributed.setup(world, resolve_device(config.device))
     try:
@@ -623,7 +605,7 @@ def _compare(config, workdir: Path, eval_folder: str, entries, world: distribute
         metrics.append("nll")
     rows = []
     for entry in entries:
-        settings = dict(method=entry.method, steps=entry.steps, eps=s.eps, denoise=s.noise_removal, **entry.options)
+        settings = {**dict(method=entry.method, steps=entry.steps, eps=s.eps, denoise=s.noise_removal), **entry.options}
         samples, report = _generate_and_score(config, sde, conditioning, dataset, device, out / f"rounds_{entry.slug}",
                                               (config.seed, k), settings, num, image_metrics,
                                               {"checkpoint": path.name}, world)

@@ -48,15 +48,17 @@ def default_config() -> ml_collections.ConfigDict:
     sampling.steps = placeholder(int)  # sampler steps; None → model.num_scales
     sampling.eps = placeholder(float)  # last time; None → the SDE's default
     sampling.num_grid_samples = 64  # images in snapshot and eval sample grids
-    # options of particular methods (see sde_diffusion/sampling.py); the others ignore them
+    # options of particular methods, score_sde's names (sde_diffusion/sampling/settings.py maps them to the options
+    # of the chosen method; the others ignore them)
     sampling.rtol = 1e-5  # ode: relative tolerance of the adaptive RK45
     sampling.atol = 1e-5  # ode: absolute tolerance
-    sampling.ode_backend = "torch"  # ode: torch (dopri5, state stays on the device) | scipy (solve_ivp on the host)
+    sampling.ode_backend = "torch"  # ode: torch (dopri5 on the device) | torchdiffeq | scipy (RK45 on the host)
     sampling.sde_method = "euler"  # sde: torchsde's euler | milstein | srk
     sampling.eta = 0.0  # ddim: 0 deterministic, > 0 stochastic (1: ancestral with the posterior variance)
     sampling.order = 3  # dpm_solver: DPM-Solver++ order 1, 2 or 3
-    sampling.rho = 7.0  # heun, and grid="edm": EDM's ρ of the σ/α grid
-    sampling.grid = placeholder(str)  # ddim, dpm_solver, heun: time | logsnr | edm; None → the sampler's default
+    sampling.rho = 7.0  # grid "edm" (heun's default): EDM's ρ of the σ/α grid
+    sampling.grid = placeholder(str)  # time | logsnr | edm spacing of the time grid; None → the sampler's default
+    sampling.options = ""  # "option=value,..." for the method's own options (e.g. a registered sampler's)
     # --mode sample, conditional (sde_diffusion/controllable.py): inpaint or colourize test images (or one image)
     sampling.inpaint_mask = placeholder(str)  # .png (white = known) or .npy (1 = known) mask, (H, W) or (C, H, W)
     sampling.inpaint_image = placeholder(str)  # .png/.npy image whose pixels are kept; None → the test images
@@ -370,21 +372,10 @@ def validate_config(config) -> None:
     _choice("model.name", m.name, models.MODELS)
     _choice("data.dataset", d.dataset.lower(), datasets.DATASETS)
     _choice("model.beta_schedule", m.beta_schedule, sdes.BETA_SCHEDULES)
-    _choice("sampling.method", s.method, sampling.SAMPLERS)
-    _choice("sampling.predictor", s.predictor, sampling.PREDICTORS)
-    _choice("sampling.corrector", s.corrector, sampling.CORRECTORS)
-    _choice("sampling.sde_method", s.sde_method, sampling.SDE_METHODS)
-    _choice("sampling.ode_backend", s.ode_backend, sampling.ODE_BACKENDS)
-    _choice("sampling.order", s.order, (1, 2, 3))
-    if s.grid is not None:
-        _choice("sampling.grid", s.grid, sampling.GRIDS)
-    for key in ("rtol", "atol", "rho"):
-        _positive(f"sampling.{key}", s[key])
-    if s.eta < 0:
-        raise ConfigError(f"sampling.eta must be ≥ 0, got {s.eta}")
-    if s.method == "pc" and s.predictor == "ancestral_sampling" and s.probability_flow:
-        raise ConfigError("sampling.predictor='ancestral_sampling' is stochastic: with sampling.probability_flow=True "
-                          "use euler_maruyama or reverse_diffusion")
+    try:
+        sampling.check_config(config)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     for key in ("training.batch_size", "training.n_iters", "training.log_freq", "training.eval_freq",
                 "training.snapshot_freq", "training.snapshot_freq_for_preemption", "eval.batch_size",
                 "eval.num_samples", "sampling.num_grid_samples", "model.num_scales", "optim.lr"):
@@ -408,8 +399,6 @@ def validate_config(config) -> None:
                           "exact NLL where the data has a density)")
     _check_conditional_sampling(config)
     _check_classes(config)
-    if s.steps is not None and s.steps < 1:
-        raise ConfigError(f"sampling.steps must be ≥ 1 (or None for model.num_scales), got {s.steps}")
     if e.begin_ckpt > e.end_ckpt:
         raise ConfigError(f"eval.begin_ckpt={e.begin_ckpt} is after eval.end_ckpt={e.end_ckpt}")
     if m.name != "mlp" and d.dataset.lower() in datasets.TOY_SAMPLERS:
