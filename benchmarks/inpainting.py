@@ -95,8 +95,9 @@ def ancestral_way_back(self, score_fn, x, x_jumped, t, t_prev):
     """RePaint's way back: one ancestral step from t_prev to t, E[x_t | x'] plus the DDPM posterior's isotropic
     noise σ_{t_prev|t}·σ(t)/σ(t_prev)·z (DDIM with η = 1), instead of the reflection 2·E[x_t | x'] − x."""
     a, s = self.sde.transition(t_prev, t)
-    mean = (x_jumped + sampling.terms.like(s**2, x) * score_fn(x_jumped, t_prev.to(x.dtype))) / sampling.terms.like(a, x)
-    return mean + sampling.terms.like(s * self.sde.sigma(t) / self.sde.sigma(t_prev), x) * sampling.terms.noise(x, None)
+    like = sampling.terms.like
+    mean = (x_jumped + like(s**2, x) * score_fn(x_jumped, t_prev.to(x.dtype))) / like(a, x)
+    return mean + like(s * self.sde.sigma(t) / self.sde.sigma(t_prev), x) * sampling.terms.noise(x, None)
 
 
 @sampling.register_sampler("dpm_solver_history", grid="logsnr", replace=True)
@@ -114,6 +115,10 @@ def dpm_solver_history(score_fn, sde, x, timesteps, *, restart: bool = False, or
     return x
 
 
+KEEP = ("dpm_solver_history", 20, dict(restart=False))
+RESTART = ("dpm_solver_history", 20, dict(restart=True))
+
+
 def ablations(n: int) -> None:
     print("| task | SDE | sampler | variant | NFE | mean error | cov error |")
     print("|---|---|---|---|---|---|---|")
@@ -124,13 +129,10 @@ def ablations(n: int) -> None:
          ancestral_way_back),
         ("dpm_solver 20", SAMPLERS["dpm_solver 20"], ("repaint", 5), "reflection (ours)", reflect),
         ("dpm_solver 20", SAMPLERS["dpm_solver 20"], ("repaint", 5), "ancestral way back", ancestral_way_back),
-        ("dpm_solver 20", ("dpm_solver_history", 20, dict(restart=False)), ("replacement", 1), "replacement, history kept (ours)",
-         reflect),
-        ("dpm_solver 20", ("dpm_solver_history", 20, dict(restart=True)), ("replacement", 1), "replacement, history restarted",
-         reflect),
-        ("dpm_solver 20", ("dpm_solver_history", 20, dict(restart=True)), ("repaint", 5), "repaint r=5, history restarted (ours)",
-         reflect),
-        ("dpm_solver 20", ("dpm_solver_history", 20, dict(restart=False)), ("repaint", 5), "repaint r=5, history kept", reflect),
+        ("dpm_solver 20", KEEP, ("replacement", 1), "replacement, history kept (ours)", reflect),
+        ("dpm_solver 20", RESTART, ("replacement", 1), "replacement, history restarted", reflect),
+        ("dpm_solver 20", RESTART, ("repaint", 5), "repaint r=5, history restarted (ours)", reflect),
+        ("dpm_solver 20", KEEP, ("repaint", 5), "repaint r=5, history kept", reflect),
     ]
     for task, run in (("inpainting", run_inpainting), ("colorization", run_colorization)):
         for sde_name in ("VP", "VE"):

@@ -166,8 +166,8 @@ MUTATIONS = {
                            lambda mp: mp.setattr(sdes.ReverseSDE, "__init__", _reverse_weight(True, 1.0))),
     "reverse_sde_one_to_half": ("ve", "2d", "pc_euler_maruyama",
                                 lambda mp: mp.setattr(sdes.ReverseSDE, "__init__", _reverse_weight(False, 0.5))),
-    "dpm_solver_2m_half_to_one": ("subvp", "2d", "dpm_solver_2",
-                                  lambda mp: mp.setattr(sampling.fast, "dpm_solver_pp_update", _dpm_solver_2m_without_half)),
+    "dpm_solver_2m_half_to_one": ("subvp", "2d", "dpm_solver_2", lambda mp: mp.setattr(
+        sampling.fast, "dpm_solver_pp_update", _dpm_solver_2m_without_half)),
     "langevin_per_sample_norms": ("vp_linear", "2d", "pc_langevin",
                                   lambda mp: mp.setitem(sampling.CORRECTORS, "langevin", _langevin_per_sample)),
     "heun_time_label_off_by_one": ("vp_cosine", "16d", "heun", "shift:edm"),

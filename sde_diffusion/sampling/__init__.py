@@ -11,15 +11,15 @@ the progress bar, callbacks and the time grid are the framework's (sampling/core
 with x the prior draw and timesteps a 1-D float64 tensor from T down to eps; its keyword parameters are its
 options (`sample(..., option=value)`, config strings "name:option=value@steps", `sampling.options`).
 
-| method       | module          | what it integrates                                        | score calls (`steps`)     |
-|--------------|-----------------|-----------------------------------------------------------|---------------------------|
-| `pc`         | pc.py           | reverse SDE, predictor + corrector (Song et al. Alg. 2–3) | steps·(1 + n_steps)       |
-| `ancestral`  | pc.py           | DDPM/SMLD ancestral chain (Ho et al. Alg. 2)              | steps                     |
-| `ode`        | flow.py         | probability-flow ODE, adaptive Dormand–Prince RK45        | adaptive (steps unused)   |
-| `sde`        | reverse_sde.py  | reverse SDE with torchsde (euler, milstein, srk)          | steps × stages (1, 1, 4)  |
-| `ddim`       | fast.py         | DDIM (η = 0: deterministic, η > 0: stochastic)            | steps                     |
-| `dpm_solver` | fast.py         | DPM-Solver++ multistep, order 1–3, λ-uniform grid         | steps                     |
-| `heun`       | fast.py         | EDM's 2nd-order Heun on the σ/α grid with ρ = 7           | 2·steps − 1               |
+| method       | module         | what it integrates                                        | score calls (`steps`)    |
+|--------------|----------------|-----------------------------------------------------------|--------------------------|
+| `pc`         | pc.py          | reverse SDE, predictor + corrector (Song et al. Alg. 2–3) | steps·(1 + n_steps)      |
+| `ancestral`  | pc.py          | DDPM/SMLD ancestral chain (Ho et al. Alg. 2)              | steps                    |
+| `ode`        | flow.py        | probability-flow ODE, adaptive Dormand–Prince RK45        | adaptive (steps unused)  |
+| `sde`        | reverse_sde.py | reverse SDE with torchsde (euler, milstein, srk)          | steps × stages (1, 1, 4) |
+| `ddim`       | fast.py        | DDIM (η = 0: deterministic, η > 0: stochastic)            | steps                    |
+| `dpm_solver` | fast.py        | DPM-Solver++ multistep, order 1–3, λ-uniform grid         | steps                    |
+| `heun`       | fast.py        | EDM's 2nd-order Heun on the σ/α grid with ρ = 7           | 2·steps − 1              |
 
 `denoise=True` adds one call. Nothing here asks which SDE it has; the SDE classes answer α, σ, λ, drift, diffusion.
 """
@@ -34,12 +34,9 @@ from .pc import CORRECTORS, PREDICTORS
 from .registry import SAMPLERS, Sampler, parse_entry, parse_spec, register_sampler
 from .reverse_sde import SDE_METHODS
 from .settings import check_config, options_from_config, settings_from_config
-from .terms import like as _like
-from .terms import noise as _noise
 from .terms import tweedie_denoise
 
 __all__ = ["sample", "register_sampler", "SAMPLERS", "Sampler", "parse_spec", "parse_entry", "options_from_config",
            "settings_from_config", "check_config", "Constraint", "CountingScore", "FrameworkScore", "time_grid",
            "solver_grid", "GRIDS", "EDM_RHO", "tweedie_denoise", "ode_encode", "ode_decode", "dpm_solver_pp_update",
-           "PREDICTORS", "CORRECTORS", "SDE_METHODS", "ODE_BACKENDS", "ODE_RTOL", "ODE_ATOL", "dopri5", "scipy_rk45",
-           "_like", "_noise"]
+           "PREDICTORS", "CORRECTORS", "SDE_METHODS", "ODE_BACKENDS", "ODE_RTOL", "ODE_ATOL", "dopri5", "scipy_rk45"]

@@ -10,9 +10,10 @@ does the bookkeeping, so that samplers only do their arithmetic:
   that completes a grid step (t at or past the next grid time) it is the time of the evaluation that completed the
   step before, so RePaint's jump back spans one step; for any other evaluation (a corrector's repeat, the inner
   stages of a Runge–Kutta step, a second evaluation at the same time) it equals t: replacement only. The returned x
-  gets the constraint at eps with the last step's t_prev; then the optional Tweedie step and `constraint.finish`. A multistep sampler can read
-  `score_fn.state_jumps`: True when the constraint also moves the coordinates it does not fix (RePaint's rounds),
-  so that a history of earlier evaluations no longer lies on the current trajectory.
+  gets the constraint at eps with the last step's t_prev; then the optional Tweedie step and `constraint.finish`.
+  So a sampler should evaluate the score before computing anything else from x in an update (see
+  `terms.evaluated`). A multistep sampler can read `score_fn.state_jumps`: True when the constraint also moves the
+  coordinates it does not fix (RePaint's rounds), so that earlier evaluations no longer lie on the trajectory.
 * **Progress and callback**: the bar advances and callback(i, t, x) fires (with the constrained state) when an
   evaluation reaches the next grid time t = timesteps[i + 1]; the last step's call gets the returned x at eps.
 
@@ -70,6 +71,15 @@ def _time(t) -> torch.Tensor:
     return torch.as_tensor(t, dtype=torch.float64).reshape(-1)[0].cpu()
 
 
+def bind(constraint: Constraint, counted: CountingScore, generator: Optional[torch.Generator]
+         ) -> Callable[[torch.Tensor, object, object], torch.Tensor]:
+    """constrain(x, t, t_prev) -> x: the constraint with the counted score and the generator filled in, times (floats
+    or tensors) as 0-d float64 tensors. What a sampler that declares `constraint` receives."""
+    def constrain(x: torch.Tensor, t, t_prev) -> torch.Tensor:
+        return constraint(x, _time(t), None if t_prev is None else _time(t_prev), counted, generator)
+    return constrain
+
+
 class FrameworkScore:
     """The score function a sampler gets from `sample`: counts, constrains, reports progress (module docstring)."""
 
@@ -88,11 +98,7 @@ class FrameworkScore:
         return self.grid[i].clone() if abs(self.grid[i] - time) <= GRID_SNAP * abs(self.grid[i]) else time
 
     def constrain(self, x: torch.Tensor, t, t_prev) -> torch.Tensor:
-        """The constraint applied to x moved from t_prev to t (x itself without a constraint)."""
-        if self.constraint is None:
-            return x
-        t_prev = None if t_prev is None else _time(t_prev)
-        return self.constraint(x, _time(t), t_prev, self.counted, self.generator)
+        return x if self.constraint is None else bind(self.constraint, self.counted, self.generator)(x, t, t_prev)
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
         time = self.snap(t)
@@ -174,8 +180,7 @@ def sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str = "pc"
                                    bar, callback)
         passed = {"generator": generator} if sampler.takes_generator else {}
         if sampler.takes_constraint:
-            own = FrameworkScore(counted, timesteps, constraint, generator, bar, None)
-            passed["constraint"] = own.constrain if constraint is not None else None
+            passed["constraint"] = None if constraint is None else bind(constraint, counted, generator)
         x = sampler.fn(framework, sde, x, timesteps, **options, **passed)
         if not torch.is_tensor(x) or tuple(x.shape) != tuple(shape):
             raise ValueError(f"sampler {method!r} returned {type(x).__name__} of shape "

@@ -14,6 +14,8 @@ PREDICTORS: Dict[str, Callable] = {}
 CORRECTORS: Dict[str, Callable] = {}
 PredictorName = Literal["euler_maruyama", "reverse_diffusion", "ancestral_sampling", "none"]
 CorrectorName = Literal["langevin", "ald", "none"]
+ANCESTRAL_IS_STOCHASTIC = ("the ancestral_sampling predictor is stochastic by construction: use euler_maruyama or "
+                           "reverse_diffusion with probability_flow=True")
 
 
 def _add(table: Dict[str, Callable], name: str):
@@ -55,8 +57,7 @@ def reverse_diffusion_predictor(score_fn, sde, x, t, t_next, generator, probabil
 def ancestral_sampling_predictor(score_fn, sde, x, t, t_next, generator, probability_flow=False):
     """One ancestral step t → t_next (DDPM for VP, SMLD for VE, the exact Gaussian posterior for sub-VP)."""
     if probability_flow:
-        raise ValueError("the ancestral_sampling predictor is stochastic by construction: use euler_maruyama or "
-                         "reverse_diffusion with probability_flow=True")
+        raise ValueError(ANCESTRAL_IS_STOCHASTIC)
     return ancestral_step(score_fn, sde, x, t, t_next, generator)
 
 
@@ -109,7 +110,7 @@ def pc_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Te
     as in score_sde."""
     predict, correct = PREDICTORS[predictor], CORRECTORS[corrector]
     if predictor == "ancestral_sampling" and probability_flow:
-        ancestral_sampling_predictor(score_fn, sde, x, None, None, generator, probability_flow)  # its error
+        raise ValueError(ANCESTRAL_IS_STOCHASTIC)
     for i in range(len(timesteps) - 1):
         t, t_next = timesteps[i], timesteps[i + 1]
         if corrector != "none":

@@ -73,10 +73,8 @@ class Sampler:
     def describe_options(self) -> str:
         return ", ".join(o.describe() for o in self.options.values()) or "none"
 
-    def __call__(self, score_fn, sde, x, timesteps, *, generator=None, constraint=None, **options):
+    def __call__(self, score_fn, sde, x, timesteps, *, generator=None, **options):
         passed = {"generator": generator} if self.takes_generator else {}
-        if self.takes_constraint:
-            passed["constraint"] = constraint
         return self.fn(score_fn, sde, x, timesteps, **self.check_options(options), **passed)
 
 
