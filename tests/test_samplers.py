@@ -531,5 +531,6 @@ def test_every_builtin_sampler_is_registered_with_its_options():
         "pc": ["predictor", "corrector", "snr", "n_steps", "probability_flow"], "ancestral": [],
         "ode": ["rtol", "atol", "backend"], "sde": ["sde_method"], "ddim": ["eta"],
         "dpm_solver": ["order", "lower_order_final"], "heun": []}
+    assert [name for name, s in SAMPLERS.items() if s.takes_constraint] == ["ode", "sde"]
     assert {name: s.grid for name, s in SAMPLERS.items() if s.grid != "time"} == {"dpm_solver": "logsnr",
                                                                                    "heun": "edm"}

@@ -52,7 +52,7 @@ class _FlippedReverseSDE:
 
 @register_sampler("sde")
 def torchsde_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor, *,
-                     sde_method: SdeMethod = "euler", generator=None) -> torch.Tensor:
+                     sde_method: SdeMethod = "euler", generator=None, constraint=None) -> torch.Tensor:
     """Reverse SDE with torchsde's fixed-step `euler`, `milstein` (derivative-free) or `srk` on the given grid
     (score calls: steps × the method's stages: 1, 1, 4).
 
@@ -60,10 +60,16 @@ def torchsde_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: to
     torchsde.BrownianInterval seeded from `generator` (space-time Lévy area for srk), so samples are reproducible.
     The explicit multi-stage srk needs short steps where β(t) is large: on the cosine schedule (β clipped at 999
     near T) use grid="logsnr", which puts steps there.
+
+    It applies a constraint itself, to the prior draw and to the state after every grid interval: srk evaluates the
+    drift at stage states, where the framework's per-evaluation constraint would spend RePaint's rounds on states
+    the step then discards (measured: the rounds lost all their effect).
     """
     import torchsde
 
     s_grid = (timesteps[0] - timesteps).to(x.dtype)  # 0 = s_0 < s_1 < … < T − eps
+    if constraint is not None:
+        x = constraint(x, timesteps[0], None)
     y = x.reshape(x.shape[0], -1)
     entropy = None
     if generator is not None:
@@ -79,4 +85,6 @@ def torchsde_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: to
         # dt larger than the interval: torchsde clips the step at the interval's end, so exactly one step is taken.
         y = torchsde.sdeint(flipped, y, interval, bm=bm, method=sde_method, dt=2 * (interval[1] - interval[0]).item(),
                             options=options)[-1]
+        if constraint is not None:
+            y = constraint(y.reshape(x.shape), timesteps[i + 1], timesteps[i]).reshape(y.shape)
     return y.reshape(x.shape)
