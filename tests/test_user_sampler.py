@@ -142,14 +142,13 @@ def main_py(workdir, mode, *flags):
 
 
 def test_main_modes_use_the_registered_sampler(tmp_path):
-    main_py(tmp_path, "train")
-    main_py(tmp_path, "sample")
+    """train, then --mode sample, eval and compare with the user's sampler (one process: torch imports once)."""
+    main_py(tmp_path, "train", "--then_modes=sample,eval,compare",
+            "--config.compare.samplers=('user_euler@3', 'user_euler:score_scale=0.5@3')")
     assert (tmp_path / "samples" / "checkpoint_1_user_euler_nfe5.npz").stat().st_size > 0
-    main_py(tmp_path, "eval")
     report = json.loads((tmp_path / "eval" / "report_1.json").read_text())
     assert report["nfe"] == 5 and report["sampler"]["method"] == "user_euler"
     assert report["sampler"]["score_scale"] == 0.5 and report["sliced_w2"] > 0
-    main_py(tmp_path, "compare", "--config.compare.samplers=('user_euler@3', 'user_euler:score_scale=0.5@3')")
     rows = json.loads((tmp_path / "compare" / "compare.json").read_text())["rows"]
     assert [(r["sampler"], r["nfe"]) for r in rows] == [("user_euler", 4), ("user_euler:score_scale=0.5", 4)]
     assert rows[0]["sliced_w2"] != rows[1]["sliced_w2"]
