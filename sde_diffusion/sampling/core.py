@@ -66,17 +66,18 @@ class CountingScore:
         return self.score_fn(x, batch_time(t, x))
 
 
-def _time(t) -> torch.Tensor:
-    """The evaluation time as a 0-d float64 tensor (from a float, a 0-d or a (batch,) tensor of equal times)."""
-    return torch.as_tensor(t, dtype=torch.float64).reshape(-1)[0].cpu()
+def _time(t, device=None) -> torch.Tensor:
+    """The time as a 0-d float64 tensor on `device` (from a float, a 0-d or a (batch,) tensor of equal times)."""
+    return torch.as_tensor(t, dtype=torch.float64).reshape(-1)[0].to(device)
 
 
 def bind(constraint: Constraint, counted: CountingScore, generator: Optional[torch.Generator]
          ) -> Callable[[torch.Tensor, object, object], torch.Tensor]:
     """constrain(x, t, t_prev) -> x: the constraint with the counted score and the generator filled in, times (floats
-    or tensors) as 0-d float64 tensors. What a sampler that declares `constraint` receives."""
+    or tensors) as 0-d float64 tensors on x's device. What a sampler that declares `constraint` receives."""
     def constrain(x: torch.Tensor, t, t_prev) -> torch.Tensor:
-        return constraint(x, _time(t), None if t_prev is None else _time(t_prev), counted, generator)
+        t_prev = None if t_prev is None else _time(t_prev, x.device)
+        return constraint(x, _time(t, x.device), t_prev, counted, generator)
     return constrain
 
 
@@ -85,7 +86,8 @@ class FrameworkScore:
 
     def __init__(self, counted: CountingScore, timesteps: torch.Tensor, constraint: Optional[Constraint],
                  generator: Optional[torch.Generator], bar, callback: Optional[Callback]):
-        self.counted, self.grid, self.constraint, self.generator = counted, timesteps.cpu(), constraint, generator
+        self.counted, self.constraint, self.generator = counted, constraint, generator
+        self.grid = timesteps.cpu()  # float64; evaluation times are compared on the host
         self.bar, self.callback = bar, callback
         self.t_prev: Optional[torch.Tensor] = None  # time of the evaluation that completed the last grid step
         self.reached = 0  # grid steps completed, as seen from the evaluation times
@@ -93,7 +95,7 @@ class FrameworkScore:
 
     def snap(self, t) -> torch.Tensor:
         """t as a 0-d float64 tensor, replaced by the nearest grid time when within GRID_SNAP of it."""
-        time = _time(t)
+        time = _time(t, "cpu")
         i = int(torch.argmin((self.grid - time).abs()))
         return self.grid[i].clone() if abs(self.grid[i] - time) <= GRID_SNAP * abs(self.grid[i]) else time
 
@@ -117,7 +119,7 @@ class FrameworkScore:
         self.bar.update(reached - self.reached)
         self.reached = reached
         if self.callback is not None:
-            self.callback(reached - 1, self.grid[reached], x)
+            self.callback(reached - 1, self.grid[reached].to(x.device), x)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         """The returned state: constrained at eps, the last progress step and callback."""
