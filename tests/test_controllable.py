@@ -67,7 +67,7 @@ def run_colorization(sde_name, sampler, method):
 
 
 # (sde, sampler) → ((mean, cov) error bounds of replacement, of repaint with 5 rounds); measured values in comments.
-# pc: 100 Euler–Maruyama steps; dpm_solver: order 3, 20 steps (first order after RePaint's rounds, see sampling/fast.py).
+# pc: 100 Euler–Maruyama steps; dpm_solver: order 3, 20 steps (first order after RePaint's rounds: sampling/fast.py).
 INPAINTING_BOUNDS = {
     ("vp", "pc"): ((1.15, 1.2), (0.08, 0.07)),  # replacement 1.053, 1.086; repaint 0.068, 0.057
     ("ve", "pc"): ((1.15, 1.1), (0.07, 0.1)),  # replacement 1.035, 0.993; repaint 0.056, 0.085
