@@ -89,43 +89,39 @@ def run_colorization(sde, sampler, method, n: int) -> Dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# Ablations: what the two design choices of controllable.py / sampling.py buy
+# Ablations: what the two design choices of controllable.py / the dpm_solver sampler buy
 # --------------------------------------------------------------------------------------------------
 def ancestral_way_back(self, score_fn, x, x_jumped, t, t_prev):
     """RePaint's way back: one ancestral step from t_prev to t, E[x_t | x'] plus the DDPM posterior's isotropic
     noise σ_{t_prev|t}·σ(t)/σ(t_prev)·z (DDIM with η = 1), instead of the reflection 2·E[x_t | x'] − x."""
     a, s = self.sde.transition(t_prev, t)
-    mean = (x_jumped + sampling._like(s**2, x) * score_fn(x_jumped, t_prev.to(x.dtype))) / sampling._like(a, x)
-    return mean + sampling._like(s * self.sde.sigma(t) / self.sde.sigma(t_prev), x) * sampling._noise(x, None)
+    like = sampling.terms.like
+    mean = (x_jumped + like(s**2, x) * score_fn(x_jumped, t_prev.to(x.dtype))) / like(a, x)
+    return mean + like(s * self.sde.sigma(t) / self.sde.sigma(t_prev), x) * sampling.terms.noise(x, None)
 
 
-def dpm_solver_history(restart: bool):
-    """DPM-Solver++ (order 3, λ grid) that always restarts its x̂_0 history after a constrained step, or never does
-    (sampling.py restarts it only after RePaint, whose rounds move the free coordinates)."""
-    return lambda *args, **kwargs: _dpm_solver_history(*args, restart=restart, **kwargs)
-
-
-def _dpm_solver_history(score_fn, sde, x, timesteps, *, restart, order=3, generator=None, progress=False,
-                        callback=None, constraint=None):
-    ts = sampling.solver_grid(sde, timesteps, "logsnr")
-    lam, n, history = sde.log_snr(ts), len(ts) - 1, []
-    x = sampling._constrain(constraint, x, ts[0], None, score_fn, generator)
+@sampling.register_sampler("dpm_solver_history", grid="logsnr", replace=True)
+def dpm_solver_history(score_fn, sde, x, timesteps, *, restart: bool = False, order: int = 3):
+    """DPM-Solver++ (order 3, λ grid) that always restarts its x̂_0 history after a step, or never does
+    (the dpm_solver sampler restarts it only under RePaint, whose rounds move the free coordinates)."""
+    lam, n, history = sde.log_snr(timesteps), len(timesteps) - 1, []
     for i in range(n):
-        t, s = ts[i], ts[i + 1]
-        history = (history + [sampling._denoised_and_noise(score_fn, sde, x, t)[0]])[-order:]
+        t, s = timesteps[i], timesteps[i + 1]
+        history = ([] if restart else history)[-(order - 1):]
+        history.append(sampling.terms.denoised_and_noise(score_fn, sde, x, t)[0])
         step_order = min(order, len(history), n - i)
         x = sampling.dpm_solver_pp_update(x, history, list(lam[i + 1 - len(history):i + 1]), lam[i + 1],
                                           sde.sigma(s) / sde.sigma(t), sde.alpha(s), step_order)
-        x = sampling._constrain(constraint, x, s, t, score_fn, generator)
-        history = [] if restart else history
     return x
+
+
+KEEP = ("dpm_solver_history", 20, dict(restart=False))
+RESTART = ("dpm_solver_history", 20, dict(restart=True))
 
 
 def ablations(n: int) -> None:
     print("| task | SDE | sampler | variant | NFE | mean error | cov error |")
     print("|---|---|---|---|---|---|---|")
-    sampling.SAMPLERS["dpm_solver_restart"] = dpm_solver_history(restart=True)
-    sampling.SAMPLERS["dpm_solver_keep"] = dpm_solver_history(restart=False)
     reflect = controllable.Inpainting.reflect_back
     variants = [  # (sampler name, sampler, conditioning, variant label, way back)
         ("pc (Euler–Maruyama) 100", SAMPLERS["pc (Euler–Maruyama) 100"], ("repaint", 5), "reflection (ours)", reflect),
@@ -133,13 +129,10 @@ def ablations(n: int) -> None:
          ancestral_way_back),
         ("dpm_solver 20", SAMPLERS["dpm_solver 20"], ("repaint", 5), "reflection (ours)", reflect),
         ("dpm_solver 20", SAMPLERS["dpm_solver 20"], ("repaint", 5), "ancestral way back", ancestral_way_back),
-        ("dpm_solver 20", ("dpm_solver_keep", 20, {}), ("replacement", 1), "replacement, history kept (ours)",
-         reflect),
-        ("dpm_solver 20", ("dpm_solver_restart", 20, {}), ("replacement", 1), "replacement, history restarted",
-         reflect),
-        ("dpm_solver 20", ("dpm_solver_restart", 20, {}), ("repaint", 5), "repaint r=5, history restarted (ours)",
-         reflect),
-        ("dpm_solver 20", ("dpm_solver_keep", 20, {}), ("repaint", 5), "repaint r=5, history kept", reflect),
+        ("dpm_solver 20", KEEP, ("replacement", 1), "replacement, history kept (ours)", reflect),
+        ("dpm_solver 20", RESTART, ("replacement", 1), "replacement, history restarted", reflect),
+        ("dpm_solver 20", RESTART, ("repaint", 5), "repaint r=5, history restarted (ours)", reflect),
+        ("dpm_solver 20", KEEP, ("repaint", 5), "repaint r=5, history kept", reflect),
     ]
     for task, run in (("inpainting", run_inpainting), ("colorization", run_colorization)):
         for sde_name in ("VP", "VE"):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+from sde_diffusion import sampling
 from sde_diffusion.checkpoints import atomic_write
 
 
@@ -29,29 +30,14 @@ class SamplerEntry:
         return f"{self.label}@{self.steps}".replace(":", "_").replace(",", "_").replace("=", "-")
 
 
-def _value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def parse_entry(text: str) -> SamplerEntry:
-    """'method[:k=v,...]@steps' → SamplerEntry; a malformed entry is a ValueError that shows the format."""
-    fmt = "expected 'method[:option=value,...]@steps', e.g. 'dpm_solver:order=2@20'"
-    head, at, steps = text.strip().rpartition("@")
-    if not at or not steps.isdigit() or int(steps) < 1:
-        raise ValueError(f"compare.samplers entry {text!r}: {fmt}")
-    method, _, opts = head.partition(":")
-    options = {}
-    for item in filter(None, opts.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise ValueError(f"compare.samplers entry {text!r}: option {item!r} is not key=value; {fmt}")
-        options[key.strip()] = _value(value.strip())
-    return SamplerEntry(method.strip(), int(steps), options)
+    """'method[:option=value,...]@steps' → SamplerEntry (sde_diffusion.sampling.parse_entry: the method must be
+    registered and the options its own or sample's denoise/grid/rho/eps); a ValueError names what is wrong."""
+    try:
+        method, options, steps = sampling.parse_entry(text)
+    except ValueError as err:
+        raise ValueError(f"compare.samplers entry {text!r}: {err}") from None
+    return SamplerEntry(method, steps, options)
 
 
 def write_table(rows: List[Dict], columns: Sequence[str], folder: Path, stem: str = "compare") -> None:

@@ -51,15 +51,17 @@ def default_config() -> ml_collections.ConfigDict:
     sampling.steps = placeholder(int)  # sampler steps; None → model.num_scales
     sampling.eps = placeholder(float)  # last time; None → the SDE's default
     sampling.num_grid_samples = 64  # images in snapshot and eval sample grids
-    # options of particular methods (see sde_diffusion/sampling.py); the others ignore them
+    # options of particular methods, score_sde's names (sde_diffusion/sampling/settings.py maps them to the options
+    # of the chosen method; the others ignore them)
     sampling.rtol = 1e-5  # ode: relative tolerance of the adaptive RK45
     sampling.atol = 1e-5  # ode: absolute tolerance
-    sampling.ode_backend = "torch"  # ode: torch (dopri5, state stays on the device) | scipy (solve_ivp on the host)
+    sampling.ode_backend = "torch"  # ode: torch (dopri5 on the device) | torchdiffeq | scipy (RK45 on the host)
     sampling.sde_method = "euler"  # sde: torchsde's euler | milstein | srk
     sampling.eta = 0.0  # ddim: 0 deterministic, > 0 stochastic (1: ancestral with the posterior variance)
     sampling.order = 3  # dpm_solver: DPM-Solver++ order 1, 2 or 3
-    sampling.rho = 7.0  # heun, and grid="edm": EDM's ρ of the σ/α grid
-    sampling.grid = placeholder(str)  # ddim, dpm_solver, heun: time | logsnr | edm; None → the sampler's default
+    sampling.rho = 7.0  # grid "edm" (heun's default): EDM's ρ of the σ/α grid
+    sampling.grid = placeholder(str)  # time | logsnr | edm spacing of the time grid; None → the sampler's default
+    sampling.options = ""  # "option=value,..." for the method's own options (e.g. a registered sampler's)
     # --mode sample, conditional (sde_diffusion/controllable.py): inpaint or colourize test images (or one image)
     sampling.inpaint_mask = placeholder(str)  # .png (white = known) or .npy (1 = known) mask, (H, W) or (C, H, W)
     sampling.inpaint_image = placeholder(str)  # .png/.npy image whose pixels are kept; None → the test images

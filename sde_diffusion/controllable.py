@@ -1,5 +1,5 @@
-"""Inpainting and colorization: constraints that every sampler applies to its state (`sampling.sample(...,
-constraint=c)`; the calling convention is in sde_diffusion/sampling.py).
+"""Inpainting and colorization: constraints that the sampling framework applies to every sampler's state
+(`sampling.sample(..., constraint=c)`; the calling convention is in sde_diffusion/sampling/core.py).
 
 Known coordinates y (mask = 1) are fixed; the sampler draws the others. After every update that brought the state x
 to time t, a constraint sets the known coordinates to a fresh draw from the forward marginal,
@@ -47,7 +47,8 @@ import torch
 from PIL import Image
 
 from .errors import ConfigError, choice, positive
-from .sampling import _like, _noise
+from .sampling.terms import like as _like
+from .sampling.terms import noise as _noise
 from .sdes import SDE, ScoreFn
 
 METHODS = ("replacement", "repaint")

@@ -20,7 +20,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import sampling
+from . import ode, sampling
 from .errors import ConfigError, choice, positive
 from .sdes import SDE, ScoreFn, batch_time, per_sample
 
@@ -32,8 +32,8 @@ DIVERGENCES = ("exact", "rademacher", "gaussian")
 BPD_SPLITS = ("test", "train")  # eval.bpd_dataset
 DEFAULT_RTOL = DEFAULT_ATOL = 1e-5  # score_sde's likelihood tolerances
 DEFAULT_EPS = 1e-5  # the time the data lives at (score_sde's likelihood eps)
-# The ODE solvers of `sampling`: Dormand–Prince RK45 on the device, or scipy's solve_ivp on the host.
-ODE_SOLVERS = {"torch": sampling.dopri5, "scipy": sampling.scipy_rk45}
+# The ODE solvers of sde_diffusion/ode.py: Dormand–Prince RK45 on the device or on the host (scipy).
+ODE_SOLVERS = ode.SOLVERS
 # A scaler must be affine: to_model(½) may differ from the midpoint of to_model(0), to_model(1) by this much.
 AFFINE_TOLERANCE = 1e-6
 
@@ -133,8 +133,8 @@ def log_likelihood(score_fn: ScoreFn, sde: SDE, x: Tensor, *, divergence: str = 
     Hutchinson–Skilling with a "rademacher" or "gaussian" probe drawn once from `generator` and kept for the
     whole solve, which makes logp an unbiased estimate (the x-trajectory does not depend on the probe). The
     whole batch shares one adaptive step size (error norm over the packed state, as score_sde's solve_ivp).
-    `backend`: "torch" (`sampling.dopri5`, the state stays on x's device) or "scipy" (`solve_ivp` RK45 on the
-    host in float64, the state copied at every evaluation).
+    `backend`: "torch" (`ode.dopri5`, the state stays on x's device), "torchdiffeq" (its dopri5, on the device) or
+    "scipy" (RK45 on the host in float64, the state copied at every evaluation).
     nfe = score evaluations (each one batched call and one backward pass).
     """
     choice("ODE backend", backend, ODE_SOLVERS, ValueError)

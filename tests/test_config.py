@@ -74,7 +74,7 @@ OWNER_CHECKS = [
     (sdes.check_config, "model.num_scales", 0, "model.num_scales must be > 0"),
     (models.check_config, "model.name", "unet9", "model.name='unet9'"),
     (models.check_config, "model.attn_resolutions", (3,), "never reaches"),
-    (sampling.check_config, "sampling.corrector", "magic", "sampling.corrector='magic'"),
+    (sampling.check_config, "sampling.corrector", "magic", "sampling.corrector: .*corrector='magic'"),
     (sampling.check_config, "sampling.eta", -1.0, "sampling.eta"),
     (train_step.check_config, "training.precision", "fp8", "training.precision='fp8'"),
     (train_step.check_config, "training.eps", 0.0, "training.eps"),

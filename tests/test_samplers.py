@@ -166,8 +166,8 @@ MUTATIONS = {
                            lambda mp: mp.setattr(sdes.ReverseSDE, "__init__", _reverse_weight(True, 1.0))),
     "reverse_sde_one_to_half": ("ve", "2d", "pc_euler_maruyama",
                                 lambda mp: mp.setattr(sdes.ReverseSDE, "__init__", _reverse_weight(False, 0.5))),
-    "dpm_solver_2m_half_to_one": ("subvp", "2d", "dpm_solver_2",
-                                  lambda mp: mp.setattr(sampling, "dpm_solver_pp_update", _dpm_solver_2m_without_half)),
+    "dpm_solver_2m_half_to_one": ("subvp", "2d", "dpm_solver_2", lambda mp: mp.setattr(
+        sampling.fast, "dpm_solver_pp_update", _dpm_solver_2m_without_half)),
     "langevin_per_sample_norms": ("vp_linear", "2d", "pc_langevin",
                                   lambda mp: mp.setitem(sampling.CORRECTORS, "langevin", _langevin_per_sample)),
     "heun_time_label_off_by_one": ("vp_cosine", "16d", "heun", "shift:edm"),
@@ -224,7 +224,8 @@ def observed_order(sde, z, reference, method, options, steps_pair):
     score_fn = default_mixture().marginal_score_fn(sde)
     errors = []
     for steps in steps_pair:
-        x = SAMPLERS[method](score_fn, sde, z.clone(), time_grid(sde, steps, sde.default_eps), **options)
+        grid = solver_grid(sde, time_grid(sde, steps, sde.default_eps), SAMPLERS[method].grid)
+        x = SAMPLERS[method](score_fn, sde, z.clone(), grid, **options)
         errors.append((x - reference).norm(dim=1).median().item())
     return math.log(errors[0] / errors[1]) / math.log(steps_pair[1] / steps_pair[0])
 
@@ -241,7 +242,7 @@ def test_deterministic_solver_convergence_order(sde_name, solver, ode_references
 @pytest.mark.parametrize("solver, mutation", [("dpm_solver_3", _dpm_solver_3m_sign_flip),
                                               ("dpm_solver_2", _dpm_solver_2m_without_half)])
 def test_mutated_multistep_solver_loses_its_order(solver, mutation, ode_references, monkeypatch):
-    monkeypatch.setattr(sampling, "dpm_solver_pp_update", mutation)
+    monkeypatch.setattr(sampling.fast, "dpm_solver_pp_update", mutation)
     method, options, steps_pair, min_order = ORDERS[solver]
     z, reference = ode_references["vp_linear"]
     assert observed_order(VPSDE(), z, reference, method, options, steps_pair) < min_order
@@ -314,8 +315,8 @@ def test_milstein_equals_euler_for_state_independent_noise():
 def test_ancestral_last_step_is_the_mean(monkeypatch):
     """Ho et al. Algorithm 2: noise at every step but the last."""
     draws = []
-    original = sampling._noise
-    monkeypatch.setattr(sampling, "_noise", lambda x, g: draws.append(1) or original(x, g))
+    original = sampling.pc.noise
+    monkeypatch.setattr(sampling.pc, "noise", lambda x, g: draws.append(1) or original(x, g))
     sde, mixture = VPSDE(), default_mixture()
     sample(mixture.marginal_score_fn(sde), sde, (10, 2), "ancestral", steps=7, generator=torch.Generator())
     assert len(draws) == 6
@@ -330,7 +331,7 @@ def test_ancestral_step_is_the_exact_posterior_for_gaussian_data():
 
         def score(x, t):
             return -x / (sde.alpha(t) ** 2 * s2 + sde.sigma(t) ** 2)[:, None]
-        mean = sampling._ancestral_step(sampling.CountingScore(score), sde, x, t, s, None, add_noise=False)
+        mean = sampling.pc.ancestral_step(sampling.CountingScore(score), sde, x, t, s, None, add_noise=False)
         # joint Gaussian: Cov(x_s, x_t) = α_s α_t s² + α_{t|s} σ_s², Var(x_t) = α_t² s² + σ_t²
         a_ts, _ = sde.transition(t, s)
         cov = sde.alpha(s) * sde.alpha(t) * s2 + a_ts * sde.sigma(s) ** 2
@@ -491,3 +492,46 @@ def test_solver_grids(sde_name):
                                rtol=1e-8)
     root = torch.exp(-sde.log_snr(edm_grid) / 7.0)  # (σ/α)^{1/ρ} is uniform
     np.testing.assert_allclose(np.diff(root.numpy()), np.diff(root.numpy())[0], rtol=1e-8)
+
+
+# --------------------------------------------------------------------------------------------------
+# The framework: given prior draws, explicit grids, registration
+# --------------------------------------------------------------------------------------------------
+def test_x_T_is_the_start_and_is_left_unchanged():
+    sde, mixture = VPSDE(), default_mixture()
+    score_fn = mixture.marginal_score_fn(sde)
+    z = sde.prior_sampling((50, 2), generator=torch.Generator().manual_seed(5))
+    kept = z.clone()
+    a, _ = sample(score_fn, sde, (50, 2), "ddim", steps=10, x_T=z)
+    b, _ = sample(score_fn, sde, (50, 2), "ddim", steps=10, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and torch.equal(z, kept)
+    with pytest.raises(ValueError, match="x_T has shape"):
+        sample(score_fn, sde, (49, 2), "ddim", steps=10, x_T=z)
+
+
+def test_explicit_grid_equals_the_named_spacing():
+    sde, mixture = VESDE(), default_mixture()
+    score_fn = mixture.marginal_score_fn(sde)
+    times = solver_grid(sde, time_grid(sde, 12, 1e-4), "edm", rho=5.0)
+    kwargs = dict(generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a, nfe = sample(score_fn, sde, (100, 2), "heun", grid=times, **kwargs)
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    b, _ = sample(score_fn, sde, (100, 2), "heun", steps=12, eps=1e-4, grid="edm", rho=5.0, **kwargs)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert nfe == 2 * 12 - 1 + 1
+    for bad, message in [(times.flip(0), "decrease"), (times[:1], "at least 2"), (times * 2, r"lie in \(0, T")]:
+        with pytest.raises(ValueError, match=message):
+            sample(score_fn, sde, (4, 2), "heun", grid=bad)
+    with pytest.raises(ValueError, match="steps=5 disagrees"):
+        sample(score_fn, sde, (4, 2), "heun", grid=times, steps=5)
+
+
+def test_every_builtin_sampler_is_registered_with_its_options():
+    builtin = {name: s for name, s in SAMPLERS.items() if s.fn.__module__.startswith("sde_diffusion.")}
+    assert {name: list(s.options) for name, s in builtin.items()} == {
+        "pc": ["predictor", "corrector", "snr", "n_steps", "probability_flow"], "ancestral": [],
+        "ode": ["rtol", "atol", "backend"], "sde": ["sde_method"], "ddim": ["eta"],
+        "dpm_solver": ["order", "lower_order_final"], "heun": []}
+    assert [name for name, s in builtin.items() if s.takes_constraint] == ["ode", "sde"]
+    assert {name: s.grid for name, s in builtin.items() if s.grid != "time"} == {"dpm_solver": "logsnr",
+                                                                                   "heun": "edm"}

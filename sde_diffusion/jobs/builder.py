@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import distributed, losses
+from .. import distributed, losses, sampling
 from ..checkpoints import step_checkpoint, step_checkpoints
 from ..datasets import get_dataset
 from ..ema import ExponentialMovingAverage
@@ -142,22 +142,8 @@ def evaluation_loss(loss_fn, score_fn_for: Callable, model, batches, seed: int) 
 
 
 def sampler_settings(config, sde: SDE) -> Dict:
-    """Keyword arguments for `sampling.sample` from config.sampling (only the options the method takes)."""
-    s = config.sampling
-    settings = dict(method=s.method, steps=s.steps if s.steps is not None else sde.N, eps=s.eps,
-                    denoise=s.noise_removal)
-    settings.update({
-        "pc": dict(predictor=s.predictor, corrector=s.corrector, snr=s.snr, n_steps=s.n_steps_each,
-                   probability_flow=s.probability_flow),
-        "ode": dict(rtol=s.rtol, atol=s.atol, backend=s.ode_backend),
-        "sde": dict(sde_method=s.sde_method),
-        "ddim": dict(eta=s.eta),
-        "dpm_solver": dict(order=s.order),
-        "heun": dict(rho=s.rho),
-    }.get(s.method, {}))
-    if s.grid is not None and s.method != "ode":
-        settings["grid"] = s.grid
-    return settings
+    """Keyword arguments for `sampling.sample` from config.sampling (sampling.settings_from_config)."""
+    return sampling.settings_from_config(config, sde)
 
 
 # --------------------------------------------------------------------------------------------------

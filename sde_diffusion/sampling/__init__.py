@@ -1,0 +1,42 @@
+"""Samplers behind one interface, and the extension point for new ones.
+
+`sample(score_fn, sde, shape, method, ...)` draws from the prior, runs the registered sampler `method` over the
+time grid T = t_0 > t_1 > … > t_steps = eps, optionally takes a final denoising (Tweedie) step, and returns
+`(x, nfe)` with `nfe` the number of score evaluations made. NFE counting, constraints (inpainting, colorization),
+the progress bar, callbacks and the time grid are the framework's (sampling/core.py); a sampler is only
+
+    @register_sampler("name")                      # grid="logsnr"/"edm" for another default spacing
+    def fn(score_fn, sde, x, timesteps, *, option=default, ..., generator=None) -> x
+
+with x the prior draw and timesteps a 1-D float64 tensor from T down to eps; its keyword parameters are its
+options (`sample(..., option=value)`, config strings "name:option=value@steps", `sampling.options`).
+
+| method       | module         | what it integrates                                        | score calls (`steps`)    |
+|--------------|----------------|-----------------------------------------------------------|--------------------------|
+| `pc`         | pc.py          | reverse SDE, predictor + corrector (Song et al. Alg. 2–3) | steps·(1 + n_steps)      |
+| `ancestral`  | pc.py          | DDPM/SMLD ancestral chain (Ho et al. Alg. 2)              | steps                    |
+| `ode`        | flow.py        | probability-flow ODE, adaptive Dormand–Prince RK45        | adaptive (steps unused)  |
+| `sde`        | reverse_sde.py | reverse SDE with torchsde (euler, milstein, srk)          | steps × stages (1, 1, 4) |
+| `ddim`       | fast.py        | DDIM (η = 0: deterministic, η > 0: stochastic)            | steps                    |
+| `dpm_solver` | fast.py        | DPM-Solver++ multistep, order 1–3, λ-uniform grid         | steps                    |
+| `heun`       | fast.py        | EDM's 2nd-order Heun on the σ/α grid with ρ = 7           | 2·steps − 1              |
+
+`denoise=True` adds one call. Nothing here asks which SDE it has; the SDE classes answer α, σ, λ, drift, diffusion.
+"""
+from ..ode import BACKENDS as ODE_BACKENDS
+from ..ode import ODE_ATOL, ODE_RTOL, dopri5, scipy_rk45
+from . import fast, flow, pc, reverse_sde  # noqa: F401  (registers the built-in samplers)
+from .core import Constraint, CountingScore, FrameworkScore, sample
+from .fast import dpm_solver_pp_update
+from .flow import ode_decode, ode_encode
+from .grids import EDM_RHO, GRIDS, solver_grid, time_grid
+from .pc import CORRECTORS, PREDICTORS
+from .registry import SAMPLERS, Sampler, parse_entry, parse_spec, register_sampler
+from .reverse_sde import SDE_METHODS
+from .settings import check_config, options_from_config, settings_from_config
+from .terms import tweedie_denoise
+
+__all__ = ["sample", "register_sampler", "SAMPLERS", "Sampler", "parse_spec", "parse_entry", "options_from_config",
+           "settings_from_config", "check_config", "Constraint", "CountingScore", "FrameworkScore", "time_grid",
+           "solver_grid", "GRIDS", "EDM_RHO", "tweedie_denoise", "ode_encode", "ode_decode", "dpm_solver_pp_update",
+           "PREDICTORS", "CORRECTORS", "SDE_METHODS", "ODE_BACKENDS", "ODE_RTOL", "ODE_ATOL", "dopri5", "scipy_rk45"]

@@ -1,0 +1,196 @@
+"""`sample`: the framework around every sampler.
+
+It draws x from the prior (or takes `x_T`), builds the time grid, and runs the sampler with a score function that
+does the bookkeeping, so that samplers only do their arithmetic:
+
+* **NFE**: every score evaluation is counted (constraint's own score calls and the final Tweedie step included).
+* **Constraints** (inpainting, colorization: sde_diffusion/controllable.py): before every score evaluation at time t
+  the constraint is applied to the state being evaluated, in place (`x.copy_(...)`), so a sampler that passes its
+  own state tensor carries the constrained state on. t_prev is None for the first evaluation; for an evaluation
+  that completes a grid step (t at or past the next grid time) it is the time of the evaluation that completed the
+  step before, so RePaint's jump back spans one step; for any other evaluation (a corrector's repeat, the inner
+  stages of a Runge–Kutta step, a second evaluation at the same time) it equals t: replacement only. The returned x
+  gets the constraint at eps with the last step's t_prev; then the optional Tweedie step and `constraint.finish`.
+  So a sampler should evaluate the score before computing anything else from x in an update (see
+  `terms.evaluated`). A multistep sampler can read `score_fn.state_jumps`: True when the constraint also moves the
+  coordinates it does not fix (RePaint's rounds), so that earlier evaluations no longer lie on the trajectory.
+* **Progress and callback**: the bar advances and callback(i, t, x) fires (with the constrained state) when an
+  evaluation reaches the next grid time t = timesteps[i + 1]; the last step's call gets the returned x at eps.
+
+Escape hatch: a sampler whose evaluation points are not its accepted states (an adaptive solver: replacement noise
+at every Runge–Kutta stage would wreck its error control) declares a `constraint=None` parameter. It then gets
+`constrain(x, t, t_prev) -> x` (times as floats or 0-d tensors; None without a constraint) and applies it where it
+wants; the framework applies none itself (but still calls `finish`).
+
+A constraint is any object with
+
+    constraint(x, t, t_prev, score_fn, generator) -> x   x has just been moved from t_prev to t (0-d float64 times;
+                                                         t_prev None for the prior draw, = t for a repeat);
+                                                         score_fn: the counted score (its calls count in nfe)
+    constraint.finish(x) -> x                            optional: applied once to the returned sample
+    constraint.moves_free_coordinates                    optional bool (default True), see `state_jumps`
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Protocol, Sequence, Tuple, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from ..sdes import SDE, ScoreFn, batch_time
+from .grids import EDM_RHO, explicit_grid, make_grid
+from .registry import Sampler, get_sampler
+from .terms import tweedie_denoise
+
+Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
+# Evaluation times within this relative distance of a grid time are that grid time (float32 rounding of t).
+GRID_SNAP = 1e-5
+
+
+class Constraint(Protocol):
+    """What `sample(..., constraint=c)` applies to the state (see the module docstring); `finish` is optional."""
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, t_prev: Optional[torch.Tensor], score_fn: ScoreFn,
+                 generator: Optional[torch.Generator]) -> torch.Tensor:
+        ...
+
+
+class CountingScore:
+    """Wraps a score function and counts its calls (one call on a batch is one function evaluation)."""
+
+    def __init__(self, score_fn: ScoreFn):
+        self.score_fn, self.calls = score_fn, 0
+
+    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        self.calls += 1
+        return self.score_fn(x, batch_time(t, x))
+
+
+def _time(t, device=None) -> torch.Tensor:
+    """The time as a 0-d float64 tensor on `device` (from a float, a 0-d or a (batch,) tensor of equal times)."""
+    return torch.as_tensor(t, dtype=torch.float64).reshape(-1)[0].to(device)
+
+
+def bind(constraint: Constraint, counted: CountingScore, generator: Optional[torch.Generator]
+         ) -> Callable[[torch.Tensor, object, object], torch.Tensor]:
+    """constrain(x, t, t_prev) -> x: the constraint with the counted score and the generator filled in, times (floats
+    or tensors) as 0-d float64 tensors on x's device. What a sampler that declares `constraint` receives."""
+    def constrain(x: torch.Tensor, t, t_prev) -> torch.Tensor:
+        t_prev = None if t_prev is None else _time(t_prev, x.device)
+        return constraint(x, _time(t, x.device), t_prev, counted, generator)
+    return constrain
+
+
+class FrameworkScore:
+    """The score function a sampler gets from `sample`: counts, constrains, reports progress (module docstring)."""
+
+    def __init__(self, counted: CountingScore, timesteps: torch.Tensor, constraint: Optional[Constraint],
+                 generator: Optional[torch.Generator], bar, callback: Optional[Callback]):
+        self.counted, self.constraint, self.generator = counted, constraint, generator
+        self.grid = timesteps.cpu()  # float64; evaluation times are compared on the host
+        self.bar, self.callback = bar, callback
+        self.t_prev: Optional[torch.Tensor] = None  # time of the evaluation that completed the last grid step
+        self.reached = 0  # grid steps completed, as seen from the evaluation times
+        self.state_jumps = constraint is not None and bool(getattr(constraint, "moves_free_coordinates", True))
+
+    def snap(self, t) -> torch.Tensor:
+        """t as a 0-d float64 tensor, replaced by the nearest grid time when within GRID_SNAP of it."""
+        time = _time(t, "cpu")
+        i = int(torch.argmin((self.grid - time).abs()))
+        return self.grid[i].clone() if abs(self.grid[i] - time) <= GRID_SNAP * abs(self.grid[i]) else time
+
+    def constrain(self, x: torch.Tensor, t, t_prev) -> torch.Tensor:
+        return x if self.constraint is None else bind(self.constraint, self.counted, self.generator)(x, t, t_prev)
+
+    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        time = self.snap(t)
+        reached = int((self.grid[1:-1] >= time).sum())  # grid steps completed once the state is at `time`
+        new_step = reached > self.reached or self.t_prev is None
+        if self.constraint is not None:
+            x.copy_(self.constrain(x, time, self.t_prev if new_step else time))
+        if new_step:
+            self.t_prev = time
+        self._advance(reached, x)
+        return self.counted(x, t)
+
+    def _advance(self, reached: int, x: torch.Tensor) -> None:
+        if reached <= self.reached:
+            return
+        self.bar.update(reached - self.reached)
+        self.reached = reached
+        if self.callback is not None:
+            self.callback(reached - 1, self.grid[reached].to(x.device), x)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """The returned state: constrained at eps, the last progress step and callback."""
+        if self.constraint is not None:
+            x = self.constrain(x, self.grid[-1], self.t_prev)
+        self._advance(len(self.grid) - 1, x)
+        self.bar.close()
+        return x
+
+
+def _prior(sde: SDE, shape: Sequence[int], x_T: Optional[torch.Tensor], generator, device, dtype) -> torch.Tensor:
+    if x_T is None:
+        return sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
+    if tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)}: pass x_T.shape")
+    return x_T.to(device=device or x_T.device, dtype=dtype).clone()  # samplers may write into their state
+
+
+def _timesteps(sde: SDE, sampler: Sampler, steps: Optional[int], eps: Optional[float], grid, rho: float,
+               device) -> torch.Tensor:
+    if rho <= 0:
+        raise ValueError(f"rho must be > 0, got {rho}")
+    if grid is not None and not isinstance(grid, str):
+        ts = explicit_grid(sde, grid, steps, device)
+        if eps is not None and abs(float(eps) - ts[-1].item()) > 1e-12:
+            raise ValueError(f"eps={eps} disagrees with the given grid, which ends at {ts[-1].item()}: leave eps unset")
+        return ts
+    steps = sde.N if steps is None else int(steps)
+    if steps < 1:
+        raise ValueError(f"steps must be ≥ 1, got {steps}")
+    eps = sde.default_eps if eps is None else float(eps)
+    if not 0.0 < eps < sde.T:
+        raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps}")
+    return make_grid(sde, grid, sampler.grid, steps, eps, rho, device)
+
+
+def sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str = "pc", *, steps: Optional[int] = None,
+           eps: Optional[float] = None, denoise: bool = True, generator: Optional[torch.Generator] = None,
+           device=None, dtype: torch.dtype = torch.float32, progress: bool = False,
+           callback: Optional[Callback] = None, constraint: Optional[Constraint] = None,
+           grid: Union[str, Sequence[float], torch.Tensor, None] = None, rho: float = EDM_RHO,
+           x_T: Optional[torch.Tensor] = None, **options) -> Tuple[torch.Tensor, int]:
+    """Draw `shape[0]` samples with the registered sampler `method`; returns (x, nfe).
+
+    steps: grid steps (default sde.N). eps: last time (default sde.default_eps). grid: a spacing of the steps + 1
+    times ("time", "logsnr", "edm" with exponent rho; None: the sampler's default) or the times themselves (1-D,
+    T → eps; steps and eps then follow from it). x_T: start from this prior draw (not modified). denoise: finish with
+    a Tweedie step at eps (counted in nfe). callback(i, t, x) after every grid step. constraint: see the module
+    docstring. options: the sampler's own (its signature; a ValueError names the valid ones).
+    """
+    sampler = get_sampler(method)
+    options = sampler.check_options(options)
+    timesteps = _timesteps(sde, sampler, steps, eps, grid, rho, device)
+    counted = CountingScore(score_fn)
+    bar = tqdm(total=len(timesteps) - 1, desc=method, disable=not progress)
+    with torch.no_grad():
+        x = _prior(sde, shape, x_T, generator, device, dtype)
+        timesteps = timesteps.to(x.device)
+        framework = FrameworkScore(counted, timesteps, None if sampler.takes_constraint else constraint, generator,
+                                   bar, callback)
+        passed = {"generator": generator} if sampler.takes_generator else {}
+        if sampler.takes_constraint:
+            passed["constraint"] = None if constraint is None else bind(constraint, counted, generator)
+        x = sampler.fn(framework, sde, x, timesteps, **options, **passed)
+        if not torch.is_tensor(x) or tuple(x.shape) != tuple(shape):
+            raise ValueError(f"sampler {method!r} returned {type(x).__name__} of shape "
+                             f"{tuple(getattr(x, 'shape', ()))}; it must return the state, shaped {tuple(shape)}")
+        x = framework.finish(x)
+        if denoise:
+            x = tweedie_denoise(counted, sde, x, timesteps[-1].to(dtype))
+        finish = getattr(constraint, "finish", None)
+        if finish is not None:
+            x = finish(x)
+    return x, counted.calls

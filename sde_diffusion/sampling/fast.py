@@ -1,0 +1,115 @@
+"""Fast solvers of the probability-flow ODE (and DDIM's stochastic family), in terms of α, σ, λ: `ddim`,
+`dpm_solver` (DPM-Solver++ multistep) and `heun` (EDM's 2nd-order sampler)."""
+from __future__ import annotations
+
+from typing import List, Literal
+
+import torch
+
+from ..sdes import SDE, ScoreFn
+from .registry import register_sampler
+from .terms import denoised_and_noise, like, noise
+
+
+@register_sampler("ddim")
+def ddim_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor, *, eta: float = 0.0,
+                 generator=None) -> torch.Tensor:
+    """DDIM (Song, Meng & Ermon 2021) from t to s < t:
+
+        x_s = α_s·x̂_0 + √(σ_s² − c²)·ε̂ + c·z,   c = η·σ_{t|s}·σ_s/σ_t  (the posterior std times η)
+
+    η = 0 is deterministic (a first-order probability-flow ODE solver, equal to DPM-Solver++ order 1 on the
+    same grid); η = 1 is ancestral sampling with the posterior variance. One score call per step.
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be ≥ 0, got {eta}")
+    for t, s in zip(timesteps[:-1], timesteps[1:]):
+        x0, eps_hat = denoised_and_noise(score_fn, sde, x, t)
+        sigma_s = sde.sigma(s)
+        c = eta * sde.transition(t, s)[1] * sigma_s / sde.sigma(t)
+        x = like(sde.alpha(s), x) * x0 + like(torch.sqrt((sigma_s**2 - c**2).clamp(min=0)), x) * eps_hat
+        if eta > 0:
+            x = x + like(c, x) * noise(x, generator)
+    return x
+
+
+def dpm_solver_pp_update(x: torch.Tensor, x0_history: List[torch.Tensor], lam_history: List[torch.Tensor],
+                         lam_next: torch.Tensor, sigma_ratio: torch.Tensor, alpha_next: torch.Tensor,
+                         order: int) -> torch.Tensor:
+    """One DPM-Solver++ multistep update (Lu et al. 2022, data prediction), from λ_0 = lam_history[-1] to lam_next.
+
+    x0_history[-1], [-2], [-3] are x̂_0 at λ_0, λ_{-1}, λ_{-2} (newest last); h = lam_next − λ_0, r_k = h_k/h.
+        order 1:  x' = (σ'/σ)·x − α'·φ₁·m_0,                 φ₁ = e^{−h} − 1
+        order 2:  x' = (σ'/σ)·x − α'·φ₁·(m_0 + D₁/2),        D₁ = (m_0 − m_{−1})/r_0
+        order 3:  x' = (σ'/σ)·x − α'·φ₁·m_0 + α'·φ₂·D₁ − α'·φ₃·D₂,  φ₂ = φ₁/h + 1, φ₃ = φ₂/h − ½,
+                  with D₁, D₂ the first and second divided differences of m on the λ grid (as in DPM-Solver's code).
+    Coefficients are float64 0-d tensors.
+    """
+    h = lam_next - lam_history[-1]
+    phi_1 = torch.expm1(-h)
+    m0 = x0_history[-1]
+    out = like(sigma_ratio, x) * x - like(alpha_next * phi_1, x) * m0
+    if order == 1:
+        return out
+    r0 = (lam_history[-1] - lam_history[-2]) / h
+    d1_0 = (m0 - x0_history[-2]) / like(r0, x)
+    if order == 2:
+        return out - 0.5 * like(alpha_next * phi_1, x) * d1_0
+    r1 = (lam_history[-2] - lam_history[-3]) / h
+    d1_1 = (x0_history[-2] - x0_history[-3]) / like(r1, x)
+    d1 = d1_0 + like(r0 / (r0 + r1), x) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / like(r0 + r1, x)
+    phi_2 = phi_1 / h + 1.0
+    phi_3 = phi_2 / h - 0.5
+    return out + like(alpha_next * phi_2, x) * d1 - like(alpha_next * phi_3, x) * d2
+
+
+@register_sampler("dpm_solver", grid="logsnr")
+def dpm_solver_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor, *,
+                       order: Literal[1, 2, 3] = 3, lower_order_final: bool = True) -> torch.Tensor:
+    """DPM-Solver++ multistep (Lu et al. 2022) of order 1–3, on a grid uniform in λ by default.
+
+    The first steps use the orders their history allows; with lower_order_final the last steps drop to order
+    min(order, steps left), so the final step is first order. One score call per step.
+    When the framework's constraint moves the free coordinates between evaluations (`score_fn.state_jumps`:
+    RePaint's rounds), the x̂_0 history lies on a trajectory the solver has left, and its divided differences would
+    extrapolate across the jump; as ODE solvers do after a discontinuity, the history then restarts at every step,
+    so every step is first order (DDIM on the chosen grid; measured on the Gaussian oracle in BENCHMARKS.md).
+    Replacement only overwrites the coordinates it fixes, so the history is kept.
+    """
+    lam = sde.log_snr(timesteps)
+    n = len(timesteps) - 1
+    restart = bool(getattr(score_fn, "state_jumps", False))
+    x0_history: List[torch.Tensor] = []
+    for i in range(n):
+        t, s = timesteps[i], timesteps[i + 1]
+        x0_history = ([] if restart else x0_history)[-(order - 1):] if order > 1 else []
+        x0_history.append(denoised_and_noise(score_fn, sde, x, t)[0])
+        known = len(x0_history)
+        step_order = min(order, known, n - i) if lower_order_final else min(order, known)
+        x = dpm_solver_pp_update(x, x0_history, list(lam[i + 1 - known:i + 1]), lam[i + 1],
+                                 sde.sigma(s) / sde.sigma(t), sde.alpha(s), step_order)
+    return x
+
+
+@register_sampler("heun", grid="edm")
+def heun_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """EDM's deterministic 2nd-order sampler (Karras et al. 2022, Algorithm 1) for any α(t), σ(t), on a grid
+    spaced in (σ/α)^{1/ρ} by default. 2·steps − 1 score calls.
+
+    In the scaled state x̃ = x/α with noise level σ̃ = σ/α the probability-flow ODE is dx̃/dσ̃ = ε̂(x, t)
+    (EDM's (x̃ − D(x̃; σ̃))/σ̃). Each step is Euler's prediction x̃' = x̃ + Δσ̃·ε̂ corrected by Heun's trapezoid,
+    x̃_next = x̃' + Δσ̃·(ε̂' − ε̂)/2 with ε̂' at the prediction; the last step is Euler. The correction is added to
+    the prediction the score saw, so a constraint applied there carries over.
+    """
+    sig = torch.exp(-sde.log_snr(timesteps))  # σ̃_i = σ(t_i)/α(t_i)
+    n = len(timesteps) - 1
+    for i in range(n):
+        t, s = timesteps[i], timesteps[i + 1]
+        d = denoised_and_noise(score_fn, sde, x, t)[1]
+        dsig, alpha_s = like(sig[i + 1] - sig[i], x), like(sde.alpha(s), x)
+        x = alpha_s * (x / like(sde.alpha(t), x) + dsig * d)
+        if i < n - 1:
+            d_next = denoised_and_noise(score_fn, sde, x, s)[1]
+            x = x + alpha_s * dsig * 0.5 * (d_next - d)
+    return x

@@ -1,0 +1,238 @@
+"""The sampler registry: `register_sampler`, the options a sampler takes (read from its signature), and the text
+form `method[:option=value,...][@steps]` that configs and `--mode compare` use.
+
+A sampler is a function
+
+    fn(score_fn, sde, x, timesteps, *, option=default, ..., generator=None) -> x
+
+x: the prior draw (batch, ...); timesteps: 1-D float64 tensor from T down to eps; every keyword parameter with a
+default is an option, except the framework's names: `generator` (declared by samplers that draw noise: the
+framework passes the caller's generator) and `constraint` (declared only by samplers that apply constraints
+themselves, see sde_diffusion/sampling/core.py). An option annotated `Literal[...]` only takes those values.
+"""
+from __future__ import annotations
+
+import inspect
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple
+
+# Keywords of `sample` (the framework's); a sampler may not use them as option names.
+RESERVED = ("steps", "eps", "denoise", "device", "dtype", "progress", "callback", "grid", "rho", "x_T", "method",
+            "shape")
+# Framework values a sampler receives by declaring a parameter of this name.
+PASSED = ("generator", "constraint")
+GRID_NAMES = ("time", "logsnr", "edm")
+SPEC_FORMAT = "'method[:option=value,...]', e.g. 'dpm_solver:order=2'"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One keyword option of a sampler: its default and, for Literal annotations, the allowed values."""
+
+    name: str
+    default: Any
+    choices: Optional[Tuple[Any, ...]] = None
+
+    def describe(self) -> str:
+        allowed = f" ∈ {list(self.choices)}" if self.choices else ""
+        return f"{self.name}={self.default!r}{allowed}"
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A registered sampler: `fn`, its options, whether it takes the generator and the constraint, and its default
+    time grid ("time", "logsnr" or "edm"). Calling it runs `fn` directly (no framework: no constraint, counting,
+    progress or callback) with checked options."""
+
+    name: str
+    fn: Callable
+    grid: str = "time"
+    options: Dict[str, Option] = field(default_factory=dict)
+    takes_generator: bool = False
+    takes_constraint: bool = False
+
+    def check_options(self, options: Dict[str, Any]) -> Dict[str, Any]:
+        """options with config-string values converted; ValueError naming the sampler, option and valid options."""
+        return {key: self.check_option(key, value) for key, value in options.items()}
+
+    def check_option(self, key: str, value: Any) -> Any:
+        if key not in self.options:
+            raise ValueError(f"sampler {self.name!r} has no option {key!r}; its options: {self.describe_options()}"
+                             + (f" (and sample's {list(SPEC_KEYWORDS)} in text specs)" if key in RESERVED else ""))
+        option = self.options[key]
+        try:
+            value = _coerce(value, option.default)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"sampler {self.name!r}: option {key}={value!r} {err}; its options: "
+                             f"{self.describe_options()}") from None
+        if option.choices is not None and value not in option.choices:
+            raise ValueError(f"sampler {self.name!r}: option {key}={value!r} is not one of {list(option.choices)}")
+        return value
+
+    def describe_options(self) -> str:
+        return ", ".join(o.describe() for o in self.options.values()) or "none"
+
+    def __call__(self, score_fn, sde, x, timesteps, *, generator=None, **options):
+        passed = {"generator": generator} if self.takes_generator else {}
+        return self.fn(score_fn, sde, x, timesteps, **self.check_options(options), **passed)
+
+
+SAMPLERS: Dict[str, Sampler] = {}
+
+
+def register_sampler(name: str, *, grid: str = "time", replace: bool = False) -> Callable[[Callable], Callable]:
+    """Decorator: make `fn(score_fn, sde, x, timesteps, **options) -> x` the sampling method `name` everywhere
+    (`sample`, `--mode sample/eval/compare`). grid: the default spacing of its time grid. Registering a taken name
+    is a ValueError unless replace=True. Returns fn unchanged."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"a sampler name must be an identifier such as 'my_euler', got {name!r}")
+    if grid not in GRID_NAMES:
+        raise ValueError(f"sampler {name!r}: default grid {grid!r} is not one of {list(GRID_NAMES)}")
+
+    def decorate(fn: Callable) -> Callable:
+        if name in SAMPLERS and not replace:
+            raise ValueError(f"a sampler named {name!r} is already registered ({_where(SAMPLERS[name].fn)}): pick "
+                             "another name or pass replace=True")
+        SAMPLERS[name] = sampler_from_function(name, fn, grid)
+        return fn
+    return decorate
+
+
+def _where(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
+
+
+def sampler_from_function(name: str, fn: Callable, grid: str = "time") -> Sampler:
+    """Read the options from fn's signature; a ValueError for a signature the framework cannot call."""
+    params = list(inspect.signature(fn).parameters.values())
+    positional = [p for p in params[:4] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 4:
+        raise ValueError(f"sampler {name!r}: the signature must start with (score_fn, sde, x, timesteps), got "
+                         f"{inspect.signature(fn)}")
+    hints = _type_hints(fn)
+    options = {}
+    for p in params[4:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise ValueError(f"sampler {name!r}: *{p.name}/**{p.name} cannot be checked; list each option as a "
+                             "keyword parameter with a default")
+        if p.name in RESERVED:
+            raise ValueError(f"sampler {name!r}: {p.name!r} is the framework's (sample's keyword); rename the option "
+                             f"(reserved: {list(RESERVED)})")
+        if p.default is p.empty:
+            raise ValueError(f"sampler {name!r}: parameter {p.name!r} needs a default (options are keyword parameters "
+                             "with defaults)")
+        if p.name not in PASSED:
+            options[p.name] = Option(p.name, p.default, _literal_choices(hints.get(p.name)))
+    names = {p.name for p in params}
+    return Sampler(name, fn, grid, options, "generator" in names, "constraint" in names)
+
+
+def _type_hints(fn: Callable) -> Dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # annotations that do not resolve: no choices, options still work
+        return {}
+
+
+def _literal_choices(hint) -> Optional[Tuple[Any, ...]]:
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint)
+    return None
+
+
+def get_sampler(method: str) -> Sampler:
+    if method not in SAMPLERS:
+        raise ValueError(f"unknown sampling method {method!r}; available: {sorted(SAMPLERS)}")
+    return SAMPLERS[method]
+
+
+# --------------------------------------------------------------------------------------------------
+# Values from text
+# --------------------------------------------------------------------------------------------------
+_BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+
+def _coerce(value: Any, default: Any) -> Any:
+    """value as the type of `default` (text from a config string is converted); TypeError/ValueError if it is not."""
+    if default is None:
+        return guess_value(value) if isinstance(value, str) else value
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.strip().lower() in _BOOLS:
+            return _BOOLS[value.strip().lower()]
+        if isinstance(value, bool):
+            return value
+        raise TypeError("is not a boolean (true/false)")
+    if isinstance(default, int):
+        if isinstance(value, str):
+            return int(value.strip())
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError("is not an integer")
+    if isinstance(default, float):
+        if isinstance(value, str):
+            return float(value.strip())
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError("is not a number")
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value.strip()
+        raise TypeError("is not a string")
+    return value
+
+
+def guess_value(text: str):
+    """'3' → 3, '0.5' → 0.5, 'true' → True, anything else stays text."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_options(text: str, where: str = "options") -> Dict[str, str]:
+    """'k=v,k2=v2' → {'k': 'v', 'k2': 'v2'} (values stay text until the sampler's signature converts them)."""
+    options = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"{where}: option {item!r} is not key=value; expected {SPEC_FORMAT}")
+        options[key.strip()] = value.strip()
+    return options
+
+
+# Keywords of `sample` that a text spec may set next to the sampler's options (the default gives the type).
+SPEC_KEYWORDS = {"denoise": True, "grid": "time", "rho": 7.0, "eps": 1e-3}
+
+
+def parse_spec(text: str) -> Tuple[str, Dict[str, Any]]:
+    """'method[:option=value,...]' → (method, checked options); the options are the sampler's own and `sample`'s
+    SPEC_KEYWORDS (denoise, grid, rho, eps). ValueError for an unknown method, option or bad value."""
+    method, _, opts = text.strip().partition(":")
+    sampler = get_sampler(method.strip())
+    options = {}
+    for key, value in parse_options(opts, f"sampler {text!r}").items():
+        options[key] = _spec_keyword(sampler, key, value) if key in SPEC_KEYWORDS else sampler.check_option(key, value)
+    return sampler.name, options
+
+
+def _spec_keyword(sampler: Sampler, key: str, value: str):
+    try:
+        value = _coerce(value, SPEC_KEYWORDS[key])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"sampler {sampler.name!r}: {key}={value!r} {err}") from None
+    if key == "grid" and value not in GRID_NAMES:
+        raise ValueError(f"sampler {sampler.name!r}: grid={value!r} is not one of {list(GRID_NAMES)}")
+    return value
+
+
+def parse_entry(text: str) -> Tuple[str, Dict[str, Any], int]:
+    """'method[:option=value,...]@steps' → (method, checked options, steps)."""
+    head, at, steps = text.strip().rpartition("@")
+    if not at or not steps.strip().isdigit() or int(steps) < 1:
+        raise ValueError(f"sampler entry {text!r}: expected 'method[:option=value,...]@steps', e.g. "
+                         "'dpm_solver:order=2@20'")
+    method, options = parse_spec(head)
+    return method, options, int(steps)

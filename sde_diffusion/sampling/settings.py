@@ -1,0 +1,105 @@
+"""config.sampling → the keyword arguments of `sample`, and the checks of that section.
+
+Options of the chosen `sampling.method` come from two places, later ones winning:
+
+1. score_sde's per-method keys (`CONFIG_KEYS`: sampling.predictor, corrector, snr, n_steps_each → n_steps,
+   probability_flow, rtol, atol, ode_backend → backend, sde_method, eta, order), each given to the method if it
+   has that option: sampling.eta reaches ddim, sampling.order dpm_solver, and a user sampler with an option `eta`
+   gets sampling.eta too. Keys the method does not take are ignored.
+2. `sampling.options`: "option=value,option2=value2", converted by the type of each option's default. Every
+   option there must be one the method takes (a user sampler's options usually come from here).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from ..errors import ConfigError
+from .registry import SAMPLERS, get_sampler, parse_options
+from .grids import GRIDS
+
+# score_sde's per-method keys of config.sampling → the sampler option each sets.
+CONFIG_KEYS = {"predictor": "predictor", "corrector": "corrector", "snr": "snr", "n_steps_each": "n_steps",
+               "probability_flow": "probability_flow", "rtol": "rtol", "atol": "atol", "ode_backend": "backend",
+               "sde_method": "sde_method", "eta": "eta", "order": "order"}
+
+
+def options_from_config(config) -> Dict[str, Any]:
+    """The options of sampling.method from config.sampling (module docstring), checked against its signature;
+    ValueError naming the key for an unknown method, option or bad value."""
+    s = config.sampling
+    sampler = get_sampler_for_config(s.method)
+    options = {}
+    for key, name in CONFIG_KEYS.items():
+        if key in s and name in sampler.options:
+            options[name] = _checked(sampler, name, s[key], f"sampling.{key}")
+    for name, value in parse_options(s.get("options", "") or "", "sampling.options").items():
+        options[name] = _checked(sampler, name, value, "sampling.options")
+    return options
+
+
+def get_sampler_for_config(method: str):
+    if method not in SAMPLERS:
+        raise ValueError(f"sampling.method={method!r} is not a registered sampler; available: {sorted(SAMPLERS)} "
+                         "(a sampler of your own must be registered, with @sampling.register_sampler, before the "
+                         "config is used: e.g. import its module in your config file)")
+    return get_sampler(method)
+
+
+def _checked(sampler, name: str, value, key: str):
+    try:
+        return sampler.check_option(name, value)
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}") from None
+
+
+def settings_from_config(config, sde) -> Dict[str, Any]:
+    """Keyword arguments for `sample` from config.sampling: method, steps (None → sde.N), eps, denoise, the grid
+    (and ρ when it is "edm") and the method's options."""
+    s = config.sampling
+    sampler = get_sampler_for_config(s.method)
+    settings = dict(method=s.method, steps=s.steps if s.steps is not None else sde.N, eps=s.eps,
+                    denoise=s.noise_removal)
+    if s.grid is not None:
+        settings["grid"] = s.grid
+    if (s.grid or sampler.grid) == "edm":
+        settings["rho"] = s.rho
+    settings.update(options_from_config(config))
+    return settings
+
+
+def _check_builtin_keys(s) -> None:
+    """score_sde's per-method keys are checked whichever method is chosen (against the built-in sampler that takes
+    each), so that a wrong value fails before a later run switches method."""
+    for sampler in SAMPLERS.values():
+        if sampler.fn.__module__.startswith(__package__ + "."):
+            for key, name in CONFIG_KEYS.items():
+                if key in s and name in sampler.options:
+                    _checked(sampler, name, s[key], f"sampling.{key}")
+
+
+def check_config(config) -> None:
+    """The sampling section's values: ConfigError naming the key and what to do."""
+    try:
+        _check_sampling_section(config)
+    except ValueError as err:
+        raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from None
+
+
+def _check_sampling_section(config) -> None:
+    s = config.sampling
+    options_from_config(config)
+    _check_builtin_keys(s)
+    if s.grid is not None and s.grid not in GRIDS:
+        raise ValueError(f"sampling.grid={s.grid!r} is not one of {sorted(GRIDS)}")
+    if s.steps is not None and s.steps < 1:
+        raise ValueError(f"sampling.steps must be ≥ 1 (or None for model.num_scales), got {s.steps}")
+    for key in ("rtol", "atol", "rho", "snr"):
+        if key in s and not s[key] > 0:
+            raise ValueError(f"sampling.{key} must be > 0, got {s[key]}")
+    if "eta" in s and s.eta < 0:
+        raise ValueError(f"sampling.eta must be ≥ 0, got {s.eta}")
+    if s.get("n_steps_each", 1) < 1:
+        raise ValueError(f"sampling.n_steps_each must be ≥ 1, got {s.n_steps_each}")
+    if s.method == "pc" and s.predictor == "ancestral_sampling" and s.probability_flow:
+        raise ValueError("sampling.predictor='ancestral_sampling' is stochastic: with sampling.probability_flow=True "
+                         "use euler_maruyama or reverse_diffusion")
