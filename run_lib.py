@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from torch import nn
 
 from sde_diffusion import classifier as noisy_classifier
-from sde_diffusion import controllable, distributed, guidance, likelihood, losses, sampling
+from sde_diffusion import controllable, distributed, guidance, likelihood, losses, parameterization, sampling
 from sde_diffusion.checkpoints import (CheckpointError, TrainState, atomic_write, load_checkpoint, load_model_weights,
                                        newest_good_checkpoint, prune_step_checkpoints, remove_stale_temporaries,
                                        rng_state, save_checkpoint, save_npz, step_checkpoint, step_checkpoints,
@@ -110,6 +110,7 @@ class Conditioning:
                  label_sequence: Optional[torch.Tensor] = None):
         s = config.sampling
         self.sde, self.model, self.continuous = sde, model, config.training.continuous
+        self.parameterization = parameterization.from_config(config, sde)
         self.classifier = classifier
         self.guidance_scale = s.guidance_scale
         self.classifier_scale = s.classifier_scale if classifier is not None else 0.0
@@ -135,7 +136,8 @@ class Conditioning:
             grad = noisy_classifier.grad_log_p_y_fn(self.sde, self.classifier, labels)
         return guidance.guided_score_fn(self.sde, self.model, labels, guidance_scale=self.guidance_scale,
                                         continuous=self.continuous, grad_log_p_y=grad,
-                                        classifier_scale=self.classifier_scale)
+                                        classifier_scale=self.classifier_scale,
+                                        parameterization=self.parameterization)
 
     def describe(self) -> Dict:
         """For reports and round fingerprints: {} when unconditional."""
@@ -229,7 +231,8 @@ def _train(config, workdir: Path, world: distributed.World, device: torch.device
     noise = torch.Generator(device=device).manual_seed(config.seed)  # the loss's t and z: identical on all ranks
     loss_fn = losses.get_loss_fn(sde, continuous=t.continuous, reduce_mean=t.reduce_mean,
                                  likelihood_weighting=t.likelihood_weighting, eps=t.eps,
-                                 importance_sampling=t.importance_sampling)
+                                 importance_sampling=t.importance_sampling, loss=t.loss,
+                                 sigma_data=config.model.sigma_data)
     network = model
     if world.distributed:
         network = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -377,12 +380,13 @@ def _snapshot_samples(config, sde, model, ema, dataset, device, workdir, step, w
 
 def labelled_score_fn(config, sde, model) -> Callable:
     """labels (batch,) or None ↦ the network's score function given those labels (None: unconditional)."""
-    plain = get_score_fn(sde, model, continuous=config.training.continuous)
+    param = parameterization.from_config(config, sde)
+    plain = get_score_fn(sde, model, continuous=config.training.continuous, parameterization=param)
 
     def score_fn_for(labels: Optional[torch.Tensor]):
         if labels is None:
             return plain
-        return get_score_fn(sde, model, continuous=config.training.continuous, labels=labels)
+        return get_score_fn(sde, model, continuous=config.training.continuous, labels=labels, parameterization=param)
 
     return score_fn_for
 
@@ -453,7 +457,8 @@ def _evaluate(config, workdir: Path, eval_folder: str, world: distributed.World,
         image_metrics = _image_metrics(config, dataset, device, world)
     loss_fn = losses.get_loss_fn(sde, continuous=t.continuous, reduce_mean=t.reduce_mean,
                                  likelihood_weighting=t.likelihood_weighting, eps=t.eps,
-                                 importance_sampling=t.importance_sampling)
+                                 importance_sampling=t.importance_sampling, loss=t.loss,
+                                 sigma_data=config.model.sigma_data)
     conditional = config.model.num_classes > 0
     conditioning = make_conditioning(config, sde, model, dataset, workdir, device)  # loads a classifier first
     if dataset.is_image and world.is_main:
@@ -752,7 +757,8 @@ def sample_conditional(config, sde, model, dataset, device, path: Path, out: Pat
     whose rows show input, sample and original side by side, and an .npz with all three (and the inpainting mask)."""
     s = config.sampling
     model.eval()
-    score_fn = get_score_fn(sde, model, continuous=config.training.continuous)
+    score_fn = get_score_fn(sde, model, continuous=config.training.continuous,
+                            parameterization=parameterization.from_config(config, sde))
     generator = torch.Generator(device=device).manual_seed(config.seed)
     settings = sampler_settings(config, sde)
     originals, mask = conditioning_inputs(config, dataset)

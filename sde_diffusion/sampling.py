@@ -45,6 +45,7 @@ from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
+from .discrete import langevin_step_scale
 from .sdes import SDE, ScoreFn, batch_time, per_sample
 
 SAMPLERS: Dict[str, Callable] = {}
@@ -257,10 +258,10 @@ def langevin_corrector(score_fn, sde, x, t, generator, snr, n_steps):
     As in score_sde's code, ‖z‖ and ‖s‖ are the batch means of the per-sample norms, so ε is one number per step.
     A per-sample ε(x) ∝ 1/‖s(x)‖² is a state-dependent step, whose Langevin chain does not target p_t; in low
     dimensions, where ‖s(x)‖ is often near 0 at a mode's centre, it throws points far out (tests show it).
-    `scale` is the SDE's langevin_step_scale (α_i of the DDPM chain for VP, 1 for VE).
+    `scale` is discrete.langevin_step_scale (α_i = 1 − β_i of the DDPM chain for VP, 1 without a chain).
     """
     t = batch_time(t.to(x.dtype), x)
-    scale = sde.langevin_step_scale(t)
+    scale = langevin_step_scale(sde, t)
     for _ in range(n_steps):
         grad, z = score_fn(x, t), _noise(x, generator)
         noise_norm, grad_norm = z.flatten(1).norm(dim=1).mean(), grad.flatten(1).norm(dim=1).mean()
@@ -273,7 +274,7 @@ def langevin_corrector(score_fn, sde, x, t, generator, snr, n_steps):
 def annealed_langevin_corrector(score_fn, sde, x, t, generator, snr, n_steps):
     """Annealed Langevin dynamics (Song & Ermon 2019): step ε = 2·scale·(snr·σ(t))², x ← x + ε·s + √(2ε)·z."""
     t = batch_time(t.to(x.dtype), x)
-    step = per_sample(2 * sde.langevin_step_scale(t) * (snr * sde.sigma(t)) ** 2, x)
+    step = per_sample(2 * langevin_step_scale(sde, t) * (snr * sde.sigma(t)) ** 2, x)
     for _ in range(n_steps):
         x = x + step * score_fn(x, t) + torch.sqrt(2 * step) * _noise(x, generator)
     return x
