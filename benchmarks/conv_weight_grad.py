@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sde_diffusion import parameterization  # noqa: E402
 from sde_diffusion.config import load_config_file  # noqa: E402
 from sde_diffusion.models import create_model  # noqa: E402
 from sde_diffusion.models.convs import (GEMM_MAX_POSITIONS, GEMM_MIN_CHANNELS, GEMM_MIN_CHANNELS_SMALL_BATCH,  # noqa
@@ -87,7 +88,7 @@ def step_inventory(config, batch: int) -> collections.Counter:
     d, sde = config.data, sde_from_config(config)
     with torch.no_grad():
         model(torch.zeros(batch, d.num_channels, d.image_size, d.image_size),
-              sde.noise_condition(torch.full((batch,), 0.5), config.training.continuous))
+              parameterization.from_config(config, sde).condition(torch.full((batch,), 0.5)))
     for hook in hooks:
         hook.remove()
     return seen
