@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sde_diffusion import losses  # noqa: E402
+from sde_diffusion import losses, parameterization  # noqa: E402
 from sde_diffusion.config import load_config_file  # noqa: E402
 from sde_diffusion.models import create_model, get_score_fn  # noqa: E402
 from sde_diffusion.sdes import sde_from_config  # noqa: E402
@@ -92,7 +92,7 @@ def main() -> None:
         memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
         x0 = torch.rand(args.batch, d.num_channels, d.image_size, d.image_size, device=device)
         x0 = x0.contiguous(memory_format=memory_format)
-        cond = sde.noise_condition(torch.full((args.batch,), 0.5, device=device), continuous)
+        cond = parameterization.from_config(config, sde).condition(torch.full((args.batch,), 0.5, device=device))
         torch.manual_seed(0)
         base = create_model(config).to(device=device, memory_format=memory_format)
         flops = forward_flops(base, x0, cond)

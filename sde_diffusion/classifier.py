@@ -27,6 +27,7 @@ from .models.layerspp import group_norm, ncsnpp_groups
 from .models.mlp import ResidualMLPBlock
 from .models.ncsnpp import Blocks, DownLevel, MiddleBlock, UNetOptions, check_resolutions
 from .models.score_fn import Labels, batch_labels
+from .parameterization import noise_condition
 from .sdes import SDE, batch_time, per_sample
 
 CLASSIFIER_DIR = "classifier"  # workdir/classifier/{checkpoint.pth, report.json}
@@ -121,10 +122,10 @@ def create_classifier(config, num_classes: int) -> nn.Module:
 
 def classifier_logits(model: nn.Module, sde: SDE, x: torch.Tensor, t) -> torch.Tensor:
     """Logits (B, num_classes) of p_t(y | x) for x_t (B, ...) at time t (float or (B,)): the input is divided by
-    √(α² + σ²) and the network sees the SDE's (continuous) noise condition."""
+    √(α² + σ²) and the network sees the SDE's continuous noise conditioning (parameterization.noise_condition)."""
     t = batch_time(t, x)
     scale = torch.sqrt(sde.alpha(t) ** 2 + sde.sigma(t) ** 2).to(x.dtype)
-    return model(x / per_sample(scale, x), sde.noise_condition(t, continuous=True))
+    return model(x / per_sample(scale, x), noise_condition(sde, t))
 
 
 def noisy_inputs(sde: SDE, x0: torch.Tensor, eps: float, generator: Optional[torch.Generator] = None):

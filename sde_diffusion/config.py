@@ -17,11 +17,12 @@ def default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     config.training = training = ml_collections.ConfigDict()
-    training.sde = "vpsde"  # vpsde | subvpsde | vesde
+    training.sde = "vpsde"  # vpsde | subvpsde | vesde | edm (Karras et al.: σ(t) = t on [sigma_min, sigma_max])
     training.continuous = True  # False: DDPM (VP) / SMLD (VE) discrete-time loss and network labels
     training.reduce_mean = False  # mean (True) or sum (False) of the per-example loss over dimensions
     training.likelihood_weighting = False
     training.importance_sampling = False  # with likelihood_weighting: t ~ g²/σ² instead of uniform (lower variance)
+    training.loss = "dsm"  # dsm (denoising score matching) | edm (EDM's λ(σ) weighting, log-normal σ; see losses.py)
     training.eps = 1e-5  # smallest t of the continuous loss
     training.batch_size = 128  # per process: the global batch is batch_size × the number of torchrun processes
     training.n_iters = 1300001
@@ -147,6 +148,13 @@ def default_config() -> ml_collections.ConfigDict:
     model.fourier_scale = 16.0
     model.ema_rate = 0.9999
     model.num_classes = 0  # > 0: class-conditional, a label embedding (+ a null label) added to the noise embedding
+    # what the network predicts (sde_diffusion/parameterization.py): auto (score_sde's: eps for VP/sub-VP, score for
+    # VE, edm for EDM) | eps | score (σ·score) | x0 | edm (EDM's preconditioned denoiser, any SDE)
+    model.parameterization = "auto"
+    # the network's noise input: auto (the parameterization's; discrete step labels with training.continuous=False)
+    # | time (999·t/T) | step | sigma (σ(t)) | log_sigma (¼·ln(σ/α), EDM's c_noise)
+    model.noise_conditioning = "auto"
+    model.sigma_data = 0.5  # EDM's σ_data, of the edm parameterization and training.loss='edm'
     # SDE parameters (in `model` as in score_sde)
     model.beta_min = 0.1
     model.beta_max = 20.0

@@ -58,14 +58,15 @@ def drop_labels(labels: torch.Tensor, p: float, null_label: int,
     return torch.where(dropped, torch.full_like(labels, null_label), labels)
 
 
-def paired_score_fn(sde: SDE, model: nn.Module, labels: Labels, continuous: bool = True):
+def paired_score_fn(sde: SDE, model: nn.Module, labels: Labels, continuous: bool = True, parameterization=None):
     """(x, t) ↦ (s(x, t, y), s(x, t)) of a class-conditional network in one forward pass over [x; x] with labels
-    [y; null label] (one network call per guided score instead of two)."""
+    [y; null label] (one network call per guided score instead of two). parameterization: as in get_score_fn."""
 
     def pair(x: torch.Tensor, t):
         y = batch_labels(labels, x)
         both = torch.cat([y, torch.full_like(y, model.num_classes)])
-        scores = get_score_fn(sde, model, continuous, labels=both)(torch.cat([x, x]), batch_time(t, x).repeat(2))
+        score_fn = get_score_fn(sde, model, continuous, labels=both, parameterization=parameterization)
+        scores = score_fn(torch.cat([x, x]), batch_time(t, x).repeat(2))
         return scores.chunk(2)
 
     return pair
@@ -73,12 +74,13 @@ def paired_score_fn(sde: SDE, model: nn.Module, labels: Labels, continuous: bool
 
 def guided_score_fn(sde: SDE, model: nn.Module, labels: Optional[Labels] = None, *, guidance_scale: float = 0.0,
                     continuous: bool = True, grad_log_p_y: Optional[GradLogPy] = None,
-                    classifier_scale: float = 0.0) -> ScoreFn:
+                    classifier_scale: float = 0.0, parameterization=None) -> ScoreFn:
     """The score function a sampler should follow for a network and wanted labels (config.sampling's guidance).
 
     labels: (batch,) or one int; None for unconditional sampling (a class-conditional network then gets its null
     label). guidance_scale: w of classifier-free guidance (needs a class-conditional network, labels, and training
     with label dropout). grad_log_p_y, classifier_scale: classifier guidance, added to the (guided) score.
+    parameterization: the network's (see get_score_fn; None: the SDE's automatic one).
     """
     conditional = getattr(model, "num_classes", 0) > 0
     if guidance_scale and not (conditional and labels is not None):
@@ -87,12 +89,13 @@ def guided_score_fn(sde: SDE, model: nn.Module, labels: Optional[Labels] = None,
     if classifier_scale and grad_log_p_y is None:
         raise ValueError("classifier guidance (sampling.classifier_scale > 0) needs a classifier gradient")
     if conditional and labels is not None and guidance_scale:
-        pair = paired_score_fn(sde, model, labels, continuous)
+        pair = paired_score_fn(sde, model, labels, continuous, parameterization)
 
         def score_fn(x: torch.Tensor, t) -> torch.Tensor:
             return cfg_combine(*pair(x, t), guidance_scale)
     else:
-        score_fn = get_score_fn(sde, model, continuous, labels=labels if conditional else None)
+        score_fn = get_score_fn(sde, model, continuous, labels=labels if conditional else None,
+                                parameterization=parameterization)
     return classifier(score_fn, grad_log_p_y, classifier_scale) if classifier_scale else score_fn
 
 

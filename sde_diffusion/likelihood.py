@@ -21,6 +21,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 import torch
 
 from . import ode, sampling
+from .discrete import chain_for
 from .errors import ConfigError, choice, positive
 from .sdes import SDE, ScoreFn, batch_time, per_sample
 
@@ -289,13 +290,14 @@ def noise_chain(sde: SDE, steps: Optional[int] = None, discrete: bool = False) -
     if n < 2:
         raise ValueError(f"the VLB needs ≥ 2 steps, got {n}")
     if discrete:
-        if not sde.has_discrete_chain:
+        chain = chain_for(sde)
+        if chain is None:
             raise ValueError(f"{type(sde).__name__} has no discrete chain: use discrete=False")
         if n > sde.N:
             raise ValueError(f"steps={n} exceeds the chain's N={sde.N} levels")
         j = torch.linspace(0, sde.N - 1, n, dtype=torch.float64).round()
         times = j / (sde.N - 1) * sde.T
-        alphas, sigmas = sde.discrete_alpha_sigma(times)
+        alphas, sigmas = chain.alpha_sigma(times)
     else:
         times = torch.arange(1, n + 1, dtype=torch.float64) / n * sde.T
         alphas, sigmas = sde.alpha(times), sde.sigma(times)

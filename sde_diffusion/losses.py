@@ -7,6 +7,9 @@ All losses take a score function and an SDE, so an exact analytic score tests th
                    optionally with t drawn ∝ g²/σ² (importance sampling) instead of uniformly
   discrete DSM     E_i ‖σ_i·s(x_i, t_i) + z‖²,  i ~ U{0..N−1},  x_i = α_i x0 + σ_i z  on the SDE's discrete chain:
                    for VP this is DDPM's L_simple ‖ε̂ − ε‖² (ε̂ = −σ_i s), for VE the SMLD loss σ_i²‖s + z/σ_i‖².
+  EDM              E_σ̃ λ(σ̃)‖D(x̃; σ̃) − x0‖²,  ln σ̃ ~ N(P_mean, P_std²),  λ(σ̃) = (σ̃² + σ_d²)/(σ̃·σ_d)²  (Karras et
+                   al. 2022) in the scaled variable x̃ = x/α, σ̃ = σ/α of any SDE; D = (x + σ²s)/α is the denoiser
+                   the score implies. Per example it equals (σ̃² + σ_d²)/σ_d²·‖σ(t)·s(x_t, t) + z‖².
 """
 from __future__ import annotations
 
@@ -15,9 +18,16 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
+from . import discrete
+from .errors import ConfigError
 from .distributed import global_rows
+from .parameterization import EDM_SIGMA_DATA
 from .sdes import SDE, ScoreFn, per_sample
 
+
+# EDM's training distribution of the noise level: ln σ̃ ~ N(EDM_P_MEAN, EDM_P_STD²) (Karras et al. 2022, Table 1),
+EDM_P_MEAN, EDM_P_STD = -1.2, 1.2
+LOSSES = ("dsm", "edm")  # training.loss
 
 Shard = Tuple[int, int]  # (rank, world size): noise is drawn for the global batch, see distributed.global_rows
 SINGLE = (0, 1)
@@ -87,21 +97,57 @@ def discrete_dsm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, reduce_m
 
     Step i ~ U{0..N−1} is evaluated at its grid time t_i = i/(N−1)·T with the chain's α_i, σ_i.
     """
+    chain = discrete.require_chain(sde, "the DDPM/SMLD loss (training.continuous=False)")
     total, mine = global_rows(x0.shape[0], *shard)
     i = torch.randint(0, sde.N, (total,), generator=generator, device=x0.device)[mine]
     t = i.to(x0.dtype) / (sde.N - 1) * sde.T
-    alpha, sigma = sde.discrete_alpha_sigma(t)
+    alpha, sigma = chain.alpha_sigma(t)
     z = torch.randn((total, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)[mine]
     score = score_fn(per_sample(alpha, x0) * x0 + per_sample(sigma, x0) * z, t)
     return _reduce((per_sample(sigma, x0) * score + z) ** 2, reduce_mean).mean()
 
 
+def edm_weight(sigma_tilde: torch.Tensor, sigma_data: float = EDM_SIGMA_DATA) -> torch.Tensor:
+    """EDM's loss weighting λ(σ̃) = (σ̃² + σ_d²)/(σ̃·σ_d)², which makes the loss of the preconditioned network's raw
+    output F unit-weighted (λ·c_out² = 1)."""
+    return (sigma_tilde**2 + sigma_data**2) / (sigma_tilde * sigma_data) ** 2
+
+
+def edm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, sigma_data: float = EDM_SIGMA_DATA,
+             p_mean: float = EDM_P_MEAN, p_std: float = EDM_P_STD, eps: float = 1e-5, reduce_mean: bool = True,
+             generator: Optional[torch.Generator] = None, shard: Shard = SINGLE) -> torch.Tensor:
+    """EDM's loss (Karras et al. 2022, eq. 2 with Table 1) for any SDE; returns the batch mean (a scalar).
+
+    ln σ̃ ~ N(p_mean, p_std²) gives the time t = λ⁻¹(−ln σ̃) (clamped to [eps, T]); with σ̃ = σ(t)/α(t) there,
+    x_t = α(t)·x0 + σ(t)·z and the denoiser D = (x_t + σ(t)²·s(x_t, t))/α(t), the loss is λ(σ̃)·‖D − x0‖².
+    """
+    total, mine = global_rows(x0.shape[0], *shard)
+    log_sigma = torch.randn(total, generator=generator, device=x0.device, dtype=x0.dtype)[mine] * p_std + p_mean
+    t = sde.t_from_log_snr(-log_sigma.double()).clamp(min=eps, max=sde.T).to(x0.dtype)
+    z = torch.randn((total, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)[mine]
+    alpha, sigma = sde.alpha(t), sde.sigma(t)
+    x_t = per_sample(alpha, x0) * x0 + per_sample(sigma, x0) * z
+    denoised = (x_t + per_sample(sigma**2, x0) * score_fn(x_t, t)) / per_sample(alpha, x0)
+    return (edm_weight(sigma / alpha, sigma_data) * _reduce((denoised - x0) ** 2, reduce_mean)).mean()
+
+
 def get_loss_fn(sde: SDE, *, continuous: bool = True, reduce_mean: bool = True, likelihood_weighting: bool = False,
-                eps: float = 1e-5, importance_sampling: bool = False) -> Callable[..., torch.Tensor]:
+                eps: float = 1e-5, importance_sampling: bool = False, loss: str = "dsm",
+                sigma_data: float = EDM_SIGMA_DATA) -> Callable[..., torch.Tensor]:
     """loss_fn(score_fn, x0, generator=None, shard=(0, 1)) for the configured objective (config.training.*).
 
-    importance_sampling (with likelihood_weighting): t ~ g²/σ² (`importance_sampled_dsm_loss`).
+    loss: "dsm" (denoising score matching, continuous or on the discrete chain) or "edm" (`edm_loss` with
+    sigma_data). importance_sampling (with likelihood_weighting): t ~ g²/σ² (`importance_sampled_dsm_loss`).
     """
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; available: {list(LOSSES)}")
+    if loss == "edm":
+        if not continuous or likelihood_weighting or importance_sampling:
+            raise ValueError("the EDM loss has its own weighting and noise distribution: use it with "
+                             "training.continuous=True, likelihood_weighting=False and importance_sampling=False")
+        return lambda score_fn, x0, generator=None, shard=SINGLE: edm_loss(
+            score_fn, sde, x0, sigma_data=sigma_data, eps=eps, reduce_mean=reduce_mean, generator=generator,
+            shard=shard)
     if importance_sampling and not (continuous and likelihood_weighting):
         raise ValueError("importance sampling of t applies to the likelihood-weighted continuous loss: set "
                          "training.likelihood_weighting=True and training.continuous=True, or "
@@ -116,11 +162,27 @@ def get_loss_fn(sde: SDE, *, continuous: bool = True, reduce_mean: bool = True, 
     if likelihood_weighting:
         raise ValueError("likelihood weighting applies to the continuous loss only: set training.continuous=True "
                          "or training.likelihood_weighting=False")
-    if not sde.has_discrete_chain:
-        raise ValueError(f"{type(sde).__name__} has no discrete chain, so no DDPM/SMLD loss: set "
-                         "training.continuous=True")
+    discrete.require_chain(sde, "the DDPM/SMLD loss (training.continuous=False)")
     return lambda score_fn, x0, generator=None, shard=SINGLE: discrete_dsm_loss(
         score_fn, sde, x0, reduce_mean=reduce_mean, generator=generator, shard=shard)
+
+
+def check_config(config) -> None:
+    """training.loss, training.eps and the weighting keys. Raises ConfigError naming the key."""
+    t = config.training
+    if t.loss not in LOSSES:
+        raise ConfigError(f"training.loss={t.loss!r} is not one of {list(LOSSES)}")
+    if not 0.0 < t.eps < 1.0:
+        raise ConfigError(f"training.eps must lie in (0, 1), got {t.eps}")
+    if not t.continuous and t.likelihood_weighting:
+        raise ConfigError("training.likelihood_weighting=True needs training.continuous=True")
+    if t.importance_sampling and not t.likelihood_weighting:
+        raise ConfigError("training.importance_sampling=True samples t for the likelihood-weighted loss: set "
+                          "training.likelihood_weighting=True")
+    if t.loss == "edm" and (not t.continuous or t.likelihood_weighting or t.importance_sampling):
+        raise ConfigError("training.loss='edm' has its own weighting λ(σ) and log-normal noise levels: set "
+                          "training.continuous=True, training.likelihood_weighting=False and "
+                          "training.importance_sampling=False")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,13 +1,16 @@
-"""Forward diffusion processes written as SDEs  dx = f(x, t) dt + g(t) dw,  t ∈ [0, T].
+"""Forward diffusion processes written as SDEs  dx = f(t)·x dt + g(t) dw,  t ∈ [0, T].
 
-Every SDE here has a Gaussian perturbation kernel  x_t = α(t)·x_0 + σ(t)·z,  z ~ N(0, I),
-and this module is the only place that knows how VP, sub-VP and VE differ: drift and
-diffusion, α(t), σ(t), log-SNR λ(t), prior, the DDPM/SMLD discretizations, and how a
-network's noise-conditioning input and output relate to t and to the score.
-Samplers, losses and likelihoods only ever see an `SDE` and a score function.
+Every SDE here has a Gaussian perturbation kernel  x_t = α(t)·x_0 + σ(t)·z,  z ~ N(0, I),  and this module
+holds the process only: α(t), σ(t), drift and diffusion, the prior, the log-SNR λ(t) and its inverse, transition
+kernels and the reverse-time process. What a network predicts lives in `parameterization`; the DDPM/SMLD discrete
+chains in `discrete`. Samplers, losses and likelihoods see only an `SDE` and a score function.
+
+A new SDE subclasses `SDE` and defines `T`, `alpha(t)` and `sigma(t)`; the rest is derived from them:
+f = d log α/dt,  g² = dσ²/dt − 2f·σ²  (by float64 autograd), the prior N(0, (α(T)² + σ(T)²)·I), λ = log(α/σ) and
+its inverse by bisection. The built-in SDEs override these with closed forms.
 
 Shapes: `x` is (batch, ...); `t` is a Python float or a tensor of shape (batch,).
-Per-sample quantities (α, σ, β, g) are returned with shape (batch,).
+Per-sample quantities (α, σ, f, g) are returned with shape (batch,).
 """
 from __future__ import annotations
 
@@ -17,16 +20,14 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
+from .errors import ConfigError
+
 Tensor = torch.Tensor
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
-# Continuous-time VP networks see t scaled to DDPM's step indices 0..999 (as in score_sde),
-# whatever the number of discretization steps N.
-DDPM_TIME_SCALE = 999.0
-
-# A time t counts as discrete step i when t·(N−1)/T lies in [i − slack, i + 1 − slack): float round-off of
-# t = i/(N−1) never drops to step i − 1, and any other t is truncated as in the DDPM/SMLD reference code.
-STEP_INDEX_SLACK = 1e-4
+# A time t lies on point i of the N-point grid t_i = i/(N−1)·T when t·(N−1)/T lies in [i − slack, i + 1 − slack):
+# float round-off of t = i/(N−1)·T never drops to point i − 1, and any other t is truncated (as DDPM/SMLD code does).
+GRID_INDEX_SLACK = 1e-4
 
 
 def as_time(t) -> Tensor:
@@ -43,6 +44,24 @@ def batch_time(t, x: Tensor) -> Tensor:
 def per_sample(v: Tensor, x: Tensor) -> Tensor:
     """Reshape a (batch,) tensor to broadcast against x of shape (batch, ...)."""
     return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def grid_index(t, N: int, T: float) -> Tensor:
+    """Index i ∈ {0..N−1} of the point t_i = i/(N−1)·T of the uniform N-point time grid that t falls on (long)."""
+    t = torch.as_tensor(t)
+    return torch.floor(t * (N - 1) / T + GRID_INDEX_SLACK).long().clamp(0, N - 1)
+
+
+def time_derivative(fn: Callable[[Tensor], Tensor], t) -> Tensor:
+    """d fn/dt elementwise at t, by autograd in float64 (also inside torch.no_grad); returns t's dtype and shape."""
+    t = as_time(t)
+    with torch.enable_grad():
+        t64 = t.detach().double().requires_grad_(True)
+        y = fn(t64)
+        if not y.requires_grad:  # fn does not depend on t (e.g. α = 1)
+            return torch.zeros_like(t)
+        (grad,) = torch.autograd.grad(y.sum(), t64, allow_unused=True)
+    return torch.zeros_like(t) if grad is None else grad.to(t.dtype)
 
 
 # Bisection halves the bracket this many times: 2⁻⁶⁴ of the bracket is below float64 resolution on [0, 1].
@@ -183,29 +202,30 @@ def make_beta_schedule(name: str, beta_min: float, beta_max: float) -> BetaSched
 
 
 # --------------------------------------------------------------------------------------------------
-# The SDE base class
+# The SDE base class: a process given by its kernel x_t = α(t)·x_0 + σ(t)·z
 # --------------------------------------------------------------------------------------------------
 class SDE(abc.ABC):
-    """Base class: subclasses give drift/diffusion, α(t), σ(t) and the prior's std; the rest is generic.
+    """A linear diffusion defined by its kernel; subclasses give `T`, `alpha(t)` and `sigma(t)`.
 
-    Attributes: `T` (end time, 1.0), `N` (number of discretization steps), `default_eps` (smallest time
-    a sampler integrates to), `has_discrete_chain` (whether DDPM/SMLD-style discrete losses apply).
+    Attributes: `T` (end time), `N` (number of discretization steps of `discretize` and the default number of
+    sampler steps), `default_eps` (smallest time a sampler integrates to: 10⁻³·T unless a subclass sets it).
+    Generic defaults (subclasses with closed forms override them): f(t) = d log α/dt and g(t)² = dσ²/dt − 2f·σ²
+    by float64 autograd of α and σ, so α and σ must be written in torch operations that autograd can follow.
     """
 
     T: float = 1.0
-    default_eps: float = 1e-3
-    has_discrete_chain: bool = False
 
     def __init__(self, N: int = 1000):
         if N < 2:
             raise ValueError(f"N (number of discretization steps) must be ≥ 2, got {N}")
         self.N = N
 
-    # --- the process ------------------------------------------------------------------------------
-    @abc.abstractmethod
-    def sde(self, x: Tensor, t) -> Tuple[Tensor, Tensor]:
-        """Drift f(x, t) (like x) and diffusion g(t) (batch,)."""
+    @property
+    def default_eps(self) -> float:
+        """The smallest time samplers and likelihoods integrate to: 10⁻³·T."""
+        return 1e-3 * self.T
 
+    # --- the process ------------------------------------------------------------------------------
     @abc.abstractmethod
     def alpha(self, t) -> Tensor:
         """Mean coefficient α(t) of p(x_t | x_0) = N(α(t)·x_0, σ(t)²I)."""
@@ -214,10 +234,28 @@ class SDE(abc.ABC):
     def sigma(self, t) -> Tensor:
         """Standard deviation σ(t) of p(x_t | x_0)."""
 
+    def drift_coefficient(self, t) -> Tensor:
+        """f(t) = d log α/dt of the drift f(t)·x (float64 autograd unless overridden)."""
+        return time_derivative(lambda s: torch.log(self.alpha(s)), t)
+
+    def diffusion_squared(self, t) -> Tensor:
+        """g(t)² = dσ²/dt − 2f(t)·σ(t)², which makes Var[x_t | x_0] = σ(t)² (float64 autograd unless overridden)."""
+        t = as_time(t)
+        dvar = time_derivative(lambda s: self.sigma(s) ** 2, t)
+        return (dvar - 2 * self.drift_coefficient(t) * self.sigma(t) ** 2).clamp(min=0.0)
+
+    def sde(self, x: Tensor, t) -> Tuple[Tensor, Tensor]:
+        """Drift f(t)·x (like x) and diffusion g(t) (batch,)."""
+        t = batch_time(t, x)
+        f = self.drift_coefficient(t).to(x.dtype)
+        return per_sample(f, x) * x, torch.sqrt(self.diffusion_squared(t)).to(x.dtype)
+
     @property
-    @abc.abstractmethod
     def prior_std(self) -> float:
-        """The prior p_T is N(0, prior_std² I)."""
+        """The prior p_T is N(0, prior_std² I). Default √(α(T)² + σ(T)²): the std of the marginal at T of data with
+        unit variance per dimension (1 for VP, ≈ σ(T) when σ(T) ≫ α(T))."""
+        T = torch.tensor(float(self.T), dtype=torch.float64)
+        return math.sqrt(float(self.alpha(T)) ** 2 + float(self.sigma(T)) ** 2)
 
     def marginal_prob(self, x: Tensor, t) -> Tuple[Tensor, Tensor]:
         """Mean (like x) and std (batch,) of p(x_t | x_0 = x)."""
@@ -240,7 +278,7 @@ class SDE(abc.ABC):
         """Kernel of the forward process from time s to a later time t:  x_t | x_s ~ N(α_{t|s}·x_s, σ_{t|s}² I).
 
         α_{t|s} = α(t)/α(s) and σ_{t|s}² = σ(t)² − α_{t|s}²·σ(s)², which holds for every linear SDE with a
-        state-independent diffusion (all three here). Returns (α_{t|s}, σ_{t|s}) with the shape of t.
+        state-independent diffusion. Returns (α_{t|s}, σ_{t|s}) with the shape of t.
         """
         t, s = as_time(t), as_time(s)
         a = self.alpha(t) / self.alpha(s)
@@ -264,6 +302,12 @@ class SDE(abc.ABC):
         t, s = as_time(t), as_time(s)
         return self.transition(t, s)[1] * self.sigma(s) / self.sigma(t)
 
+    def discretize(self, x: Tensor, t) -> Tuple[Tensor, Tensor]:
+        """One step x_{i+1} = x_i + f + G·z of the N-step forward chain. Default: Euler–Maruyama with Δt = T/N."""
+        dt = self.T / self.N
+        drift, diffusion = self.sde(x, t)
+        return drift * dt, diffusion * math.sqrt(dt)
+
     # --- prior --------------------------------------------------------------------------------------
     def prior_sampling(self, shape: Sequence[int], generator: Optional[torch.Generator] = None,
                        device=None, dtype=None) -> Tensor:
@@ -274,41 +318,6 @@ class SDE(abc.ABC):
         d = z[0].numel()
         s2 = self.prior_std**2
         return -0.5 * d * math.log(2 * math.pi * s2) - z.flatten(1).pow(2).sum(1) / (2 * s2)
-
-    # --- discretization -----------------------------------------------------------------------------
-    def step_index(self, t) -> Tensor:
-        """Index i ∈ {0..N−1} of the discrete step that time t belongs to (t = i/(N−1)·T)."""
-        t = torch.as_tensor(t)
-        i = torch.floor(t * (self.N - 1) / self.T + STEP_INDEX_SLACK).long()
-        return i.clamp(0, self.N - 1)
-
-    def discretize(self, x: Tensor, t) -> Tuple[Tensor, Tensor]:
-        """One step x_{i+1} = x_i + f + G·z of the forward chain. Default: Euler–Maruyama with Δt = T/N."""
-        dt = self.T / self.N
-        drift, diffusion = self.sde(x, t)
-        return drift * dt, diffusion * math.sqrt(dt)
-
-    def discrete_alpha_sigma(self, t) -> Tuple[Tensor, Tensor]:
-        """α_i, σ_i of the discrete chain at the step of t (for DDPM/SMLD losses and discrete-time models)."""
-        raise ValueError(f"{type(self).__name__} has no discrete (DDPM/SMLD) chain: train it with "
-                         "training.continuous=True")
-
-    def langevin_step_scale(self, t) -> Tensor:
-        """Factor multiplying the Langevin corrector's step size at time t (1 unless overridden)."""
-        return torch.ones_like(as_time(t))
-
-    # --- networks ↔ scores -------------------------------------------------------------------------
-    def noise_condition(self, t: Tensor, continuous: bool = True) -> Tensor:
-        """The noise-conditioning input a network receives for time t (batch,).
-
-        Default (VP, sub-VP): continuous models see DDPM_TIME_SCALE·t; discrete ones the step index (N−1)·t/T.
-        """
-        return DDPM_TIME_SCALE * t if continuous else (self.N - 1) * t / self.T
-
-    def score_from_network(self, output: Tensor, t: Tensor, continuous: bool = True) -> Tensor:
-        """Turn a network output into a score. Default (VP, sub-VP): the network predicts ε, score = −ε/σ(t)."""
-        sigma = self.sigma(t) if continuous else self.discrete_alpha_sigma(t)[1]
-        return -output / per_sample(sigma, output)
 
     # --- reverse time -------------------------------------------------------------------------------
     def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> "ReverseSDE":
@@ -353,56 +362,52 @@ class ReverseSDE:
 
 
 # --------------------------------------------------------------------------------------------------
-# The three SDEs of Song et al. (2021)
+# The SDEs of Song et al. (2021) and of Karras et al. (2022)
 # --------------------------------------------------------------------------------------------------
-class VPSDE(SDE):
-    """Variance preserving:  dx = −½β(t)x dt + √β(t) dw  (the continuous limit of DDPM).
+class BetaScheduleSDE(SDE):
+    """An SDE driven by a β schedule (VP and sub-VP): `schedule.beta(t)` and its integral B(t); α(t) = exp(−½B(t)).
 
-    α(t) = exp(−½B(t)),  σ(t) = √(1 − exp(−B(t))),  B(t) = ∫_0^t β.  Prior N(0, I).
     `schedule`: "linear" and "quadratic" use beta_min/beta_max; "cosine" (Nichol & Dhariwal) ignores them.
     """
-
-    has_discrete_chain = True
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000, schedule: str = "linear"):
         super().__init__(N)
         self.beta_min, self.beta_max, self.schedule_name = beta_min, beta_max, schedule
         self.schedule = make_beta_schedule(schedule, beta_min, beta_max)
-        betas = self.schedule.discrete_betas(N)
-        self.discrete_betas = betas.float()
-        self.alphas = (1.0 - betas).float()
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, 0)  # float64: ᾱ_i of the DDPM chain
 
-    def sde(self, x, t):
-        t = batch_time(t, x)
-        beta = self.schedule.beta(t)
-        return -0.5 * per_sample(beta, x) * x, torch.sqrt(beta)
+    default_eps = 1e-3
 
     def alpha(self, t):
         return torch.exp(-0.5 * self.schedule.integral(as_time(t)))
 
-    def sigma(self, t):
-        return torch.sqrt(-torch.expm1(-self.schedule.integral(as_time(t))))
+    def drift_coefficient(self, t):
+        """f(t) = −½β(t)."""
+        return -0.5 * self.schedule.beta(as_time(t))
 
     @property
     def prior_std(self):
         return 1.0
 
+
+class VPSDE(BetaScheduleSDE):
+    """Variance preserving:  dx = −½β(t)x dt + √β(t) dw  (the continuous limit of DDPM).
+
+    α(t) = exp(−½B(t)),  σ(t) = √(1 − exp(−B(t))),  B(t) = ∫_0^t β.  Prior N(0, I). `discretize` is the DDPM step
+    with the schedule's N-step β_i.
+    """
+
+    def sigma(self, t):
+        return torch.sqrt(-torch.expm1(-self.schedule.integral(as_time(t))))
+
+    def diffusion_squared(self, t):
+        """g(t)² = β(t)."""
+        return self.schedule.beta(as_time(t))
+
     def discretize(self, x, t):
-        """DDPM step: x_{i+1} = √(1 − β_i)·x_i + √β_i·z."""
-        i = self.step_index(batch_time(t, x)).cpu()
-        beta = self.discrete_betas[i].to(x)
+        """DDPM step: x_{i+1} = √(1 − β_i)·x_i + √β_i·z with i the grid point of t."""
+        i = grid_index(batch_time(t, x), self.N, self.T).cpu()
+        beta = self.schedule.discrete_betas(self.N)[i].to(x)
         return per_sample(torch.sqrt(1.0 - beta), x) * x - x, torch.sqrt(beta)
-
-    def discrete_alpha_sigma(self, t):
-        abar = self.alphas_cumprod[self.step_index(t).cpu()]
-        like = as_time(t)
-        return torch.sqrt(abar).to(like), torch.sqrt(1.0 - abar).to(like)
-
-    def langevin_step_scale(self, t):
-        i = self.step_index(t).cpu()
-        like = as_time(t)
-        return self.alphas[i].to(like)
 
     def t_from_log_snr(self, lam):
         """λ = −½·log(e^B − 1), so B = log(1 + e^{−2λ}) = softplus(−2λ) and t = B⁻¹(B)."""
@@ -419,27 +424,20 @@ class VPSDE(SDE):
         return self.transition(t, s)[1]
 
 
-class SubVPSDE(VPSDE):
+class SubVPSDE(BetaScheduleSDE):
     """Sub-VP:  dx = −½β(t)x dt + √(β(t)(1 − exp(−2B(t)))) dw.
 
-    α(t) = exp(−½B(t)) as for VP, σ(t) = 1 − exp(−B(t)) ≤ the VP σ(t). Prior N(0, I). No discrete chain:
-    `discretize` is Euler–Maruyama.
+    α(t) = exp(−½B(t)) as for VP, σ(t) = 1 − exp(−B(t)) ≤ the VP σ(t). Prior N(0, I). `discretize` is
+    Euler–Maruyama.
     """
-
-    has_discrete_chain = False
-
-    def sde(self, x, t):
-        t = batch_time(t, x)
-        beta = self.schedule.beta(t)
-        return -0.5 * per_sample(beta, x) * x, torch.sqrt(beta * -torch.expm1(-2.0 * self.schedule.integral(t)))
 
     def sigma(self, t):
         return -torch.expm1(-self.schedule.integral(as_time(t)))
 
-    discretize = SDE.discretize
-    discrete_alpha_sigma = SDE.discrete_alpha_sigma
-    transition = SDE.transition  # the general kernel formula (σ_{t|s}² = σ_t² − α_{t|s}² σ_s²)
-    ancestral_noise_std = SDE.ancestral_noise_std  # the exact Gaussian posterior (sub-VP has no DDPM chain)
+    def diffusion_squared(self, t):
+        """g(t)² = β(t)·(1 − exp(−2B(t)))."""
+        t = as_time(t)
+        return self.schedule.beta(t) * -torch.expm1(-2.0 * self.schedule.integral(t))
 
     def t_from_log_snr(self, lam):
         """With a = e^{−λ}: 1/α = (a + √(a² + 4))/2, so B = −2 log α = 2·log1p((a + a²/(√(a² + 4) + 2))/2)."""
@@ -453,22 +451,15 @@ class VESDE(SDE):
 
     α(t) = 1. The kernel p(x_t | x_0) = N(x_0, σ(t)²I) is exact when the process starts at t = 0 from
     x_0 + σ_min·z, i.e. σ_min is the noise already present at t = 0 (as in score_sde). Prior N(0, σ_max² I).
-    Networks are conditioned on σ(t) and their output divided by σ(t) is the score.
+    `discretize` is the SMLD step between the levels σ_i = σ(i/(N−1)).
     """
 
     default_eps = 1e-5
-    has_discrete_chain = True
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000):
         super().__init__(N)
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.log_ratio = math.log(sigma_max / sigma_min)
-        # σ_i = σ(i/(N−1)), increasing in i: the SMLD noise levels on the time grid.
-        self.discrete_sigmas = torch.exp(torch.linspace(math.log(sigma_min), math.log(sigma_max), N))
-
-    def sde(self, x, t):
-        t = batch_time(t, x)
-        return torch.zeros_like(x), self.sigma(t) * math.sqrt(2 * self.log_ratio)
 
     def alpha(self, t):
         return torch.ones_like(as_time(t))
@@ -476,9 +467,20 @@ class VESDE(SDE):
     def sigma(self, t):
         return self.sigma_min * torch.exp(as_time(t) * self.log_ratio)
 
+    def drift_coefficient(self, t):
+        return torch.zeros_like(as_time(t))
+
+    def diffusion_squared(self, t):
+        """g(t)² = dσ²/dt = 2·log(σ_max/σ_min)·σ(t)²."""
+        return 2 * self.log_ratio * self.sigma(t) ** 2
+
     @property
     def prior_std(self):
         return self.sigma_max
+
+    def level_sigmas(self) -> Tensor:
+        """σ_i = σ(i/(N−1)) for i = 0..N−1, increasing: the SMLD noise levels on the time grid (float32)."""
+        return torch.exp(torch.linspace(math.log(self.sigma_min), math.log(self.sigma_max), self.N))
 
     def t_from_log_snr(self, lam):
         """λ = −log σ(t) = −log σ_min − t·log(σ_max/σ_min)."""
@@ -487,48 +489,84 @@ class VESDE(SDE):
 
     def discretize(self, x, t):
         """SMLD step: x_{i+1} = x_i + √(σ_{i+1}² − σ_i²)·z (from σ_{i−1} to σ_i at step i; σ_{−1} = 0)."""
-        i = self.step_index(batch_time(t, x)).cpu()
-        sigma = self.discrete_sigmas[i]
-        prev = torch.where(i == 0, torch.zeros_like(sigma), self.discrete_sigmas[(i - 1).clamp(min=0)])
+        i = grid_index(batch_time(t, x), self.N, self.T).cpu()
+        sigmas = self.level_sigmas()
+        sigma = sigmas[i]
+        prev = torch.where(i == 0, torch.zeros_like(sigma), sigmas[(i - 1).clamp(min=0)])
         return torch.zeros_like(x), torch.sqrt(sigma**2 - prev**2).to(x)
 
-    def discrete_alpha_sigma(self, t):
-        like = as_time(t)
-        sigma = self.discrete_sigmas[self.step_index(t).cpu()].to(like)
-        return torch.ones_like(sigma), sigma
 
-    def noise_condition(self, t, continuous=True):
-        """Continuous: σ(t). Discrete: the SMLD level index counted from σ_max (0 = σ_max), as in NCSN."""
-        return self.sigma(t) if continuous else (self.N - 1 - self.step_index(t)).to(t)
+class EDMSDE(SDE):
+    """EDM's process (Karras et al. 2022):  dx = √(2t) dw,  α(t) = 1,  σ(t) = t  on t ∈ [0, σ_max].
 
-    def score_from_network(self, output, t, continuous=True):
-        """The network output divided by σ (σ(t), or σ_i on the discrete chain) is the score."""
-        sigma = self.sigma(t) if continuous else self.discrete_alpha_sigma(t)[1]
-        return output / per_sample(sigma, output)
+    Time is the noise level itself: T = σ_max (80 in the paper), default_eps = σ_min (0.002). Prior N(0, σ_max² I).
+    """
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, N: int = 1000):
+        super().__init__(N)
+        if not 0.0 < sigma_min < sigma_max:
+            raise ValueError(f"EDM needs 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.T = sigma_max
+
+    @property
+    def default_eps(self) -> float:
+        return self.sigma_min
+
+    def alpha(self, t):
+        return torch.ones_like(as_time(t))
+
+    def sigma(self, t):
+        return as_time(t).clone()
+
+    def drift_coefficient(self, t):
+        return torch.zeros_like(as_time(t))
+
+    def diffusion_squared(self, t):
+        """g(t)² = dσ²/dt = 2t."""
+        return 2 * as_time(t)
+
+    @property
+    def prior_std(self):
+        return self.sigma_max
+
+    def log_snr(self, t):
+        return -torch.log(as_time(t))
+
+    def t_from_log_snr(self, lam):
+        """σ = t = e^{−λ}."""
+        return torch.exp(-torch.as_tensor(lam, dtype=torch.float64))
 
 
-SDES = {"vpsde": VPSDE, "subvpsde": SubVPSDE, "vesde": VESDE}
+SDES = {"vpsde": VPSDE, "subvpsde": SubVPSDE, "vesde": VESDE, "edm": EDMSDE}
 
 
 def sde_from_config(config) -> SDE:
-    """Build the SDE named by `config.training.sde` from the score_sde-style keys in `config.model`."""
+    """Build the SDE named by `config.training.sde` from the score_sde-style keys in `config.model`
+    (VP, sub-VP: beta_min, beta_max, beta_schedule; VE and EDM: sigma_min, sigma_max; all: num_scales = N)."""
     name = config.training.sde.lower()
     m = config.model
     if name in ("vpsde", "subvpsde"):
         return SDES[name](beta_min=m.beta_min, beta_max=m.beta_max, N=m.num_scales, schedule=m.beta_schedule)
-    if name == "vesde":
-        return VESDE(sigma_min=m.sigma_min, sigma_max=m.sigma_max, N=m.num_scales)
+    if name in ("vesde", "edm"):
+        return SDES[name](sigma_min=m.sigma_min, sigma_max=m.sigma_max, N=m.num_scales)
     raise ValueError(f"training.sde={config.training.sde!r} is not one of {sorted(SDES)}")
 
 
 def check_config(config) -> None:
-    """The SDE's keys: training.sde, model.beta_schedule, model.num_scales, and whether training.continuous=False
-    (a DDPM/SMLD loss) has a discrete chain to use. Raises ConfigError naming the key."""
-    from .errors import ConfigError, choice, positive
-    t, m = config.training, config.model
-    choice("training.sde", t.sde.lower(), SDES)
-    choice("model.beta_schedule", m.beta_schedule, BETA_SCHEDULES)
-    positive("model.num_scales", m.num_scales)
-    if not t.continuous and not SDES[t.sde.lower()].has_discrete_chain:
-        raise ConfigError(f"training.sde={t.sde!r} has no discrete chain, so training.continuous=False (DDPM/SMLD "
-                          "loss) is impossible: set training.continuous=True")
+    """The SDE's keys: training.sde, model.beta_schedule/beta_min/beta_max (VP, sub-VP), model.sigma_min/sigma_max
+    (VE, EDM), model.num_scales. Raises ConfigError naming the key."""
+    name, m = config.training.sde.lower(), config.model
+    if name not in SDES:
+        raise ConfigError(f"training.sde={config.training.sde!r} is not one of {sorted(SDES)}")
+    if m.num_scales < 2:
+        raise ConfigError(f"model.num_scales (the SDE's N) must be ≥ 2, got {m.num_scales}")
+    if name in ("vpsde", "subvpsde"):
+        if m.beta_schedule not in BETA_SCHEDULES:
+            raise ConfigError(f"model.beta_schedule={m.beta_schedule!r} is not one of {sorted(BETA_SCHEDULES)}")
+        if m.beta_schedule != "cosine" and not 0.0 < m.beta_min < m.beta_max:
+            raise ConfigError(f"model.beta_min={m.beta_min} and model.beta_max={m.beta_max} must satisfy "
+                              "0 < beta_min < beta_max")
+    elif not 0.0 < m.sigma_min < m.sigma_max:
+        raise ConfigError(f"model.sigma_min={m.sigma_min} and model.sigma_max={m.sigma_max} must satisfy "
+                          f"0 < sigma_min < sigma_max for training.sde={name!r}")

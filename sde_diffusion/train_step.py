@@ -95,8 +95,8 @@ class TrainStep:
 
 
 def check_config(config) -> None:
-    """The keys of the step: training.precision, on_nonfinite, compile_backend (when compiling), optim.lr, and the
-    loss options (training.eps, likelihood_weighting, importance_sampling). Raises ConfigError naming the key."""
+    """The keys of the step: training.precision, on_nonfinite, compile_backend (when compiling) and optim.lr.
+    Raises ConfigError naming the key."""
     t = config.training
     choice("training.precision", t.precision, PRECISIONS)
     choice("training.on_nonfinite", t.on_nonfinite, NONFINITE_POLICIES)
@@ -104,10 +104,3 @@ def check_config(config) -> None:
     if t.compile:
         import torch._dynamo  # its backend list, only when compiling
         choice("training.compile_backend", t.compile_backend, torch._dynamo.list_backends(exclude_tags=()))
-    if not 0.0 < t.eps < 1.0:
-        raise ConfigError(f"training.eps must lie in (0, 1), got {t.eps}")
-    if not t.continuous and t.likelihood_weighting:
-        raise ConfigError("training.likelihood_weighting=True needs training.continuous=True")
-    if t.importance_sampling and not t.likelihood_weighting:
-        raise ConfigError("training.importance_sampling=True samples t for the likelihood-weighted loss: set "
-                          "training.likelihood_weighting=True")

@@ -1,7 +1,7 @@
 """Start-up validation of a whole config, before any compute is spent.
 
 Each section is checked by the code that owns it: data.* by `datasets` (and `image_folder`), the SDE keys by
-`sdes`, model.* by the model registry and each network's `check_config`, sampling.* by `sampling`,
+`sdes`, what the network predicts by `parameterization`, the loss keys by `losses`, model.* by the model registry and each network's `check_config`, sampling.* by `sampling`,
 `controllable` (inpainting, colorization) and `guidance` (class labels, guidance scales), the training step's
 keys by `train_step`, eval.bpd_* by `likelihood`, classifier.* by `classifier`. This module calls them in turn and
 owns what none of them can see alone: the rules that join two sections (a network for the data's kind, classes of
@@ -9,7 +9,8 @@ the model against those of the data), and the keys only the jobs read (loop leng
 """
 from __future__ import annotations
 
-from . import classifier, controllable, datasets, guidance, likelihood, models, sampling, sdes, train_step
+from . import (classifier, controllable, datasets, guidance, likelihood, losses, models, parameterization, sampling,
+               sdes, train_step)
 from .errors import ConfigError, positive
 
 JOB_KEYS = ("training.batch_size", "training.n_iters", "training.log_freq", "training.eval_freq",
@@ -21,6 +22,8 @@ def validate_config(config) -> None:
     """Check values and combinations of every section; raises ConfigError naming the key and the fix."""
     datasets.check_config(config)
     sdes.check_config(config)
+    parameterization.check_config(config)
+    losses.check_config(config)
     check_network_fits_data(config)
     models.check_config(config)
     sampling.check_config(config)

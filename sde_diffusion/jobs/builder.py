@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import distributed, losses, sampling
+from .. import distributed, losses, parameterization, sampling
 from ..checkpoints import step_checkpoint, step_checkpoints
 from ..datasets import get_dataset
 from ..ema import ExponentialMovingAverage
@@ -103,17 +103,19 @@ def make_loss_fn(config, sde: SDE) -> Callable:
     t = config.training
     return losses.get_loss_fn(sde, continuous=t.continuous, reduce_mean=t.reduce_mean,
                               likelihood_weighting=t.likelihood_weighting, eps=t.eps,
-                              importance_sampling=t.importance_sampling)
+                              importance_sampling=t.importance_sampling, loss=t.loss,
+                              sigma_data=config.model.sigma_data)
 
 
 def labelled_score_fn(config, sde: SDE, model: nn.Module) -> Callable:
     """labels (batch,) or None ↦ the network's score function given those labels (None: unconditional)."""
-    plain = get_score_fn(sde, model, continuous=config.training.continuous)
+    param = parameterization.from_config(config, sde)
+    plain = get_score_fn(sde, model, continuous=config.training.continuous, parameterization=param)
 
     def score_fn_for(labels: Optional[torch.Tensor]):
         if labels is None:
             return plain
-        return get_score_fn(sde, model, continuous=config.training.continuous, labels=labels)
+        return get_score_fn(sde, model, continuous=config.training.continuous, labels=labels, parameterization=param)
 
     return score_fn_for
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .. import classifier as noisy_classifier
-from .. import distributed, guidance, sampling
+from .. import distributed, guidance, parameterization, sampling
 from ..checkpoints import load_checkpoint
 from ..datasets import dataset_classes
 from ..errors import CheckpointError
@@ -33,6 +33,7 @@ class Conditioning:
                  label_sequence: Optional[torch.Tensor] = None):
         s = config.sampling
         self.sde, self.model, self.continuous = sde, model, config.training.continuous
+        self.parameterization = parameterization.from_config(config, sde)
         self.classifier = classifier
         self.guidance_scale = s.guidance_scale
         self.classifier_scale = s.classifier_scale if classifier is not None else 0.0
@@ -58,7 +59,8 @@ class Conditioning:
             grad = noisy_classifier.grad_log_p_y_fn(self.sde, self.classifier, labels)
         return guidance.guided_score_fn(self.sde, self.model, labels, guidance_scale=self.guidance_scale,
                                         continuous=self.continuous, grad_log_p_y=grad,
-                                        classifier_scale=self.classifier_scale)
+                                        classifier_scale=self.classifier_scale,
+                                        parameterization=self.parameterization)
 
     def describe(self) -> Dict:
         """For reports and round fingerprints: {} when unconditional."""

@@ -12,7 +12,7 @@ from typing import Tuple
 
 import torch
 
-from .. import controllable, sampling
+from .. import controllable, parameterization, sampling
 from ..checkpoints import load_model_weights, save_npz
 from ..datasets import dataset_classes
 from ..guidance import PER_CLASS, sample_label_rows
@@ -116,7 +116,8 @@ def sample_conditional(config, sde, model, dataset, device, path: Path, out: Pat
     whose rows show input, sample and original side by side, and an .npz with all three (and the inpainting mask)."""
     s = config.sampling
     model.eval()
-    score_fn = get_score_fn(sde, model, continuous=config.training.continuous)
+    score_fn = get_score_fn(sde, model, continuous=config.training.continuous,
+                            parameterization=parameterization.from_config(config, sde))
     generator = torch.Generator(device=device).manual_seed(config.seed)
     settings = builder.sampler_settings(config, sde)
     originals, mask = conditioning_inputs(config, dataset)

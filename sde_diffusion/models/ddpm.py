@@ -11,24 +11,22 @@ matching skip activations, attention, upsample) → GroupNorm, act, conv_out.
 from __future__ import annotations
 
 from .layerspp import ddpm_groups
-from .ncsnpp import UNet, UNetOptions, build_on_meta, check_scale_by_sigma
+from .ncsnpp import UNet, UNetOptions, build_on_meta
 from .registry import register_model
 
 
 def ddpm_options(config) -> UNetOptions:
     """config.model: nf, ch_mult, num_res_blocks, attn_resolutions, dropout, resamp_with_conv, conditional,
-    nonlinearity, scale_by_sigma (VE, discrete labels), num_classes; config.data: image_size, num_channels,
+    nonlinearity, num_classes; config.data: image_size, num_channels,
     centered."""
     m, d = config.model, config.data
-    check_scale_by_sigma(config, "positional")
     return UNetOptions(image_size=d.image_size, channels=d.num_channels, centered=d.centered, nf=m.nf,
                        ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
                        attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
                        resamp_with_conv=m.resamp_with_conv, conditional=m.conditional,
-                       nonlinearity=m.nonlinearity, embedding_type="positional", scale_by_sigma=m.scale_by_sigma,
+                       nonlinearity=m.nonlinearity, embedding_type="positional",
                        resblock_type="ddpm", fir=False, skip_rescale=False, init_scale=0.0, progressive="none",
-                       progressive_input="none", sigma_min=m.sigma_min, sigma_max=m.sigma_max,
-                       num_scales=m.num_scales, groups=ddpm_groups, num_classes=m.num_classes)
+                       progressive_input="none", groups=ddpm_groups, num_classes=m.num_classes)
 
 
 @register_model("ddpm")

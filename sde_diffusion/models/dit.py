@@ -6,7 +6,7 @@
 c = MLP(embedding of the noise condition) conditions every block through adaLN-zero: it regresses the
 shift, scale and gate of each LayerNorm'd sub-layer, with the regression initialised at zero so that every
 block starts as the identity and the network's output starts at 0. It works with every SDE: the noise
-condition is whatever `SDE.noise_condition` gives (999·t, σ(t), or discrete labels) and `get_score_fn`
+condition is whatever the parameterization gives (999·t, σ(t), ¼·ln σ or discrete labels) and `get_score_fn`
 turns the output into a score as for any other network.
 
 config.model: nf (width D), patch_size (p), depth, num_heads, mlp_ratio, embedding_type, fourier_scale,

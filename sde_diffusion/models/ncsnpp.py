@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -49,20 +48,6 @@ def check_options(config) -> None:
     if m.embedding_type.lower() == "fourier" and not config.training.continuous:
         raise ValueError("model.embedding_type='fourier' embeds a continuous noise level: use it with "
                          "training.continuous=True, or use 'positional' for discrete training")
-    check_scale_by_sigma(config, m.embedding_type.lower())
-
-
-def check_scale_by_sigma(config, embedding_type: str) -> None:
-    """scale_by_sigma divides the output by the VE noise level: σ itself ('fourier', continuous) or the SMLD
-    table entry of a discrete label ('positional', training.continuous=False)."""
-    if not config.model.scale_by_sigma:
-        return
-    if config.training.sde.lower() != "vesde":
-        raise ValueError("model.scale_by_sigma=True divides the network output by the VE noise level σ, which only "
-                         f"makes sense for training.sde='vesde' (got {config.training.sde!r}): set it to False")
-    if embedding_type == "positional" and config.training.continuous:
-        raise ValueError("model.scale_by_sigma=True with a positional embedding looks σ up by discrete label, so it "
-                         "needs training.continuous=False; for continuous VE training use embedding_type='fourier'")
 
 
 @dataclass(frozen=True)
@@ -82,7 +67,6 @@ class UNetOptions:
     nonlinearity: str
     embedding_type: str = "positional"
     fourier_scale: float = 16.0
-    scale_by_sigma: bool = False
     resblock_type: str = "biggan"
     fir: bool = False
     fir_kernel: Tuple[int, ...] = (1, 3, 3, 1)
@@ -91,9 +75,6 @@ class UNetOptions:
     progressive: str = "none"
     progressive_input: str = "none"
     progressive_combine: str = "sum"
-    sigma_min: float = 0.01
-    sigma_max: float = 50.0
-    num_scales: int = 1000
     groups: GroupsFn = ncsnpp_groups  # GroupNorm group count for a channel count
     num_classes: int = 0  # > 0: a class-label embedding added to the noise embedding
 
@@ -106,11 +87,10 @@ class UNetOptions:
                    attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
                    resamp_with_conv=m.resamp_with_conv, conditional=m.conditional, nonlinearity=m.nonlinearity,
                    embedding_type=m.embedding_type.lower(), fourier_scale=m.fourier_scale,
-                   scale_by_sigma=m.scale_by_sigma, resblock_type=m.resblock_type.lower(), fir=m.fir,
+                   resblock_type=m.resblock_type.lower(), fir=m.fir,
                    fir_kernel=tuple(m.fir_kernel), skip_rescale=m.skip_rescale, init_scale=m.init_scale,
                    progressive=m.progressive.lower(), progressive_input=m.progressive_input.lower(),
-                   progressive_combine=m.progressive_combine.lower(), sigma_min=m.sigma_min,
-                   sigma_max=m.sigma_max, num_scales=m.num_scales, num_classes=m.num_classes)
+                   progressive_combine=m.progressive_combine.lower(), num_classes=m.num_classes)
 
     @property
     def resolutions(self) -> List[int]:
@@ -274,9 +254,8 @@ class UNet(nn.Module):
     """x (B, C, H, W), noise condition (B,) and optional class labels (B,) → output (B, C, H, W). See the module
     docstring.
 
-    The noise condition is 999·t (VP, sub-VP) or σ(t) (VE) as produced by `SDE.noise_condition`. With
-    scale_by_sigma the output is divided by σ: σ = the condition itself ('fourier' embedding) or the
-    num_scales-level SMLD table entry at the (discrete) condition ('positional'); it is then the VE score.
+    The noise condition is whatever the parameterization gives (sde_diffusion.parameterization: 999·t, σ(t),
+    ¼·ln σ or discrete labels); the output is turned into a score there, so the network knows no SDE.
     """
 
     def __init__(self, o: UNetOptions):
@@ -297,12 +276,6 @@ class UNet(nn.Module):
             raise ValueError("model.num_classes > 0 adds the label embedding to the noise embedding: set "
                              "model.conditional=True")
         self.label_embed = layers.LabelEmbedding(o.num_classes, make.temb_dim) if o.num_classes else None
-        self.divides_by_sigma = o.scale_by_sigma  # then the output is the VE score itself (see get_score_fn)
-        sigmas = None
-        if o.scale_by_sigma and o.embedding_type == "positional":  # σ_0 = σ_max > … > σ_min, by discrete label
-            log_sigmas = np.linspace(np.log(o.sigma_max), np.log(o.sigma_min), o.num_scales)
-            sigmas = torch.tensor(np.exp(log_sigmas), dtype=torch.float64)
-        self.register_buffer("sigmas", sigmas, persistent=False)
 
         self.conv_in = layers.conv3x3(o.channels, nf)
         self.down = nn.ModuleList()
@@ -360,11 +333,7 @@ class UNet(nn.Module):
         p = None
         for level in self.up:
             h, p = level(h, temb, skips, p)
-        out = p if self.conv_out is None else self.conv_out(self.act(self.norm_out(h)))
-        if o.scale_by_sigma:
-            sigma = cond if self.sigmas is None else self.sigmas[cond.long()]
-            out = out / sigma.to(out.dtype).reshape(-1, *([1] * (out.ndim - 1)))
-        return out
+        return p if self.conv_out is None else self.conv_out(self.act(self.norm_out(h)))
 
 
 def check_resolutions(o: UNetOptions, section: str = "model") -> None:
@@ -393,7 +362,7 @@ class NCSNpp(UNet):
     """NCSN++ / DDPM++ (Song et al. 2021): the U-Net above with every option of score_sde's config.model.
 
     Configure it like score_sde_pytorch: DDPM++ = resblock_type 'biggan', fir False, positional embedding;
-    NCSN++ = fir True, progressive_input 'residual', fourier embedding, scale_by_sigma (VE).
+    NCSN++ = fir True, progressive_input 'residual', fourier embedding (VE: the 'score' parameterization).
     """
 
     @staticmethod

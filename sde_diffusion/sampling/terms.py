@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import discrete
 from ..sdes import SDE, ScoreFn, batch_time, per_sample
 
 
@@ -46,5 +47,5 @@ def evaluated(score_fn: ScoreFn, x: torch.Tensor, t) -> ScoreFn:
 
 
 def langevin_step_scale(sde: SDE, t: torch.Tensor) -> torch.Tensor:
-    """The Langevin correctors' step scale at times t (batch,): α_i of the DDPM chain for VP, 1 for VE."""
-    return sde.langevin_step_scale(t)
+    """The Langevin correctors' step scale at times t (batch,): α_i of the DDPM chain for VP, 1 without a chain."""
+    return discrete.langevin_step_scale(sde, t)
