@@ -1,4 +1,4 @@
-"""Bad input of every kind fails at start-up with a message that names the problem and the fix (issue 7's table).
+"""Bad input of every kind fails at start-up with a message that names the problem and the fix.
 
 Each row builds a bad situation and asserts the exception and every fragment its message must contain. Rows that
 reach `run_lib.train` must fail before any training step: no checkpoint may exist afterwards.

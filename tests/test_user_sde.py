@@ -51,13 +51,7 @@ BUDGETS = {"pc": (100, {}), "ancestral": (100, {}), "ode": (1, {}), "sde": (100,
 GRIDS = {"linear_sigma": dict(grid="logsnr")}
 FIXED_STEP = ("pc", "ancestral", "sde", "ddim")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors (see conftest.py)
 
 
 @pytest.fixture(scope="module")
