@@ -82,10 +82,14 @@ def test_derived_drift_diffusion_prior_and_log_snr_inverse_match_closed_forms():
     assert a.item() == 1.0 and sig.item() == pytest.approx(math.sqrt(5.0))
 
 
-@pytest.mark.parametrize("method", sorted(sampling.SAMPLERS))
+# the package's samplers (other test modules register samplers of their own in the same process)
+BUILT_IN = sorted(name for name, s in sampling.SAMPLERS.items() if s.fn.__module__.startswith("sde_diffusion."))
+
+
+@pytest.mark.parametrize("method", BUILT_IN)
 @pytest.mark.parametrize("name", USER_SDES)
 def test_user_sde_samples_the_mixture_with_every_sampler(name, method, floor):
-    assert set(BUDGETS) >= set(sampling.SAMPLERS), "give every registered sampler a budget here"
+    assert set(BUDGETS) >= set(BUILT_IN), "give every built-in sampler a budget here"
     sde = USER_SDES[name]()
     steps, options = BUDGETS[method]
     if method in FIXED_STEP:
