@@ -82,12 +82,14 @@ def test_every_registered_network_has_a_case():
     assert set(MODELS) <= {case["name"] for case in CASES.values()}
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("case", sorted(CASES))
+# every case in NCHW; the convolutional ones also in channels_last
+LAYOUTS = [(case, False) for case in sorted(CASES)] + [(case, True) for case in sorted(CASES)
+                                                       if CASES[case]["name"] in CONV_NETS]
+
+
+@pytest.mark.parametrize("case, channels_last", LAYOUTS,
+                         ids=[f"{case}-{'channels_last' if last else 'nchw'}" for case, last in LAYOUTS])
 def test_double_backward_in_train_mode(case, channels_last):
-    name = CASES[case]["name"]
-    if channels_last and name not in CONV_NETS:
-        pytest.skip("channels_last applies to the convolutional networks")
     config = network_config(**CASES[case])
     torch.manual_seed(0)
     model = randomized_(create_model(config)).train()
