@@ -234,13 +234,20 @@ def auto_choice(sde_class: Type[SDE]) -> Tuple[str, str]:
                      f"{sorted(PARAMETERIZATIONS)} (model.parameterization, or get_score_fn(..., parameterization=))")
 
 
+def _auto_names(sde_class: Type[SDE], continuous: bool, name: str, conditioning: str) -> Tuple[str, str]:
+    """name and conditioning with "auto" replaced by AUTO_TABLE's choice (conditioning only for continuous time;
+    a conditioning left "auto" is the parameterization's default, or "step" for a discrete-time network)."""
+    if name == AUTO:
+        name, auto_conditioning = auto_choice(sde_class)
+        if conditioning == AUTO and continuous:
+            conditioning = auto_conditioning
+    return name, conditioning
+
+
 def resolve(sde: SDE, continuous: bool = True, name: str = AUTO, conditioning: str = AUTO,
             sigma_data: float = EDM_SIGMA_DATA) -> Parameterization:
     """The parameterization `name` (a key of PARAMETERIZATIONS, or "auto": AUTO_TABLE) for `sde`."""
-    if name == AUTO:
-        name, auto_conditioning = auto_choice(type(sde))
-        if conditioning == AUTO and continuous:
-            conditioning = auto_conditioning
+    name, conditioning = _auto_names(type(sde), continuous, name, conditioning)
     if name not in PARAMETERIZATIONS:
         raise ValueError(f"unknown parameterization {name!r}; available: {sorted(PARAMETERIZATIONS)} or 'auto'")
     return PARAMETERIZATIONS[name](sde, continuous=continuous, conditioning=conditioning, sigma_data=sigma_data)
@@ -256,11 +263,8 @@ def from_config(config, sde: SDE) -> Parameterization:
 def resolved_names(config) -> Tuple[str, str]:
     """(parameterization, conditioning) that config.model's keys mean for config.training.sde."""
     m, continuous = config.model, config.training.continuous
-    name, conditioning = m.parameterization, m.noise_conditioning
-    if name == AUTO:
-        name, auto_conditioning = auto_choice(SDES[config.training.sde.lower()])
-        if conditioning == AUTO and continuous:
-            conditioning = auto_conditioning
+    name, conditioning = _auto_names(SDES[config.training.sde.lower()], continuous, m.parameterization,
+                                     m.noise_conditioning)
     if conditioning == AUTO:
         conditioning = PARAMETERIZATIONS[name].default_conditioning if continuous else "step"
     return name, conditioning

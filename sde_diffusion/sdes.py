@@ -204,6 +204,10 @@ def make_beta_schedule(name: str, beta_min: float, beta_max: float) -> BetaSched
 # --------------------------------------------------------------------------------------------------
 # The SDE base class: a process given by its kernel x_t = α(t)·x_0 + σ(t)·z
 # --------------------------------------------------------------------------------------------------
+# A generic SDE's default_eps as a fraction of T (VP's 1e-3 at T = 1).
+DEFAULT_EPS_FRACTION = 1e-3
+
+
 class SDE(abc.ABC):
     """A linear diffusion defined by its kernel; subclasses give `T`, `alpha(t)` and `sigma(t)`.
 
@@ -222,8 +226,8 @@ class SDE(abc.ABC):
 
     @property
     def default_eps(self) -> float:
-        """The smallest time samplers and likelihoods integrate to: 10⁻³·T."""
-        return 1e-3 * self.T
+        """The smallest time samplers and likelihoods integrate to: DEFAULT_EPS_FRACTION·T."""
+        return DEFAULT_EPS_FRACTION * self.T
 
     # --- the process ------------------------------------------------------------------------------
     @abc.abstractmethod
