@@ -139,6 +139,7 @@ def default_config() -> ml_collections.ConfigDict:
     model.ch_mult = (1, 2, 2, 2)
     model.num_res_blocks = 2
     model.attn_resolutions = (16,)
+    model.up_attn_per_block = False  # attention after every up-path block (Ho et al., diffusers), not once per level
     model.dropout = 0.1
     model.resamp_with_conv = True
     model.conditional = True

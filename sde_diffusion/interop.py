@@ -12,9 +12,22 @@ every tensor is accounted for, with the expected shape, and names the first one 
 
 writes our checkpoint format (`model`, `ema`, `step`: what `checkpoints.load_model_weights`, evaluation and
 sampling read). The reference optimizer state is not carried over.
+
+The reference's quirks, reproduced:
+- Its NCSN++ keeps the parameter-free resampling of the output pyramid ('output_skip') and of the input pyramid
+  ('input_skip') outside `all_modules`: they take no index there, while the 'residual' pyramids' resampling convs
+  do.
+- With model.scale_by_sigma its network divides by `sigmas[label.long()]` under the positional embedding and by
+  the label itself under the Fourier one. With continuous VE labels σ(t), the positional case divides by the SMLD
+  level at ⌊σ(t)⌋ (σ_max for σ(t) < 1), not by σ(t): such checkpoints load with the 'score_table'
+  parameterization (`reference_parameterization`), which reproduces that score.
+- The Fourier projection W is a parameter without gradient: in the model state_dict, absent from the EMA.
+- Every residual block holds a time-embedding Dense_0 even with model.conditional=False, and NCSN++ builds the
+  Fourier projection then too; those tensors are checked and unused.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -168,8 +181,7 @@ def _unet_layout(o: UNetOptions, ddpm_model: bool) -> List[TensorMap]:
             L.resample(f"down.{i}.downsample", o.resamp_with_conv, o.fir)
         else:
             L.resblock(f"down.{i}.downsample", kind, ch, ch, resample=True)
-        if o.progressive_input == "input_skip":
-            L.resample(f"down.{i}.pyramid.downsample", with_conv=False, fir=o.fir)
+        if o.progressive_input == "input_skip":  # its parameter-free downsampling is not in all_modules
             L.combine(f"down.{i}.pyramid.combine")
             ch *= 2 if o.progressive_combine == "cat" else 1
         elif o.progressive_input == "residual":
@@ -188,8 +200,8 @@ def _unet_layout(o: UNetOptions, ddpm_model: bool) -> List[TensorMap]:
         if o.resolutions[i] in o.attn_resolutions:
             L.attn(f"up.{k}.attn", ch)
         if o.progressive != "none":
-            if k > 0:  # the pyramid so far, upsampled ('residual': with a conv to this level's width)
-                L.resample(f"up.{k}.pyramid.upsample", with_conv=o.progressive == "residual", fir=o.fir)
+            if k > 0 and o.progressive == "residual":  # the pyramid so far, upsampled by a conv to this width
+                L.resample(f"up.{k}.pyramid.upsample", with_conv=True, fir=o.fir)
             if k == 0 or o.progressive == "output_skip":
                 L.plain(f"up.{k}.pyramid.norm")
                 L.plain(f"up.{k}.pyramid.conv")
@@ -218,6 +230,36 @@ def reference_layout(config) -> List[TensorMap]:
         return _unet_layout(ddpm_options(config), ddpm_model=True)
     raise ReferenceCheckpointError(f"model.name={name!r}: only score_sde_pytorch's 'ncsnpp' and 'ddpm' networks "
                                    "can be loaded")
+
+
+def has_level_table_quirk(config) -> bool:
+    """Whether the reference network for `config` divides its continuous VE label σ(t) by the SMLD level table
+    at ⌊σ(t)⌋ (NCSN++ with the positional embedding, model.scale_by_sigma, continuous VE training)."""
+    m = config.model
+    return (m.name == "ncsnpp" and m.scale_by_sigma and m.embedding_type.lower() == "positional"
+            and config.training.continuous and config.training.sde.lower() == "vesde")
+
+
+def reference_parameterization(config) -> str:
+    """The model.parameterization that gives the reference's score for a network of `config`: 'score_table' for
+    the level-table quirk (has_level_table_quirk), else config.model.parameterization."""
+    if has_level_table_quirk(config) and config.model.parameterization in ("auto", "score"):
+        return "score_table"
+    return config.model.parameterization
+
+
+def reference_network_output(model: nn.Module, config, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """What the reference network returns for inputs x (B, C, H, W) and its labels (B,), computed with our
+    `model`: ours divided, under model.scale_by_sigma, by the labels (Fourier embedding) or by
+    `sigmas[labels.long()]` (positional embedding), as the reference's forward does; float32."""
+    output = model(x, labels)
+    if not config.model.scale_by_sigma:
+        return output
+    if config.model.embedding_type.lower() == "fourier" and config.model.name == "ncsnpp":
+        divisor = labels
+    else:
+        divisor = reference_sigmas(config).to(labels.device)[labels.long()]
+    return (output.double() / divisor.double()[:, None, None, None]).to(output.dtype)
 
 
 def reference_sigmas(config) -> torch.Tensor:
@@ -370,7 +412,8 @@ def load_score_sde_pytorch(path, config, use_ema: bool = True) -> nn.Module:
     """Our network for `config` (model.name 'ncsnpp' or 'ddpm') holding the weights of a score_sde_pytorch
     checkpoint: the EMA weights (use_ema=True, what the paper samples with) or the raw ones. Returned in
     eval mode, on the CPU. Any missing, unexpected or mis-shaped tensor raises ReferenceCheckpointError
-    naming it."""
+    naming it. `get_score_fn(sde, model, continuous)` then gives the reference's score, quirks included
+    (the network's `score_convention` is `reference_parameterization(config)`)."""
     state = read_reference_checkpoint(path)
     model = create_model(config)
     try:
@@ -378,6 +421,8 @@ def load_score_sde_pytorch(path, config, use_ema: bool = True) -> nn.Module:
     except ReferenceCheckpointError as err:
         raise ReferenceCheckpointError(f"{path}: {err}") from err
     model.load_state_dict(ema if use_ema else weights, strict=True)
+    m = config.model
+    model.score_convention = (reference_parameterization(config), m.noise_conditioning, m.sigma_data)
     return model.eval()
 
 
@@ -399,7 +444,8 @@ def config_from_score_sde(flat: Mapping[str, Any], base=None) -> Tuple[Any, List
     """Our config holding a score_sde_pytorch config given as flattened 'section.key' → value.
 
     Starts from `base` (default: default_config()); copies every key our schema has (lists become tuples,
-    the dataset name is lower-cased). Returns (config, the keys that were skipped because we have no such key).
+    the dataset name is lower-cased) and sets model.parameterization to `reference_parameterization`. Returns
+    (config, the keys that were skipped because we have no such key).
     """
     config = base if base is not None else default_config()
     skipped = []
@@ -416,6 +462,7 @@ def config_from_score_sde(flat: Mapping[str, Any], base=None) -> Tuple[Any, List
         if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         config[section][name] = value
+    config.model.parameterization = reference_parameterization(config)
     return config, skipped
 
 
@@ -435,6 +482,10 @@ def main(argv: Sequence[str]) -> None:
         converted = to_our_checkpoint(state, config)
     except ReferenceCheckpointError as err:
         raise SystemExit(f"error: {argv[1]}: {err}") from err
+    if reference_parameterization(config) != config.model.parameterization:
+        print(f"note: this network's score is the reference's only with model.parameterization="
+              f"'{reference_parameterization(config)}' (see sde_diffusion.interop): evaluate and sample it with "
+              f"--config.model.parameterization={reference_parameterization(config)}", file=sys.stderr)
     save_checkpoint(FLAGS.out, converted)
     params = sum(v.numel() for v in converted["model"].values())
     print(f"wrote {FLAGS.out}: {config.model.name}, {params:,} values, step {converted['step']}, "

@@ -8,6 +8,7 @@ x_t = α·x_0 + σ·z, score s, ε̂ = −σ·s and x̂_0 = (x + σ²·s)/α:
 |---------|-----------------------------------------------|----------------------------------------|-------------------|
 | `eps`   | the noise ε (DDPM)                             | −o/σ                                   | 999·t/T (`time`)  |
 | `score` | σ·score (score_sde's VE; with scale_by_sigma) | o/σ                                    | σ(t) (`sigma`)    |
+| `score_table` | σ·score, over the SMLD level at ⌊c⌋ (a quirk)  | o/σ_⌊c⌋ (VE; see the class)            | σ(t) (`sigma`)    |
 | `x0`    | the clean data x̂_0                            | (α·o − x)/σ²                           | 999·t/T (`time`)  |
 | `edm`   | EDM's F of D = c_skip·x̃ + c_out·F(c_in·x̃)   | (D − x̃)/(α·σ̃²), x̃ = x/α, σ̃ = σ/α      | ¼·ln σ̃ (`log_sigma`) |
 
@@ -22,6 +23,7 @@ meaning. Shapes: x (batch, ...), t (batch,), per-sample coefficients (batch,).
 from __future__ import annotations
 
 import abc
+import math
 from typing import Callable, Dict, Tuple, Type, Union
 
 import torch
@@ -167,6 +169,42 @@ class ScaledScorePrediction(Parameterization):
         return per_sample(self.alpha_sigma(t)[1], score) * score
 
 
+@register_parameterization("score_table")
+class LevelTableScorePrediction(Parameterization):
+    """σ·score divided by the SMLD level table at the integer part of the noise condition (VE only):
+    score = output / σ_⌊c⌋, σ_j = exp(linspace(ln σ_max, ln σ_min, N))[j], c the network's condition (σ(t)).
+
+    This is score_sde_pytorch's function for a VE network with the positional embedding and model.scale_by_sigma:
+    its NCSN++ divides by `sigmas[time_cond.long()]`, meant for discrete level labels, also when it is given the
+    continuous σ(t); so it divides by σ_max at σ(t) < 1. With discrete labels (continuous=False, conditioning
+    'step') it equals 'score'. Loaded reference checkpoints use it to reproduce the reference's score.
+    """
+
+    default_conditioning = "sigma"
+
+    def __init__(self, sde: SDE, **kw):
+        super().__init__(sde, **kw)
+        if not isinstance(sde, VESDE):
+            raise ValueError(f"the 'score_table' parameterization indexes the SMLD levels of a VE SDE, not "
+                             f"{type(sde).__name__}")
+        self.table = torch.exp(torch.linspace(math.log(sde.sigma_max), math.log(sde.sigma_min), sde.N,
+                                              dtype=torch.float64))
+
+    def divisor(self, t: Tensor) -> Tensor:
+        """σ_⌊c⌋ for times t (batch,), float64; ⌊·⌋ truncates toward zero as the reference's `.long()`."""
+        index = self.condition(t).long()
+        if index.min() < 0 or index.max() >= len(self.table):
+            raise ValueError(f"noise conditions {self.condition(t).tolist()} index outside the {len(self.table)} "
+                             "SMLD levels")
+        return self.table.to(index.device)[index]
+
+    def score(self, output, x, t):
+        return output / per_sample(self.divisor(t), output).to(output.dtype)
+
+    def output(self, score, x, t):
+        return per_sample(self.divisor(t), score).to(score.dtype) * score
+
+
 @register_parameterization("x0")
 class DataPrediction(Parameterization):
     """The network predicts the clean data x̂_0: score = (α·x̂_0 − x)/σ²."""
@@ -214,6 +252,9 @@ class EDMPreconditioning(Parameterization):
         _, _, x_tilde, c_out, _, one_minus_skip = self._scaled(x, t)
         return (1.0 - one_minus_skip) * x_tilde + c_out * output
 
+
+# Parameterizations in which the network's output divided by a σ is the score (config model.scale_by_sigma).
+SCALED_BY_SIGMA = ("score", "score_table")
 
 # score_sde's conventions for the built-in SDEs (and EDM's for its own): (parameterization, continuous conditioning).
 # Discrete-time networks (continuous=False) always see the chain's step labels.
@@ -293,7 +334,10 @@ def check_config(config) -> None:
     if conditioning == "step" and not has_chain:
         raise ConfigError(f"model.noise_conditioning='step' labels the levels of a discrete chain, and "
                           f"training.sde={t.sde!r} has none: use time, sigma or log_sigma")
-    if m.scale_by_sigma and name != "score":
+    if name == "score_table" and not issubclass(sde_class, VESDE):
+        raise ConfigError(f"model.parameterization='score_table' indexes the SMLD levels of training.sde='vesde', "
+                          f"not {t.sde!r}")
+    if m.scale_by_sigma and name not in SCALED_BY_SIGMA:
         raise ConfigError(f"model.scale_by_sigma=True means the network output divided by σ is the score, which is "
                           f"the 'score' parameterization; model.parameterization={m.parameterization!r} resolves to "
                           f"{name!r} for training.sde={t.sde!r}: set model.scale_by_sigma=False")
@@ -316,6 +360,6 @@ def as_parameterization(sde: SDE, continuous: bool,
 
 
 __all__ = ["AUTO", "AUTO_TABLE", "CONDITIONINGS", "DDPM_TIME_SCALE", "EDM_SIGMA_DATA", "PARAMETERIZATIONS",
-           "Parameterization", "EpsPrediction", "ScaledScorePrediction", "DataPrediction", "EDMPreconditioning",
+           "Parameterization", "EpsPrediction", "ScaledScorePrediction", "LevelTableScorePrediction", "DataPrediction", "EDMPreconditioning",
            "edm_coefficients", "register_parameterization", "resolve", "from_config", "check_config",
            "noise_condition", "as_parameterization"]

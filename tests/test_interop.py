@@ -1,4 +1,5 @@
-"""Loading score_sde_pytorch checkpoints: the reference fixtures in ../shared/fixtures/score_sde_pytorch/.
+"""Loading score_sde_pytorch checkpoints: the reference fixtures in ../shared/fixtures/score_sde_pytorch/ and every
+checkpoint in its grid/ folder (the NCSN++ option grid; a fixture added there is tested as it is).
 
 For every fixture, the loaded network reproduces the reference outputs with the model and the EMA weights,
 and get_score_fn reproduces the reference score, per sample within 1e-4 of that sample's max |ref| (the
@@ -7,6 +8,7 @@ and the command-line converter are tested on the same files.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -18,15 +20,17 @@ import torch
 
 from sde_diffusion import sdes
 from sde_diffusion.checkpoints import load_model_weights
-from sde_diffusion.interop import (PREFIX, ReferenceCheckpointError, config_from_score_sde, convert_checkpoint,
-                                   load_score_sde_pytorch, read_reference_checkpoint, reference_layout)
+from sde_diffusion.interop import (PREFIX, ReferenceCheckpointError, config_from_score_sde, load_score_sde_pytorch,
+                                   read_reference_checkpoint, reference_layout, reference_network_output)
 from sde_diffusion.models import create_model, get_score_fn
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 FIXTURES = SHARED / "fixtures" / "score_sde_pytorch"
+GRID = FIXTURES / "grid"  # NCSN++ option grid: every checkpoint dropped here is tested
 NAMES = ["ddpmpp_vp_small", "ddpmpp_vp_small_perturbed", "ncsnpp_ve_small", "ncsnpp_ve_small_perturbed",
          "ddpm_vp_small", "ddpm_vp_small_perturbed"]
+GRID_NAMES = sorted(f"grid/{path.stem}" for path in GRID.glob("*.pth"))
 RTOL = 1e-4  # per sample: max |ours − ref| ≤ RTOL · max |ref|
 
 pytestmark = [
@@ -36,30 +40,34 @@ pytestmark = [
 ]
 
 
-
-
 def per_sample_error(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """max |ours − ref| / max |ref| for each sample (batch,)."""
     return (ours - ref).abs().flatten(1).amax(1) / ref.abs().flatten(1).amax(1)
 
 
+def sde_from_meta(s: dict) -> sdes.SDE:
+    """The fixture's SDE from its JSON `sde` entry (class VPSDE, subVPSDE or VESDE)."""
+    if s["class"] == "VPSDE":
+        return sdes.VPSDE(s["beta_0"], s["beta_1"], s["N"])
+    if s["class"] == "subVPSDE":
+        return sdes.SubVPSDE(s["beta_0"], s["beta_1"], s["N"])
+    assert s["class"] == "VESDE", s["class"]
+    return sdes.VESDE(s["sigma_min"], s["sigma_max"], s["N"])
+
+
 class Fixture:
+    """A reference checkpoint loaded with load_score_sde_pytorch (raw and EMA weights), with its arrays."""
+
     def __init__(self, name: str):
         self.name = name
         self.path = FIXTURES / f"{name}.pth"
         self.meta = json.loads((FIXTURES / f"{name}.json").read_text())
         self.arrays = {k: torch.from_numpy(v) for k, v in np.load(FIXTURES / f"{name}.npz").items()}
         self.config, _ = config_from_score_sde(self.meta["config"])
-        s = self.meta["sde"]
-        self.sde = (sdes.VPSDE(s["beta_0"], s["beta_1"], s["N"]) if s["class"] == "VPSDE"
-                    else sdes.VESDE(s["sigma_min"], s["sigma_max"], s["N"]))
+        self.sde = sde_from_meta(self.meta["sde"])
         self.state = read_reference_checkpoint(self.path)
-        weights, ema = convert_checkpoint(self.state, self.config)
-        self.model, self.ema_model = create_model(self.config), create_model(self.config)
-        self.model.load_state_dict(weights)
-        self.ema_model.load_state_dict(ema)
-        self.model.eval()
-        self.ema_model.eval()
+        self.model = load_score_sde_pytorch(self.path, self.config, use_ema=False)
+        self.ema_model = load_score_sde_pytorch(self.path, self.config, use_ema=True)
 
 
 _CACHE = {}
@@ -71,14 +79,16 @@ def fixture(name: str) -> Fixture:
     return _CACHE[name]
 
 
-def reference_vp_std(t: torch.Tensor, sde: sdes.VPSDE) -> torch.Tensor:
-    """The reference VPSDE.marginal_prob std, computed as it does in float32: √(1 − exp(2 log α(t))).
+def reference_std(t: torch.Tensor, sde: sdes.SDE) -> torch.Tensor:
+    """The reference VPSDE / subVPSDE marginal_prob std, computed as it does in float32: √(1 − exp(2 log α(t))),
+    and 1 − exp(2 log α(t)) for sub-VP.
 
-    At t = 1e-3 the subtraction cancels: this std is 1.2e-4 (relative) off the exact σ(t) that our
-    VPSDE.sigma computes with expm1, so the reference score carries that error too.
+    At small t the subtraction cancels: at t = 1e-3 the VP std is 1.2e-4 (relative) off the exact σ(t) that
+    our SDEs compute with expm1, so the reference score carries that error too.
     """
     log_mean = -0.25 * t**2 * (sde.beta_max - sde.beta_min) - 0.5 * t * sde.beta_min
-    return torch.sqrt(1.0 - torch.exp(2.0 * log_mean))
+    one_minus = 1.0 - torch.exp(2.0 * log_mean)
+    return one_minus if isinstance(sde, sdes.SubVPSDE) else torch.sqrt(one_minus)
 
 
 def reference_discrete_std(t: torch.Tensor, N: int, sde: sdes.VPSDE, dtype=torch.float32) -> torch.Tensor:
@@ -88,36 +98,38 @@ def reference_discrete_std(t: torch.Tensor, N: int, sde: sdes.VPSDE, dtype=torch
     return torch.sqrt(1.0 - torch.cumprod(1.0 - betas, dim=0))[((N - 1) * t).long()]
 
 
-def reference_output(config, model, x, labels):
-    """What the reference network outputs: ours, divided by σ (the Fourier label) for scale_by_sigma networks — the
-    reference divides inside its network, ours leaves the division to the 'score' parameterization."""
-    output = model(x, labels)
-    return output / labels[:, None, None, None] if config.model.scale_by_sigma else output
-
-
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + GRID_NAMES)
 def test_loaded_network_reproduces_reference_outputs(name):
     f = fixture(name)
     x, labels = f.arrays["x"], f.arrays["labels"]
     assert sum(p.numel() for p in f.model.parameters()) == f.meta["param_count_total"]
     with torch.no_grad():
         for model, key in ((f.model, "out_model"), (f.ema_model, "out_ema")):
-            error = per_sample_error(reference_output(f.config, model, x, labels), f.arrays[key])
+            error = per_sample_error(reference_network_output(model, f.config, x, labels), f.arrays[key])
             assert error.max() <= RTOL, f"{name} {key}: per-sample relative errors {error.tolist()}"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + GRID_NAMES)
 def test_score_fn_reproduces_reference_score(name):
     f = fixture(name)
     x, t = f.arrays["x"], f.arrays["t"]
     with torch.no_grad():
         score = get_score_fn(f.sde, f.ema_model, continuous=True)(x, t)
     ref = f.arrays["score_ema"]
-    if isinstance(f.sde, sdes.VPSDE):  # the reference divided by its float32 std; rescale to the exact σ(t)
+    if not isinstance(f.sde, sdes.VESDE):  # the reference divided by its float32 std; rescale to the exact σ(t)
         exact = f.sde.sigma(t.double())
-        ref = ref * (reference_vp_std(t, f.sde).double() / exact).float()[:, None, None, None]
+        ref = ref * (reference_std(t, f.sde).double() / exact).float()[:, None, None, None]
     error = per_sample_error(score, ref)
     assert error.max() <= RTOL, f"{name} score_ema: per-sample relative errors {error.tolist()}"
+
+
+@pytest.mark.parametrize("name", GRID_NAMES)
+def test_layout_pairs_every_grid_tensor_in_checkpoint_order(name):
+    f = fixture(name)
+    saved = [k[len(PREFIX):] for k in f.state["model"] if k != PREFIX + "sigmas"]
+    layout = reference_layout(f.config)
+    assert [entry.ref for entry in layout] == saved
+    assert sum(entry.trainable for entry in layout) == f.meta["checkpoint"]["ema_num_shadow_params"]
 
 
 def _discrete_errors(name):
@@ -148,7 +160,7 @@ def test_load_score_sde_pytorch_returns_eval_model_with_ema_weights():
     model = load_score_sde_pytorch(f.path, f.config)
     assert not model.training
     with torch.no_grad():
-        error = per_sample_error(reference_output(f.config, model, f.arrays["x"], f.arrays["labels"]),
+        error = per_sample_error(reference_network_output(model, f.config, f.arrays["x"], f.arrays["labels"]),
                                  f.arrays["out_ema"])
     assert error.max() <= RTOL
 
@@ -230,6 +242,46 @@ def test_command_line_converter_writes_our_checkpoint(tmp_path):
     ckpt = load_model_weights(out, model, use_ema=True)
     assert ckpt["step"] == 3
     with torch.no_grad():
-        error = per_sample_error(reference_output(f.config, model, f.arrays["x"], f.arrays["labels"]),
+        error = per_sample_error(reference_network_output(model, f.config, f.arrays["x"], f.arrays["labels"]),
                                  f.arrays["out_ema"])
     assert error.max() <= RTOL
+
+
+def _option_grid():
+    """Every combination of the reference NCSN++ options that runs in the reference (fir=False crashes there with
+    'ddpm' blocks or an output pyramid: see the grid README), with both embeddings and conditioning on and off."""
+    for values in itertools.product(("ddpm", "biggan"), ("none", "output_skip", "residual"),
+                                    ("none", "input_skip", "residual"), ("sum", "cat"), (False, True),
+                                    ("fourier", "positional"), (False, True), (False, True), (True, False)):
+        resblock, progressive, _, _, fir, *_ = values
+        if not fir and (resblock == "ddpm" or progressive != "none"):
+            continue
+        yield values
+
+
+def test_layout_fills_our_network_for_every_option_combination():
+    """For every combination the layout pairs each tensor of our network with exactly one reference tensor of a
+    consistent shape: the mapping is derived from the reference's construction order, not listed per case."""
+    from sde_diffusion.config import default_config
+    from sde_diffusion.interop import _expected_ref_shape, convert_weights
+
+    count = 0
+    for (resblock, progressive, progressive_input, combine, fir, embedding, skip_rescale, resamp_with_conv,
+         conditional) in _option_grid():
+        config = default_config()
+        config.data.image_size, config.data.num_channels = 8, 3
+        m = config.model
+        m.name, m.nf, m.ch_mult, m.num_res_blocks, m.attn_resolutions = "ncsnpp", 4, (1, 2), 1, (4,)
+        m.resblock_type, m.progressive, m.progressive_input, m.progressive_combine = (resblock, progressive,
+                                                                                    progressive_input, combine)
+        m.fir, m.embedding_type, m.skip_rescale, m.resamp_with_conv = fir, embedding, skip_rescale, resamp_with_conv
+        m.conditional = conditional
+        config.training.continuous = True
+        ours = create_model(config).state_dict()
+        layout = reference_layout(config)
+        ref = {entry.ref: torch.randn(_expected_ref_shape(entry, ours)) for entry in layout}
+        converted = convert_weights(ref, config, ours)  # raises if a tensor of ours is left unfilled
+        assert converted.keys() == ours.keys()
+        assert len({entry.ref for entry in layout}) == len(layout)
+        count += 1
+    assert count == 672

@@ -41,6 +41,10 @@ def test_every_parameterization_round_trips(name, sde_name, continuous):
         with pytest.raises(ValueError, match="has none"):
             P.resolve(sde, continuous, name)
         return
+    if name == "score_table" and sde_name != "ve":
+        with pytest.raises(ValueError, match="VE SDE"):
+            P.resolve(sde, continuous, name)
+        return
     p = P.resolve(sde, continuous, name)
     g = torch.Generator().manual_seed(0)
     x, out = (torch.randn(4, 3, generator=g, dtype=torch.float64) for _ in range(2))
@@ -199,3 +203,35 @@ def test_config_keys_are_validated_by_their_owners():
             validate_config(config_with(**keys))
     validate_config(config_with(training__sde="vesde", model__scale_by_sigma=True))
     validate_config(config_with(model__parameterization="x0", model__noise_conditioning="log_sigma"))
+
+
+def test_score_table_divides_by_the_level_at_the_integer_part_of_sigma():
+    """score_sde_pytorch's VE positional networks: σ(t) = 0.0109, 0.0549, 1.657, 32.66 index levels 0, 0, 1, 32 of
+    exp(linspace(ln 50, ln 0.01, 1000)), i.e. divisors 50, 50, 49.6, 38.1 (fixture README, grid_08)."""
+    sde = VESDE(0.01, 50.0, 1000)
+    t = torch.tensor([0.01, 0.2, 0.6, 0.95], dtype=torch.float64)
+    p = P.resolve(sde, True, "score_table")
+    levels = 50.0 * (0.01 / 50.0) ** (torch.tensor([0, 0, 1, 32], dtype=torch.float64) / 999)
+    torch.testing.assert_close(p.divisor(t), levels, rtol=1e-12, atol=0)
+    torch.testing.assert_close(p.divisor(t)[:2], torch.full((2,), 50.0, dtype=torch.float64))
+    out = torch.ones(4, 2, dtype=torch.float64)
+    torch.testing.assert_close(p.score(out, out, t), 1.0 / levels[:, None].expand(4, 2))
+    # discrete labels: the level itself, as 'score' with the chain's σ_i
+    q, r = P.resolve(sde, False, "score_table"), P.resolve(sde, False, "score")
+    torch.testing.assert_close(q.score(out, out, t), r.score(out, out, t), rtol=1e-6, atol=0)
+
+
+def test_get_score_fn_defaults_to_the_parameterization_the_network_was_built_with():
+    from sde_diffusion.models import create_model
+
+    config = load_config_file("configs/toy_gmm.py")
+    config.model.parameterization = "x0"
+    model = create_model(config)
+    sde = VPSDE(N=100)
+    x, t = torch.randn(5, 2, generator=torch.Generator().manual_seed(0)), torch.full((5,), 0.3)
+    with torch.no_grad():
+        default = get_score_fn(sde, model)(x, t)
+        explicit = get_score_fn(sde, model, parameterization=P.from_config(config, sde))(x, t)
+        eps = get_score_fn(sde, model, parameterization="eps")(x, t)
+    torch.testing.assert_close(default, explicit, rtol=0, atol=0)
+    assert (default - eps).abs().max() > 1e-3  # x0 and ε read the same output differently

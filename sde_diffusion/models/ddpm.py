@@ -6,7 +6,8 @@ condition, nearest/strided-conv resampling without FIR, and no input or output p
 
 conv_in → down levels (num_res_blocks ResnetBlocks, attention at `attn_resolutions`, downsample)
 → middle (ResnetBlock, attention, ResnetBlock) → up levels (num_res_blocks + 1 ResnetBlocks fed with the
-matching skip activations, attention, upsample) → GroupNorm, act, conv_out.
+matching skip activations, attention, upsample) → GroupNorm, act, conv_out. score_sde's DDPM attends once per
+up level; Ho et al.'s original (and diffusers' `AttnUpBlock2D`) after every up block: model.up_attn_per_block.
 """
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ from .registry import register_model
 
 
 def ddpm_options(config) -> UNetOptions:
-    """config.model: nf, ch_mult, num_res_blocks, attn_resolutions, dropout, resamp_with_conv, conditional,
-    nonlinearity, num_classes; config.data: image_size, num_channels,
-    centered."""
+    """config.model: nf, ch_mult, num_res_blocks, attn_resolutions, up_attn_per_block, dropout, resamp_with_conv,
+    conditional, nonlinearity, num_classes; config.data: image_size, num_channels, centered."""
     m, d = config.model, config.data
     return UNetOptions(image_size=d.image_size, channels=d.num_channels, centered=d.centered, nf=m.nf,
                        ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
@@ -26,7 +26,8 @@ def ddpm_options(config) -> UNetOptions:
                        resamp_with_conv=m.resamp_with_conv, conditional=m.conditional,
                        nonlinearity=m.nonlinearity, embedding_type="positional",
                        resblock_type="ddpm", fir=False, skip_rescale=False, init_scale=0.0, progressive="none",
-                       progressive_input="none", groups=ddpm_groups, num_classes=m.num_classes)
+                       progressive_input="none", groups=ddpm_groups, num_classes=m.num_classes,
+                       up_attn_per_block=m.up_attn_per_block)
 
 
 @register_model("ddpm")

@@ -77,6 +77,7 @@ class UNetOptions:
     progressive_combine: str = "sum"
     groups: GroupsFn = ncsnpp_groups  # GroupNorm group count for a channel count
     num_classes: int = 0  # > 0: a class-label embedding added to the noise embedding
+    up_attn_per_block: bool = False  # up levels: attention after every block (Ho et al.), or once (score_sde)
 
     @classmethod
     def from_config(cls, config) -> "UNetOptions":
@@ -90,7 +91,8 @@ class UNetOptions:
                    resblock_type=m.resblock_type.lower(), fir=m.fir,
                    fir_kernel=tuple(m.fir_kernel), skip_rescale=m.skip_rescale, init_scale=m.init_scale,
                    progressive=m.progressive.lower(), progressive_input=m.progressive_input.lower(),
-                   progressive_combine=m.progressive_combine.lower(), num_classes=m.num_classes)
+                   progressive_combine=m.progressive_combine.lower(), num_classes=m.num_classes,
+                   up_attn_per_block=m.up_attn_per_block)
 
     @property
     def resolutions(self) -> List[int]:
@@ -227,20 +229,25 @@ class MiddleBlock(nn.Module):
 
 
 class UpLevel(nn.Module):
-    """One resolution of the decoder: blocks fed with popped skips, attention, output pyramid, upsampling."""
+    """One resolution of the decoder: blocks fed with popped skips, attention (once after the blocks, `attn`, or
+    after every block, `attns`), output pyramid, upsampling."""
 
     def __init__(self, make: Blocks, in_ch: int, skip_chs: Sequence[int], out_ch: int, attention: bool,
                  last: bool, pyramid: Optional[OutputPyramid]):
         super().__init__()
         widths = [in_ch] + [out_ch] * (len(skip_chs) - 1)
         self.blocks = nn.ModuleList(make.resblock(c + s, out_ch) for c, s in zip(widths, skip_chs))
-        self.attn = make.attn(out_ch) if attention else None
+        per_block = attention and make.o.up_attn_per_block
+        self.attn = make.attn(out_ch) if attention and not per_block else None
+        self.attns = nn.ModuleList(make.attn(out_ch) for _ in skip_chs) if per_block else None
         self.pyramid = pyramid
         self.upsample = None if last else make.upsample(out_ch)
 
     def forward(self, h: Tensor, temb: Optional[Tensor], skips: List[Tensor], p: Optional[Tensor]):
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             h = block(torch.cat([h, skips.pop()], dim=1), temb)
+            if self.attns is not None:
+                h = self.attns[i](h)
         if self.attn is not None:
             h = self.attn(h)
         if self.pyramid is not None:

@@ -25,11 +25,18 @@ def register_model(name: str):
 
 
 def create_model(config) -> nn.Module:
-    """Build the network named by `config.model.name` (its weights are freshly initialized)."""
+    """Build the network named by `config.model.name` (its weights are freshly initialized). The network keeps
+    config.model's parameterization, noise_conditioning and sigma_data as `score_convention`, the default of
+    `get_score_fn`."""
     name = config.model.name
     if name not in MODELS:
         raise ValueError(f"config.model.name={name!r} is not a registered model; available: {sorted(MODELS)}")
-    return MODELS[name](config)
+    model = MODELS[name](config)
+    m = config.model
+    # what get_score_fn uses when not told otherwise (sde_diffusion.parameterization.resolve's arguments)
+    model.score_convention = (m.get("parameterization", "auto"), m.get("noise_conditioning", "auto"),
+                              m.get("sigma_data", 0.5))
+    return model
 
 
 def takes_vectors(name: str) -> bool:

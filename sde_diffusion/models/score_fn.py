@@ -6,7 +6,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from ..parameterization import Parameterization, as_parameterization
+from ..parameterization import Parameterization, as_parameterization, resolve
 from ..sdes import SDE
 
 Labels = Union[int, torch.Tensor]
@@ -40,8 +40,9 @@ def get_score_fn(sde: SDE, model: nn.Module, continuous: bool = True, labels: Op
     """Return score_fn(x, t) ≈ ∇ₓ log p_t(x) (or ∇ₓ log p_t(x | y) with labels) for a network
     `model(input, noise_condition[, y])`.
 
-    The parameterization (sde_diffusion.parameterization; a name, an instance, or None for score_sde's convention
-    of this SDE: ε and 999·t for VP/sub-VP, σ·score and σ(t) for VE, EDM's preconditioning for EDM) decides what
+    The parameterization (sde_diffusion.parameterization; a name, an instance, or None: the network's own
+    `score_convention` from create_model's config, else score_sde's convention of this SDE: ε and 999·t for
+    VP/sub-VP, σ·score and σ(t) for VE, EDM's preconditioning for EDM) decides what
     the network sees and how its output becomes a score; continuous=False: a discrete-time network on the SDE's
     DDPM/SMLD chain. `t` may be a float or a (batch,) tensor. The model's train/eval mode is left as it is: call
     `model.eval()` for sampling.
@@ -50,7 +51,11 @@ def get_score_fn(sde: SDE, model: nn.Module, continuous: bool = True, labels: Op
     every sample; the null label `model.num_classes` asks for the unconditional score. None: the network is called
     without labels, which for a class-conditional network also means the null label.
     """
-    param = as_parameterization(sde, continuous, parameterization)
+    convention = getattr(unwrap(model), "score_convention", None)
+    if parameterization is None and convention is not None:
+        param = resolve(sde, continuous, *convention)
+    else:
+        param = as_parameterization(sde, continuous, parameterization)
     if labels is not None and not getattr(unwrap(model), "num_classes", 0):
         raise ValueError(f"labels given for {type(model).__name__} without a label embedding: build it with "
                          "model.num_classes > 0")
