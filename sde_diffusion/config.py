@@ -159,7 +159,7 @@ def default_config() -> ml_collections.ConfigDict:
     # SDE parameters (in `model` as in score_sde)
     model.beta_min = 0.1
     model.beta_max = 20.0
-    model.beta_schedule = "linear"  # linear | cosine | quadratic (VP, sub-VP)
+    model.beta_schedule = "linear"  # linear | cosine | quadratic | linear_chain (DDPM's N-step chain exactly; VP, sub-VP)
     model.num_scales = 1000
     model.sigma_min = 0.01
     model.sigma_max = 50.0

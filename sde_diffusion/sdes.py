@@ -190,12 +190,59 @@ class CosineSchedule(BetaSchedule):
         return torch.clamp(-torch.expm1(-(B[1:] - B[:-1])), max=0.999)
 
 
-BETA_SCHEDULES = {"linear": LinearSchedule, "quadratic": QuadraticSchedule, "cosine": CosineSchedule}
+class LinearChainSchedule(BetaSchedule):
+    """DDPM's N-step chain of linear β_i = linspace(β_min/N, β_max/N, N) (Ho et al.; diffusers' DDPMScheduler) as a
+    process on [0, 1]: B(t) interpolates B_i = −Σ_{j≤i} log(1 − β_j) linearly between the grid times t_i = i/(N−1),
+    so α(t_i)² = ᾱ_i exactly and any sampler on grid times reproduces the discrete chain; β(t) is piecewise constant.
+    As in DDPM, level 0 is already noisy: B(0) = −log(1 − β_0) > 0, σ(0) = √β_0.
+    """
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
+        self.beta_min, self.beta_max, self.N = beta_min, beta_max, N
+        self.betas = LinearSchedule(beta_min, beta_max).discrete_betas(N)
+        self.B = torch.cumsum(-torch.log1p(-self.betas), 0)  # B_i = −log ᾱ_i
+
+    def _interval(self, t: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(B_i, B_{i+1} − B_i, fraction of the way from t_i to t_{i+1}) of the grid interval holding t ∈ [0, 1]."""
+        position = as_time(t).clamp(0.0, 1.0) * (self.N - 1)
+        i = torch.floor(position).clamp(max=self.N - 2).long()
+        table = self.B.to(position.device)
+        start = table[i].to(position.dtype)
+        return start, table[i + 1].to(position.dtype) - start, position - i.to(position.dtype)
+
+    def beta(self, t):
+        _, rise, _ = self._interval(t)
+        return rise * (self.N - 1)
+
+    def integral(self, t):
+        start, rise, fraction = self._interval(t)
+        return start + fraction * rise
+
+    def discrete_betas(self, N):
+        if N != self.N:
+            raise ValueError(f"the '{LINEAR_CHAIN}' schedule is the chain of N={self.N} steps, not {N}")
+        return self.betas
+
+    def inverse_integral(self, B):
+        """The grid interval holding B (searchsorted), then the linear piece; B below B_0 gives t = 0."""
+        B = torch.as_tensor(B, dtype=torch.float64)
+        table = self.B.to(B.device)
+        i = (torch.searchsorted(table, B.contiguous(), right=True) - 1).clamp(0, self.N - 2)
+        fraction = ((B - table[i]) / (table[i + 1] - table[i])).clamp(0.0, 1.0)
+        return (i + fraction) / (self.N - 1)
 
 
-def make_beta_schedule(name: str, beta_min: float, beta_max: float) -> BetaSchedule:
+LINEAR_CHAIN = "linear_chain"
+BETA_SCHEDULES = {"linear": LinearSchedule, "quadratic": QuadraticSchedule, "cosine": CosineSchedule,
+                  LINEAR_CHAIN: LinearChainSchedule}
+
+
+def make_beta_schedule(name: str, beta_min: float, beta_max: float, N: int = 1000) -> BetaSchedule:
+    """The schedule `name` (a key of BETA_SCHEDULES); N is used by the chain schedule only."""
     if name == "cosine":
         return CosineSchedule()
+    if name == LINEAR_CHAIN:
+        return LinearChainSchedule(beta_min, beta_max, N)
     if name not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta schedule {name!r}: choose one of {sorted(BETA_SCHEDULES)}")
     return BETA_SCHEDULES[name](beta_min, beta_max)
@@ -377,7 +424,7 @@ class BetaScheduleSDE(SDE):
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000, schedule: str = "linear"):
         super().__init__(N)
         self.beta_min, self.beta_max, self.schedule_name = beta_min, beta_max, schedule
-        self.schedule = make_beta_schedule(schedule, beta_min, beta_max)
+        self.schedule = make_beta_schedule(schedule, beta_min, beta_max, N)
 
     default_eps = 1e-3
 

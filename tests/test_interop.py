@@ -263,7 +263,7 @@ def test_layout_fills_our_network_for_every_option_combination():
     """For every combination the layout pairs each tensor of our network with exactly one reference tensor of a
     consistent shape: the mapping is derived from the reference's construction order, not listed per case."""
     from sde_diffusion.config import default_config
-    from sde_diffusion.interop import _expected_ref_shape, convert_weights
+    from sde_diffusion.interop.score_sde import _expected_ref_shape, convert_weights
 
     count = 0
     for (resblock, progressive, progressive_input, combine, fir, embedding, skip_rescale, resamp_with_conv,

@@ -216,3 +216,19 @@ def test_reverse_sde_and_probability_flow_drifts(name):
     rev_f, rev_G = sde.reverse(score_fn, probability_flow=True).discretize(x, t)
     torch.testing.assert_close(rev_f, fd - 0.5 * Gd[:, None] ** 2 * score)
     assert torch.all(rev_G == 0)
+
+
+def test_linear_chain_schedule_is_the_ddpm_chain_at_the_grid_times():
+    """α(t_i)² = ᾱ_i = Π_{j≤i}(1 − β_j) for β = linspace(1e-4, 0.02, 1000), t_i = i/999; the log-SNR inverts."""
+    sde = VPSDE(0.1, 20.0, 1000, schedule="linear_chain")
+    t = torch.arange(1000, dtype=torch.float64) / 999
+    alphas_cumprod = torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    torch.testing.assert_close(sde.alpha(t) ** 2, alphas_cumprod, rtol=1e-12, atol=0)
+    torch.testing.assert_close(sde.sigma(t) ** 2, 1.0 - alphas_cumprod, rtol=1e-10, atol=0)
+    mid = torch.tensor([0.25, 0.7004], dtype=torch.float64)  # between grid points: log ᾱ interpolates linearly
+    i = torch.floor(mid * 999).long()
+    w = mid * 999 - i
+    expected = (1 - w) * torch.log(alphas_cumprod[i]) + w * torch.log(alphas_cumprod[i + 1])
+    torch.testing.assert_close(2 * torch.log(sde.alpha(mid)), expected, rtol=1e-12, atol=0)
+    lam = torch.log(sde.alpha(t) / sde.sigma(t))
+    torch.testing.assert_close(sde.t_from_log_snr(lam), t, rtol=0, atol=1e-9)

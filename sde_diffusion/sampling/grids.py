@@ -43,15 +43,17 @@ def solver_grid(sde: SDE, timesteps: torch.Tensor, grid: str = "time", rho: floa
 
 
 def explicit_grid(sde: SDE, times, steps: Optional[int], device=None) -> torch.Tensor:
-    """Given times as a float64 tensor, checked: 1-D, at least 2 points, strictly decreasing, within (0, T]."""
+    """Given times as a float64 tensor, checked: 1-D, at least 2 points, strictly decreasing, within [0, T], the
+    last with σ > 0."""
     ts = torch.as_tensor(times, dtype=torch.float64, device=device).detach().clone()
     if ts.ndim != 1 or len(ts) < 2:
         raise ValueError(f"grid must be a 1-D sequence of at least 2 times from T down to eps, got shape "
                          f"{tuple(ts.shape)}")
     if not bool((ts[1:] < ts[:-1]).all()):
         raise ValueError("grid times must decrease strictly (from T down to eps)")
-    if not (0.0 < ts[-1].item() and ts[0].item() <= sde.T):
-        raise ValueError(f"grid times must lie in (0, T={sde.T}], got {ts[-1].item()} … {ts[0].item()}")
+    if not (0.0 <= ts[-1].item() and ts[0].item() <= sde.T) or not sde.sigma(ts[-1]).item() > 0:
+        raise ValueError(f"grid times must lie in [0, T={sde.T}] and end where σ(t) > 0 (t > 0 unless the process "
+                         f"is noisy at 0), got {ts[-1].item()} … {ts[0].item()}")
     if steps is not None and steps != len(ts) - 1:
         raise ValueError(f"steps={steps} disagrees with the given grid of {len(ts)} times ({len(ts) - 1} steps): "
                          "leave steps unset")

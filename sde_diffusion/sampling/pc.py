@@ -121,11 +121,14 @@ def pc_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Te
 
 @register_sampler("ancestral")
 def ancestral_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor, *,
-                      generator=None) -> torch.Tensor:
+                      noise_last: bool = False, generator=None) -> torch.Tensor:
     """x_{i+1} = (x_i + σ_{t|s}²·s(x_i, t_i))/α_{t|s} + std·z along the grid; the last step returns the mean (no
-    noise). For VP on the DDPM grid this is Algorithm 2 with σ_t² = β_t; for VE it is SMLD's ancestral sampler.
-    One score call per step."""
+    noise) unless noise_last. For VP on the DDPM grid this is Algorithm 2 with σ_t² = β_t; for VE it is SMLD's
+    ancestral sampler. With the 'linear_chain' schedule, the grid i/(N−1) for i = N−1..0, noise_last and the final
+    denoising step it is Algorithm 2 exactly, step for step (diffusers' DDPMScheduler with variance_type
+    'fixed_large', clip_sample False). One score call per step."""
     n = len(timesteps) - 1
     for i in range(n):
-        x = ancestral_step(score_fn, sde, x, timesteps[i], timesteps[i + 1], generator, add_noise=i < n - 1)
+        x = ancestral_step(score_fn, sde, x, timesteps[i], timesteps[i + 1], generator,
+                           add_noise=noise_last or i < n - 1)
     return x

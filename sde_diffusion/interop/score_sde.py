@@ -1,4 +1,4 @@
-"""Load score_sde_pytorch checkpoints into our networks (`ncsnpp`, `ddpm`), and convert them from the command line.
+"""Load score_sde_pytorch checkpoints into our networks (`ncsnpp`, `ddpm`), or convert them to our format.
 
 A reference checkpoint (`utils.save_checkpoint` of yang-song/score_sde_pytorch, also the released ones) is
 `{'model': DataParallel state_dict ('module.' prefix), 'ema': {'decay', 'num_updates', 'shadow_params'},
@@ -10,8 +10,8 @@ every tensor is accounted for, with the expected shape, and names the first one 
 
     python -m sde_diffusion.interop checkpoint_26.pth --config configs/ve_cifar.py --out converted.pth
 
-writes our checkpoint format (`model`, `ema`, `step`: what `checkpoints.load_model_weights`, evaluation and
-sampling read). The reference optimizer state is not carried over.
+(interop/__main__.py) writes our checkpoint format (`model`, `ema`, `step`: what `checkpoints.load_model_weights`,
+evaluation and sampling read). The reference optimizer state is not carried over.
 
 The reference's quirks, reproduced:
 - Its NCSN++ keeps the parameter-free resampling of the output pyramid ('output_skip') and of the input pyramid
@@ -27,21 +27,19 @@ The reference's quirks, reproduced:
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from .checkpoints import CheckpointError, save_checkpoint
-from .config import default_config
-from .models import create_model
-from .models.ddpm import ddpm_options
-from .models.ncsnpp import UNetOptions
-from .validation import validate_config
+from ..checkpoints import CheckpointError, save_checkpoint
+from ..config import default_config
+from ..models import create_model
+from ..models.ddpm import ddpm_options
+from ..models.ncsnpp import UNetOptions
 
 PREFIX = "module."  # torch.nn.DataParallel
 SIGMAS = "sigmas"  # the reference's float64 buffer of SMLD noise levels, exp(linspace(log σ_max, log σ_min, N))
@@ -221,6 +219,9 @@ def reference_layout(config) -> List[TensorMap]:
     """Every tensor of the score_sde_pytorch network for `config` (except the `sigmas` buffer), in the order of
     its state_dict and parameters(), each paired with the tensor of our network that receives it."""
     name = config.model.name
+    if config.model.up_attn_per_block:
+        raise ReferenceCheckpointError("score_sde_pytorch's networks attend once per up level: load them with "
+                                       "model.up_attn_per_block=False")
     if name == "ncsnpp":
         return _unet_layout(UNetOptions.from_config(config), ddpm_model=False)
     if name == "ddpm":
@@ -464,46 +465,3 @@ def config_from_score_sde(flat: Mapping[str, Any], base=None) -> Tuple[Any, List
         config[section][name] = value
     config.model.parameterization = reference_parameterization(config)
     return config, skipped
-
-
-def main(argv: Sequence[str]) -> None:
-    """Command line: convert a score_sde_pytorch checkpoint to our format."""
-    from absl import flags
-
-
-    FLAGS = flags.FLAGS
-    if len(argv) != 2:
-        raise SystemExit("usage: python -m sde_diffusion.interop CHECKPOINT.pth --config configs/X.py --out OUT.pth "
-                         "[--config.model.KEY=VALUE ...]")
-    config = FLAGS.config
-    validate_config(config)
-    state = read_reference_checkpoint(argv[1])
-    try:
-        converted = to_our_checkpoint(state, config)
-    except ReferenceCheckpointError as err:
-        raise SystemExit(f"error: {argv[1]}: {err}") from err
-    if reference_parameterization(config) != config.model.parameterization:
-        print(f"note: this network's score is the reference's only with model.parameterization="
-              f"'{reference_parameterization(config)}' (see sde_diffusion.interop): evaluate and sample it with "
-              f"--config.model.parameterization={reference_parameterization(config)}", file=sys.stderr)
-    save_checkpoint(FLAGS.out, converted)
-    params = sum(v.numel() for v in converted["model"].values())
-    print(f"wrote {FLAGS.out}: {config.model.name}, {params:,} values, step {converted['step']}, "
-          f"{len(converted['ema']['shadow_params'])} EMA tensors")
-
-
-def _define_flags() -> None:
-    from absl import flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py) of the checkpoint's network.",
-                                    lock_config=True)
-    flags.DEFINE_string("out", None, "Where to write the converted checkpoint (our format).")
-    flags.mark_flags_as_required(["config", "out"])
-
-
-if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)
