@@ -1,4 +1,4 @@
-"""Command line: python main.py --config CONFIG --mode {train,eval,sample,compare,train_classifier} [--workdir DIR]
+"""Command line: python main.py --config CONFIG --mode {train,eval,sample,compare,train_classifier,tune_grid} [--workdir DIR]
 [--eval_folder NAME] [--config.SECTION.KEY=VALUE ...]
 
 --workdir defaults to runs/<config file stem>. Unknown --config.* keys are rejected (the config is locked).

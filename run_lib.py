@@ -1,4 +1,4 @@
-"""The jobs behind `main.py --mode`: train, eval, sample, compare, train_classifier (sde_diffusion/jobs/, one
+"""The jobs behind `main.py --mode`: train, eval, sample, compare, train_classifier, tune_grid (sde_diffusion/jobs/, one
 module each over one builder). Orchestration only: the math lives in sde_diffusion/.
 
 Workdir layout:
@@ -10,6 +10,7 @@ Workdir layout:
     samples/iter_<step>.png         sample grids (EMA weights) taken at numbered checkpoints
     tensorboard/                    scalars (loss, learning rate, gradient norm, eval loss)
     <eval_folder>/report_<k>.json   evaluation reports, with samples_<k>.png and samples_<k>.npz
+    grids/<method>_nfe<n>.json      time grids of `tune_grid` (name one in sampling.grid)
     classifier/checkpoint.pth       the noise-conditional classifier of `train_classifier` (classifier guidance),
                                     with classifier/report.json (its test accuracy at several t)
 """
@@ -24,6 +25,7 @@ from sde_diffusion.jobs import evaluate as evaluate_job
 from sde_diffusion.jobs import sample as sample_job
 from sde_diffusion.jobs import train as train_job
 from sde_diffusion.jobs import train_classifier as train_classifier_job
+from sde_diffusion.jobs import tune_grid as tune_grid_job
 from sde_diffusion.jobs.builder import numbered_checkpoint, resolve_device, sampler_settings  # noqa: F401
 from sde_diffusion.jobs.generation import Conditioning, load_classifier, make_conditioning  # noqa: F401
 
@@ -53,6 +55,11 @@ def train_classifier(config, workdir) -> None:
     train_classifier_job.run(config, workdir)
 
 
+def tune_grid(config, workdir):
+    """A time grid tuned for one sampler and NFE on one checkpoint, written as JSON (workdir/grids/ by default)."""
+    return tune_grid_job.run(config, workdir)
+
+
 # --mode NAME → job(config, workdir, eval_folder or None); eval, sample and compare have their own default folder
 JOBS: Dict[str, Callable] = {
     "train": lambda config, workdir, folder=None: train(config, workdir),
@@ -60,4 +67,5 @@ JOBS: Dict[str, Callable] = {
     "sample": lambda config, workdir, folder=None: sample(config, workdir, folder or "samples"),
     "compare": lambda config, workdir, folder=None: compare(config, workdir, folder or "compare"),
     "train_classifier": lambda config, workdir, folder=None: train_classifier(config, workdir),
+    "tune_grid": lambda config, workdir, folder=None: tune_grid(config, workdir),
 }

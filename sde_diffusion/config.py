@@ -61,7 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
     sampling.eta = 0.0  # ddim: 0 deterministic, > 0 stochastic (1: ancestral with the posterior variance)
     sampling.order = 3  # dpm_solver: DPM-Solver++ order 1, 2 or 3
     sampling.rho = 7.0  # grid "edm" (heun's default): EDM's ρ of the σ/α grid
-    sampling.grid = placeholder(str)  # time | logsnr | edm spacing of the time grid; None → the sampler's default
+    # time | logsnr | edm | quadratic spacing of the time grid, or a grid file (.json, from --mode tune_grid);
+    # None → the sampler's default
+    sampling.grid = placeholder(str)
     sampling.options = ""  # "option=value,..." for the method's own options (e.g. a registered sampler's)
     # --mode sample, conditional (sde_diffusion/controllable.py): inpaint or colourize test images (or one image)
     sampling.inpaint_mask = placeholder(str)  # .png (white = known) or .npy (1 = known) mask, (H, W) or (C, H, W)
@@ -107,6 +109,16 @@ def default_config() -> ml_collections.ConfigDict:
     compare.samplers = ("pc@100", "ddim@20", "dpm_solver@10", "heun@10")
     compare.num_samples = placeholder(int)  # None → eval.num_samples
     compare.checkpoint = placeholder(int)  # None → the newest numbered checkpoint
+
+    # --mode tune_grid: the time grid that brings one sampler closest to the probability-flow ODE's solution within
+    # a budget of score calls (sampling.tune_grid), on the EMA weights; name the file it writes in sampling.grid or in
+    # a compare entry (":grid=FILE.json")
+    config.tune = tune = ml_collections.ConfigDict()
+    tune.sampler = placeholder(str)  # "method[:option=value,...]"; None → sampling.method with its options
+    tune.nfe = 10  # score calls, the final denoising call included when sampling.noise_removal
+    tune.batch = 256  # prior draws the grid is fitted on
+    tune.checkpoint = placeholder(int)  # None → the newest numbered checkpoint
+    tune.out = placeholder(str)  # None → <workdir>/grids/<method>_nfe<nfe>.json
 
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "digits"  # digits | cifar10 | folder (your own images) | gmm | moons | swiss_roll

@@ -66,13 +66,14 @@ def compare(config, workdir: Path, eval_folder: str, entries: List[SamplerEntry]
 
 
 def table_row(entry: SamplerEntry, report: Dict, names: List[str]) -> Dict:
-    return {"sampler": entry.label, "steps": entry.steps, "nfe": report["nfe"], "seconds": report["sampling_seconds"],
-            **{m: report.get(m) for m in names}}
+    grid = report["sampler"].get("grid") or sampling.SAMPLERS[entry.method].grid
+    return {"sampler": entry.label, "steps": entry.steps, "grid": grid, "nfe": report["nfe"],
+            "seconds": report["sampling_seconds"], **{m: report.get(m) for m in names}}
 
 
 def write_comparison(config, rows: List[Dict], names: List[str], out: Path, checkpoint: str, num: int) -> None:
     """compare.md / .csv (the table), compare.png (metrics against NFE) and compare.json."""
-    write_table(rows, ["sampler", "steps", "nfe", "seconds", *names], out)
+    write_table(rows, ["sampler", "steps", "grid", "nfe", "seconds", *names], out)
     if names:
         plot_metrics(rows, names, out / "compare.png",
                      title=f"{config.data.dataset}, {checkpoint}, {num} samples per sampler")

@@ -25,18 +25,19 @@ options (`sample(..., option=value)`, config strings "name:option=value@steps", 
 """
 from ..ode import BACKENDS as ODE_BACKENDS
 from ..ode import ODE_ATOL, ODE_RTOL, dopri5, scipy_rk45
-from . import fast, flow, pc, reverse_sde  # noqa: F401  (registers the built-in samplers)
+from . import fast, flow, multistep, pc, reverse_sde, stochastic  # noqa: F401  (registers the built-in samplers)
 from .core import Constraint, CountingScore, FrameworkScore, sample
 from .fast import dpm_solver_pp_update
 from .flow import ode_decode, ode_encode
-from .grids import EDM_RHO, GRIDS, solver_grid, time_grid
+from .grids import EDM_RHO, GRIDS, load_grid, save_grid, solver_grid, time_grid
 from .pc import CORRECTORS, PREDICTORS
 from .registry import SAMPLERS, Sampler, parse_entry, parse_spec, register_sampler
 from .reverse_sde import SDE_METHODS
 from .settings import check_config, options_from_config, settings_from_config
 from .terms import tweedie_denoise
+from .tuning import steps_for_nfe, tune_grid
 
 __all__ = ["sample", "register_sampler", "SAMPLERS", "Sampler", "parse_spec", "parse_entry", "options_from_config",
            "settings_from_config", "check_config", "Constraint", "CountingScore", "FrameworkScore", "time_grid",
-           "solver_grid", "GRIDS", "EDM_RHO", "tweedie_denoise", "ode_encode", "ode_decode", "dpm_solver_pp_update",
+           "solver_grid", "GRIDS", "tune_grid", "steps_for_nfe", "load_grid", "save_grid", "EDM_RHO", "tweedie_denoise", "ode_encode", "ode_decode", "dpm_solver_pp_update",
            "PREDICTORS", "CORRECTORS", "SDE_METHODS", "ODE_BACKENDS", "ODE_RTOL", "ODE_ATOL", "dopri5", "scipy_rk45"]

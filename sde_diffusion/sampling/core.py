@@ -32,13 +32,14 @@ A constraint is any object with
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
 
 from ..sdes import SDE, ScoreFn, batch_time
-from .grids import EDM_RHO, explicit_grid, make_grid
+from .grids import EDM_RHO, GRIDS, explicit_grid, load_grid, make_grid
 from .registry import Sampler, get_sampler
 from .terms import tweedie_denoise
 
@@ -67,8 +68,9 @@ class CountingScore:
 
 
 def _time(t, device=None) -> torch.Tensor:
-    """The time as a 0-d float64 tensor on `device` (from a float, a 0-d or a (batch,) tensor of equal times)."""
-    return torch.as_tensor(t, dtype=torch.float64).reshape(-1)[0].to(device)
+    """The time as a 0-d float64 tensor on `device`, from a float, a 0-d or a (batch,) tensor: for per-sample times
+    (an adaptive solver's) the largest, i.e. that of the least advanced sample."""
+    return torch.as_tensor(t, dtype=torch.float64).reshape(-1).max().to(device)
 
 
 def bind(constraint: Constraint, counted: CountingScore, generator: Optional[torch.Generator]
@@ -142,6 +144,8 @@ def _timesteps(sde: SDE, sampler: Sampler, steps: Optional[int], eps: Optional[f
                device) -> torch.Tensor:
     if rho <= 0:
         raise ValueError(f"rho must be > 0, got {rho}")
+    if isinstance(grid, (str, Path)) and str(grid) not in GRIDS:
+        grid = load_grid(grid)["times"]  # a grid file (tune_grid's)
     if grid is not None and not isinstance(grid, str):
         ts = explicit_grid(sde, grid, steps, device)
         if eps is not None and abs(float(eps) - ts[-1].item()) > 1e-12:
@@ -161,13 +165,13 @@ def sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str = "pc"
            eps: Optional[float] = None, denoise: bool = True, generator: Optional[torch.Generator] = None,
            device=None, dtype: torch.dtype = torch.float32, progress: bool = False,
            callback: Optional[Callback] = None, constraint: Optional[Constraint] = None,
-           grid: Union[str, Sequence[float], torch.Tensor, None] = None, rho: float = EDM_RHO,
+           grid: Union[str, Path, Sequence[float], torch.Tensor, None] = None, rho: float = EDM_RHO,
            x_T: Optional[torch.Tensor] = None, **options) -> Tuple[torch.Tensor, int]:
     """Draw `shape[0]` samples with the registered sampler `method`; returns (x, nfe).
 
     steps: grid steps (default sde.N). eps: last time (default sde.default_eps). grid: a spacing of the steps + 1
-    times ("time", "logsnr", "edm" with exponent rho; None: the sampler's default) or the times themselves (1-D,
-    T → eps; steps and eps then follow from it). x_T: start from this prior draw (not modified). denoise: finish with
+    times ("time", "logsnr", "edm" with exponent rho, "quadratic"; None: the sampler's default), the times
+    themselves (1-D, T → eps; steps and eps then follow from it) or a grid file's path (`tune_grid`, `save_grid`). x_T: start from this prior draw (not modified). denoise: finish with
     a Tweedie step at eps (counted in nfe). callback(i, t, x) after every grid step. constraint: see the module
     docstring. options: the sampler's own (its signature; a ValueError names the valid ones).
     """

@@ -35,7 +35,7 @@ def ddim_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.
 
 def dpm_solver_pp_update(x: torch.Tensor, x0_history: List[torch.Tensor], lam_history: List[torch.Tensor],
                          lam_next: torch.Tensor, sigma_ratio: torch.Tensor, alpha_next: torch.Tensor,
-                         order: int) -> torch.Tensor:
+                         order: int, eta: float = 0.0) -> torch.Tensor:
     """One DPM-Solver++ multistep update (Lu et al. 2022, data prediction), from λ_0 = lam_history[-1] to lam_next.
 
     x0_history[-1], [-2], [-3] are x̂_0 at λ_0, λ_{-1}, λ_{-2} (newest last); h = lam_next − λ_0, r_k = h_k/h.
@@ -43,12 +43,15 @@ def dpm_solver_pp_update(x: torch.Tensor, x0_history: List[torch.Tensor], lam_hi
         order 2:  x' = (σ'/σ)·x − α'·φ₁·(m_0 + D₁/2),        D₁ = (m_0 − m_{−1})/r_0
         order 3:  x' = (σ'/σ)·x − α'·φ₁·m_0 + α'·φ₂·D₁ − α'·φ₃·D₂,  φ₂ = φ₁/h + 1, φ₃ = φ₂/h − ½,
                   with D₁, D₂ the first and second divided differences of m on the λ grid (as in DPM-Solver's code).
+    eta > 0 gives the SDE variant's mean (DPM-Solver++ SDE, Lu et al. 2022, §5; 3M as in k-diffusion): the φ's take
+    H = (1 + η)·h and x is scaled by (σ'/σ)·e^{−ηh}; the caller adds σ'·√(1 − e^{−2ηh})·z (η = 1: the reverse SDE).
     Coefficients are float64 0-d tensors.
     """
     h = lam_next - lam_history[-1]
-    phi_1 = torch.expm1(-h)
+    big_h = (1.0 + eta) * h
+    phi_1 = torch.expm1(-big_h)
     m0 = x0_history[-1]
-    out = like(sigma_ratio, x) * x - like(alpha_next * phi_1, x) * m0
+    out = like(sigma_ratio * torch.exp(-eta * h), x) * x - like(alpha_next * phi_1, x) * m0
     if order == 1:
         return out
     r0 = (lam_history[-1] - lam_history[-2]) / h
@@ -59,8 +62,8 @@ def dpm_solver_pp_update(x: torch.Tensor, x0_history: List[torch.Tensor], lam_hi
     d1_1 = (x0_history[-2] - x0_history[-3]) / like(r1, x)
     d1 = d1_0 + like(r0 / (r0 + r1), x) * (d1_0 - d1_1)
     d2 = (d1_0 - d1_1) / like(r0 + r1, x)
-    phi_2 = phi_1 / h + 1.0
-    phi_3 = phi_2 / h - 0.5
+    phi_2 = phi_1 / big_h + 1.0
+    phi_3 = phi_2 / big_h - 0.5
     return out + like(alpha_next * phi_2, x) * d1 - like(alpha_next * phi_3, x) * d2
 
 

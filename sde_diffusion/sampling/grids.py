@@ -1,7 +1,11 @@
 """Time grids T = t_0 > t_1 > … > t_n = eps that the framework hands to samplers (float64, so long grids stay exact)."""
 from __future__ import annotations
 
-from typing import Optional, Union
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Union
 
 import torch
 
@@ -11,6 +15,7 @@ from .registry import GRID_NAMES
 GRIDS = GRID_NAMES
 # EDM's exponent for the σ/α grid (Karras et al. 2022, eq. 5).
 EDM_RHO = 7.0
+GRID_FILE_VERSION = 1
 
 
 def time_grid(sde: SDE, steps: int, eps: float, device=None) -> torch.Tensor:
@@ -23,13 +28,20 @@ def solver_grid(sde: SDE, timesteps: torch.Tensor, grid: str = "time", rho: floa
 
     "time": the given grid (uniform in t). "logsnr": uniform in λ = log(α/σ) (DPM-Solver). "edm": uniform in
     (σ/α)^{1/ρ}, i.e. σ̃_i = (σ̃_max^{1/ρ} + i/n·(σ̃_min^{1/ρ} − σ̃_max^{1/ρ}))^ρ with σ̃ = σ/α = e^{−λ}
-    (Karras et al.). Times come back through the SDE's inverse of λ(t).
+    (Karras et al.). "quadratic": t_i = eps + (T − eps)·(1 − i/n)², dense near eps (DDIM's quadratic spacing).
+    Times come back through the SDE's inverse of λ(t).
     """
     if grid not in GRIDS:
         raise ValueError(f"unknown time grid {grid!r}; available: {sorted(GRIDS)}")
     if grid == "time":
         return timesteps
     n = len(timesteps)
+    if grid == "quadratic":
+        start, end = timesteps[0], timesteps[-1]
+        fraction = torch.linspace(1.0, 0.0, n, dtype=torch.float64, device=timesteps.device)
+        t = end + (start - end) * fraction**2
+        t[0], t[-1] = start, end
+        return t
     lam_start, lam_end = sde.log_snr(timesteps[0]), sde.log_snr(timesteps[-1])
     fraction = torch.linspace(0.0, 1.0, n, dtype=torch.float64, device=timesteps.device)
     if grid == "logsnr":
@@ -64,3 +76,34 @@ def make_grid(sde: SDE, grid: Union[str, torch.Tensor, None], default: str, step
               rho: float = EDM_RHO, device=None) -> torch.Tensor:
     """The grid a sampler runs on: `grid` names a spacing (None: the sampler's default) of steps + 1 times."""
     return solver_grid(sde, time_grid(sde, steps, eps, device), default if grid is None else grid, rho)
+
+
+def save_grid(path: Union[str, Path], times: torch.Tensor, **record) -> Path:
+    """Write times (and what they were tuned for: method, nfe, SDE, errors …) to a JSON file, atomically."""
+    path = Path(path)
+    data = dict(version=GRID_FILE_VERSION, **record, times=[float(t) for t in times])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_grid(path: Union[str, Path]) -> Dict:
+    """A grid file's contents, checked: a dict with 'times', a list of at least two decreasing numbers. ValueError
+    naming the file otherwise (the times are checked against the SDE where the grid is used)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"grid file {path} does not exist: write one with `python main.py --mode tune_grid` or "
+                         "sampling.save_grid, or name a spacing (time, logsnr, edm, quadratic)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"grid file {path} is not valid JSON ({err}); re-create it with --mode tune_grid") from None
+    times = data.get("times") if isinstance(data, dict) else None
+    if not isinstance(times, list) or len(times) < 2 or not all(isinstance(t, (int, float)) for t in times):
+        raise ValueError(f"grid file {path} needs 'times': a list of at least two numbers from T down to eps")
+    return data

@@ -22,7 +22,7 @@ RESERVED = ("steps", "eps", "denoise", "device", "dtype", "progress", "callback"
             "shape")
 # Framework values a sampler receives by declaring a parameter of this name.
 PASSED = ("generator", "constraint")
-GRID_NAMES = ("time", "logsnr", "edm")
+GRID_NAMES = ("time", "logsnr", "edm", "quadratic")
 SPEC_FORMAT = "'method[:option=value,...]', e.g. 'dpm_solver:order=2'"
 
 
@@ -223,8 +223,9 @@ def _spec_keyword(sampler: Sampler, key: str, value: str):
         value = _coerce(value, SPEC_KEYWORDS[key])
     except (TypeError, ValueError) as err:
         raise ValueError(f"sampler {sampler.name!r}: {key}={value!r} {err}") from None
-    if key == "grid" and value not in GRID_NAMES:
-        raise ValueError(f"sampler {sampler.name!r}: grid={value!r} is not one of {list(GRID_NAMES)}")
+    if key == "grid" and value not in GRID_NAMES and not value.endswith(".json"):
+        raise ValueError(f"sampler {sampler.name!r}: grid={value!r} is neither one of {list(GRID_NAMES)} nor a grid "
+                         "file (.json, from --mode tune_grid)")
     return value
 
 

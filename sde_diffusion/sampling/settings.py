@@ -3,9 +3,11 @@
 Options of the chosen `sampling.method` come from two places, later ones winning:
 
 1. score_sde's per-method keys (`CONFIG_KEYS`: sampling.predictor, corrector, snr, n_steps_each → n_steps,
-   probability_flow, rtol, atol, ode_backend → backend, sde_method, eta, order), each given to the method if it
-   has that option: sampling.eta reaches ddim, sampling.order dpm_solver, and a user sampler with an option `eta`
-   gets sampling.eta too. Keys the method does not take are ignored.
+   probability_flow, rtol, atol, ode_backend → backend, sde_method, eta, order), each given to the built-in
+   method it was made for (`CONFIG_KEY_OWNERS`: sampling.eta reaches ddim, sampling.order dpm_solver) and to a
+   user sampler with an option of that name. Other built-ins with an option of the same name (unipc's `order`,
+   adaptive_sde's `rtol`) keep their own defaults, set through sampling.options. Keys the method does not take are
+   ignored.
 2. `sampling.options`: "option=value,option2=value2", converted by the type of each option's default. Every
    option there must be one the method takes (a user sampler's options usually come from here).
 """
@@ -15,12 +17,26 @@ from typing import Any, Dict
 
 from ..errors import ConfigError
 from .registry import SAMPLERS, get_sampler, parse_options
-from .grids import GRIDS
+from .grids import GRIDS, load_grid
 
 # score_sde's per-method keys of config.sampling → the sampler option each sets.
 CONFIG_KEYS = {"predictor": "predictor", "corrector": "corrector", "snr": "snr", "n_steps_each": "n_steps",
                "probability_flow": "probability_flow", "rtol": "rtol", "atol": "atol", "ode_backend": "backend",
                "sde_method": "sde_method", "eta": "eta", "order": "order"}
+
+
+# The built-in sampler each of score_sde's keys belongs to.
+CONFIG_KEY_OWNERS = {"predictor": "pc", "corrector": "pc", "snr": "pc", "n_steps_each": "pc", "probability_flow": "pc",
+                     "rtol": "ode", "atol": "ode", "ode_backend": "ode", "sde_method": "sde", "eta": "ddim",
+                     "order": "dpm_solver"}
+
+
+def _is_builtin(sampler) -> bool:
+    return sampler.fn.__module__.startswith(__package__ + ".")
+
+
+def _config_key_applies(sampler, key: str) -> bool:
+    return CONFIG_KEYS[key] in sampler.options and (not _is_builtin(sampler) or CONFIG_KEY_OWNERS[key] == sampler.name)
 
 
 def options_from_config(config) -> Dict[str, Any]:
@@ -30,7 +46,7 @@ def options_from_config(config) -> Dict[str, Any]:
     sampler = get_sampler_for_config(s.method)
     options = {}
     for key, name in CONFIG_KEYS.items():
-        if key in s and name in sampler.options:
+        if key in s and _config_key_applies(sampler, key):
             options[name] = _checked(sampler, name, s[key], f"sampling.{key}")
     for name, value in parse_options(s.get("options", "") or "", "sampling.options").items():
         options[name] = _checked(sampler, name, value, "sampling.options")
@@ -53,14 +69,15 @@ def _checked(sampler, name: str, value, key: str):
 
 
 def settings_from_config(config, sde) -> Dict[str, Any]:
-    """Keyword arguments for `sample` from config.sampling: method, steps (None → sde.N), eps, denoise, the grid
-    (and ρ when it is "edm") and the method's options."""
+    """Keyword arguments for `sample` from config.sampling: method, steps (None → sde.N; with a grid file, its
+    length), eps, denoise, the grid (sampling.grid or the sampler's default; ρ when it is "edm") and the method's
+    options."""
     s = config.sampling
     sampler = get_sampler_for_config(s.method)
     settings = dict(method=s.method, steps=s.steps if s.steps is not None else sde.N, eps=s.eps,
-                    denoise=s.noise_removal)
-    if s.grid is not None:
-        settings["grid"] = s.grid
+                    denoise=s.noise_removal, grid=s.grid or sampler.grid)
+    if s.grid is not None and s.grid not in GRIDS:  # a grid file: its times fix the steps and eps
+        settings.update(steps=None if s.steps is None else s.steps, eps=None)
     if (s.grid or sampler.grid) == "edm":
         settings["rho"] = s.rho
     settings.update(options_from_config(config))
@@ -71,9 +88,9 @@ def _check_builtin_keys(s) -> None:
     """score_sde's per-method keys are checked whichever method is chosen (against the built-in sampler that takes
     each), so that a wrong value fails before a later run switches method."""
     for sampler in SAMPLERS.values():
-        if sampler.fn.__module__.startswith(__package__ + "."):
+        if _is_builtin(sampler):
             for key, name in CONFIG_KEYS.items():
-                if key in s and name in sampler.options:
+                if key in s and _config_key_applies(sampler, key):
                     _checked(sampler, name, s[key], f"sampling.{key}")
 
 
@@ -90,7 +107,10 @@ def _check_sampling_section(config) -> None:
     options_from_config(config)
     _check_builtin_keys(s)
     if s.grid is not None and s.grid not in GRIDS:
-        raise ValueError(f"sampling.grid={s.grid!r} is not one of {sorted(GRIDS)}")
+        if not str(s.grid).endswith(".json"):
+            raise ValueError(f"sampling.grid={s.grid!r} is neither a spacing ({sorted(GRIDS)}) nor a grid file "
+                             "(.json, written by --mode tune_grid)")
+        load_grid(s.grid)
     if s.steps is not None and s.steps < 1:
         raise ValueError(f"sampling.steps must be ≥ 1 (or None for model.num_scales), got {s.steps}")
     for key in ("rtol", "atol", "rho", "snr"):
