@@ -218,11 +218,12 @@ def test_compare_mode_on_toy_data_writes_table_and_plot(tmp_path):
     run_lib.compare(config, tmp_path)
     out = tmp_path / "compare"
     table = (out / "compare.md").read_text().splitlines()
-    assert table[0] == "| sampler | steps | nfe | seconds | sliced_w2 | nll |"
+    assert table[0] == "| sampler | steps | grid | nfe | seconds | sliced_w2 | nll |"
     assert [row.split(" | ")[0] for row in table[2:]] == ["| pc", "| pc", "| ddim", "| dpm_solver:order=2"]
-    assert [int(row.split(" | ")[2]) for row in table[2:]] == [5, 9, 5, 5]  # steps + the denoising step
+    assert [row.split(" | ")[2] for row in table[2:]] == ["time", "time", "time", "logsnr"]  # the grid used
+    assert [int(row.split(" | ")[3]) for row in table[2:]] == [5, 9, 5, 5]  # steps + the denoising step
     csv_rows = (out / "compare.csv").read_text().splitlines()
-    assert len(csv_rows) == 5 and csv_rows[0] == "sampler,steps,nfe,seconds,sliced_w2,nll"
+    assert len(csv_rows) == 5 and csv_rows[0] == "sampler,steps,grid,nfe,seconds,sliced_w2,nll"
     assert (out / "compare.png").stat().st_size > 0
 
 

@@ -95,6 +95,18 @@ def test_sample_mode_writes_a_grid_from_the_newest_checkpoint(runs):
     assert (straight / "pictures" / "checkpoint_2_pc_nfe6.npz").stat().st_size > 0
 
 
+def test_tune_grid_mode_writes_a_grid_that_sampling_uses(runs):
+    straight, _, _ = runs
+    main_py(straight, "tune_grid", "--config.tune.sampler=unipc", "--config.tune.nfe=4", "--config.tune.batch=4")
+    path = straight / "grids" / "unipc_nfe4.json"
+    record = json.loads(path.read_text())
+    assert record["method"] == "unipc" and record["steps"] == 3 and len(record["times"]) == 4  # + denoising call
+    assert record["rms_tuned"] <= record["rms_start"] and record["checkpoint"] == "checkpoint_2.pth"
+    main_py(straight, "sample", "--eval_folder=tuned", "--config.sampling.method=unipc", "--config.sampling.steps=3",
+            f"--config.sampling.grid={path}")
+    assert (straight / "tuned" / "checkpoint_2_unipc_nfe4.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize("flag, message", [
     ("--config.model.nff=3", "nff"),
     ("--config.training.sde=vpsdee", "training.sde"),

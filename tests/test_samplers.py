@@ -124,26 +124,22 @@ def _grid_index_shift(sde, mixture_name, steps, grid):
     return shifted
 
 
-def _dpm_solver_2m_without_half(x, x0_history, lam_history, lam_next, sigma_ratio, alpha_next, order):
-    """DPM-Solver++(2M) with the ½ of its correction term dropped (D₁ instead of D₁/2)."""
-    if order != 2:
-        return dpm_solver_pp_update(x, x0_history, lam_history, lam_next, sigma_ratio, alpha_next, order)
-    h = lam_next - lam_history[-1]
-    phi_1 = torch.expm1(-h)
-    d1 = (x0_history[-1] - x0_history[-2]) / ((lam_history[-1] - lam_history[-2]) / h).to(x)
-    return (sigma_ratio.to(x) * x - (alpha_next * phi_1).to(x) * x0_history[-1]
-            - (alpha_next * phi_1).to(x) * d1)
+def _dpm_solver_2m_with(coefficient: float):
+    """DPM-Solver++(2M) whose correction term is coefficient·D₁ instead of D₁/2."""
+    def update(x, x0_history, lam_history, lam_next, sigma_ratio, alpha_next, order):
+        if order != 2:
+            return dpm_solver_pp_update(x, x0_history, lam_history, lam_next, sigma_ratio, alpha_next, order)
+        h = lam_next - lam_history[-1]
+        phi_1 = torch.expm1(-h)
+        d1 = (x0_history[-1] - x0_history[-2]) / ((lam_history[-1] - lam_history[-2]) / h).to(x)
+        return (sigma_ratio.to(x) * x - (alpha_next * phi_1).to(x) * x0_history[-1]
+                - coefficient * (alpha_next * phi_1).to(x) * d1)
+    return update
 
 
-def _dpm_solver_2m_coefficient_045(x, x0_history, lam_history, lam_next, sigma_ratio, alpha_next, order):
-    """DPM-Solver++(2M) with 0.45 for the ½ of its correction term (order 1 asymptotically, near 2 at ≤ 40 steps)."""
-    if order != 2:
-        return dpm_solver_pp_update(x, x0_history, lam_history, lam_next, sigma_ratio, alpha_next, order)
-    h = lam_next - lam_history[-1]
-    phi_1 = torch.expm1(-h)
-    d1 = (x0_history[-1] - x0_history[-2]) / ((lam_history[-1] - lam_history[-2]) / h).to(x)
-    return (sigma_ratio.to(x) * x - (alpha_next * phi_1).to(x) * x0_history[-1]
-            - 0.45 * (alpha_next * phi_1).to(x) * d1)
+# The ½ dropped (D₁ instead of D₁/2), and 0.45 for ½ (order 1 asymptotically, near 2 at ≤ 40 steps).
+_dpm_solver_2m_without_half = _dpm_solver_2m_with(1.0)
+_dpm_solver_2m_coefficient_045 = _dpm_solver_2m_with(0.45)
 
 
 def _dpm_solver_3m_sign_flip(x, x0_history, lam_history, lam_next, sigma_ratio, alpha_next, order):

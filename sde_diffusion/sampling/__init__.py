@@ -20,8 +20,17 @@ options (`sample(..., option=value)`, config strings "name:option=value@steps", 
 | `ddim`       | fast.py        | DDIM (η = 0: deterministic, η > 0: stochastic)            | steps                    |
 | `dpm_solver` | fast.py        | DPM-Solver++ multistep, order 1–3, λ-uniform grid         | steps                    |
 | `heun`       | fast.py        | EDM's 2nd-order Heun on the σ/α grid with ρ = 7           | 2·steps − 1              |
+| `unipc`      | multistep.py   | UniPC predictor–corrector (bh1/bh2, order 1–3), λ grid    | steps                    |
+| `ipndm`      | multistep.py   | improved PNDM (Adams–Bashforth in σ/α, order 1–4), ρ grid  | steps                    |
+| `deis`       | multistep.py   | DEIS tAB (ε polynomial in t, exact weights, order 1–3)     | steps                    |
+| `dpm_solver_sde` | stochastic.py | DPM-Solver++ 2M/3M SDE (η = 1: reverse SDE), λ grid    | steps                    |
+| `edm_sde`    | stochastic.py  | EDM's stochastic Heun (S_churn, S_noise, S_min/S_max)      | 2·steps − 1              |
+| `restart`    | stochastic.py  | Restart sampling: Heun + K noise-and-resolve loops        | 2·steps − 1 + 2·K·restart_steps |
+| `adaptive_sde` | stochastic.py | reverse SDE, EM/improved-Euler pair, error control (Gotta Go Fast) | adaptive (rtol, atol) |
 
 `denoise=True` adds one call. Nothing here asks which SDE it has; the SDE classes answer α, σ, λ, drift, diffusion.
+Grids: "time", "logsnr", "edm" (ρ), "quadratic", explicit times, or a grid file; `tune_grid(score_fn, sde, shape,
+method, nfe)` fits the times to a model and budget (tuning.py), `steps_for_nfe` converts a budget into steps.
 """
 from ..ode import BACKENDS as ODE_BACKENDS
 from ..ode import ODE_ATOL, ODE_RTOL, dopri5, scipy_rk45

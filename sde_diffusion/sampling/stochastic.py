@@ -8,7 +8,7 @@ noise of variance σ̃_b² − σ̃_a² to x̃ moves a sample of p at σ̃_a to 
 from __future__ import annotations
 
 import math
-from typing import List, Literal, Optional
+from typing import List, Literal
 
 import torch
 
