@@ -441,7 +441,7 @@ def test_nfe_is_the_number_of_score_calls(case):
         assert nfe == len(calls)
         if expected is not None:
             assert nfe == expected + denoise
-    if method not in ("ode", "adaptive_sde"):
+    if not SAMPLERS[method].adaptive:
         assert steps_seen == list(range(steps)) * 2
     else:
         assert len(steps_seen) > 0
@@ -583,6 +583,7 @@ def test_every_builtin_sampler_is_registered_with_its_options():
         "restart": ["restart_min", "restart_max", "restarts", "restart_steps"],
         "adaptive_sde": ["rtol", "atol", "h_init", "safety", "exponent", "max_evals"]}
     assert [name for name, s in builtin.items() if s.takes_constraint] == ["ode", "sde", "adaptive_sde"]
+    assert [name for name, s in builtin.items() if s.adaptive] == ["ode", "adaptive_sde"]
     assert {name: s.grid for name, s in builtin.items() if s.grid != "time"} == {
         "dpm_solver": "logsnr", "heun": "edm", "unipc": "logsnr", "ipndm": "edm", "deis": "logsnr",
         "dpm_solver_sde": "logsnr", "edm_sde": "edm", "restart": "edm"}

@@ -2,6 +2,7 @@
 `dpm_solver` (DPM-Solver++ multistep) and `heun` (EDM's 2nd-order sampler)."""
 from __future__ import annotations
 
+import math
 from typing import List, Literal
 
 import torch
@@ -95,24 +96,45 @@ def dpm_solver_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: 
     return x
 
 
-@register_sampler("heun", grid="edm")
-def heun_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """EDM's deterministic 2nd-order sampler (Karras et al. 2022, Algorithm 1) for any α(t), σ(t), on a grid
-    spaced in (σ/α)^{1/ρ} by default. 2·steps − 1 score calls.
+def time_of(sde: SDE, sig: torch.Tensor) -> torch.Tensor:
+    """The time at which σ/α = sig (0-d float64)."""
+    return sde.t_from_log_snr(-torch.log(sig))
 
-    In the scaled state x̃ = x/α with noise level σ̃ = σ/α the probability-flow ODE is dx̃/dσ̃ = ε̂(x, t)
-    (EDM's (x̃ − D(x̃; σ̃))/σ̃). Each step is Euler's prediction x̃' = x̃ + Δσ̃·ε̂ corrected by Heun's trapezoid,
-    x̃_next = x̃' + Δσ̃·(ε̂' − ε̂)/2 with ε̂' at the prediction; the last step is Euler. The correction is added to
-    the prediction the score saw, so a constraint applied there carries over.
+
+def heun_segment(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, times: torch.Tensor, *, euler_last: bool,
+                 churn: float = 0.0, s_min: float = 0.0, s_max: float = math.inf, s_noise: float = 1.0,
+                 generator=None) -> torch.Tensor:
+    """EDM's Heun steps along `times` (float64, decreasing), with Algorithm 2's churn: at each t_i with
+    s_min ≤ σ̃_i ≤ s_max, x̃ first gets noise raising σ̃_i to σ̂ = σ̃_i·(1 + γ) (at most σ̃(T)),
+    γ = min(churn/steps, √2 − 1), the noise scaled by s_noise; then Euler to t_{i+1} and the trapezoid correction
+    (skipped on the last step when euler_last). Score calls: 2 per step (one fewer with euler_last). Each update
+    continues from the states the score saw, so a constraint applied there carries over.
     """
-    sig = torch.exp(-sde.log_snr(timesteps))  # σ̃_i = σ(t_i)/α(t_i)
-    n = len(timesteps) - 1
+    sig = torch.exp(-sde.log_snr(times))
+    sig_top = torch.exp(-sde.log_snr(torch.tensor(sde.T, dtype=torch.float64, device=times.device)))
+    n = len(times) - 1
+    gamma = min(churn / n, math.sqrt(2.0) - 1.0) if churn > 0 else 0.0
     for i in range(n):
-        t, s = timesteps[i], timesteps[i + 1]
-        d = denoised_and_noise(score_fn, sde, x, t)[1]
-        dsig, alpha_s = like(sig[i + 1] - sig[i], x), like(sde.alpha(s), x)
-        x = alpha_s * (x / like(sde.alpha(t), x) + dsig * d)
-        if i < n - 1:
+        t, s = times[i], times[i + 1]
+        x_hat, sig_hat, t_hat = x, sig[i], t
+        if gamma > 0 and s_min <= sig[i].item() <= s_max:
+            sig_hat = torch.minimum(sig[i] * (1.0 + gamma), sig_top)
+            if sig_hat > sig[i]:
+                t_hat = time_of(sde, sig_hat)
+                spread = s_noise * torch.sqrt(sig_hat**2 - sig[i] ** 2)
+                x_hat = like(sde.alpha(t_hat), x) * (x / like(sde.alpha(t), x) + like(spread, x) * noise(x, generator))
+        d = denoised_and_noise(score_fn, sde, x_hat, t_hat)[1]  # a constraint acts on x_hat here: read it after
+        dsig, alpha_s = like(sig[i + 1] - sig_hat, x), like(sde.alpha(s), x)
+        x = alpha_s * (x_hat / like(sde.alpha(t_hat), x) + dsig * d)
+        if not (euler_last and i == n - 1):
             d_next = denoised_and_noise(score_fn, sde, x, s)[1]
             x = x + alpha_s * dsig * 0.5 * (d_next - d)
     return x
+
+
+@register_sampler("heun", grid="edm")
+def heun_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """EDM's deterministic 2nd-order sampler (Karras et al. 2022, Algorithm 1) for any α(t), σ(t), on a grid
+    spaced in (σ/α)^{1/ρ} by default: `heun_segment` without churn, the last step Euler. 2·steps − 1 score calls.
+    """
+    return heun_segment(score_fn, sde, x, timesteps, euler_last=True)

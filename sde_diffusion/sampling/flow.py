@@ -26,7 +26,7 @@ def integrate_pf_ode(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t0: float, t1
     return ode.solve(velocity, x, t0, t1, backend=backend, rtol=rtol, atol=atol, project=project)
 
 
-@register_sampler("ode")
+@register_sampler("ode", adaptive=True)
 def ode_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor, *,
                 rtol: float = ode.ODE_RTOL, atol: float = ode.ODE_ATOL, backend: OdeBackend = "torch",
                 constraint=None) -> torch.Tensor:

@@ -41,9 +41,10 @@ class Option:
 
 @dataclass(frozen=True)
 class Sampler:
-    """A registered sampler: `fn`, its options, whether it takes the generator and the constraint, and its default
-    time grid ("time", "logsnr" or "edm"). Calling it runs `fn` directly (no framework: no constraint, counting,
-    progress or callback) with checked options."""
+    """A registered sampler: `fn`, its options, whether it takes the generator and the constraint, its default
+    time grid (GRID_NAMES) and whether it is adaptive (chooses its own steps and score calls; only the grid's ends
+    matter). Calling it runs `fn` directly (no framework: no constraint, counting, progress or callback) with
+    checked options."""
 
     name: str
     fn: Callable
@@ -51,6 +52,7 @@ class Sampler:
     options: Dict[str, Option] = field(default_factory=dict)
     takes_generator: bool = False
     takes_constraint: bool = False
+    adaptive: bool = False
 
     def check_options(self, options: Dict[str, Any]) -> Dict[str, Any]:
         """options with config-string values converted; ValueError naming the sampler, option and valid options."""
@@ -81,10 +83,12 @@ class Sampler:
 SAMPLERS: Dict[str, Sampler] = {}
 
 
-def register_sampler(name: str, *, grid: str = "time", replace: bool = False) -> Callable[[Callable], Callable]:
+def register_sampler(name: str, *, grid: str = "time", adaptive: bool = False, replace: bool = False
+                     ) -> Callable[[Callable], Callable]:
     """Decorator: make `fn(score_fn, sde, x, timesteps, **options) -> x` the sampling method `name` everywhere
-    (`sample`, `--mode sample/eval/compare`). grid: the default spacing of its time grid. Registering a taken name
-    is a ValueError unless replace=True. Returns fn unchanged."""
+    (`sample`, `--mode sample/eval/compare`). grid: the default spacing of its time grid. adaptive: it picks its own
+    steps (steps and NFE budgets do not apply). Registering a taken name is a ValueError unless replace=True.
+    Returns fn unchanged."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"a sampler name must be an identifier such as 'my_euler', got {name!r}")
     if grid not in GRID_NAMES:
@@ -94,7 +98,7 @@ def register_sampler(name: str, *, grid: str = "time", replace: bool = False) ->
         if name in SAMPLERS and not replace:
             raise ValueError(f"a sampler named {name!r} is already registered ({_where(SAMPLERS[name].fn)}): pick "
                              "another name or pass replace=True")
-        SAMPLERS[name] = sampler_from_function(name, fn, grid)
+        SAMPLERS[name] = sampler_from_function(name, fn, grid, adaptive)
         return fn
     return decorate
 
@@ -103,7 +107,7 @@ def _where(fn: Callable) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
 
 
-def sampler_from_function(name: str, fn: Callable, grid: str = "time") -> Sampler:
+def sampler_from_function(name: str, fn: Callable, grid: str = "time", adaptive: bool = False) -> Sampler:
     """Read the options from fn's signature; a ValueError for a signature the framework cannot call."""
     params = list(inspect.signature(fn).parameters.values())
     positional = [p for p in params[:4] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -125,7 +129,7 @@ def sampler_from_function(name: str, fn: Callable, grid: str = "time") -> Sample
         if p.name not in PASSED:
             options[p.name] = Option(p.name, p.default, _literal_choices(hints.get(p.name)))
     names = {p.name for p in params}
-    return Sampler(name, fn, grid, options, "generator" in names, "constraint" in names)
+    return Sampler(name, fn, grid, options, "generator" in names, "constraint" in names, adaptive)
 
 
 def _type_hints(fn: Callable) -> Dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import List, Literal
 import torch
 
 from ..sdes import SDE, ScoreFn, batch_time, per_sample
-from .fast import dpm_solver_pp_update
+from .fast import dpm_solver_pp_update, heun_segment, time_of
 from .grids import EDM_RHO
 from .registry import register_sampler
 from .terms import denoised_and_noise, like, noise
@@ -46,42 +46,6 @@ def dpm_solver_sde_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timeste
     return x
 
 
-def _time_of(sde: SDE, sig: torch.Tensor) -> torch.Tensor:
-    """The time at which σ/α = sig (0-d float64)."""
-    return sde.t_from_log_snr(-torch.log(sig))
-
-
-def heun_segment(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, times: torch.Tensor, *, euler_last: bool,
-                 churn: float = 0.0, s_min: float = 0.0, s_max: float = math.inf, s_noise: float = 1.0,
-                 generator=None) -> torch.Tensor:
-    """EDM's Heun steps along `times` (float64, decreasing), with Algorithm 2's churn: at each t_i with
-    s_min ≤ σ̃_i ≤ s_max, x̃ first gets noise raising σ̃_i to σ̂ = σ̃_i·(1 + γ) (at most σ̃(T)),
-    γ = min(churn/steps, √2 − 1), the noise scaled by s_noise; then Euler to t_{i+1} and the trapezoid correction
-    (skipped on the last step when euler_last). Score calls: 2 per step (one fewer with euler_last).
-    """
-    sig = torch.exp(-sde.log_snr(times))
-    sig_top = torch.exp(-sde.log_snr(torch.tensor(sde.T, dtype=torch.float64, device=times.device)))
-    n = len(times) - 1
-    gamma = min(churn / n, math.sqrt(2.0) - 1.0) if churn > 0 else 0.0
-    for i in range(n):
-        t, s = times[i], times[i + 1]
-        x_tilde, sig_hat, t_hat = x / like(sde.alpha(t), x), sig[i], t
-        if gamma > 0 and s_min <= sig[i].item() <= s_max:
-            sig_hat = torch.minimum(sig[i] * (1.0 + gamma), sig_top)
-            if sig_hat > sig[i]:
-                t_hat = _time_of(sde, sig_hat)
-                spread = s_noise * torch.sqrt(sig_hat**2 - sig[i] ** 2)
-                x_tilde = x_tilde + like(spread, x) * noise(x, generator)
-        x_hat = like(sde.alpha(t_hat), x) * x_tilde
-        d = denoised_and_noise(score_fn, sde, x_hat, t_hat)[1]
-        dsig, alpha_s = like(sig[i + 1] - sig_hat, x), like(sde.alpha(s), x)
-        x = alpha_s * (x_tilde + dsig * d)
-        if not (euler_last and i == n - 1):
-            d_next = denoised_and_noise(score_fn, sde, x, s)[1]
-            x = x + alpha_s * dsig * 0.5 * (d_next - d)
-    return x
-
-
 @register_sampler("edm_sde", grid="edm")
 def edm_sde_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor, *,
                     s_churn: float = 40.0, s_min: float = 0.05, s_max: float = 50.0, s_noise: float = 1.0,
@@ -102,7 +66,7 @@ def edm_times(sde: SDE, sig_from: torch.Tensor, sig_to: torch.Tensor, steps: int
     """steps + 1 times from σ̃ = sig_from down to sig_to, uniform in σ̃^{1/ρ} (float64)."""
     fraction = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64, device=sig_from.device)
     root_from, root_to = sig_from ** (1 / rho), sig_to ** (1 / rho)
-    return _time_of(sde, (root_from + fraction * (root_to - root_from)) ** rho)
+    return time_of(sde, (root_from + fraction * (root_to - root_from)) ** rho)
 
 
 @register_sampler("restart", grid="edm")
@@ -138,7 +102,7 @@ def restart_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: tor
     return heun_segment(score_fn, sde, x, timesteps[k:], euler_last=True)
 
 
-@register_sampler("adaptive_sde")
+@register_sampler("adaptive_sde", adaptive=True)
 def adaptive_sde_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor, *,
                          rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.01, safety: float = 0.9,
                          exponent: float = 0.9, max_evals: int = 100000, generator=None, constraint=None

@@ -21,8 +21,6 @@ from .flow import integrate_pf_ode
 from .grids import EDM_RHO, make_grid
 from .registry import get_sampler
 
-# Samplers whose score calls do not follow from the number of steps.
-ADAPTIVE = ("ode", "adaptive_sde")
 # Points of the starting spacing's coordinate table that tuned times are interpolated from.
 TABLE_POINTS = 4096
 
@@ -35,7 +33,7 @@ def steps_for_nfe(sde: SDE, method: str, nfe: int, *, denoise: bool = False, **o
     """The most steps whose score calls (plus the final denoising call if denoise) stay within nfe. ValueError for an
     adaptive sampler or a budget too small for one step. Counted by running the sampler on one point with a zero
     score, so any registered sampler's step structure is respected."""
-    if method in ADAPTIVE:
+    if get_sampler(method).adaptive:
         raise ValueError(f"{method!r} chooses its own number of score calls; give it a tolerance, not an NFE budget")
     best = None
     for steps in range(1, nfe + 1):
