@@ -9,8 +9,9 @@ Every solver is driven by the exact score of a Gaussian mixture (d = 2: `toy.def
   (`metrics_toy.cross_entropy_gap`; + over-dispersed, − under-dispersed; exact samples scatter by ≈ 0.01);
 * sw2: sliced W₂ to fresh exact samples in units of its noise floor (≈ 1 for exact samples).
 
-Our rows count NFE exactly (`sampling.steps_for_nfe`), with and without the final denoising call (the better of the
-two is reported as "ours best"). "tuned" rows use `sampling.tune_grid` (256 other draws). diffusers' schedulers
+Our rows (default grids unless the name says: "sech w=2", "λ grid", "ρ grid") count NFE exactly
+(`sampling.steps_for_nfe`), each with and without the final denoising call (the one with the smaller |gap| is
+shown). "tuned" rows use `sampling.tune_grid` (256 other draws). diffusers' schedulers
 run the 1000-step DDPM chain (β 1e-4 … 0.02, the discretization of our VP SDE) with the exact ε of that chain at
 their own time steps, each at several documented settings; IPNDMScheduler is left out (it defines its own cosine
 chain, not the DDPM one). diffusers rows exist for VP only; for VE the comparison is against our DPM-Solver++ 2M.
@@ -45,15 +46,22 @@ SEED = 0
 OURS: Dict[str, Tuple[str, dict]] = {
     "dpm_solver++ 2M": ("dpm_solver", dict(order=2)),
     "dpm_solver++ 3M": ("dpm_solver", dict(order=3)),
+    "dpm_solver++ 3M (sech w=2)": ("dpm_solver", dict(order=3, width=2.0)),
+    "dpm_solver++ 3M (λ grid)": ("dpm_solver", dict(order=3, grid="logsnr")),
     "unipc bh1 p3": ("unipc", dict(order=3, variant="bh1")),
     "unipc bh2 p2": ("unipc", dict(order=2)),
     "unipc bh2 p3": ("unipc", dict(order=3)),
+    "unipc bh2 p3 (sech w=2)": ("unipc", dict(order=3, width=2.0)),
+    "unipc bh2 p3 (λ grid)": ("unipc", dict(order=3, grid="logsnr")),
     "unipc bh2 p3 no corrector": ("unipc", dict(order=3, corrector=False)),
     "ipndm p4": ("ipndm", dict(order=4)),
-    "ipndm p4 (λ grid)": ("ipndm", dict(order=4, grid="logsnr")),
+    "ipndm p4 (sech w=2)": ("ipndm", dict(order=4, width=2.0)),
+    "ipndm p4 (ρ grid)": ("ipndm", dict(order=4, grid="edm")),
     "deis tAB3": ("deis", dict(order=3)),
+    "deis tAB3 (sech w=2)": ("deis", dict(order=3, width=2.0)),
     "ddim": ("ddim", {}),
-    "heun (EDM)": ("heun", {}),
+    "heun": ("heun", {}),
+    "heun (EDM ρ grid)": ("heun", dict(grid="edm")),
     "dpm_solver++ 2M SDE": ("dpm_solver_sde", dict(order=2)),
     "dpm_solver++ 3M SDE": ("dpm_solver_sde", dict(order=3)),
     "edm_sde": ("edm_sde", {}),

@@ -3,6 +3,7 @@ Gaussian (whose every marginal is known), grids tuned for a budget, and grid fil
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ def test_equivalences(sde_name):
     torch.testing.assert_close(run(sde, "restart", 8, restarts=0), heun, rtol=0, atol=1e-12)
     ddim = run(sde, "ddim", 8, grid="logsnr")
     torch.testing.assert_close(run(sde, "ipndm", 8, order=1, grid="logsnr"), ddim, rtol=0, atol=1e-10)
-    torch.testing.assert_close(run(sde, "deis", 8, order=1), ddim, rtol=0, atol=1e-10)
+    torch.testing.assert_close(run(sde, "deis", 8, order=1, grid="logsnr"), ddim, rtol=0, atol=1e-10)
     torch.testing.assert_close(run(sde, "unipc", 8, order=2, corrector=False),
                                run(sde, "dpm_solver", 8, order=2), rtol=0, atol=1e-10)
     assert (run(sde, "unipc", 8, order=2) - run(sde, "unipc", 8, order=2, variant="bh1")).abs().max() > 1e-4
@@ -183,3 +184,43 @@ def test_config_keys_reach_only_their_own_builtin_sampler():
     assert sampling.options_from_config(config) == {"order": 2}
     config.sampling.method, config.sampling.options = "dpm_solver", ""
     assert sampling.options_from_config(config) == {"order": 3}
+
+
+def test_sech_grid_concentrates_steps_at_the_data_scale():
+    """Steps are shortest in λ where σ/α = SECH_CENTER_SIGMA, growing ~e^{|λ − λ_d|/width} away from it; the ends are
+    T and eps exactly; width comes from sample's keyword, else the sampler's registration, else SECH_WIDTH."""
+    sde = VPSDE()
+    base = sampling.time_grid(sde, 20, sde.default_eps)
+    centre = -math.log(sampling.grids.SECH_CENTER_SIGMA)
+    ratios = {}
+    for width in (1.0, 2.0):
+        times = sampling.solver_grid(sde, base, "sech", width=width)
+        assert times[0] == base[0] and times[-1] == base[-1] and bool((times[1:] < times[:-1]).all())
+        lam = sde.log_snr(times)
+        steps = lam[1:] - lam[:-1]
+        shortest = int(torch.argmin(steps))
+        assert abs(0.5 * (lam[shortest] + lam[shortest + 1]).item() - centre) < steps[shortest].item()
+        ratios[width] = (steps.max() / steps.min()).item()
+    assert ratios[1.0] > 10 and ratios[2.0] < ratios[1.0]
+    score_fn = default_mixture().marginal_score_fn(sde)
+    z = sde.prior_sampling((8, 2), generator=torch.Generator().manual_seed(0))
+    seen = []
+    sample(score_fn, sde, z.shape, "heun", steps=4, x_T=z, callback=lambda i, t, x: seen.append(t.item()))
+    expected = sampling.solver_grid(sde, sampling.time_grid(sde, 4, sde.default_eps), "sech",
+                                    width=sampling.SAMPLERS["heun"].width)
+    assert seen == pytest.approx(expected[1:].tolist(), rel=1e-12)
+    with pytest.raises(ValueError, match="width"):
+        sample(score_fn, sde, z.shape, "dpm_solver", steps=4, width=0.0)
+    assert sampling.parse_spec("dpm_solver:grid=sech,width=2")[1] == {"grid": "sech", "width": 2.0}
+
+
+def test_sampling_width_from_the_config():
+    from sde_diffusion.config import default_config
+    config = default_config()
+    config.sampling.method = "dpm_solver"
+    assert "width" not in sampling.settings_from_config(config, VPSDE())
+    config.sampling.width = 2.0
+    assert sampling.settings_from_config(config, VPSDE())["width"] == 2.0
+    config.sampling.width = -1.0
+    with pytest.raises(ConfigError, match="width"):
+        sampling.check_config(config)

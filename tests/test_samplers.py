@@ -21,7 +21,7 @@ import torch
 import sde_diffusion.sampling as sampling
 from sde_diffusion import sdes
 from sde_diffusion.discrete import langevin_step_scale
-from sde_diffusion.metrics_toy import mixture_failures, sliced_w2_noise_floor
+from sde_diffusion.metrics_toy import cross_entropy_gap, mixture_entropy, mixture_failures, sliced_w2_noise_floor
 from sde_diffusion.sampling import (SAMPLERS, dpm_solver_pp_update, ode_decode, ode_encode, sample, solver_grid,
                                     time_grid)
 from sde_diffusion.sdes import SubVPSDE, VESDE, VPSDE
@@ -59,12 +59,12 @@ BUDGETS = {
     "ddim_eta1": ("ddim", 100, dict(eta=1.0)),  # 101
     "dpm_solver_2": ("dpm_solver", 20, dict(order=2)),  # 21
     "dpm_solver_3": ("dpm_solver", 20, dict(order=3)),  # 21
-    "heun": ("heun", 25, {}),  # 50
-    "unipc": ("unipc", 20, {}),  # 21
-    "ipndm": ("ipndm", 20, {}),  # 21
+    "heun": ("heun", 18, {}),  # 36
+    "unipc": ("unipc", 10, {}),  # 11
+    "ipndm": ("ipndm", 15, {}),  # 16
     "deis": ("deis", 20, {}),  # 21
     "dpm_solver_sde": ("dpm_solver_sde", 50, {}),  # 51
-    "edm_sde": ("edm_sde", 40, {}),  # 80
+    "edm_sde": ("edm_sde", 60, {}),  # 120
     "restart": ("restart", 18, {}),  # 48
     "adaptive_sde": ("adaptive_sde", 1, {}),  # adaptive, ≈ 230–360
 }
@@ -81,6 +81,12 @@ def single_thread():
 
 
 @pytest.fixture(scope="module")
+def entropies():
+    """Entropy per dimension of each mixture (Monte Carlo), computed once."""
+    return {name: mixture_entropy(mixture) for name, (mixture, _) in MIXTURES.items()}
+
+
+@pytest.fixture(scope="module")
 def floors():
     """Noise floor of the sliced W₂ per mixture, computed once."""
     return {name: sliced_w2_noise_floor(mixture, chunk) for name, (mixture, chunk) in MIXTURES.items()}
@@ -94,18 +100,34 @@ def draw(sde, mixture_name, method, steps, options, score_fn=None, seed=SEED):
     return x, nfe
 
 
+# The samplers whose budget above is their documented step count (sampling/__init__.py): there, with their default
+# grid and settings, the cross-entropy gap of their samples to the exact density is within ±GAP_TOLERANCE nats/dim
+# on every SDE and mixture (measured, median of three draws: ≤ 0.029; the uniform-t / λ / ρ grids gave up to 0.075).
+DOCUMENTED = ("ddim", "dpm_solver_2", "dpm_solver_3", "heun", "unipc", "ipndm", "deis", "dpm_solver_sde", "edm_sde",
+              "restart")
+GAP_TOLERANCE = 0.03
 # adaptive_sde's error control selects on its own noise draws, which biases it in 2-D (its docstring): d = 16 only.
 HIGH_DIM_ONLY = ("adaptive_sde",)
 DISTRIBUTION_CASES = [(sde_name, mixture_name, sampler) for sde_name in SDES for mixture_name in MIXTURES
                       for sampler in BUDGETS if mixture_name == "16d" or sampler not in HIGH_DIM_ONLY]
 
 
-@pytest.mark.parametrize("sde_name, mixture_name, sampler", DISTRIBUTION_CASES)
-def test_sampler_matches_exact_distribution(sde_name, mixture_name, sampler, floors):
-    method, steps, options = BUDGETS[sampler]
+def oracle_failures(sampler, mixture_name, x, floors, entropies):
+    """mixture_failures, and for a sampler at its documented step count a cross-entropy gap beyond GAP_TOLERANCE."""
     mixture, chunk = MIXTURES[mixture_name]
-    x, nfe = draw(SDES[sde_name](), mixture_name, method, steps, options)
     failures = mixture_failures(mixture, x, chunk, floors[mixture_name])
+    if sampler in DOCUMENTED:
+        gap = cross_entropy_gap(x, mixture, entropies[mixture_name])
+        if abs(gap) > GAP_TOLERANCE:
+            failures.append(f"cross-entropy gap {gap:+.3f} nats/dim beyond ±{GAP_TOLERANCE}")
+    return failures
+
+
+@pytest.mark.parametrize("sde_name, mixture_name, sampler", DISTRIBUTION_CASES)
+def test_sampler_matches_exact_distribution(sde_name, mixture_name, sampler, floors, entropies):
+    method, steps, options = BUDGETS[sampler]
+    x, nfe = draw(SDES[sde_name](), mixture_name, method, steps, options)
+    failures = oracle_failures(sampler, mixture_name, x, floors, entropies)
     assert not failures, f"{sampler} on {sde_name}/{mixture_name} (NFE {nfe}): {failures}"
 
 
@@ -195,7 +217,7 @@ MUTATIONS = {
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS)
-def test_mutated_solver_fails_the_oracle(mutation, floors, monkeypatch):
+def test_mutated_solver_fails_the_oracle(mutation, floors, entropies, monkeypatch):
     sde_name, mixture_name, sampler, mutate = MUTATIONS[mutation]
     sde = SDES[sde_name]()
     method, steps, options = BUDGETS[sampler]
@@ -204,9 +226,8 @@ def test_mutated_solver_fails_the_oracle(mutation, floors, monkeypatch):
         score_fn = _grid_index_shift(sde, mixture_name, steps, mutate.split(":")[1])
     else:
         mutate(monkeypatch)
-    mixture, chunk = MIXTURES[mixture_name]
     x, _ = draw(sde, mixture_name, method, steps, options, score_fn=score_fn)
-    assert mixture_failures(mixture, x, chunk, floors[mixture_name]), f"mutation {mutation} went undetected"
+    assert oracle_failures(sampler, mixture_name, x, floors, entropies), f"mutation {mutation} went undetected"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,6 +261,9 @@ ORDERS = {
     "deis_3": ("deis", dict(order=3), (40, 80), 2.4),
 }
 ORDER_POINTS = 300
+# Order is the solver's, measured on smooth grids whose steps shrink evenly (the default sech grid's tail steps are
+# hundreds of times its central ones, so its asymptotic regime starts far beyond these step counts).
+ORDER_GRIDS = {"ddim": "time", "heun": "edm", "ipndm": "edm"}  # others: λ-uniform
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +285,7 @@ def observed_order(sde, z, reference, method, options, steps_pair):
     score_fn = default_mixture().marginal_score_fn(sde)
     errors = []
     for steps in steps_pair:
-        grid = solver_grid(sde, time_grid(sde, steps, sde.default_eps), SAMPLERS[method].grid)
+        grid = solver_grid(sde, time_grid(sde, steps, sde.default_eps), ORDER_GRIDS.get(method, "logsnr"))
         x = SAMPLERS[method](score_fn, sde, z.clone(), grid, **options)
         errors.append((x - reference).norm(dim=1).median().item())
     return math.log(errors[0] / errors[1]) / math.log(steps_pair[1] / steps_pair[0])
@@ -585,5 +609,7 @@ def test_every_builtin_sampler_is_registered_with_its_options():
     assert [name for name, s in builtin.items() if s.takes_constraint] == ["ode", "sde", "adaptive_sde"]
     assert [name for name, s in builtin.items() if s.adaptive] == ["ode", "adaptive_sde"]
     assert {name: s.grid for name, s in builtin.items() if s.grid != "time"} == {
-        "dpm_solver": "logsnr", "heun": "edm", "unipc": "logsnr", "ipndm": "edm", "deis": "logsnr",
-        "dpm_solver_sde": "logsnr", "edm_sde": "edm", "restart": "edm"}
+        name: "sech" for name in ("ddim", "dpm_solver", "heun", "unipc", "ipndm", "deis", "dpm_solver_sde", "edm_sde",
+                                  "restart")}
+    assert {name: s.width for name, s in builtin.items() if s.width is not None} == {
+        "heun": 2.5, "edm_sde": 2.5, "restart": 2.5}

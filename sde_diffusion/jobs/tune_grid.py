@@ -46,6 +46,7 @@ def run(config, workdir) -> Path:
     report = {}
     times = sampling.tune_grid(score_fn, sde, (config.tune.batch, *dataset.shape), method, config.tune.nfe,
                                denoise=denoise, eps=eps, start=start, rho=spec_keys.get("rho", config.sampling.rho),
+                               width=spec_keys.get("width", config.sampling.width),
                                seed=config.seed, device=device, report=report, **options)
     out = Path(config.tune.out) if config.tune.out else workdir / "grids" / f"{method}_nfe{config.tune.nfe}.json"
     sampling.save_grid(out, times, **report, options=options, denoise=denoise, checkpoint=path.name,

@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..sdes import SDE, ScoreFn, batch_time
-from .grids import EDM_RHO, GRIDS, explicit_grid, load_grid, make_grid
+from .grids import EDM_RHO, GRIDS, SECH_WIDTH, explicit_grid, load_grid, make_grid
 from .registry import Sampler, get_sampler
 from .terms import tweedie_denoise
 
@@ -141,9 +141,12 @@ def _prior(sde: SDE, shape: Sequence[int], x_T: Optional[torch.Tensor], generato
 
 
 def _timesteps(sde: SDE, sampler: Sampler, steps: Optional[int], eps: Optional[float], grid, rho: float,
-               device) -> torch.Tensor:
+               width: Optional[float], device) -> torch.Tensor:
     if rho <= 0:
         raise ValueError(f"rho must be > 0, got {rho}")
+    width = width if width is not None else sampler.width if sampler.width is not None else SECH_WIDTH
+    if width <= 0:
+        raise ValueError(f"width must be > 0, got {width}")
     if isinstance(grid, (str, Path)) and str(grid) not in GRIDS:
         grid = load_grid(grid)["times"]  # a grid file (tune_grid's)
     if grid is not None and not isinstance(grid, str):
@@ -158,7 +161,7 @@ def _timesteps(sde: SDE, sampler: Sampler, steps: Optional[int], eps: Optional[f
     if not (0.0 <= eps < sde.T and sde.sigma(torch.tensor(eps, dtype=torch.float64)).item() > 0):
         raise ValueError(f"eps must lie in [0, T={sde.T}) where σ(eps) > 0 (so eps > 0 unless the process is noisy "
                          f"at 0, as the 'linear_chain' VP), got {eps}")
-    return make_grid(sde, grid, sampler.grid, steps, eps, rho, device)
+    return make_grid(sde, grid, sampler.grid, steps, eps, rho, device, width)
 
 
 def sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str = "pc", *, steps: Optional[int] = None,
@@ -166,18 +169,19 @@ def sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str = "pc"
            device=None, dtype: torch.dtype = torch.float32, progress: bool = False,
            callback: Optional[Callback] = None, constraint: Optional[Constraint] = None,
            grid: Union[str, Path, Sequence[float], torch.Tensor, None] = None, rho: float = EDM_RHO,
-           x_T: Optional[torch.Tensor] = None, **options) -> Tuple[torch.Tensor, int]:
+           width: Optional[float] = None, x_T: Optional[torch.Tensor] = None, **options) -> Tuple[torch.Tensor, int]:
     """Draw `shape[0]` samples with the registered sampler `method`; returns (x, nfe).
 
     steps: grid steps (default sde.N). eps: last time (default sde.default_eps). grid: a spacing of the steps + 1
-    times ("time", "logsnr", "edm" with exponent rho, "quadratic"; None: the sampler's default), the times
+    times ("time", "logsnr", "edm" with exponent rho, "quadratic", "sech" with `width` (None: the sampler's);
+    None: the sampler's default), the times
     themselves (1-D, T → eps; steps and eps then follow from it) or a grid file's path (`tune_grid`, `save_grid`). x_T: start from this prior draw (not modified). denoise: finish with
     a Tweedie step at eps (counted in nfe). callback(i, t, x) after every grid step. constraint: see the module
     docstring. options: the sampler's own (its signature; a ValueError names the valid ones).
     """
     sampler = get_sampler(method)
     options = sampler.check_options(options)
-    timesteps = _timesteps(sde, sampler, steps, eps, grid, rho, device)
+    timesteps = _timesteps(sde, sampler, steps, eps, grid, rho, width, device)
     counted = CountingScore(score_fn)
     bar = tqdm(total=len(timesteps) - 1, desc=method, disable=not progress)
     with torch.no_grad():

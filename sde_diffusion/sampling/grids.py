@@ -15,6 +15,10 @@ from .registry import GRID_NAMES
 GRIDS = GRID_NAMES
 # EDM's exponent for the σ/α grid (Karras et al. 2022, eq. 5).
 EDM_RHO = 7.0
+# The σ/α on which the "sech" spacing centres its steps: EDM's σ_data, the scale of data in [−1, 1] (λ = log 2).
+SECH_CENTER_SIGMA = 0.5
+# Default width (in λ) of the "sech" spacing; samplers may register their own (`register_sampler(width=...)`).
+SECH_WIDTH = 1.0
 GRID_FILE_VERSION = 1
 
 
@@ -23,12 +27,16 @@ def time_grid(sde: SDE, steps: int, eps: float, device=None) -> torch.Tensor:
     return torch.linspace(sde.T, eps, steps + 1, dtype=torch.float64, device=device)
 
 
-def solver_grid(sde: SDE, timesteps: torch.Tensor, grid: str = "time", rho: float = EDM_RHO) -> torch.Tensor:
+def solver_grid(sde: SDE, timesteps: torch.Tensor, grid: str = "time", rho: float = EDM_RHO,
+                width: float = SECH_WIDTH) -> torch.Tensor:
     """A grid with the endpoints and number of steps of `timesteps` (T → eps), spaced as `grid` says (float64).
 
     "time": the given grid (uniform in t). "logsnr": uniform in λ = log(α/σ) (DPM-Solver). "edm": uniform in
     (σ/α)^{1/ρ}, i.e. σ̃_i = (σ̃_max^{1/ρ} + i/n·(σ̃_min^{1/ρ} − σ̃_max^{1/ρ}))^ρ with σ̃ = σ/α = e^{−λ}
     (Karras et al.). "quadratic": t_i = eps + (T − eps)·(1 − i/n)², dense near eps (DDIM's quadratic spacing).
+    "sech": steps spread in λ with density ∝ sech((λ − λ_d)/width), λ_d = −log SECH_CENTER_SIGMA: most steps where
+    σ/α is near the data's scale, exponentially fewer where the ODE is near-linear (σ/α ≫ 1) or where the data are
+    already resolved (σ/α ≪ 1); i.e. uniform in gd((λ − λ_d)/width) with gd(u) = atan(sinh u) the Gudermannian.
     Times come back through the SDE's inverse of λ(t).
     """
     if grid not in GRIDS:
@@ -46,6 +54,12 @@ def solver_grid(sde: SDE, timesteps: torch.Tensor, grid: str = "time", rho: floa
     fraction = torch.linspace(0.0, 1.0, n, dtype=torch.float64, device=timesteps.device)
     if grid == "logsnr":
         lam = lam_start + fraction * (lam_end - lam_start)
+    elif grid == "sech":
+        if not width > 0:
+            raise ValueError(f"the sech spacing's width must be > 0, got {width}")
+        centre = -torch.log(torch.tensor(SECH_CENTER_SIGMA, dtype=torch.float64))
+        g_start, g_end = (torch.atan(torch.sinh((lam - centre) / width)) for lam in (lam_start, lam_end))
+        lam = centre + width * torch.asinh(torch.tan(g_start + fraction * (g_end - g_start)))
     else:
         root_max, root_min = torch.exp(-lam_start / rho), torch.exp(-lam_end / rho)  # σ̃^{1/ρ}
         lam = -rho * torch.log(root_max + fraction * (root_min - root_max))
@@ -73,9 +87,9 @@ def explicit_grid(sde: SDE, times, steps: Optional[int], device=None) -> torch.T
 
 
 def make_grid(sde: SDE, grid: Union[str, torch.Tensor, None], default: str, steps: int, eps: float,
-              rho: float = EDM_RHO, device=None) -> torch.Tensor:
+              rho: float = EDM_RHO, device=None, width: float = SECH_WIDTH) -> torch.Tensor:
     """The grid a sampler runs on: `grid` names a spacing (None: the sampler's default) of steps + 1 times."""
-    return solver_grid(sde, time_grid(sde, steps, eps, device), default if grid is None else grid, rho)
+    return solver_grid(sde, time_grid(sde, steps, eps, device), default if grid is None else grid, rho, width)
 
 
 def save_grid(path: Union[str, Path], times: torch.Tensor, **record) -> Path:

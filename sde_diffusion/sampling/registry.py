@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
 # Keywords of `sample` (the framework's); a sampler may not use them as option names.
-RESERVED = ("steps", "eps", "denoise", "device", "dtype", "progress", "callback", "grid", "rho", "x_T", "method",
+RESERVED = ("steps", "eps", "denoise", "device", "dtype", "progress", "callback", "grid", "rho", "width", "x_T", "method",
             "shape")
 # Framework values a sampler receives by declaring a parameter of this name.
 PASSED = ("generator", "constraint")
-GRID_NAMES = ("time", "logsnr", "edm", "quadratic")
+GRID_NAMES = ("time", "logsnr", "edm", "quadratic", "sech")
 SPEC_FORMAT = "'method[:option=value,...]', e.g. 'dpm_solver:order=2'"
 
 
@@ -42,7 +42,7 @@ class Option:
 @dataclass(frozen=True)
 class Sampler:
     """A registered sampler: `fn`, its options, whether it takes the generator and the constraint, its default
-    time grid (GRID_NAMES) and whether it is adaptive (chooses its own steps and score calls; only the grid's ends
+    time grid (GRID_NAMES) with the width of its "sech" spacing (None: grids.SECH_WIDTH), and whether it is adaptive (chooses its own steps and score calls; only the grid's ends
     matter). Calling it runs `fn` directly (no framework: no constraint, counting, progress or callback) with
     checked options."""
 
@@ -53,6 +53,7 @@ class Sampler:
     takes_generator: bool = False
     takes_constraint: bool = False
     adaptive: bool = False
+    width: Optional[float] = None
 
     def check_options(self, options: Dict[str, Any]) -> Dict[str, Any]:
         """options with config-string values converted; ValueError naming the sampler, option and valid options."""
@@ -83,10 +84,11 @@ class Sampler:
 SAMPLERS: Dict[str, Sampler] = {}
 
 
-def register_sampler(name: str, *, grid: str = "time", adaptive: bool = False, replace: bool = False
-                     ) -> Callable[[Callable], Callable]:
+def register_sampler(name: str, *, grid: str = "time", width: Optional[float] = None, adaptive: bool = False,
+                     replace: bool = False) -> Callable[[Callable], Callable]:
     """Decorator: make `fn(score_fn, sde, x, timesteps, **options) -> x` the sampling method `name` everywhere
-    (`sample`, `--mode sample/eval/compare`). grid: the default spacing of its time grid. adaptive: it picks its own
+    (`sample`, `--mode sample/eval/compare`). grid: the default spacing of its time grid; width: that of its "sech"
+    spacing (None: grids.SECH_WIDTH). adaptive: it picks its own
     steps (steps and NFE budgets do not apply). Registering a taken name is a ValueError unless replace=True.
     Returns fn unchanged."""
     if not isinstance(name, str) or not name.isidentifier():
@@ -98,7 +100,7 @@ def register_sampler(name: str, *, grid: str = "time", adaptive: bool = False, r
         if name in SAMPLERS and not replace:
             raise ValueError(f"a sampler named {name!r} is already registered ({_where(SAMPLERS[name].fn)}): pick "
                              "another name or pass replace=True")
-        SAMPLERS[name] = sampler_from_function(name, fn, grid, adaptive)
+        SAMPLERS[name] = sampler_from_function(name, fn, grid, adaptive, width)
         return fn
     return decorate
 
@@ -107,7 +109,8 @@ def _where(fn: Callable) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
 
 
-def sampler_from_function(name: str, fn: Callable, grid: str = "time", adaptive: bool = False) -> Sampler:
+def sampler_from_function(name: str, fn: Callable, grid: str = "time", adaptive: bool = False,
+                          width: Optional[float] = None) -> Sampler:
     """Read the options from fn's signature; a ValueError for a signature the framework cannot call."""
     params = list(inspect.signature(fn).parameters.values())
     positional = [p for p in params[:4] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -129,7 +132,7 @@ def sampler_from_function(name: str, fn: Callable, grid: str = "time", adaptive:
         if p.name not in PASSED:
             options[p.name] = Option(p.name, p.default, _literal_choices(hints.get(p.name)))
     names = {p.name for p in params}
-    return Sampler(name, fn, grid, options, "generator" in names, "constraint" in names, adaptive)
+    return Sampler(name, fn, grid, options, "generator" in names, "constraint" in names, adaptive, width)
 
 
 def _type_hints(fn: Callable) -> Dict[str, Any]:
@@ -208,12 +211,12 @@ def parse_options(text: str, where: str = "options") -> Dict[str, str]:
 
 
 # Keywords of `sample` that a text spec may set next to the sampler's options (the default gives the type).
-SPEC_KEYWORDS = {"denoise": True, "grid": "time", "rho": 7.0, "eps": 1e-3}
+SPEC_KEYWORDS = {"denoise": True, "grid": "time", "rho": 7.0, "width": 1.0, "eps": 1e-3}
 
 
 def parse_spec(text: str) -> Tuple[str, Dict[str, Any]]:
     """'method[:option=value,...]' → (method, checked options); the options are the sampler's own and `sample`'s
-    SPEC_KEYWORDS (denoise, grid, rho, eps). ValueError for an unknown method, option or bad value."""
+    SPEC_KEYWORDS (denoise, grid, rho, width, eps). ValueError for an unknown method, option or bad value."""
     method, _, opts = text.strip().partition(":")
     sampler = get_sampler(method.strip())
     options = {}

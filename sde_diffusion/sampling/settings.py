@@ -70,8 +70,8 @@ def _checked(sampler, name: str, value, key: str):
 
 def settings_from_config(config, sde) -> Dict[str, Any]:
     """Keyword arguments for `sample` from config.sampling: method, steps (None → sde.N; with a grid file, its
-    length), eps, denoise, the grid (sampling.grid or the sampler's default; ρ when it is "edm") and the method's
-    options."""
+    length), eps, denoise, the grid (sampling.grid or the sampler's default; ρ when it is "edm", the width when it
+    is "sech" and sampling.width is set) and the method's options."""
     s = config.sampling
     sampler = get_sampler_for_config(s.method)
     settings = dict(method=s.method, steps=s.steps if s.steps is not None else sde.N, eps=s.eps,
@@ -80,6 +80,8 @@ def settings_from_config(config, sde) -> Dict[str, Any]:
         settings.update(steps=None if s.steps is None else s.steps, eps=None)
     if (s.grid or sampler.grid) == "edm":
         settings["rho"] = s.rho
+    if (s.grid or sampler.grid) == "sech" and s.width is not None:
+        settings["width"] = s.width
     settings.update(options_from_config(config))
     return settings
 
@@ -113,8 +115,8 @@ def _check_sampling_section(config) -> None:
         load_grid(s.grid)
     if s.steps is not None and s.steps < 1:
         raise ValueError(f"sampling.steps must be ≥ 1 (or None for model.num_scales), got {s.steps}")
-    for key in ("rtol", "atol", "rho", "snr"):
-        if key in s and not s[key] > 0:
+    for key in ("rtol", "atol", "rho", "snr", "width"):
+        if key in s and s[key] is not None and not s[key] > 0:
             raise ValueError(f"sampling.{key} must be > 0, got {s[key]}")
     if "eta" in s and s.eta < 0:
         raise ValueError(f"sampling.eta must be ≥ 0, got {s.eta}")

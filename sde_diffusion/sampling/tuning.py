@@ -18,7 +18,7 @@ import torch
 from ..sdes import SDE, ScoreFn
 from .core import sample
 from .flow import integrate_pf_ode
-from .grids import EDM_RHO, make_grid
+from .grids import EDM_RHO, SECH_WIDTH, make_grid
 from .registry import get_sampler
 
 # Points of the starting spacing's coordinate table that tuned times are interpolated from.
@@ -54,6 +54,7 @@ def _reference(score_fn: ScoreFn, sde: SDE, z: torch.Tensor, t0: float, t1: floa
 
 def tune_grid(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str, nfe: int, *,
               denoise: bool = False, eps: Optional[float] = None, start: Optional[str] = None, rho: float = EDM_RHO,
+              width: Optional[float] = None,
               evaluations: Optional[int] = None, reference_rtol: float = 1e-7, seed: int = 0,
               dtype: torch.dtype = torch.float32, device=None, report: Optional[Dict] = None,
               **options) -> torch.Tensor:
@@ -61,7 +62,7 @@ def tune_grid(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str, nf
     Tweedie step), chosen to minimise the RMS distance of the solver's output to the probability-flow solution on
     shape[0] prior draws (seeded by `seed`). 1-D float64; `sample(..., grid=times)` uses them.
 
-    start: the spacing the search starts from (default: the sampler's own). evaluations: solver runs allowed to the
+    start: the spacing the search starts from (default: the sampler's own; rho and width as in `sample`). evaluations: solver runs allowed to the
     search (default 60 per free time). report: if a dict, receives the start and final RMS errors and the runs made.
     options: the sampler's own. The tuned grid is never worse than the start on this batch (the search keeps the
     best point); on fresh draws it generalises when shape[0] is a few hundred or more.
@@ -71,7 +72,8 @@ def tune_grid(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str, nf
     steps = steps_for_nfe(sde, method, nfe, denoise=denoise, **options)
     eps = sde.default_eps if eps is None else float(eps)
     spacing = start or sampler.grid
-    table = make_grid(sde, spacing, sampler.grid, TABLE_POINTS, eps, rho).numpy()  # t at u = j/TABLE_POINTS
+    width = width if width is not None else sampler.width if sampler.width is not None else SECH_WIDTH
+    table = make_grid(sde, spacing, sampler.grid, TABLE_POINTS, eps, rho, width=width).numpy()  # t at u = j/points
     coordinate = np.linspace(0.0, 1.0, TABLE_POINTS + 1)
     z = sde.prior_sampling(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=dtype)
     z = z.to(device) if device is not None else z
