@@ -43,29 +43,29 @@ NFES = (4, 5, 6, 8, 10, 15, 20)
 POINTS, CHUNK = 4000, 1000
 SEED = 0
 # name → (method, options); deterministic ones also get the rms column and a tuned-grid row where listed in TUNED
-OURS: Dict[str, Tuple[str, dict]] = {
-    "dpm_solver++ 2M": ("dpm_solver", dict(order=2)),
-    "dpm_solver++ 3M": ("dpm_solver", dict(order=3)),
-    "dpm_solver++ 3M (sech w=2)": ("dpm_solver", dict(order=3, width=2.0)),
+OURS: Dict[str, Tuple[str, dict]] = {  # rows without a grid label: the sech spacing (width 1; Heun family 2.5)
+    "dpm_solver++ 2M": ("dpm_solver", dict(order=2, grid="sech")),
+    "dpm_solver++ 3M": ("dpm_solver", dict(order=3, grid="sech")),
+    "dpm_solver++ 3M (sech w=2)": ("dpm_solver", dict(order=3, grid="sech", width=2.0)),
     "dpm_solver++ 3M (λ grid)": ("dpm_solver", dict(order=3, grid="logsnr")),
-    "unipc bh1 p3": ("unipc", dict(order=3, variant="bh1")),
-    "unipc bh2 p2": ("unipc", dict(order=2)),
-    "unipc bh2 p3": ("unipc", dict(order=3)),
-    "unipc bh2 p3 (sech w=2)": ("unipc", dict(order=3, width=2.0)),
+    "unipc bh1 p3": ("unipc", dict(order=3, variant="bh1", grid="sech")),
+    "unipc bh2 p2": ("unipc", dict(order=2, grid="sech")),
+    "unipc bh2 p3": ("unipc", dict(order=3, grid="sech")),
+    "unipc bh2 p3 (sech w=2)": ("unipc", dict(order=3, grid="sech", width=2.0)),
     "unipc bh2 p3 (λ grid)": ("unipc", dict(order=3, grid="logsnr")),
-    "unipc bh2 p3 no corrector": ("unipc", dict(order=3, corrector=False)),
-    "ipndm p4": ("ipndm", dict(order=4)),
-    "ipndm p4 (sech w=2)": ("ipndm", dict(order=4, width=2.0)),
+    "unipc bh2 p3 no corrector": ("unipc", dict(order=3, corrector=False, grid="sech")),
+    "ipndm p4": ("ipndm", dict(order=4, grid="sech")),
+    "ipndm p4 (sech w=2)": ("ipndm", dict(order=4, grid="sech", width=2.0)),
     "ipndm p4 (ρ grid)": ("ipndm", dict(order=4, grid="edm")),
-    "deis tAB3": ("deis", dict(order=3)),
-    "deis tAB3 (sech w=2)": ("deis", dict(order=3, width=2.0)),
-    "ddim": ("ddim", {}),
-    "heun": ("heun", {}),
+    "deis tAB3": ("deis", dict(order=3, grid="sech")),
+    "deis tAB3 (sech w=2)": ("deis", dict(order=3, grid="sech", width=2.0)),
+    "ddim": ("ddim", dict(grid="sech")),
+    "heun": ("heun", dict(grid="sech")),
     "heun (EDM ρ grid)": ("heun", dict(grid="edm")),
-    "dpm_solver++ 2M SDE": ("dpm_solver_sde", dict(order=2)),
-    "dpm_solver++ 3M SDE": ("dpm_solver_sde", dict(order=3)),
-    "edm_sde": ("edm_sde", {}),
-    "restart": ("restart", {}),
+    "dpm_solver++ 2M SDE": ("dpm_solver_sde", dict(order=2, grid="sech")),
+    "dpm_solver++ 3M SDE": ("dpm_solver_sde", dict(order=3, grid="sech")),
+    "edm_sde": ("edm_sde", dict(grid="sech")),
+    "restart": ("restart", dict(grid="sech")),
 }
 STOCHASTIC = ("dpm_solver++ 2M SDE", "dpm_solver++ 3M SDE", "edm_sde", "restart")
 TUNED = ("unipc bh2 p3", "dpm_solver++ 3M", "ipndm p4")
@@ -150,7 +150,8 @@ def run_setting(sde_name: str, sde, mixture, nfes, with_diffusers: bool, log) ->
         if name in TUNED:
             for nfe in nfes:
                 grid = tune_grid(score_fn, sde, (TUNE_BATCH, mixture.dim), method, nfe, seed=SEED + 7,
-                                 dtype=torch.float64, **{k: v for k, v in options.items() if k != "grid"})
+                                 dtype=torch.float64, start=options.get("grid"),
+                                 **{k: v for k, v in options.items() if k != "grid"})
                 x, used = sample(score_fn, sde, z.shape, method, grid=grid, x_T=z, denoise=False,
                                  dtype=torch.float64, **{k: v for k, v in options.items() if k != "grid"})
                 table.setdefault(name + " (tuned)", {})[nfe] = dict(errors(x, mixture, entropy, floor, reference),

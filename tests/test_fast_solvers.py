@@ -205,7 +205,7 @@ def test_sech_grid_concentrates_steps_at_the_data_scale():
     score_fn = default_mixture().marginal_score_fn(sde)
     z = sde.prior_sampling((8, 2), generator=torch.Generator().manual_seed(0))
     seen = []
-    sample(score_fn, sde, z.shape, "heun", steps=4, x_T=z, callback=lambda i, t, x: seen.append(t.item()))
+    sample(score_fn, sde, z.shape, "heun", steps=4, grid="sech", x_T=z, callback=lambda i, t, x: seen.append(t.item()))
     expected = sampling.solver_grid(sde, sampling.time_grid(sde, 4, sde.default_eps), "sech",
                                     width=sampling.SAMPLERS["heun"].width)
     assert seen == pytest.approx(expected[1:].tolist(), rel=1e-12)
@@ -217,7 +217,7 @@ def test_sech_grid_concentrates_steps_at_the_data_scale():
 def test_sampling_width_from_the_config():
     from sde_diffusion.config import default_config
     config = default_config()
-    config.sampling.method = "dpm_solver"
+    config.sampling.method, config.sampling.grid = "dpm_solver", "sech"
     assert "width" not in sampling.settings_from_config(config, VPSDE())
     config.sampling.width = 2.0
     assert sampling.settings_from_config(config, VPSDE())["width"] == 2.0

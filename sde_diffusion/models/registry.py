@@ -10,6 +10,7 @@ from typing import Callable, Dict
 from torch import nn
 
 from ..errors import ConfigError, choice
+from ..parameterization import EDM_SIGMA_DATA
 
 MODELS: Dict[str, Callable] = {}
 
@@ -35,7 +36,7 @@ def create_model(config) -> nn.Module:
     m = config.model
     # what get_score_fn uses when not told otherwise (sde_diffusion.parameterization.resolve's arguments)
     model.score_convention = (m.get("parameterization", "auto"), m.get("noise_conditioning", "auto"),
-                              m.get("sigma_data", 0.5))
+                              m.get("sigma_data", EDM_SIGMA_DATA))
     return model
 
 

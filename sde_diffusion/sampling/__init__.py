@@ -30,12 +30,13 @@ options (`sample(..., option=value)`, config strings "name:option=value@steps", 
 
 `denoise=True` adds one call. Nothing here asks which SDE it has; the SDE classes answer α, σ, λ, drift, diffusion.
 
-Documented step counts (the defaults are chosen and tested to be right there, on every SDE: the cross-entropy of
-the samples under the exact mixture density is within ±0.03 nats/dim of its entropy, tests/test_samplers.py):
-ddim 50, dpm_solver 20 (orders 2 and 3), heun 18, unipc 10, ipndm 15, deis 20, dpm_solver_sde 50, edm_sde 60,
-restart 18. Below them, a grid tuned for the budget (`tune_grid`) is the better lever.
-Grids: "time", "logsnr", "edm" (ρ), "quadratic", "sech" (the default of `ddim` and of every fixed-step solver
-listed after it; its width: the sampler's), explicit times, or a grid file; `tune_grid(score_fn, sde, shape,
+Default grids are the papers' (uniform t for DDIM, λ-uniform for DPM-Solver, UniPC, DEIS, EDM's ρ = 7 for Heun
+and iPNDM), which do best on image data. On the Gaussian-mixture oracles grid="sech" puts every solver within
+±0.03 nats/dim of the exact density at these step counts (tests/test_samplers.py): ddim 50, dpm_solver 20,
+heun 18, unipc 10, ipndm 15, deis 20, dpm_solver_sde 50, edm_sde 60, restart 18; on digits images it costs FID
+(BENCHMARKS.md). Below them, a grid tuned for the budget (`tune_grid`) is the better lever.
+Grids: "time", "logsnr", "edm" (ρ), "quadratic", "sech" (width: `sample`'s, else the sampler's), explicit times,
+or a grid file; `tune_grid(score_fn, sde, shape,
 method, nfe)` fits the times to a model and budget (tuning.py), `steps_for_nfe` converts a budget into steps.
 """
 from ..ode import BACKENDS as ODE_BACKENDS

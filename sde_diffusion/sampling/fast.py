@@ -12,7 +12,7 @@ from .registry import register_sampler
 from .terms import denoised_and_noise, like, noise
 
 
-@register_sampler("ddim", grid="sech")
+@register_sampler("ddim")
 def ddim_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor, *, eta: float = 0.0,
                  generator=None) -> torch.Tensor:
     """DDIM (Song, Meng & Ermon 2021) from t to s < t:
@@ -20,9 +20,7 @@ def ddim_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.
         x_s = α_s·x̂_0 + √(σ_s² − c²)·ε̂ + c·z,   c = η·σ_{t|s}·σ_s/σ_t  (the posterior std times η)
 
     η = 0 is deterministic (a first-order probability-flow ODE solver, equal to DPM-Solver++ order 1 on the
-    same grid); η = 1 is ancestral sampling with the posterior variance. On the sech grid by default (at 50 steps
-    within ±0.02 nats/dim of the exact density on the mixture oracles; the uniform-t grid: −0.05). One score call
-    per step.
+    same grid); η = 1 is ancestral sampling with the posterior variance. One score call per step.
     """
     if eta < 0:
         raise ValueError(f"eta must be ≥ 0, got {eta}")
@@ -70,12 +68,10 @@ def dpm_solver_pp_update(x: torch.Tensor, x0_history: List[torch.Tensor], lam_hi
     return out + like(alpha_next * phi_2, x) * d1 - like(alpha_next * phi_3, x) * d2
 
 
-@register_sampler("dpm_solver", grid="sech")
+@register_sampler("dpm_solver", grid="logsnr")
 def dpm_solver_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor, *,
                        order: Literal[1, 2, 3] = 3, lower_order_final: bool = True) -> torch.Tensor:
-    """DPM-Solver++ multistep (Lu et al. 2022) of order 1–3, on the sech grid by default (grid="logsnr": the
-    paper's λ-uniform one; measured on the mixture oracles, the sech grid keeps order 2 and 3 at 20 steps within
-    ±0.01 nats/dim of the exact density, the λ-uniform one within ±0.07).
+    """DPM-Solver++ multistep (Lu et al. 2022) of order 1–3, on a grid uniform in λ by default.
 
     The first steps use the orders their history allows; with lower_order_final the last steps drop to order
     min(order, steps left), so the final step is first order. One score call per step.
@@ -100,9 +96,9 @@ def dpm_solver_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: 
     return x
 
 
-# Width of the sech grid for the Heun family (heun, edm_sde, restart): unlike the exponential integrators, Heun's
-# steps in σ/α are not exact where the ODE is near-linear, so it spreads its steps wider (measured on the mixture
-# oracles: width 1 fails there, 2–2.5 is best; BENCHMARKS.md).
+# Width of the sech grid (grid="sech") for the Heun family (heun, edm_sde, restart): unlike the exponential
+# integrators, Heun's steps in σ/α are not exact where the ODE is near-linear, so it spreads its steps wider
+# (measured on the mixture oracles: width 1 fails there, 2–2.5 is best; BENCHMARKS.md).
 HEUN_SECH_WIDTH = 2.5
 
 
@@ -142,10 +138,9 @@ def heun_segment(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, times: torch.Tens
     return x
 
 
-@register_sampler("heun", grid="sech", width=HEUN_SECH_WIDTH)
+@register_sampler("heun", grid="edm", width=HEUN_SECH_WIDTH)
 def heun_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """EDM's deterministic 2nd-order sampler (Karras et al. 2022, Algorithm 1) for any α(t), σ(t), on the sech grid
-    of width HEUN_SECH_WIDTH by default (grid="edm" for EDM's own): `heun_segment` without churn, the last step
-    Euler. 2·steps − 1 score calls.
+    """EDM's deterministic 2nd-order sampler (Karras et al. 2022, Algorithm 1) for any α(t), σ(t), on a grid
+    spaced in (σ/α)^{1/ρ} by default: `heun_segment` without churn, the last step Euler. 2·steps − 1 score calls.
     """
     return heun_segment(score_fn, sde, x, timesteps, euler_last=True)

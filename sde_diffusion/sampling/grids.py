@@ -9,6 +9,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from ..parameterization import EDM_SIGMA_DATA
 from ..sdes import SDE
 from .registry import GRID_NAMES
 
@@ -16,7 +17,7 @@ GRIDS = GRID_NAMES
 # EDM's exponent for the σ/α grid (Karras et al. 2022, eq. 5).
 EDM_RHO = 7.0
 # The σ/α on which the "sech" spacing centres its steps: EDM's σ_data, the scale of data in [−1, 1] (λ = log 2).
-SECH_CENTER_SIGMA = 0.5
+SECH_CENTER_SIGMA = EDM_SIGMA_DATA
 # Default width (in λ) of the "sech" spacing; samplers may register their own (`register_sampler(width=...)`).
 SECH_WIDTH = 1.0
 GRID_FILE_VERSION = 1

@@ -19,7 +19,7 @@ from .registry import register_sampler
 from .terms import denoised_and_noise, like, noise
 
 
-@register_sampler("dpm_solver_sde", grid="sech")
+@register_sampler("dpm_solver_sde", grid="logsnr")
 def dpm_solver_sde_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor, *,
                            order: Literal[1, 2, 3] = 2, eta: float = 1.0, lower_order_final: bool = True,
                            generator=None) -> torch.Tensor:
@@ -46,12 +46,12 @@ def dpm_solver_sde_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timeste
     return x
 
 
-@register_sampler("edm_sde", grid="sech", width=HEUN_SECH_WIDTH)
+@register_sampler("edm_sde", grid="edm", width=HEUN_SECH_WIDTH)
 def edm_sde_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor, *,
                     s_churn: float = 40.0, s_min: float = 0.05, s_max: float = 50.0, s_noise: float = 1.0,
                     generator=None) -> torch.Tensor:
-    """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2) for any α(t), σ(t): Heun steps (on the sech grid
-    of the Heun family by default), each preceded by "churn" noise where s_min ≤ σ̃ ≤ s_max (σ̃ = σ/α, in data units). s_churn = 0 is `heun`.
+    """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2) for any α(t), σ(t): Heun steps on the σ̃^{1/ρ}
+    grid, each preceded by "churn" noise where s_min ≤ σ̃ ≤ s_max (σ̃ = σ/α, in data units). s_churn = 0 is `heun`.
     Defaults: EDM's ImageNet-64 setting (S_churn 40, S_min 0.05, S_max 50) with s_noise 1 (S_noise > 1 offsets a
     network's over-smoothing; an exact score needs none). 2·steps − 1 score calls.
     """
@@ -69,7 +69,7 @@ def edm_times(sde: SDE, sig_from: torch.Tensor, sig_to: torch.Tensor, steps: int
     return time_of(sde, (root_from + fraction * (root_to - root_from)) ** rho)
 
 
-@register_sampler("restart", grid="sech", width=HEUN_SECH_WIDTH)
+@register_sampler("restart", grid="edm", width=HEUN_SECH_WIDTH)
 def restart_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor, *,
                     restart_min: float = 0.06, restart_max: float = 0.3, restarts: int = 2, restart_steps: int = 3,
                     generator=None) -> torch.Tensor:
