@@ -64,7 +64,8 @@ def default_config() -> ml_collections.ConfigDict:
     # time | logsnr | edm | quadratic | sech spacing of the time grid, or a grid file (.json, from
     # --mode tune_grid); None → the sampler's default
     sampling.grid = placeholder(str)
-    sampling.width = placeholder(float)  # grid "sech": width in log-SNR; None → the sampler's default
+    # grid "sech": its widths in log-SNR, one number or (noisy side, clean side); None → the sampler's default
+    sampling.width = placeholder(object)
     sampling.options = ""  # "option=value,..." for the method's own options (e.g. a registered sampler's)
     # --mode sample, conditional (sde_diffusion/controllable.py): inpaint or colourize test images (or one image)
     sampling.inpaint_mask = placeholder(str)  # .png (white = known) or .npy (1 = known) mask, (H, W) or (C, H, W)

@@ -220,7 +220,7 @@ def test_compare_mode_on_toy_data_writes_table_and_plot(tmp_path):
     table = (out / "compare.md").read_text().splitlines()
     assert table[0] == "| sampler | steps | grid | nfe | seconds | sliced_w2 | nll |"
     assert [row.split(" | ")[0] for row in table[2:]] == ["| pc", "| pc", "| ddim", "| dpm_solver:order=2"]
-    assert [row.split(" | ")[2] for row in table[2:]] == ["time", "time", "time", "logsnr"]  # the grid used
+    assert [row.split(" | ")[2] for row in table[2:]] == ["time", "time", "sech", "sech"]  # the grid used
     assert [int(row.split(" | ")[3]) for row in table[2:]] == [5, 9, 5, 5]  # steps + the denoising step
     csv_rows = (out / "compare.csv").read_text().splitlines()
     assert len(csv_rows) == 5 and csv_rows[0] == "sampler,steps,grid,nfe,seconds,sliced_w2,nll"

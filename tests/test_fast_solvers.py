@@ -39,8 +39,8 @@ def test_equivalences(sde_name):
     restarts turn Restart into Heun, iPNDM and DEIS of order 1 are DDIM, UniP-2 with bh2 is DPM-Solver++ 2M."""
     sde = SDES[sde_name]()
     for order in (1, 2, 3):
-        assert torch.equal(run(sde, "dpm_solver_sde", 8, order=order, eta=0.0),
-                           run(sde, "dpm_solver", 8, order=order))
+        assert torch.equal(run(sde, "dpm_solver_sde", 8, order=order, eta=0.0, grid="logsnr"),
+                           run(sde, "dpm_solver", 8, order=order, grid="logsnr"))
     heun = run(sde, "heun", 8)
     torch.testing.assert_close(run(sde, "edm_sde", 8, s_churn=0.0), heun, rtol=0, atol=1e-12)
     torch.testing.assert_close(run(sde, "restart", 8, restarts=0), heun, rtol=0, atol=1e-12)
@@ -202,6 +202,18 @@ def test_sech_grid_concentrates_steps_at_the_data_scale():
         assert abs(0.5 * (lam[shortest] + lam[shortest + 1]).item() - centre) < steps[shortest].item()
         ratios[width] = (steps.max() / steps.min()).item()
     assert ratios[1.0] > 10 and ratios[2.0] < ratios[1.0]
+    # (noisy, clean) widths: each side is the symmetric spacing of its own width, rescaled to its share of the steps
+    for noisy, clean in ((3.0, 1.0), (1.0, 2.0)):
+        lam = sde.log_snr(sampling.solver_grid(sde, base, "sech", width=(noisy, clean)))
+        g = torch.where(lam < centre, noisy * torch.atan(torch.sinh((lam - centre) / noisy)),
+                        clean * torch.atan(torch.sinh((lam - centre) / clean)))
+        assert torch.allclose(g[1:] - g[:-1], (g[-1] - g[0]) / 20, rtol=1e-9, atol=0)
+        steps = lam[1:] - lam[:-1]
+        assert (steps[0] < steps[-1]) == (noisy > clean)  # the wider side gets more, hence shorter, steps
+    assert sampling.sech_widths(2) == (2.0, 2.0) and sampling.sech_widths("3/1") == (3.0, 1.0)
+    for bad in (0.0, (1.0, -1.0), (1.0, 2.0, 3.0), "wide", float("nan")):
+        with pytest.raises(ValueError, match="width"):
+            sampling.sech_widths(bad)
     score_fn = default_mixture().marginal_score_fn(sde)
     z = sde.prior_sampling((8, 2), generator=torch.Generator().manual_seed(0))
     seen = []
@@ -211,7 +223,12 @@ def test_sech_grid_concentrates_steps_at_the_data_scale():
     assert seen == pytest.approx(expected[1:].tolist(), rel=1e-12)
     with pytest.raises(ValueError, match="width"):
         sample(score_fn, sde, z.shape, "dpm_solver", steps=4, width=0.0)
-    assert sampling.parse_spec("dpm_solver:grid=sech,width=2")[1] == {"grid": "sech", "width": 2.0}
+    assert sampling.parse_spec("dpm_solver:grid=sech,width=2")[1] == {"grid": "sech", "width": (2.0, 2.0)}
+    assert sampling.parse_spec("dpm_solver:width=4/0.5")[1] == {"width": (4.0, 0.5)}
+    with pytest.raises(ValueError, match="width"):
+        sampling.parse_spec("dpm_solver:width=0/1")
+    with pytest.raises(ValueError, match="width"):
+        sampling.register_sampler("bad_width", width=(1.0, 0.0))
 
 
 def test_sampling_width_from_the_config():
@@ -221,6 +238,10 @@ def test_sampling_width_from_the_config():
     assert "width" not in sampling.settings_from_config(config, VPSDE())
     config.sampling.width = 2.0
     assert sampling.settings_from_config(config, VPSDE())["width"] == 2.0
-    config.sampling.width = -1.0
-    with pytest.raises(ConfigError, match="width"):
-        sampling.check_config(config)
+    config.sampling.width = (4.0, 1.0)
+    sampling.check_config(config)
+    assert sampling.settings_from_config(config, VPSDE())["width"] == (4.0, 1.0)
+    for bad in (-1.0, (1.0, 0.0), "x"):
+        config.sampling.width = bad
+        with pytest.raises(ConfigError, match="width"):
+            sampling.check_config(config)

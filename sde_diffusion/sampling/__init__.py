@@ -30,12 +30,15 @@ options (`sample(..., option=value)`, config strings "name:option=value@steps", 
 
 `denoise=True` adds one call. Nothing here asks which SDE it has; the SDE classes answer α, σ, λ, drift, diffusion.
 
-Default grids are the papers' (uniform t for DDIM, λ-uniform for DPM-Solver, UniPC, DEIS, EDM's ρ = 7 for Heun
-and iPNDM), which do best on image data. On the Gaussian-mixture oracles grid="sech" puts every solver within
-±0.03 nats/dim of the exact density at these step counts (tests/test_samplers.py): ddim 50, dpm_solver 20,
-heun 18, unipc 10, ipndm 15, deis 20, dpm_solver_sde 50, edm_sde 60, restart 18; on digits images it costs FID
-(BENCHMARKS.md). Below them, a grid tuned for the budget (`tune_grid`) is the better lever.
-Grids: "time", "logsnr", "edm" (ρ), "quadratic", "sech" (width: `sample`'s, else the sampler's), explicit times,
+Default grid of every fixed-step solver above: "sech", steps spread in log-SNR around the data's scale, wide on the
+noisy side (images need steps there) and narrow on the clean side (each sampler registers its widths). At these
+documented step counts every SDE is within ±0.03 nats/dim of the exact density on the Gaussian-mixture oracles
+(tests/test_samplers.py): ddim 50, dpm_solver 20, heun 18, unipc 12, ipndm 15, deis 20, dpm_solver_sde 50,
+edm_sde 60, restart 18; on the digits model FID is within 5% of the papers' grids (uniform t, λ-uniform, EDM's ρ,
+all still available by name; BENCHMARKS.md). Below these counts a grid tuned for the budget (`tune_grid`) is the
+better lever.
+Grids: "time", "logsnr", "edm" (ρ), "quadratic", "sech" (width: one number or (noisy, clean); `sample`'s, else the
+sampler's), explicit times,
 or a grid file; `tune_grid(score_fn, sde, shape,
 method, nfe)` fits the times to a model and budget (tuning.py), `steps_for_nfe` converts a budget into steps.
 """
@@ -45,7 +48,7 @@ from . import fast, flow, multistep, pc, reverse_sde, stochastic  # noqa: F401  
 from .core import Constraint, CountingScore, FrameworkScore, sample
 from .fast import dpm_solver_pp_update
 from .flow import ode_decode, ode_encode
-from .grids import EDM_RHO, GRIDS, load_grid, save_grid, solver_grid, time_grid
+from .grids import EDM_RHO, GRIDS, SECH_WIDTH, load_grid, save_grid, sech_widths, solver_grid, time_grid
 from .pc import CORRECTORS, PREDICTORS
 from .registry import SAMPLERS, Sampler, parse_entry, parse_spec, register_sampler
 from .reverse_sde import SDE_METHODS
@@ -55,5 +58,5 @@ from .tuning import steps_for_nfe, tune_grid
 
 __all__ = ["sample", "register_sampler", "SAMPLERS", "Sampler", "parse_spec", "parse_entry", "options_from_config",
            "settings_from_config", "check_config", "Constraint", "CountingScore", "FrameworkScore", "time_grid",
-           "solver_grid", "GRIDS", "tune_grid", "steps_for_nfe", "load_grid", "save_grid", "EDM_RHO", "tweedie_denoise", "ode_encode", "ode_decode", "dpm_solver_pp_update",
+           "solver_grid", "GRIDS", "SECH_WIDTH", "sech_widths", "tune_grid", "steps_for_nfe", "load_grid", "save_grid", "EDM_RHO", "tweedie_denoise", "ode_encode", "ode_decode", "dpm_solver_pp_update",
            "PREDICTORS", "CORRECTORS", "SDE_METHODS", "ODE_BACKENDS", "ODE_RTOL", "ODE_ATOL", "dopri5", "scipy_rk45"]

@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..sdes import SDE, ScoreFn, batch_time
-from .grids import EDM_RHO, GRIDS, SECH_WIDTH, explicit_grid, load_grid, make_grid
+from .grids import EDM_RHO, GRIDS, SECH_WIDTH, Width, explicit_grid, load_grid, make_grid, sech_widths
 from .registry import Sampler, get_sampler
 from .terms import tweedie_denoise
 
@@ -141,12 +141,10 @@ def _prior(sde: SDE, shape: Sequence[int], x_T: Optional[torch.Tensor], generato
 
 
 def _timesteps(sde: SDE, sampler: Sampler, steps: Optional[int], eps: Optional[float], grid, rho: float,
-               width: Optional[float], device) -> torch.Tensor:
+               width: Optional[Width], device) -> torch.Tensor:
     if rho <= 0:
         raise ValueError(f"rho must be > 0, got {rho}")
-    width = width if width is not None else sampler.width if sampler.width is not None else SECH_WIDTH
-    if width <= 0:
-        raise ValueError(f"width must be > 0, got {width}")
+    width = sech_widths(width if width is not None else sampler.width if sampler.width is not None else SECH_WIDTH)
     if isinstance(grid, (str, Path)) and str(grid) not in GRIDS:
         grid = load_grid(grid)["times"]  # a grid file (tune_grid's)
     if grid is not None and not isinstance(grid, str):
@@ -169,7 +167,7 @@ def sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str = "pc"
            device=None, dtype: torch.dtype = torch.float32, progress: bool = False,
            callback: Optional[Callback] = None, constraint: Optional[Constraint] = None,
            grid: Union[str, Path, Sequence[float], torch.Tensor, None] = None, rho: float = EDM_RHO,
-           width: Optional[float] = None, x_T: Optional[torch.Tensor] = None, **options) -> Tuple[torch.Tensor, int]:
+           width: Optional[Width] = None, x_T: Optional[torch.Tensor] = None, **options) -> Tuple[torch.Tensor, int]:
     """Draw `shape[0]` samples with the registered sampler `method`; returns (x, nfe).
 
     steps: grid steps (default sde.N). eps: last time (default sde.default_eps). grid: a spacing of the steps + 1

@@ -17,12 +17,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from .grids import GRID_NAMES, Width, sech_widths
+
 # Keywords of `sample` (the framework's); a sampler may not use them as option names.
 RESERVED = ("steps", "eps", "denoise", "device", "dtype", "progress", "callback", "grid", "rho", "width", "x_T", "method",
             "shape")
 # Framework values a sampler receives by declaring a parameter of this name.
 PASSED = ("generator", "constraint")
-GRID_NAMES = ("time", "logsnr", "edm", "quadratic", "sech")
 SPEC_FORMAT = "'method[:option=value,...]', e.g. 'dpm_solver:order=2'"
 
 
@@ -42,7 +43,7 @@ class Option:
 @dataclass(frozen=True)
 class Sampler:
     """A registered sampler: `fn`, its options, whether it takes the generator and the constraint, its default
-    time grid (GRID_NAMES) with the width of its "sech" spacing (None: grids.SECH_WIDTH), and whether it is adaptive (chooses its own steps and score calls; only the grid's ends
+    time grid (GRID_NAMES) with the (noisy-side, clean-side) widths of its "sech" spacing (None: grids.SECH_WIDTH), and whether it is adaptive (chooses its own steps and score calls; only the grid's ends
     matter). Calling it runs `fn` directly (no framework: no constraint, counting, progress or callback) with
     checked options."""
 
@@ -53,7 +54,7 @@ class Sampler:
     takes_generator: bool = False
     takes_constraint: bool = False
     adaptive: bool = False
-    width: Optional[float] = None
+    width: Optional[Tuple[float, float]] = None
 
     def check_options(self, options: Dict[str, Any]) -> Dict[str, Any]:
         """options with config-string values converted; ValueError naming the sampler, option and valid options."""
@@ -84,7 +85,7 @@ class Sampler:
 SAMPLERS: Dict[str, Sampler] = {}
 
 
-def register_sampler(name: str, *, grid: str = "time", width: Optional[float] = None, adaptive: bool = False,
+def register_sampler(name: str, *, grid: str = "time", width: Optional[Width] = None, adaptive: bool = False,
                      replace: bool = False) -> Callable[[Callable], Callable]:
     """Decorator: make `fn(score_fn, sde, x, timesteps, **options) -> x` the sampling method `name` everywhere
     (`sample`, `--mode sample/eval/compare`). grid: the default spacing of its time grid; width: that of its "sech"
@@ -95,6 +96,8 @@ def register_sampler(name: str, *, grid: str = "time", width: Optional[float] = 
         raise ValueError(f"a sampler name must be an identifier such as 'my_euler', got {name!r}")
     if grid not in GRID_NAMES:
         raise ValueError(f"sampler {name!r}: default grid {grid!r} is not one of {list(GRID_NAMES)}")
+    if width is not None:
+        sech_widths(width)
 
     def decorate(fn: Callable) -> Callable:
         if name in SAMPLERS and not replace:
@@ -110,7 +113,7 @@ def _where(fn: Callable) -> str:
 
 
 def sampler_from_function(name: str, fn: Callable, grid: str = "time", adaptive: bool = False,
-                          width: Optional[float] = None) -> Sampler:
+                          width: Optional[Width] = None) -> Sampler:
     """Read the options from fn's signature; a ValueError for a signature the framework cannot call."""
     params = list(inspect.signature(fn).parameters.values())
     positional = [p for p in params[:4] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -132,6 +135,7 @@ def sampler_from_function(name: str, fn: Callable, grid: str = "time", adaptive:
         if p.name not in PASSED:
             options[p.name] = Option(p.name, p.default, _literal_choices(hints.get(p.name)))
     names = {p.name for p in params}
+    width = None if width is None else sech_widths(width)
     return Sampler(name, fn, grid, options, "generator" in names, "constraint" in names, adaptive, width)
 
 
@@ -211,7 +215,7 @@ def parse_options(text: str, where: str = "options") -> Dict[str, str]:
 
 
 # Keywords of `sample` that a text spec may set next to the sampler's options (the default gives the type).
-SPEC_KEYWORDS = {"denoise": True, "grid": "time", "rho": 7.0, "width": 1.0, "eps": 1e-3}
+SPEC_KEYWORDS = {"denoise": True, "grid": "time", "rho": 7.0, "width": "3/1", "eps": 1e-3}
 
 
 def parse_spec(text: str) -> Tuple[str, Dict[str, Any]]:
@@ -227,7 +231,7 @@ def parse_spec(text: str) -> Tuple[str, Dict[str, Any]]:
 
 def _spec_keyword(sampler: Sampler, key: str, value: str):
     try:
-        value = _coerce(value, SPEC_KEYWORDS[key])
+        value = sech_widths(value) if key == "width" else _coerce(value, SPEC_KEYWORDS[key])
     except (TypeError, ValueError) as err:
         raise ValueError(f"sampler {sampler.name!r}: {key}={value!r} {err}") from None
     if key == "grid" and value not in GRID_NAMES and not value.endswith(".json"):

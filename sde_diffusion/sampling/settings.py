@@ -17,7 +17,7 @@ from typing import Any, Dict
 
 from ..errors import ConfigError
 from .registry import SAMPLERS, get_sampler, parse_options
-from .grids import GRIDS, load_grid
+from .grids import GRIDS, load_grid, sech_widths
 
 # score_sde's per-method keys of config.sampling → the sampler option each sets.
 CONFIG_KEYS = {"predictor": "predictor", "corrector": "corrector", "snr": "snr", "n_steps_each": "n_steps",
@@ -115,7 +115,9 @@ def _check_sampling_section(config) -> None:
         load_grid(s.grid)
     if s.steps is not None and s.steps < 1:
         raise ValueError(f"sampling.steps must be ≥ 1 (or None for model.num_scales), got {s.steps}")
-    for key in ("rtol", "atol", "rho", "snr", "width"):
+    if s.get("width") is not None:
+        sech_widths(s.width)
+    for key in ("rtol", "atol", "rho", "snr"):
         if key in s and s[key] is not None and not s[key] > 0:
             raise ValueError(f"sampling.{key} must be > 0, got {s[key]}")
     if "eta" in s and s.eta < 0:

@@ -19,7 +19,7 @@ from .registry import register_sampler
 from .terms import denoised_and_noise, like, noise
 
 
-@register_sampler("dpm_solver_sde", grid="logsnr")
+@register_sampler("dpm_solver_sde", grid="sech", width=HEUN_SECH_WIDTH)
 def dpm_solver_sde_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor, *,
                            order: Literal[1, 2, 3] = 2, eta: float = 1.0, lower_order_final: bool = True,
                            generator=None) -> torch.Tensor:
@@ -46,7 +46,7 @@ def dpm_solver_sde_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timeste
     return x
 
 
-@register_sampler("edm_sde", grid="edm", width=HEUN_SECH_WIDTH)
+@register_sampler("edm_sde", grid="sech", width=HEUN_SECH_WIDTH)
 def edm_sde_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor, *,
                     s_churn: float = 40.0, s_min: float = 0.05, s_max: float = 50.0, s_noise: float = 1.0,
                     generator=None) -> torch.Tensor:
@@ -69,7 +69,7 @@ def edm_times(sde: SDE, sig_from: torch.Tensor, sig_to: torch.Tensor, steps: int
     return time_of(sde, (root_from + fraction * (root_to - root_from)) ** rho)
 
 
-@register_sampler("restart", grid="edm", width=HEUN_SECH_WIDTH)
+@register_sampler("restart", grid="sech", width=HEUN_SECH_WIDTH)
 def restart_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor, *,
                     restart_min: float = 0.06, restart_max: float = 0.3, restarts: int = 2, restart_steps: int = 3,
                     generator=None) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from ..sdes import SDE, ScoreFn
 from .core import sample
 from .flow import integrate_pf_ode
-from .grids import EDM_RHO, SECH_WIDTH, make_grid
+from .grids import EDM_RHO, SECH_WIDTH, Width, make_grid
 from .registry import get_sampler
 
 # Points of the starting spacing's coordinate table that tuned times are interpolated from.
@@ -54,7 +54,7 @@ def _reference(score_fn: ScoreFn, sde: SDE, z: torch.Tensor, t0: float, t1: floa
 
 def tune_grid(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str, nfe: int, *,
               denoise: bool = False, eps: Optional[float] = None, start: Optional[str] = None, rho: float = EDM_RHO,
-              width: Optional[float] = None,
+              width: Optional[Width] = None,
               evaluations: Optional[int] = None, reference_rtol: float = 1e-7, seed: int = 0,
               dtype: torch.dtype = torch.float32, device=None, report: Optional[Dict] = None,
               **options) -> torch.Tensor:
