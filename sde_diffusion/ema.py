@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, Iterable, Iterator, List
+from typing import Dict, Iterable, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -28,12 +28,26 @@ class ExponentialMovingAverage:
         return [p for p in parameters if p.requires_grad]
 
     @torch.no_grad()
-    def update(self, parameters: Iterable[nn.Parameter]) -> None:
-        decay = self.decay
+    def update(self, parameters: Iterable[nn.Parameter], mask: Optional[torch.Tensor] = None) -> None:
+        """One EMA step towards `parameters`; with `mask` (a 0-d bool tensor) only where it is True, decided on the
+        device (no host synchronisation: the update count then lives on the device too)."""
+        if mask is None:
+            decay = self.decay
+            if self.num_updates is not None:
+                self.num_updates = int(self.num_updates) + 1
+                decay = min(decay, (1 + self.num_updates) / (10 + self.num_updates))
+            torch._foreach_lerp_(self.shadow_params, self._trainable(parameters), 1.0 - decay)  # one fused kernel
+            return
+        weight = mask.to(self.shadow_params[0].dtype)
+        decay = torch.full((), self.decay, dtype=weight.dtype, device=weight.device)
         if self.num_updates is not None:
-            self.num_updates += 1
-            decay = min(decay, (1 + self.num_updates) / (10 + self.num_updates))
-        torch._foreach_lerp_(self.shadow_params, self._trainable(parameters), 1.0 - decay)  # one fused kernel on GPU
+            if not isinstance(self.num_updates, torch.Tensor):
+                self.num_updates = torch.tensor(self.num_updates, dtype=torch.int64, device=weight.device)
+            self.num_updates = self.num_updates + mask.to(torch.int64)
+            n = self.num_updates.to(weight.dtype)
+            decay = torch.minimum(decay, (1 + n) / (10 + n))
+        torch._foreach_lerp_(self.shadow_params, self._trainable(parameters), [weight * (1 - decay)] * len(
+            self.shadow_params))
 
     @torch.no_grad()
     def copy_to(self, parameters: Iterable[nn.Parameter]) -> None:
@@ -60,7 +74,9 @@ class ExponentialMovingAverage:
             self.restore(model.parameters())
 
     def state_dict(self) -> Dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow_params": self.shadow_params}
+        updates = self.num_updates
+        return {"decay": self.decay, "num_updates": None if updates is None else int(updates),
+                "shadow_params": self.shadow_params}
 
     def load_state_dict(self, state: Dict) -> None:
         if len(state["shadow_params"]) != len(self.shadow_params):

@@ -23,7 +23,7 @@ from ..checkpoints import (TrainState, atomic_write, load_checkpoint, newest_goo
                            remove_stale_temporaries, rng_state, save_checkpoint, step_checkpoint, step_checkpoints,
                            write_json)
 from ..ema import ExponentialMovingAverage
-from ..train_step import NonFiniteError, StepResult, TrainStep, nonfinite_parameters
+from ..train_step import StepFailure, StepReport, TrainStep
 from ..validation import validate_config
 from . import builder
 from .generation import Conditioning, draw_samples, save_samples_picture
@@ -142,14 +142,19 @@ def resume(state: TrainState, workdir: Path, world: distributed.World, device) -
 
 
 def train(run: Training) -> TrainState:
-    """Steps state.step + 1 .. training.n_iters: log, held-out loss, checkpoints and sample grids as configured."""
+    """Steps state.step + 1 .. training.n_iters: log, held-out loss, checkpoints and sample grids as configured.
+    Steps read nothing back from the device; the statistics are read (and a failure under 'stop' raised) on log and
+    checkpoint steps only."""
     t, state = run.config.training, run.state
     start = time.time()
     for step in tqdm(range(state.step + 1, t.n_iters + 1), desc="train", initial=state.step, total=t.n_iters,
                      disable=not run.world.is_main):
-        result = take_step(run, step)
-        if step % t.log_freq == 0 and run.world.is_main:
-            log_step(run, step, result, start)
+        take_step(run, step)
+        logs, saves = step % t.log_freq == 0, is_save_step(t, step)
+        if logs or saves:
+            report = read_back(run, step)
+            if logs and run.world.is_main:
+                log_step(run, step, report, start)
         if step % t.eval_freq == 0 and run.world.is_main:
             log_eval_loss(run, step)
         save_step(run, step)
@@ -160,9 +165,13 @@ def train(run: Training) -> TrainState:
     return state
 
 
-def take_step(run: Training, step: int) -> StepResult:
+def is_save_step(t, step: int) -> bool:
+    return step % t.snapshot_freq == 0 or step == t.n_iters or step % t.snapshot_freq_for_preemption == 0
+
+
+def take_step(run: Training, step: int) -> None:
     """One optimization step on the next training batch (labels dropped with probability training.label_dropout
-    for class-conditional models)."""
+    for class-conditional models); nothing is read back from the device."""
     config, device = run.config, run.device
     labels = None
     run.model.train()
@@ -173,25 +182,33 @@ def take_step(run: Training, step: int) -> StepResult:
         x = run.dataset.train_batch().to(device)
     if config.training.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    try:
-        result = run.step_fn(x, step, run.score_fn_for(labels))
-    except NonFiniteError as err:
-        raise stopped_on_nonfinite(err, step, x, run) from None
+    run.step_fn(x, step, run.score_fn_for(labels))
     run.state.step = step
-    if not result.applied:
-        run.state.skipped_steps += 1
-        log.warning("step %d skipped (%s); %d skipped so far", step, result.reason, run.state.skipped_steps)
-    return result
 
 
-def log_step(run: Training, step: int, result: StepResult, start: float) -> None:
-    log.info("step %d  loss %.5f  grad_norm %.3f  lr %.2e  (%.1f s)", step, result.loss, result.grad_norm,
-             result.lr, time.time() - start)
-    run.train_log.append(step=step, loss=result.loss, grad_norm=result.grad_norm, lr=result.lr,
+def read_back(run: Training, step: int) -> StepReport:
+    """The step statistics since the last read (one host synchronisation); counts skipped steps; a failure under
+    'stop' saves diagnostics and raises before anything is written."""
+    try:
+        report = run.step_fn.report()
+    except StepFailure as err:
+        raise stopped_on_nonfinite(err, run) from None
+    if report.skipped:
+        run.state.skipped_steps += report.skipped
+        log.warning("%d of the steps up to %d skipped (non-finite loss or gradient, or fp16 overflow); %d skipped so "
+                    "far", report.skipped, step, run.state.skipped_steps)
+    return report
+
+
+def log_step(run: Training, step: int, report: StepReport, start: float) -> None:
+    """Loss and gradient norm: means over the applied steps since the last log line."""
+    log.info("step %d  loss %.5f  grad_norm %.3f  lr %.2e  (%.1f s)", step, report.loss, report.grad_norm,
+             report.lr, time.time() - start)
+    run.train_log.append(step=step, loss=report.loss, grad_norm=report.grad_norm, lr=report.lr,
                          skipped_steps=run.state.skipped_steps)
-    run.writer.add_scalar("training_loss", result.loss, step)
-    run.writer.add_scalar("grad_norm", result.grad_norm, step)
-    run.writer.add_scalar("learning_rate", result.lr, step)
+    run.writer.add_scalar("training_loss", report.loss, step)
+    run.writer.add_scalar("grad_norm", report.grad_norm, step)
+    run.writer.add_scalar("learning_rate", report.lr, step)
 
 
 def log_eval_loss(run: Training, step: int) -> None:
@@ -207,7 +224,7 @@ def save_step(run: Training, step: int) -> None:
     """Preemption and numbered checkpoints (every rank's RNG state gathered into them), then a sample grid."""
     t, world, workdir = run.config.training, run.world, run.workdir
     numbered = step % t.snapshot_freq == 0 or step == t.n_iters
-    if not (numbered or step % t.snapshot_freq_for_preemption == 0):
+    if not is_save_step(t, step):
         return
     checkpoint = run.state.state_dict(distributed.gather(rng_state(), world))
     if world.is_main:
@@ -221,18 +238,20 @@ def save_step(run: Training, step: int) -> None:
         snapshot_samples(run, step)
 
 
-def stopped_on_nonfinite(err: NonFiniteError, step: int, x: torch.Tensor, run: Training) -> NonFiniteError:
-    """Save the batch and the names of parameters with non-finite gradients; the error to raise instead."""
-    path = run.workdir / "diagnostics" / f"nonfinite_step_{step}.pt"
+def stopped_on_nonfinite(err: StepFailure, run: Training) -> StepFailure:
+    """Save the failed step's batch and the names of parameters with non-finite gradients; the error to raise
+    instead (its step's update was masked, and no checkpoint was written since)."""
+    path = run.workdir / "diagnostics" / f"nonfinite_step_{err.step}.pt"
     if run.world.is_main:
-        diagnostics = {"step": step, "error": str(err), "batch": x.detach().cpu(),
-                       "nonfinite_gradients": nonfinite_parameters(run.model)}
+        diagnostics = {"step": err.step, "error": str(err), "batch": err.batch,
+                       "nonfinite_gradients": err.nonfinite_gradients}
         atomic_write(path, lambda p: torch.save(diagnostics, p))
     good = step_checkpoints(run.workdir / builder.PREEMPTION)
     last = f"the last good checkpoint, {good[0][1]} (step {good[0][0]}), is untouched" if good else "no checkpoint yet"
-    return NonFiniteError(f"training stopped: {err}. Diagnostics (batch, parameters with non-finite gradients) are in "
-                          f"{path}; {last}. Lower optim.lr, keep optim.grad_clip ≥ 0, try training.precision='fp32', "
-                          "or set training.on_nonfinite='skip' to skip such steps.")
+    return StepFailure(f"training stopped: {err}. Diagnostics (batch, parameters with non-finite gradients) are in "
+                       f"{path}; {last}. Lower optim.lr, keep optim.grad_clip ≥ 0, try training.precision='fp32', "
+                       "or set training.on_nonfinite='skip' to skip such steps.", err.step, err.batch,
+                       err.nonfinite_gradients)
 
 
 def snapshot_samples(run: Training, step: int) -> None:

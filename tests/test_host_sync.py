@@ -1,0 +1,162 @@
+"""Host synchronisations per training step: none on steps that do not log, in every precision and under data
+parallelism; failures are still caught (masked on the device, raised at the next read-back).
+
+The counter (`sde_diffusion.host_sync.HostSyncCounter`) records the operators that make the host wait for the
+device; on CPU the same calls are made, so counting them here tells what a GPU would wait for.
+"""
+import collections
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import run_lib
+from configs.toy_gmm import get_config
+from sde_diffusion.errors import NonFiniteError
+from sde_diffusion.host_sync import HostSyncCounter
+from sde_diffusion.jobs import train as train_job
+from sde_diffusion.train_step import LossScale
+
+STEPS = 6
+
+
+def small_config(precision="fp32", log_freq=STEPS, steps=STEPS):
+    config = get_config()
+    t = config.training
+    t.batch_size, t.n_iters, t.log_freq, t.eval_freq = 32, steps, log_freq, 10**6
+    t.snapshot_freq = t.snapshot_freq_for_preemption = steps
+    t.snapshot_sampling, t.precision = False, precision
+    config.model.nf, config.model.num_res_blocks = 32, 1
+    config.device = "cpu"
+    return config
+
+
+class CountedSteps:
+    """Replaces jobs.train.take_step (batch, loss, backward, clipping, Adam, EMA) and counts syncs per step."""
+
+    def __init__(self, monkeypatch):
+        self.counts, self.events = [], collections.Counter()
+        take_step = train_job.take_step
+
+        def counted(run, step):
+            with HostSyncCounter() as syncs:
+                take_step(run, step)
+            self.counts.append(syncs.count)
+            self.events.update(syncs.events)
+        monkeypatch.setattr(train_job, "take_step", counted)
+
+
+def test_the_counter_sees_what_makes_the_host_wait():
+    x = torch.randn(8)
+    with HostSyncCounter() as syncs:
+        float(x.sum())
+        bool((x > 0).any())
+        x[x > 0]  # boolean-mask indexing: a data-dependent shape
+        torch.nonzero(x)
+        y = x.to("cpu", copy=True) * 2  # host to host: not a synchronisation
+        torch.where(x > 0, x, y).sum()
+    assert syncs.count == 4, syncs.events
+    assert all(where.startswith("test_host_sync.py:") for _, where in syncs.events)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_training_steps_make_no_host_synchronisation(tmp_path, monkeypatch, precision):
+    steps = CountedSteps(monkeypatch)
+    state = run_lib.train(small_config(precision), tmp_path)
+    assert state.step == STEPS and steps.counts == [0] * STEPS, steps.events
+    assert all(torch.isfinite(p).all() for p in state.model.parameters())
+    # the log line (read back once, at step 6) holds the mean over the applied steps
+    entry = (tmp_path / "train_log.jsonl").read_text().splitlines()
+    assert len(entry) == 1 and '"step": 6' in entry[0] and "NaN" not in entry[0]
+
+
+class NaNAt:
+    """The loss is NaN at the given (1-based) calls."""
+
+    def __init__(self, loss_fn, calls):
+        self.loss_fn, self.calls, self.count = loss_fn, set(calls), 0
+
+    def __call__(self, *args, **kwargs):
+        self.count += 1
+        loss = self.loss_fn(*args, **kwargs)
+        return loss * float("nan") if self.count in self.calls else loss
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_failure_is_masked_on_the_device_and_raised_at_the_next_read_back(tmp_path, monkeypatch):
+    get_loss_fn = run_lib.losses.get_loss_fn
+    monkeypatch.setattr(run_lib.losses, "get_loss_fn", lambda *a, **k: NaNAt(get_loss_fn(*a, **k), {3}))
+    batches = {}
+    take_step = train_job.take_step
+
+    def recording(run, step):
+        take_step(run, step)
+        batches[step] = run.step_fn.bad_batch.clone()
+    monkeypatch.setattr(train_job, "take_step", recording)
+    config = small_config(log_freq=5, steps=10)
+    config.training.snapshot_freq_for_preemption = 2
+    with pytest.raises(NonFiniteError, match=r"step 3: the loss is nan") as info:
+        run_lib.train(config, tmp_path)
+    assert "checkpoint_2.pth (step 2), is untouched" in str(info.value)
+    assert sorted(batches) == [1, 2, 3, 4]  # raised at step 4's checkpoint, before writing it
+    assert not (tmp_path / "checkpoints-meta" / "checkpoint_4.pth").exists()
+    diagnostics = torch.load(tmp_path / "diagnostics" / "nonfinite_step_3.pt", weights_only=True)
+    assert diagnostics["step"] == 3 and torch.equal(diagnostics["batch"], batches[3])
+    assert len(diagnostics["nonfinite_gradients"]) > 0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_skipped_steps_leave_weights_optimizer_and_ema_untouched(tmp_path, monkeypatch):
+    """Under 'skip' a NaN step is masked in the fused Adam kernel and the EMA: the run equals one whose loss at that
+    step was never taken... up to the batch and noise it consumed, so compare the step counters instead."""
+    get_loss_fn = run_lib.losses.get_loss_fn
+    monkeypatch.setattr(run_lib.losses, "get_loss_fn", lambda *a, **k: NaNAt(get_loss_fn(*a, **k), {2, 3}))
+    steps = CountedSteps(monkeypatch)
+    config = small_config()
+    config.training.on_nonfinite = "skip"
+    state = run_lib.train(config, tmp_path)
+    assert steps.counts == [0] * STEPS and state.skipped_steps == 2
+    assert int(state.ema.num_updates) == STEPS - 2
+    assert {int(s["step"]) for s in state.optimizer.state.values()} == {STEPS - 2}  # Adam's bias correction too
+    assert all(torch.isfinite(p).all() for p in state.model.parameters())
+    assert all(torch.isfinite(s).all() for s in state.ema.shadow_params)
+
+
+def test_fp16_loss_scale_state_is_grad_scalers():
+    scale = LossScale(torch.device("cpu"), init_scale=1024.0, growth_interval=3)
+    scale.update(torch.ones(()))  # an overflow halves it
+    for _ in range(3):
+        scale.update(torch.zeros(()))  # three clean steps double it
+    assert scale.state_dict() == {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                  "growth_interval": 3, "_growth_tracker": 0}
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.load_state_dict(scale.state_dict())
+    assert scaler.get_scale() == 1024.0
+    again = LossScale(torch.device("cpu"))
+    again.load_state_dict(scaler.state_dict())
+    assert again.state_dict() == scale.state_dict()
+
+
+def _rank_main(rank: int, world_size: int, port: int, workdir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    counts = []
+    take_step = train_job.take_step
+
+    def counted(run, step):
+        with HostSyncCounter() as syncs:
+            take_step(run, step)
+        counts.append(syncs.count)
+    train_job.take_step = counted
+    run_lib.train(small_config(), workdir)
+    torch.save(counts, os.path.join(workdir, f"syncs_rank{rank}.pt"))
+
+
+def test_data_parallel_steps_make_no_host_synchronisation(tmp_path):
+    from tests.test_distributed import free_port
+    mp.spawn(_rank_main, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        assert torch.load(tmp_path / f"syncs_rank{rank}.pt") == [0] * STEPS
