@@ -35,6 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
     training.precision = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling)
     training.compile = False  # torch.compile the network for training
     training.compile_backend = "inductor"  # torch.compile backend (inductor; aot_eager / eager to debug)
+    training.tf32 = True  # on CUDA: TF32 matmuls and cuDNN convolutions (Ampere and later), cudnn.benchmark
     training.channels_last = False  # NHWC memory format for image networks (faster convolutions with cuDNN/oneDNN)
     training.on_nonfinite = "stop"  # NaN/inf loss or gradient: stop (diagnostics saved) | skip (step skipped, counted)
     # class-conditional models (model.num_classes > 0): probability that a training label is replaced by the null
@@ -135,6 +136,9 @@ def default_config() -> ml_collections.ConfigDict:
     # training batches: built in the main process (0) or by DataLoader workers, bit-identical either way
     data.num_workers = 0
     data.pin_memory = False  # page-locked batches for faster copies to a CUDA device (ignored without CUDA)
+    # image training data held on the training device (batches, flips, dequantization built there, bit-identical to
+    # the host's): "auto" (on CUDA when the uint8 set takes under DEVICE_DATA_FRACTION of free memory), True, False
+    data.on_device = ml_collections.FieldReference("auto", field_type=object)
     # data.dataset='folder' (sde_diffusion/image_folder.py): data.root is a folder tree of .png/.jpg/.jpeg/.webp
     # images (any depth), a .zip of them, or a uint8 array (N, H, W, C) in a .npy / single-array .npz; each image
     # is center-cropped to a square and resized to data.image_size once, then cached as a uint8 array

@@ -233,6 +233,8 @@ def check_config(config) -> None:
     choice("data.dataset", d.dataset.lower(), DATASETS)
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers must be ≥ 0 (0: batches built in the main process), got {d.num_workers}")
+    if d.on_device not in ("auto", True, False):
+        raise ConfigError(f"data.on_device must be 'auto', True or False, got {d.on_device!r}")
     if d.dataset.lower() == FOLDER:
         from .image_folder import check_config as check_folder  # Pillow, only for your own images
         check_folder(d)

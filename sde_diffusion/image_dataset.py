@@ -15,6 +15,54 @@ from .distributed import global_rows
 from .errors import DatasetError
 
 # --------------------------------------------------------------------------------------------------
+# Augmentation noise: a counter-based hash, the same bits on every device
+# --------------------------------------------------------------------------------------------------
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment (2⁶⁴/φ)
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64's multipliers
+UNIFORM_BITS = 24  # a float32 in [0, 1) holds 24 significant bits
+# Streams of one batch seed: dequantization noise and flips are drawn independently.
+DEQUANTIZE_STREAM, FLIP_STREAM = 1, 2
+
+
+def _signed(value: int) -> int:
+    """An unsigned 64-bit value as the int64 with the same bits."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's >> is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def splitmix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's output function on int64 tensors (wrapping arithmetic, identical on every device)."""
+    z = z + _signed(_GOLDEN)
+    z = (z ^ _shift_right(z, 30)) * _signed(_MIX1)
+    z = (z ^ _shift_right(z, 27)) * _signed(_MIX2)
+    return z ^ _shift_right(z, 31)
+
+
+def _splitmix64_int(z: int) -> int:
+    """splitmix64 on a Python integer (mod 2⁶⁴): `splitmix64` without a tensor."""
+    z = (z + _GOLDEN) & _MASK64
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def hashed_uniform(seed: int, stream: int, shape, device=None) -> torch.Tensor:
+    """U[0, 1) float32 numbers of `shape`, element k = the top UNIFORM_BITS of splitmix64(key + k), key a hash of
+    (seed, stream): a pure function of its arguments, bit-identical on CPU and GPU, drawn where it is used."""
+    key = _signed(_splitmix64_int(seed * 0x100000001B3 + stream))  # on the host, in Python integers
+    count = int(np.prod(shape)) if len(shape) else 1
+    z = splitmix64(torch.arange(count, dtype=torch.int64, device=device) + key)
+    top = _shift_right(z, 64 - UNIFORM_BITS)
+    return (top.to(torch.float32) * 2.0**-UNIFORM_BITS).reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------------
 # Batch order
 # --------------------------------------------------------------------------------------------------
 PERMUTATION_SEED_STRIDE = 1_000_003  # epoch e of seed s is shuffled by torch.randperm with seed s·stride + e
@@ -42,7 +90,7 @@ class ShuffledBatches:
     process with the global batch size draws, and every rank holds the same (epoch, position) state.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, device=None):
         if not 0 <= rank < world_size:
             raise DatasetError(f"rank {rank} is outside 0..{world_size - 1} (world_size={world_size})")
         self.global_size = batch_size * world_size
@@ -50,12 +98,20 @@ class ShuffledBatches:
             raise DatasetError(f"batch size {batch_size} × {world_size} rank(s) = {self.global_size} exceeds the {n} "
                                "training examples: lower training.batch_size")
         self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.device = torch.device("cpu") if device is None else torch.device(device)
         self.epoch, self.position = 0, 0
         self._perm = self._permutation()
 
     def _permutation(self) -> torch.Tensor:
+        """The epoch's order, drawn on the host and copied to `device` once per epoch."""
         generator = torch.Generator().manual_seed(self.seed * PERMUTATION_SEED_STRIDE + self.epoch)
-        return torch.randperm(self.n, generator=generator)
+        return torch.randperm(self.n, generator=generator).to(self.device)
+
+    def to(self, device) -> "ShuffledBatches":
+        """Hand out indices on `device` from now on (the order is unchanged)."""
+        self.device = torch.device(device)
+        self._perm = self._perm.to(self.device)
+        return self
 
     def next_plan(self) -> BatchPlan:
         """This rank's next batch with its augmentation seed; advances the shared (epoch, position)."""
@@ -80,7 +136,7 @@ class ShuffledBatches:
 
     def copy(self) -> "ShuffledBatches":
         """An independent cursor at the same state (what a DataLoader's sampler iterates ahead with)."""
-        clone = ShuffledBatches(self.n, self.batch_size, self.seed, self.rank, self.world_size)
+        clone = ShuffledBatches(self.n, self.batch_size, self.seed, self.rank, self.world_size, self.device)
         clone.load_state_dict(self.state_dict())
         return clone
 
@@ -99,8 +155,9 @@ class _PlanStream:
 
 class BatchMaker:
     """Builds a training batch from its plan: a pure function of (images, plan), so it gives the same tensor in
-    the main process and in any DataLoader worker. The noise of the whole global batch is drawn from the plan's
-    seed and this rank keeps its rows, so the ranks' batches together equal the single-process global batch."""
+    the main process, in any DataLoader worker and on the device that holds `images` (`hashed_uniform`). The noise
+    of the whole global batch is drawn from the plan's seed and this rank keeps its rows, so the ranks' batches
+    together equal the single-process global batch."""
 
     def __init__(self, images: torch.Tensor, num_levels: int, *, dequantize: bool, random_flip: bool,
                  rank: int, batch_size: int, world_size: int):
@@ -110,15 +167,15 @@ class BatchMaker:
 
     def __getitem__(self, plan: BatchPlan) -> Tuple[torch.Tensor, torch.Tensor, int]:
         """(batch, C, H, W) floats in [0, 1], augmented; the plan's indices and seed (to check the order)."""
-        generator = torch.Generator().manual_seed(plan.seed)
-        images = self.images[plan.indices]
+        device = self.images.device
+        images = self.images[plan.indices.to(device)]
         if self.dequantize:  # (k + u)/K, u ~ U[0, 1)
-            noise = torch.rand((self.global_size, *images.shape[1:]), generator=generator)[self.rows]
-            x = (images.float() + noise) / self.num_levels
+            noise = hashed_uniform(plan.seed, DEQUANTIZE_STREAM, (self.global_size, *images.shape[1:]), device)
+            x = (images.float() + noise[self.rows]) / self.num_levels
         else:  # k/(K − 1)
             x = images.float() / (self.num_levels - 1)
         if self.random_flip:
-            flip = (torch.rand(self.global_size, generator=generator) < 0.5)[self.rows]
+            flip = hashed_uniform(plan.seed, FLIP_STREAM, (self.global_size,), device)[self.rows] < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x, plan.indices, plan.seed
 
@@ -163,6 +220,22 @@ class ImageDataset:
     def from_model(self, x: torch.Tensor) -> torch.Tensor:
         """The network's scale → [0, 1] (inverse of `to_model`)."""
         return (x + 1.0) / 2.0 if self.centered else x
+
+    def to_device(self, device) -> "ImageDataset":
+        """Hold the training images (uint8) and labels on `device` and build every batch there: indices, flips and
+        dequantization noise never cross to the host, and the batches equal the host-built ones bit for bit."""
+        device = torch.device(device)
+        self.train = self.train.to(device)
+        if self.train_labels is not None:
+            self.train_labels = self.train_labels.to(device)
+        self.batches.to(device)
+        self.maker.images = self.train
+        self.num_workers, self.pin_memory, self._worker_batches = 0, False, None
+        return self
+
+    @property
+    def on_device(self) -> bool:
+        return self.train.device.type != "cpu"
 
     # batches ---------------------------------------------------------------------------------------
     def train_batch(self, with_labels: bool = False):

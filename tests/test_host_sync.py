@@ -160,3 +160,94 @@ def test_data_parallel_steps_make_no_host_synchronisation(tmp_path):
     mp.spawn(_rank_main, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         assert torch.load(tmp_path / f"syncs_rank{rank}.pt") == [0] * STEPS
+
+
+def test_cuda_backends_follow_training_tf32():
+    from sde_diffusion.jobs.builder import configure_backends
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    config = small_config()
+    try:
+        configure_backends(config, torch.device("cpu"))
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                torch.backends.cudnn.benchmark) == flags
+        for tf32 in (True, False):
+            config.training.tf32 = tf32
+            configure_backends(config, torch.device("cuda"))  # only sets flags: no GPU needed
+            assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+            assert torch.backends.cudnn.benchmark
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = flags
+
+
+# --------------------------------------------------------------------------------------------------
+# Training data on the device
+# --------------------------------------------------------------------------------------------------
+def _splitmix64_reference(z: int) -> int:
+    """splitmix64 in Python's unbounded integers, reduced mod 2⁶⁴ (the published algorithm)."""
+    mask = (1 << 64) - 1
+    z = (z + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def test_augmentation_noise_is_the_same_bits_on_every_device():
+    """Flips and dequantization noise come from integer hashing (wrapping int64 arithmetic, the same on CPU and
+    CUDA), so a batch built on the device equals the host's bit for bit; here: exact against Python integers."""
+    from sde_diffusion.image_dataset import hashed_uniform, splitmix64
+    inputs = [0, 1, 2**40 + 7, -1, -(2**63)]
+    mask = (1 << 64) - 1
+    assert [v & mask for v in splitmix64(torch.tensor(inputs)).tolist()] == \
+        [_splitmix64_reference(v & mask) for v in inputs]
+    u = hashed_uniform(1234, 1, (4, 1000))
+    key = _splitmix64_reference((1234 * 0x100000001B3 + 1) & mask)
+    expected = [(_splitmix64_reference((key + k) & mask) >> 40) / 2**24 for k in (0, 1, 999, 3999)]
+    assert u.flatten()[[0, 1, 999, 3999]].tolist() == expected
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01 and abs(u.std() - 12**-0.5) < 0.01
+    assert not torch.equal(u, hashed_uniform(1234, 2, (4, 1000)))  # streams differ
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("labels", [False, True])
+def test_image_batches_on_the_device_are_the_hosts_and_cost_no_synchronisation(tmp_path, monkeypatch, labels):
+    from configs.vp_digits import get_config as digits_config
+    config = digits_config()
+    t = config.training
+    t.batch_size, t.n_iters, t.log_freq, t.eval_freq = 16, 3, 3, 10**6
+    t.snapshot_freq = t.snapshot_freq_for_preemption = 3
+    t.snapshot_sampling = False
+    config.data.random_flip = config.data.uniform_dequantization = True
+    config.model.nf, config.model.ch_mult, config.model.num_res_blocks, config.model.attn_resolutions = 32, (1,), 1, ()
+    config.model.num_classes = 10 if labels else 0
+    config.device, config.data.on_device = "cpu", True
+    batches = {}
+    take_step = train_job.take_step
+
+    def counted(run, step):
+        assert run.dataset.batches._perm.device == run.dataset.train.device
+        with HostSyncCounter() as syncs:
+            x = run.dataset.train_batch(with_labels=labels)
+        batches[step] = x
+        assert syncs.count == 0, syncs.events
+        take_step(run, step)
+    monkeypatch.setattr(train_job, "take_step", counted)
+    run_lib.train(config, tmp_path)
+    from sde_diffusion.datasets import get_dataset
+    host = get_dataset(config)
+    for step in range(1, 4):
+        expected = host.train_batch(with_labels=labels)
+        host.train_batch(with_labels=labels)  # the batch take_step drew after the recorded one
+        if labels:
+            assert torch.equal(batches[step][0], expected[0]) and torch.equal(batches[step][1], expected[1])
+        else:
+            assert torch.equal(batches[step], expected)
+
+
+def test_data_on_device_setting_is_checked():
+    from sde_diffusion.datasets import check_config
+    from sde_diffusion.errors import ConfigError
+    config = small_config()
+    config.data.on_device = "yes"
+    with pytest.raises(ConfigError, match="data.on_device"):
+        check_config(config)

@@ -98,8 +98,10 @@ def setup(config, workdir: Path, world: distributed.World, device: torch.device)
     t = config.training
     if world.is_main:
         builder.prepare_workdir(workdir)
+    builder.configure_backends(config, device)
     builder.seed_everything(config.seed)
     sde, dataset, model = builder.build(config, device, *world.shard)
+    builder.place_training_data(config, dataset, device)
     optimizer = losses.make_optimizer(model.parameters(), config.optim)
     ema = builder.make_ema(config, model)
     noise = torch.Generator(device=device).manual_seed(config.seed)  # the loss's t and z: identical on all ranks
