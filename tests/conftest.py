@@ -11,3 +11,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one; run by benchmarks/gpu_check.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device here: benchmarks/gpu_check.py runs these on a GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
