@@ -146,12 +146,17 @@ def training_row(config_path: str, precision: str, device: torch.device, batch: 
     return row
 
 
-def sampling_rows(device: torch.device, batch: int, quick: bool) -> Dict:
+def ddpmpp(device: torch.device, quick: bool):
+    """(config, sde, score_fn) of a fresh DDPM++ (configs/vp_cifar.py) in eval mode."""
     config = shrink(load_config_file(ROOT / "configs/vp_cifar.py"), quick)
     sde = sde_from_config(config)
     torch.manual_seed(0)
     model = create_model(config).to(device).eval()
-    score_fn = get_score_fn(sde, model, continuous=config.training.continuous)
+    return config, sde, get_score_fn(sde, model, continuous=config.training.continuous)
+
+
+def sampling_rows(device: torch.device, batch: int, quick: bool) -> Dict:
+    config, sde, score_fn = ddpmpp(device, quick)
     d = config.data
     shape = (batch, d.num_channels, d.image_size, d.image_size)
     set_tf32(True)
@@ -194,11 +199,7 @@ def inception_rate(device: torch.device, images: int):
 
 
 def likelihood_rows(device: torch.device, batch: int, quick: bool) -> List[Dict]:
-    config = shrink(load_config_file(ROOT / "configs/vp_cifar.py"), quick)
-    sde = sde_from_config(config)
-    torch.manual_seed(0)
-    model = create_model(config).to(device).eval()
-    score_fn = get_score_fn(sde, model, continuous=config.training.continuous)
+    config, sde, score_fn = ddpmpp(device, quick)
     d = config.data
     levels = torch.randint(0, 256, (batch, d.num_channels, d.image_size, d.image_size),
                            generator=torch.Generator().manual_seed(0)).to(device)

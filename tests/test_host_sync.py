@@ -17,6 +17,7 @@ from sde_diffusion.errors import NonFiniteError
 from sde_diffusion.host_sync import HostSyncCounter
 from sde_diffusion.jobs import train as train_job
 from sde_diffusion.train_step import LossScale
+from tests.test_crash_safety import NaNAt
 
 STEPS = 6
 
@@ -70,18 +71,6 @@ def test_training_steps_make_no_host_synchronisation(tmp_path, monkeypatch, prec
     # the log line (read back once, at step 6) holds the mean over the applied steps
     entry = (tmp_path / "train_log.jsonl").read_text().splitlines()
     assert len(entry) == 1 and '"step": 6' in entry[0] and "NaN" not in entry[0]
-
-
-class NaNAt:
-    """The loss is NaN at the given (1-based) calls."""
-
-    def __init__(self, loss_fn, calls):
-        self.loss_fn, self.calls, self.count = loss_fn, set(calls), 0
-
-    def __call__(self, *args, **kwargs):
-        self.count += 1
-        loss = self.loss_fn(*args, **kwargs)
-        return loss * float("nan") if self.count in self.calls else loss
 
 
 @pytest.mark.usefixtures("one_thread")

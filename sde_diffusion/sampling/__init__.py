@@ -35,7 +35,7 @@ noisy side (images need steps there) and narrow on the clean side (each sampler 
 documented step counts every SDE is within ±0.03 nats/dim of the exact density on the Gaussian-mixture oracles
 (tests/test_samplers.py): ddim 50, dpm_solver 20, heun 18, unipc 12, ipndm 15, deis 20, dpm_solver_sde 50,
 edm_sde 60, restart 18; on the digits model FID is within 5% of the papers' grids (uniform t, λ-uniform, EDM's ρ,
-all still available by name; BENCHMARKS.md). Below these counts a grid tuned for the budget (`tune_grid`) is the
+all still available by name) except DDIM's (8%; BENCHMARKS.md). Below these counts a grid tuned for the budget (`tune_grid`) is the
 better lever.
 Grids: "time", "logsnr", "edm" (ρ), "quadratic", "sech" (width: one number or (noisy, clean); `sample`'s, else the
 sampler's), explicit times,
