@@ -240,3 +240,52 @@ def test_data_on_device_setting_is_checked():
     config.data.on_device = "yes"
     with pytest.raises(ConfigError, match="data.on_device"):
         check_config(config)
+
+
+# --------------------------------------------------------------------------------------------------
+# Samplers
+# --------------------------------------------------------------------------------------------------
+# torchsde runs its own step loop on Python floats (its interval bookkeeping, our drift cache keyed by float s).
+HOST_LOOP_SAMPLERS = ("sde",)
+
+
+def _linear_score(x, t):
+    return -x / (1 + t.reshape(-1, *([1] * (x.ndim - 1))))
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "ve"])
+def test_fixed_grid_samplers_make_no_host_synchronisation_per_step(sde_name):
+    """Syncs at 8 steps minus syncs at 4 (set-up reads, e.g. restart's choice of interval, cancel): 0 for every
+    fixed-step built-in sampler; the adaptive ODE reads its error norm once per step attempt."""
+    from sde_diffusion.sampling import SAMPLERS, sample
+    from sde_diffusion.sdes import VESDE, VPSDE
+    sde = VPSDE() if sde_name == "vp" else VESDE()
+    variants = [(name, {}) for name, sampler in SAMPLERS.items() if not sampler.adaptive
+                and name not in HOST_LOOP_SAMPLERS and sampler.fn.__module__.startswith("sde_diffusion.")]
+    variants += [("pc", dict(predictor="reverse_diffusion", corrector="langevin")), ("ddim", dict(eta=1.0)),
+                 ("edm_sde", dict(s_churn=10.0)), ("unipc", dict(order=3, variant="bh1"))]
+    assert len(variants) == 15
+    per_step = {}
+    for name, options in variants:
+        counts = []
+        for steps in (4, 8):
+            with HostSyncCounter() as syncs:
+                sample(_linear_score, sde, (8, 3), name, steps=steps, generator=torch.Generator().manual_seed(0),
+                       **options)
+            counts.append(syncs.count)
+        per_step[name, str(options)] = (counts[1] - counts[0]) / 4
+    assert per_step == {key: 0.0 for key in per_step}
+    with HostSyncCounter() as syncs:
+        _, nfe = sample(_linear_score, sde, (8, 3), "ode")
+    assert syncs.count <= nfe / 6 + 8  # dopri5: 6 evaluations per attempt, one accept/reject read each
+
+
+def test_a_callback_still_sees_every_step_and_a_progress_bar_reads_rarely():
+    from sde_diffusion.sampling import sample
+    from sde_diffusion.sdes import VPSDE
+    seen = []
+    sample(_linear_score, VPSDE(), (4, 2), "heun", steps=6, callback=lambda i, t, x: seen.append(i))
+    assert seen == list(range(6))
+    with HostSyncCounter() as syncs:
+        sample(_linear_score, VPSDE(), (4, 2), "ddim", steps=200, progress=True)
+    assert syncs.count < 20  # a read every PROGRESS_READ_SECONDS, not 3 per evaluation (600)

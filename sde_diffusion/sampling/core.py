@@ -16,6 +16,10 @@ does the bookkeeping, so that samplers only do their arithmetic:
   coordinates it does not fix (RePaint's rounds), so that earlier evaluations no longer lie on the trajectory.
 * **Progress and callback**: the bar advances and callback(i, t, x) fires (with the constrained state) when an
   evaluation reaches the next grid time t = timesteps[i + 1]; the last step's call gets the returned x at eps.
+* **No host round trips** unless asked for: finding which grid step an evaluation completes means reading its time
+  back from the device, so the framework does it only for a constraint or a callback (every evaluation), and for
+  a progress bar at most every PROGRESS_READ_SECONDS; otherwise it only counts, and a fixed-grid sampler runs
+  without a single host synchronisation per step.
 
 Escape hatch: a sampler whose evaluation points are not its accepted states (an adaptive solver: replacement noise
 at every Runge–Kutta stage would wreck its error control) declares a `constraint=None` parameter. It then gets
@@ -32,6 +36,7 @@ A constraint is any object with
 """
 from __future__ import annotations
 
+import time as time_module
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence, Tuple, Union
 
@@ -46,6 +51,8 @@ from .terms import tweedie_denoise
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 # Evaluation times within this relative distance of a grid time are that grid time (float32 rounding of t).
 GRID_SNAP = 1e-5
+# A progress bar alone reads an evaluation's time back from the device at most this often (seconds).
+PROGRESS_READ_SECONDS = 0.5
 
 
 class Constraint(Protocol):
@@ -94,6 +101,9 @@ class FrameworkScore:
         self.t_prev: Optional[torch.Tensor] = None  # time of the evaluation that completed the last grid step
         self.reached = 0  # grid steps completed, as seen from the evaluation times
         self.state_jumps = constraint is not None and bool(getattr(constraint, "moves_free_coordinates", True))
+        self.every_step = constraint is not None or callback is not None  # needs the step of every evaluation
+        self.progress = not getattr(bar, "disable", True)
+        self.last_read = -float("inf")
 
     def snap(self, t) -> torch.Tensor:
         """t as a 0-d float64 tensor, replaced by the nearest grid time when within GRID_SNAP of it."""
@@ -105,6 +115,11 @@ class FrameworkScore:
         return x if self.constraint is None else bind(self.constraint, self.counted, self.generator)(x, t, t_prev)
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        if not self.every_step:
+            now = time_module.monotonic()
+            if not self.progress or now - self.last_read < PROGRESS_READ_SECONDS:
+                return self.counted(x, t)  # no bookkeeping: nothing read back from the device
+            self.last_read = now
         time = self.snap(t)
         reached = int((self.grid[1:-1] >= time).sum())  # grid steps completed once the state is at `time`
         new_step = reached > self.reached or self.t_prev is None

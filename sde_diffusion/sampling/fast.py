@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Literal
+from typing import List, Literal, Tuple
 
 import torch
 
@@ -113,6 +113,12 @@ def time_of(sde: SDE, sig: torch.Tensor) -> torch.Tensor:
     return sde.t_from_log_snr(-torch.log(sig))
 
 
+def host_sigmas(sig: torch.Tensor, sig_top: torch.Tensor) -> Tuple[List[float], float]:
+    """σ̃ along a grid and σ̃(T) as Python floats, read from the device at once."""
+    values = torch.cat([sig, sig_top.reshape(1)]).tolist()
+    return values[:-1], values[-1]
+
+
 def heun_segment(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, times: torch.Tensor, *, euler_last: bool,
                  churn: float = 0.0, s_min: float = 0.0, s_max: float = math.inf, s_noise: float = 1.0,
                  generator=None) -> torch.Tensor:
@@ -126,12 +132,14 @@ def heun_segment(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, times: torch.Tens
     sig_top = torch.exp(-sde.log_snr(torch.tensor(sde.T, dtype=torch.float64, device=times.device)))
     n = len(times) - 1
     gamma = min(churn / n, math.sqrt(2.0) - 1.0) if churn > 0 else 0.0
+    # which steps churn is decided on host copies of σ̃: one read for the whole segment, none per step
+    sig_host, sig_top_host = host_sigmas(sig, sig_top) if gamma > 0 else (None, None)
     for i in range(n):
         t, s = times[i], times[i + 1]
         x_hat, sig_hat, t_hat = x, sig[i], t
-        if gamma > 0 and s_min <= sig[i].item() <= s_max:
+        if gamma > 0 and s_min <= sig_host[i] <= s_max:
             sig_hat = torch.minimum(sig[i] * (1.0 + gamma), sig_top)
-            if sig_hat > sig[i]:
+            if min(sig_host[i] * (1.0 + gamma), sig_top_host) > sig_host[i]:
                 t_hat = time_of(sde, sig_hat)
                 spread = s_noise * torch.sqrt(sig_hat**2 - sig[i] ** 2)
                 x_hat = like(sde.alpha(t_hat), x) * (x / like(sde.alpha(t), x) + like(spread, x) * noise(x, generator))

@@ -84,7 +84,8 @@ def restart_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: tor
         raise ValueError(f"need 0 < restart_min < restart_max, restarts ≥ 0 and restart_steps ≥ 1, got "
                          f"{restart_min}, {restart_max}, {restarts}, {restart_steps}")
     sig = torch.exp(-sde.log_snr(timesteps))
-    below = [i for i in range(1, len(timesteps)) if sig[i].item() <= restart_min]
+    sig_host = sig.tolist()  # where to restart is decided on the host, from one read of the grid
+    below = [i for i in range(1, len(timesteps)) if sig_host[i] <= restart_min]
     if not below or restarts == 0:
         return heun_segment(score_fn, sde, x, timesteps, euler_last=True)
     k, n = below[0], len(timesteps) - 1
