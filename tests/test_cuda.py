@@ -4,9 +4,8 @@ import pytest
 import torch
 
 import run_lib
-from sde_diffusion.host_sync import HostSyncCounter
 from sde_diffusion.image_dataset import hashed_uniform
-from sde_diffusion.jobs import train as train_job
+from tests.test_host_sync import CountedSteps
 
 pytestmark = pytest.mark.cuda
 
@@ -27,16 +26,9 @@ def test_gpu_training_steps_make_no_host_synchronisation(tmp_path, monkeypatch, 
     t.snapshot_sampling, t.precision = False, precision
     config.data.random_flip = config.data.uniform_dequantization = True
     config.device, config.data.on_device = "cuda", True
-    counts = []
-    take_step = train_job.take_step
-
-    def counted(run, step):
-        with HostSyncCounter() as syncs:
-            take_step(run, step)
-        counts.append(syncs.events)
-    monkeypatch.setattr(train_job, "take_step", counted)
+    steps = CountedSteps(monkeypatch.setattr)
     state = run_lib.train(config, tmp_path)
-    assert counts[1:] == [[]] * 4  # the first step may initialise lazily
+    assert steps.counts[1:] == [0] * 4, steps.events  # the first step may initialise lazily
     assert all(torch.isfinite(p).all() for p in state.model.parameters())
 
 

@@ -34,9 +34,10 @@ def small_config(precision="fp32", log_freq=STEPS, steps=STEPS):
 
 
 class CountedSteps:
-    """Replaces jobs.train.take_step (batch, loss, backward, clipping, Adam, EMA) and counts syncs per step."""
+    """Replaces jobs.train.take_step (batch, loss, backward, clipping, Adam, EMA) and counts syncs per step;
+    `patch`: monkeypatch.setattr in a test, plain setattr in a spawned rank."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, patch):
         self.counts, self.events = [], collections.Counter()
         take_step = train_job.take_step
 
@@ -45,7 +46,7 @@ class CountedSteps:
                 take_step(run, step)
             self.counts.append(syncs.count)
             self.events.update(syncs.events)
-        monkeypatch.setattr(train_job, "take_step", counted)
+        patch(train_job, "take_step", counted)
 
 
 def test_the_counter_sees_what_makes_the_host_wait():
@@ -64,7 +65,7 @@ def test_the_counter_sees_what_makes_the_host_wait():
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_training_steps_make_no_host_synchronisation(tmp_path, monkeypatch, precision):
-    steps = CountedSteps(monkeypatch)
+    steps = CountedSteps(monkeypatch.setattr)
     state = run_lib.train(small_config(precision), tmp_path)
     assert state.step == STEPS and steps.counts == [0] * STEPS, steps.events
     assert all(torch.isfinite(p).all() for p in state.model.parameters())
@@ -102,7 +103,7 @@ def test_skipped_steps_leave_weights_optimizer_and_ema_untouched(tmp_path, monke
     step was never taken... up to the batch and noise it consumed, so compare the step counters instead."""
     get_loss_fn = run_lib.losses.get_loss_fn
     monkeypatch.setattr(run_lib.losses, "get_loss_fn", lambda *a, **k: NaNAt(get_loss_fn(*a, **k), {2, 3}))
-    steps = CountedSteps(monkeypatch)
+    steps = CountedSteps(monkeypatch.setattr)
     config = small_config()
     config.training.on_nonfinite = "skip"
     state = run_lib.train(config, tmp_path)
@@ -132,16 +133,9 @@ def _rank_main(rank: int, world_size: int, port: int, workdir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    counts = []
-    take_step = train_job.take_step
-
-    def counted(run, step):
-        with HostSyncCounter() as syncs:
-            take_step(run, step)
-        counts.append(syncs.count)
-    train_job.take_step = counted
+    steps = CountedSteps(setattr)
     run_lib.train(small_config(), workdir)
-    torch.save(counts, os.path.join(workdir, f"syncs_rank{rank}.pt"))
+    torch.save(steps.counts, os.path.join(workdir, f"syncs_rank{rank}.pt"))
 
 
 def test_data_parallel_steps_make_no_host_synchronisation(tmp_path):
