@@ -75,6 +75,15 @@ def test_training_steps_make_no_host_synchronisation(tmp_path, monkeypatch, prec
 
 
 @pytest.mark.usefixtures("one_thread")
+def test_class_conditional_steps_with_label_dropout_make_no_host_synchronisation(tmp_path, monkeypatch):
+    steps = CountedSteps(monkeypatch.setattr)
+    config = small_config()
+    config.model.num_classes, config.training.label_dropout = 4, 0.2
+    run_lib.train(config, tmp_path)
+    assert steps.counts == [0] * STEPS, steps.events
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_a_failure_is_masked_on_the_device_and_raised_at_the_next_read_back(tmp_path, monkeypatch):
     get_loss_fn = run_lib.losses.get_loss_fn
     monkeypatch.setattr(run_lib.losses, "get_loss_fn", lambda *a, **k: NaNAt(get_loss_fn(*a, **k), {3}))
