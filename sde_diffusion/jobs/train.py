@@ -203,7 +203,7 @@ def read_back(run: Training, step: int) -> StepReport:
 
 
 def log_step(run: Training, step: int, report: StepReport, start: float) -> None:
-    """Loss and gradient norm: means over the applied steps since the last log line."""
+    """Loss and gradient norm: means over the applied steps since the previous read-back (log or checkpoint step)."""
     log.info("step %d  loss %.5f  grad_norm %.3f  lr %.2e  (%.1f s)", step, report.loss, report.grad_norm,
              report.lr, time.time() - start)
     run.train_log.append(step=step, loss=report.loss, grad_norm=report.grad_norm, lr=report.lr,
