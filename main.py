@@ -40,5 +40,19 @@ def main(argv):
     run_lib.JOBS[FLAGS.mode](FLAGS.config, workdir, FLAGS.eval_folder)
 
 
+HELP_FLAGS = ("-h", "--help", "-?", "--helpshort", "--helpfull")
+
+
+def print_help_and_exit(argv) -> None:
+    """Asked for help: the usage and the flags on stdout, exit status 0 (absl's own help flags exit with 1)."""
+    full = "--helpfull" in argv
+    print(__doc__)
+    print(FLAGS.get_help() if full else FLAGS.main_module_help())
+    print("\nTry --helpfull for absl's own flags too." if not full else "")
+    sys.exit(0)
+
+
 if __name__ == "__main__":
+    if any(arg in HELP_FLAGS for arg in sys.argv[1:]):
+        print_help_and_exit(sys.argv[1:])
     app.run(main)

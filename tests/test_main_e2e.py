@@ -122,3 +122,11 @@ def test_bad_config_fails_before_training(tmp_path, flag, message):
 def test_eval_without_checkpoints_says_to_train_first(tmp_path):
     result = main_py(tmp_path, "eval", check=False)
     assert result.returncode != 0 and "Train first" in result.stdout + result.stderr
+
+
+def test_help_exits_zero_and_lists_the_modes():
+    for flag in ("--help", "-h", "--helpfull"):
+        result = subprocess.run([sys.executable, "main.py", flag], cwd=ROOT, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "--mode" in result.stdout and "tune_grid" in result.stdout and "Traceback" not in result.stderr
