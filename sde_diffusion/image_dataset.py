@@ -233,10 +233,6 @@ class ImageDataset:
         self.num_workers, self.pin_memory, self._worker_batches = 0, False, None
         return self
 
-    @property
-    def on_device(self) -> bool:
-        return self.train.device.type != "cpu"
-
     # batches ---------------------------------------------------------------------------------------
     def train_batch(self, with_labels: bool = False):
         """(batch, C, H, W) float training batch in model space, augmented as configured; with `with_labels`,

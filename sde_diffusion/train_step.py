@@ -57,11 +57,6 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def nonfinite_parameters(model: nn.Module) -> List[str]:
-    """Names of the parameters whose gradient holds a NaN or an infinity."""
-    return [name for name, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-
-
 class LossScale:
     """fp16's dynamic loss scale, kept on the device: the loss is multiplied by `scale` before backward, gradients
     are unscaled with an overflow flag, and the scale halves after an overflow and doubles after `growth_interval`
