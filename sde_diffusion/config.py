@@ -33,7 +33,7 @@ def default_config() -> ml_collections.ConfigDict:
     training.keep_meta_checkpoints = 2  # newest preemption checkpoints kept (a corrupt newest falls back to older)
     training.snapshot_sampling = True  # sample grid with EMA weights at every numbered checkpoint
     training.precision = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling)
-    training.compile = False  # torch.compile the network for training
+    training.compile = False  # torch.compile the training step (loss with the network, clipping, EMA)
     training.compile_backend = "inductor"  # torch.compile backend (inductor; aot_eager / eager to debug)
     training.tf32 = True  # on CUDA: TF32 matmuls and cuDNN convolutions (Ampere and later), cudnn.benchmark
     training.channels_last = False  # NHWC memory format for image networks (faster convolutions with cuDNN/oneDNN)

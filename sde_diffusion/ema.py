@@ -41,13 +41,18 @@ class ExponentialMovingAverage:
         weight = mask.to(self.shadow_params[0].dtype)
         decay = torch.full((), self.decay, dtype=weight.dtype, device=weight.device)
         if self.num_updates is not None:
-            if not isinstance(self.num_updates, torch.Tensor):
-                self.num_updates = torch.tensor(self.num_updates, dtype=torch.int64, device=weight.device)
+            self.count_on(weight.device)
             self.num_updates = self.num_updates + mask.to(torch.int64)
             n = self.num_updates.to(weight.dtype)
             decay = torch.minimum(decay, (1 + n) / (10 + n))
         torch._foreach_lerp_(self.shadow_params, self._trainable(parameters), [weight * (1 - decay)] * len(
             self.shadow_params))
+
+    def count_on(self, device: torch.device) -> None:
+        """Keep the update count as a 0-d tensor on `device` (as masked updates do; a compiled step calls this
+        before its first update, so that the count's type never changes inside the graph)."""
+        if self.num_updates is not None and not isinstance(self.num_updates, torch.Tensor):
+            self.num_updates = torch.tensor(self.num_updates, dtype=torch.int64, device=device)
 
     @torch.no_grad()
     def copy_to(self, parameters: Iterable[nn.Parameter]) -> None:

@@ -98,7 +98,7 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ema, loss_fn: Callable, optim_config,
                  *, precision: str, device: torch.device, on_nonfinite: str = "stop", noise=None,
-                 world: distributed.World = distributed.World()):
+                 world: distributed.World = distributed.World(), compile_backend: Optional[str] = None):
         if not optimizer.defaults.get("fused"):
             raise ValueError("TrainStep masks skipped updates through the fused Adam kernel: build the optimizer "
                              "with losses.make_optimizer (fused=True)")
@@ -115,6 +115,20 @@ class TrainStep:
         self.bad_batch: Optional[torch.Tensor] = None
         self.bad_params = torch.zeros(len(self.params), dtype=torch.bool, device=device)
         self.lr = 0.0
+        self.fullgraph = False
+        if compile_backend:
+            self._compile(compile_backend)
+
+    def _compile(self, backend: str) -> None:
+        """torch.compile the step's three device parts: the loss (network and formula; its backward through
+        AOTAutograd), the checks with gradient clipping, and the loss-scale and EMA updates. Each is one graph
+        (fullgraph) when the loss draws its noise apart (`losses.Loss.draw`: a torch.Generator cannot be traced) on a
+        single process (DDP splits the graph at its gradient buckets). Between the parts stay the backward call and
+        the fused Adam kernel, already one kernel for all parameters (dynamo leaves a fused optimizer eager)."""
+        self.fullgraph = hasattr(self.loss_fn, "draw") and not self.world.distributed
+        self._loss = torch.compile(self._loss, backend=backend, fullgraph=self.fullgraph)
+        self._check_and_clip = torch.compile(self._check_and_clip, backend=backend, fullgraph=True)
+        self._after_step = torch.compile(self._after_step, backend=backend, fullgraph=True)
 
     def _reset(self) -> None:
         zero = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -123,25 +137,41 @@ class TrainStep:
 
     def __call__(self, x: torch.Tensor, step: int, score_fn) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device, self.precision):
-            loss = self.loss_fn(score_fn, x, generator=self.noise, shard=self.world.shard)
+        noise = self.loss_fn.draw(x, self.noise, self.world.shard) if hasattr(self.loss_fn, "draw") else None
+        loss = self._loss(score_fn, x, noise)
         loss_mean = distributed.mean(loss.detach().float(), self.world)
-        loss_ok = torch.isfinite(loss_mean)
         (loss * self.scaler.scale if self.scaler else loss).backward()
         self.lr = learning_rate(step, self.optim_config)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         grads = [p.grad for p in self.params if p.grad is not None]
+        applied, failed, overflow, norms, grad_norm = self._check_and_clip(grads, loss_mean)
+        self.optimizer.found_inf, self.optimizer.grad_scale = (~applied).float(), None
+        self.optimizer.step()
+        self.ema.count_on(self.device)
+        self._after_step(applied, failed, overflow)
+        self._account(step, x, loss_mean, grad_norm, norms, applied, failed, len(grads) == len(self.params))
+
+    def _loss(self, score_fn, x: torch.Tensor, noise) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            if noise is None:  # a plain loss function draws its own noise
+                return self.loss_fn(score_fn, x, generator=self.noise, shard=self.world.shard)
+            return self.loss_fn(score_fn, x, noise=noise)
+
+    def _check_and_clip(self, grads: List[torch.Tensor], loss_mean: torch.Tensor):
+        """Unscale (fp16), test and clip the gradients; returns (applied, failed, overflow, per-tensor norms, ‖g‖):
+        failed = a non-finite loss, or gradient outside fp16; applied = neither failed nor an fp16 overflow."""
+        loss_ok = torch.isfinite(loss_mean)
         overflow = self.scaler.unscale_(grads) if self.scaler else None
         norms, grad_norm = self._clip(grads)
         failed = ~loss_ok if self.scaler else ~(loss_ok & torch.isfinite(grad_norm))
         applied = ~failed if overflow is None else ~failed & (overflow == 0)
-        self.optimizer.found_inf, self.optimizer.grad_scale = (~applied).float(), None
-        self.optimizer.step()
+        return applied, failed, overflow, norms, grad_norm
+
+    def _after_step(self, applied: torch.Tensor, failed: torch.Tensor, overflow: Optional[torch.Tensor]) -> None:
         if self.scaler:
             self.scaler.update(torch.maximum(overflow, failed.float()))
         self.ema.update(self.params, mask=applied)
-        self._account(step, x, loss_mean, grad_norm, norms, applied, failed, len(grads) == len(self.params))
 
     def _clip(self, grads: List[torch.Tensor]):
         """Per-tensor norms, the total norm ‖g‖ (0-d) and the gradients scaled in place by

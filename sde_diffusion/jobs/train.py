@@ -67,7 +67,7 @@ class Training:
     model: nn.Module
     ema: ExponentialMovingAverage
     loss_fn: Callable
-    score_fn_for: Callable  # labels ↦ the training score function (through DDP / torch.compile)
+    score_fn_for: Callable  # labels ↦ the training score function (through DDP)
     step_fn: TrainStep
     state: TrainState
     train_log: Optional[TrainLog] = None
@@ -84,13 +84,11 @@ def run(config, workdir) -> TrainState:
 
 
 def training_network(model: nn.Module, config, world: distributed.World, device) -> nn.Module:
-    """The module the loss calls: the model, wrapped for data parallelism and compiled as configured."""
-    network = model
+    """The module the loss calls: the model, wrapped for data parallelism (training.compile compiles the step that
+    calls it, `TrainStep`)."""
     if world.distributed:
-        network = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if config.training.compile:
-        network = torch.compile(network, backend=config.training.compile_backend)
-    return network
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return model
 
 
 def setup(config, workdir: Path, world: distributed.World, device: torch.device) -> Training:
@@ -108,7 +106,8 @@ def setup(config, workdir: Path, world: distributed.World, device: torch.device)
     loss_fn = builder.make_loss_fn(config, sde)
     score_fn_for = builder.labelled_score_fn(config, sde, training_network(model, config, world, device))
     step_fn = TrainStep(model, optimizer, ema, loss_fn, config.optim, precision=t.precision, device=device,
-                        on_nonfinite=t.on_nonfinite, noise=noise, world=world)
+                        on_nonfinite=t.on_nonfinite, noise=noise, world=world,
+                        compile_backend=t.compile_backend if t.compile else None)
     state = TrainState(model, optimizer, ema, dataset, noise, step_fn.scaler)
     builder.seed_everything(builder.round_seed(config.seed, world.rank))  # per-rank streams; a resume restores them
     resume(state, workdir, world, device)
