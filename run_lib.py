@@ -16,6 +16,7 @@ Workdir layout:
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict
 
 from sde_diffusion import losses, sampling  # noqa: F401  (the modules the jobs call, for tests that patch them)
@@ -27,6 +28,7 @@ from sde_diffusion.jobs import train as train_job
 from sde_diffusion.jobs import train_classifier as train_classifier_job
 from sde_diffusion.jobs import tune_grid as tune_grid_job
 from sde_diffusion.jobs.builder import numbered_checkpoint, resolve_device, sampler_settings  # noqa: F401
+from sde_diffusion.jobs.modes import MODES, run_mode
 from sde_diffusion.jobs.generation import Conditioning, load_classifier, make_conditioning  # noqa: F401
 
 
@@ -61,11 +63,4 @@ def tune_grid(config, workdir):
 
 
 # --mode NAME → job(config, workdir, eval_folder or None); eval, sample and compare have their own default folder
-JOBS: Dict[str, Callable] = {
-    "train": lambda config, workdir, folder=None: train(config, workdir),
-    "eval": lambda config, workdir, folder=None: evaluate(config, workdir, folder or "eval"),
-    "sample": lambda config, workdir, folder=None: sample(config, workdir, folder or "samples"),
-    "compare": lambda config, workdir, folder=None: compare(config, workdir, folder or "compare"),
-    "train_classifier": lambda config, workdir, folder=None: train_classifier(config, workdir),
-    "tune_grid": lambda config, workdir, folder=None: tune_grid(config, workdir),
-}
+JOBS: Dict[str, Callable] = {mode: functools.partial(run_mode, mode) for mode in MODES}

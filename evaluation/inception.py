@@ -18,13 +18,15 @@ import hashlib
 import importlib.util
 import logging
 import platform
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from sde_diffusion.progress import Progress
 
 log = logging.getLogger("sde_diffusion")
 
@@ -134,7 +136,9 @@ class InceptionNetwork:
     def __init__(self, weights: InceptionWeights, device: torch.device = torch.device("cpu"), batch_size: int = 50):
         self.weights, self.device, self.batch_size = weights, torch.device(device), batch_size
         try:
-            module = torch.jit.load(str(weights.path), map_location=self.device).eval()
+            with warnings.catch_warnings():  # the weights are TorchScript: torch.jit.load is their loader
+                warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated", category=FutureWarning)
+                module = torch.jit.load(str(weights.path), map_location=self.device).eval()
         except RuntimeError as err:
             raise InceptionUnavailable(f"{weights.path} is not a TorchScript Inception export ({err})") from err
         self.full = module if weights.has_logits else None
@@ -143,7 +147,7 @@ class InceptionNetwork:
     @torch.no_grad()
     def _batches(self, images: np.ndarray, progress: bool, fn) -> np.ndarray:
         out = []
-        for start in tqdm(range(0, len(images), self.batch_size), desc="inception", disable=not progress):
+        for start in Progress(range(0, len(images), self.batch_size), desc="inception", enabled=progress):
             resized = clean_resize(images[start:start + self.batch_size])
             x = torch.from_numpy(resized).permute(0, 3, 1, 2).to(self.device)
             out.append(fn(x).double().cpu().numpy())

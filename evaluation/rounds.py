@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from sde_diffusion.checkpoints import atomic_write, save_npz
+from sde_diffusion.progress import Progress
 
 log = logging.getLogger("sde_diffusion")
 
@@ -43,7 +43,7 @@ def run_in_rounds(folder: Path, total: int, round_size: int, make_round: RoundFn
     sizes = [min(round_size, total - start) for start in range(0, total, round_size)]
     paths = [folder / f"round_{r:05d}.npz" for r in range(len(sizes))]
     made = {}  # this rank's new rounds, kept in memory
-    for r in tqdm(range(rank, len(sizes), world_size), desc=desc, disable=rank != 0):
+    for r in Progress(range(rank, len(sizes), world_size), desc=desc, enabled=rank == 0):
         if paths[r].exists():
             log.info("round %d/%d: reusing %s", r + 1, len(sizes), paths[r])
             continue

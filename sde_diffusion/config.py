@@ -82,8 +82,14 @@ def default_config() -> ml_collections.ConfigDict:
     sampling.classifier_scale = 0.0  # > 0: + scale·∇log p_t(y|x) of the classifier in workdir/classifier/
 
     config.eval = evaluate = ml_collections.ConfigDict()
+    # the numbered checkpoints begin..end (workdir/checkpoints/checkpoint_<k>.pth) are evaluated in order; the
+    # missing ones are skipped (one log line names them), and only a range with none of them is an error
     evaluate.begin_ckpt = 1
     evaluate.end_ckpt = 1
+    # True: wait for each missing checkpoint of the range (to follow a training run), looking every POLL_SECONDS
+    # of jobs/evaluate.py (30 s); one is skipped once a later one exists; an error after wait_timeout without it
+    evaluate.wait = False
+    evaluate.wait_timeout = 3600.0  # seconds eval.wait waits for the next checkpoint to appear
     evaluate.batch_size = 512
     evaluate.enable_loss = True
     evaluate.enable_sampling = True

@@ -261,7 +261,8 @@ def check_config(config) -> None:
         raise ConfigError("sampling.inpaint_mask and sampling.colorize=True are two different tasks: set one")
     if s.colorize and d.num_channels != 3:
         raise ConfigError(f"sampling.colorize=True needs 3-channel (RGB) data, but data.num_channels="
-                          f"{d.num_channels}")
+                          f"{d.num_channels}: colorize a model trained on colour images, or set "
+                          f"sampling.colorize=False (inpainting with sampling.inpaint_mask works on any data)")
     shape = (d.num_channels, d.image_size, d.image_size)
     for key, load in (("inpaint_mask", load_mask), ("inpaint_image", load_image)):
         if s[key] is not None:

@@ -16,6 +16,8 @@ from typing import Any, List, Tuple
 import torch
 import torch.distributed as dist
 
+from .errors import UsageError
+
 
 @dataclass(frozen=True)
 class World:
@@ -57,7 +59,7 @@ def world_from_env() -> World:
         return World()
     missing = [key for key in ("RANK", "MASTER_ADDR", "MASTER_PORT") if key not in os.environ]
     if missing:
-        raise RuntimeError(f"WORLD_SIZE={world_size} but {', '.join(missing)} unset: launch with torchrun "
+        raise UsageError(f"WORLD_SIZE={world_size} but {', '.join(missing)} unset: launch with torchrun "
                            "(it sets them) or unset WORLD_SIZE for a single process")
     return World(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
 

@@ -4,7 +4,13 @@ A leaf: it imports nothing from the package, so any module may import it.
 """
 from __future__ import annotations
 
+import difflib
 from typing import Collection, Type
+
+
+class UsageError(ValueError):
+    """A command-line argument that cannot work (a missing file, an unknown key, an unusable folder); the message
+    names it and says what to do."""
 
 
 class ConfigError(ValueError):
@@ -30,7 +36,9 @@ class NonFiniteError(FloatingPointError):
 def choice(name: str, value, allowed: Collection, error: Type[Exception] = ConfigError) -> None:
     """Raise `error` naming `name` unless value is one of `allowed`."""
     if value not in allowed:
-        raise error(f"{name}={value!r} is not one of {sorted(allowed)}")
+        close = difflib.get_close_matches(value, [str(a) for a in allowed], n=1) if isinstance(value, str) else []
+        hint = f": did you mean {name}={close[0]!r}?" if close else ""
+        raise error(f"{name}={value!r} is not one of {sorted(allowed)}{hint}")
 
 
 def positive(name: str, value, error: Type[Exception] = ConfigError) -> None:

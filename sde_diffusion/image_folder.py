@@ -50,7 +50,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from tqdm.auto import tqdm
+from .progress import Progress
 
 from .checkpoints import atomic_write
 from .image_dataset import ImageDataset
@@ -354,7 +354,7 @@ def decode_images(source, spec: Preprocessing, threads: Optional[int] = None):
     executor = ThreadPoolExecutor(threads)
     try:
         results = executor.map(lambda i: _read_one(source, i, spec), range(n))
-        for i, result in enumerate(tqdm(results, total=n, desc="preprocessing images", disable=n < 1000)):
+        for i, result in enumerate(Progress(results, total=n, desc="preprocessing images", enabled=n >= 1000)):
             name = source.names[i]
             if result.problem is not None:
                 if not spec.skip_corrupt:

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, choice
 
 Tensor = torch.Tensor
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -608,8 +608,7 @@ def check_config(config) -> None:
     """The SDE's keys: training.sde, model.beta_schedule/beta_min/beta_max (VP, sub-VP), model.sigma_min/sigma_max
     (VE, EDM), model.num_scales. Raises ConfigError naming the key."""
     name, m = config.training.sde.lower(), config.model
-    if name not in SDES:
-        raise ConfigError(f"training.sde={config.training.sde!r} is not one of {sorted(SDES)}")
+    choice("training.sde", name, SDES)
     if m.num_scales < 2:
         raise ConfigError(f"model.num_scales (the SDE's N) must be ≥ 2, got {m.num_scales}")
     if name in ("vpsde", "subvpsde"):

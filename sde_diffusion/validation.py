@@ -15,7 +15,7 @@ from .errors import ConfigError, positive
 
 JOB_KEYS = ("training.batch_size", "training.n_iters", "training.log_freq", "training.eval_freq",
             "training.snapshot_freq", "training.snapshot_freq_for_preemption", "training.keep_meta_checkpoints",
-            "eval.batch_size", "eval.num_samples", "sampling.num_grid_samples")  # each must be > 0
+            "eval.batch_size", "eval.num_samples", "eval.wait_timeout", "sampling.num_grid_samples")  # each > 0
 
 
 def validate_config(config) -> None:

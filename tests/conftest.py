@@ -1,4 +1,6 @@
 """Shared test fixtures."""
+import os
+
 import pytest
 import torch
 
@@ -14,6 +16,11 @@ def one_thread():
 
 
 def pytest_configure(config):
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers:  # pytest -n N: the cores are shared, so each worker (and what it launches) gets its share of threads
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one; run by benchmarks/gpu_check.py)")
 
 

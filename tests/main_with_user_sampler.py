@@ -8,19 +8,19 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import user_sampler  # noqa: E402,F401  (registers "user_euler")
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-import main  # noqa: E402
+from sde_diffusion import cli  # noqa: E402
 
 flags.DEFINE_list("then_modes", [], "Modes to run after --mode, in order, with the same flags.")
 
 
-def run(argv):
-    main.main(argv)
+def run():
+    cli.run_job()
     for mode in flags.FLAGS.then_modes:
         flags.FLAGS.mode = mode
-        main.main(argv)
+        cli.run_job()
 
 
 if __name__ == "__main__":
-    app.run(run)
+    sys.exit(cli.main(job=run))

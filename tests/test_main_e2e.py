@@ -18,8 +18,8 @@ SMALL = ["--config.training.batch_size=16", "--config.training.snapshot_freq=3",
          "--config.eval.num_samples=8", "--config.eval.batch_size=64", "--config.device=cpu"]
 
 
-def main_py(workdir, mode, *overrides, check=True):
-    cmd = [sys.executable, "main.py", "--config", "configs/vp_digits.py", "--mode", mode, "--workdir", str(workdir),
+def main_py(workdir, mode, *overrides, check=True, config="configs/vp_digits.py"):
+    cmd = [sys.executable, "main.py", "--config", config, "--mode", mode, "--workdir", str(workdir),
            *SMALL, *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1")  # bit-identical runs regardless of thread scheduling
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
@@ -130,3 +130,14 @@ def test_help_exits_zero_and_lists_the_modes():
                                 timeout=120)
         assert result.returncode == 0, result.stderr
         assert "--mode" in result.stdout and "tune_grid" in result.stdout and "Traceback" not in result.stderr
+
+
+def test_edm_quickstart_trains_and_evaluates(tmp_path):
+    """configs/edm_digits.py through the command line, shortened: 2 steps, then eval with 4 Heun steps."""
+    short = ["--config.training.n_iters=2", "--config.training.snapshot_freq=2", "--config.training.batch_size=16",
+             "--config.device=cpu", "--config.sampling.steps=4", "--config.eval.num_samples=8",
+             "--config.eval.batch_size=8", "--config.eval.enable_fid=False", "--config.eval.enable_bpd=False"]
+    for mode in ("train", "eval"):
+        main_py(tmp_path, mode, *short, config="configs/edm_digits.py")
+    report = json.loads((tmp_path / "eval" / "report_1.json").read_text())
+    assert report["sampler"]["method"] == "heun" and report["nfe"] == 2 * 4 - 1 and report["num_samples"] == 8

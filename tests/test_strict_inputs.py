@@ -14,6 +14,7 @@ from configs import toy_gmm, vp_digits
 from sde_diffusion.checkpoints import CheckpointError
 from sde_diffusion.config import ConfigError, validate_config
 from sde_diffusion.datasets import DatasetError, get_dataset
+from sde_diffusion.errors import UsageError
 
 
 def changed(module, **changes):
@@ -132,12 +133,12 @@ CASES = {
     "batch larger than the data": (train(digits(training__batch_size=4096)), DatasetError,
                                    ["batch size 4096", "training.batch_size"]),
     # run time, before any step
-    "unwritable workdir": (unwritable_workdir, RuntimeError, ["not writable", "--workdir"]),
+    "unwritable workdir": (unwritable_workdir, UsageError, ["not writable", "--workdir"]),
     "checkpoint of another config": (checkpoint_of_another_config, CheckpointError,
                                      ["does not fit the model built from this config", "size mismatch for"]),
-    "incomplete torchrun environment": (torchrun_variables_incomplete, RuntimeError,
+    "incomplete torchrun environment": (torchrun_variables_incomplete, UsageError,
                                         ["WORLD_SIZE=2", "RANK", "torchrun"]),
-    "sample under torchrun": (sample_under_torchrun, RuntimeError,
+    "sample under torchrun": (sample_under_torchrun, UsageError,
                               ["--mode sample runs in one process", "WORLD_SIZE=2", "plain python"]),
 }
 

@@ -85,7 +85,9 @@ def test_replace_true_swaps_a_registration():
         del sampling.SAMPLERS["user_euler_twice"]
 
 
-def test_callback_and_progress_fire_once_per_step(capsys):
+def test_callback_and_progress_fire_once_per_step(capsys, monkeypatch):
+    from sde_diffusion import progress
+    monkeypatch.setattr(progress, "on_terminal", lambda: True)  # a bar, as on a terminal
     sde, seen = VPSDE(), []
     x, _ = draw(sde, steps=6, denoise=False, progress=True, callback=lambda i, t, x: seen.append((i, t.item(), x)))
     grid = sampling.time_grid(sde, 6, sde.default_eps)

@@ -11,7 +11,7 @@ import os
 import random
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from .. import distributed, losses, parameterization, sampling
 from ..checkpoints import step_checkpoint, step_checkpoints
 from ..datasets import get_dataset
 from ..ema import ExponentialMovingAverage
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError, UsageError
 from ..models import create_model, get_score_fn
 from ..sdes import SDE, sde_from_config
 
@@ -37,7 +37,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"config.device={name!r} but no CUDA device is visible: use config.device='cpu' or 'auto'")
+        raise ConfigError(f"config.device={name!r} but no CUDA device is visible: use config.device='cpu' or 'auto'")
     return device
 
 
@@ -62,7 +62,7 @@ def prepare_workdir(workdir) -> Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        raise RuntimeError(f"workdir {workdir} is not writable ({err}): pass another --workdir") from err
+        raise UsageError(f"workdir {workdir} is not writable ({err}): pass another --workdir") from err
     return workdir
 
 
@@ -92,7 +92,7 @@ def require_one_process(mode: str) -> None:
     """sample and train_classifier are not distributed: under torchrun every rank would repeat the whole job."""
     world = distributed.world_from_env()
     if world.distributed:
-        raise RuntimeError(f"--mode {mode} runs in one process, but WORLD_SIZE={world.world_size}: run it with plain "
+        raise UsageError(f"--mode {mode} runs in one process, but WORLD_SIZE={world.world_size}: run it with plain "
                            "python (under torchrun only train, eval and compare share the work among ranks)")
 
 
@@ -198,19 +198,6 @@ def newest_checkpoint(workdir: Path) -> Tuple[int, Path]:
     if not found:
         raise CheckpointError(f"no checkpoints in {workdir / NUMBERED}: train first (--mode train)")
     return found[0]
-
-
-def checkpoint_range(config, workdir: Path) -> List[Tuple[int, Path]]:
-    """(k, path) of the numbered checkpoints eval.begin_ckpt..eval.end_ckpt; an error naming any that is missing."""
-    e = config.eval
-    paths = [(k, numbered_checkpoint(workdir, k)) for k in range(e.begin_ckpt, e.end_ckpt + 1)]
-    missing = [str(p) for _, p in paths if not p.exists()]
-    if missing:
-        found = sorted(p.name for _, p in step_checkpoints(workdir / NUMBERED))
-        raise CheckpointError(f"eval.begin_ckpt..eval.end_ckpt = {e.begin_ckpt}..{e.end_ckpt} asks for {missing}, "
-                              f"which do not exist; {workdir / NUMBERED} holds {found or 'nothing'}. Train "
-                              "first or set eval.begin_ckpt/eval.end_ckpt.")
-    return paths
 
 
 def chosen_checkpoint(workdir: Path, k: Optional[int], key: str) -> Tuple[int, Path]:

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import Progress
 
 from .. import distributed, guidance, losses
 from ..checkpoints import (TrainState, atomic_write, load_checkpoint, newest_good_checkpoint, prune_step_checkpoints,
@@ -148,8 +148,8 @@ def train(run: Training) -> TrainState:
     checkpoint steps only."""
     t, state = run.config.training, run.state
     start = time.time()
-    for step in tqdm(range(state.step + 1, t.n_iters + 1), desc="train", initial=state.step, total=t.n_iters,
-                     disable=not run.world.is_main):
+    for step in Progress(range(state.step + 1, t.n_iters + 1), desc="train", initial=state.step, total=t.n_iters,
+                         enabled=run.world.is_main):
         take_step(run, step)
         logs, saves = step % t.log_freq == 0, is_save_step(t, step)
         if logs or saves:

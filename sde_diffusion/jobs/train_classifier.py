@@ -11,12 +11,13 @@ import time
 from typing import Dict
 
 import torch
-from tqdm.auto import tqdm
+from ..progress import Progress
 
 from .. import classifier as noisy_classifier
 from ..checkpoints import save_checkpoint, write_json
 from ..datasets import NUM_CLASSES, dataset_classes, get_dataset
 from ..sdes import sde_from_config
+from ..errors import ConfigError
 from ..validation import validate_config
 from . import builder
 
@@ -35,7 +36,7 @@ def run(config, workdir) -> None:
     sde, dataset = sde_from_config(config), get_dataset(config)
     num_classes = dataset_classes(config, dataset)
     if not num_classes:
-        raise ValueError(f"data.dataset={config.data.dataset!r} has no class labels to train a classifier on; "
+        raise ConfigError(f"data.dataset={config.data.dataset!r} has no class labels to train a classifier on; "
                          f"labelled datasets: {sorted(NUM_CLASSES)}, or folder data with data.labels")
     workdir = builder.prepare_workdir(workdir)
     device = builder.resolve_device(config.device)
@@ -58,7 +59,7 @@ def fit(config, sde, model, dataset, device, start: float) -> None:
     c = config.classifier
     optimizer = torch.optim.Adam(model.parameters(), lr=c.lr)
     model.train()
-    for step in tqdm(range(1, c.n_iters + 1), desc="train_classifier"):
+    for step in Progress(range(1, c.n_iters + 1), desc="train_classifier"):
         x, labels = (v.to(device) for v in dataset.train_batch(with_labels=True))
         loss = noisy_classifier.classifier_loss(model, sde, x, labels, eps=config.training.eps)
         optimizer.zero_grad(set_to_none=True)

@@ -9,6 +9,7 @@ from .. import sampling
 from ..checkpoints import load_model_weights
 from ..validation import validate_config
 from . import builder
+from ..errors import ConfigError
 from .generation import make_conditioning
 
 log = logging.getLogger("sde_diffusion")
@@ -20,7 +21,7 @@ def tuned_sampler(config):
         try:
             return sampling.parse_spec(config.tune.sampler)
         except ValueError as err:
-            raise ValueError(f"tune.sampler={config.tune.sampler!r}: {err}") from None
+            raise ConfigError(f"tune.sampler={config.tune.sampler!r}: {err}") from None
     return config.sampling.method, sampling.options_from_config(config)
 
 
@@ -30,7 +31,7 @@ def run(config, workdir) -> Path:
     method, options = tuned_sampler(config)
     spec_keys = {k: options.pop(k) for k in list(options) if k in sampling.registry.SPEC_KEYWORDS}
     if config.tune.nfe < 1 or config.tune.batch < 1:
-        raise ValueError(f"tune.nfe and tune.batch must be ≥ 1, got {config.tune.nfe}, {config.tune.batch}")
+        raise ConfigError(f"tune.nfe and tune.batch must be ≥ 1, got {config.tune.nfe}, {config.tune.batch}")
     builder.require_one_process("tune_grid")
     workdir = Path(workdir)
     device = builder.resolve_device(config.device)

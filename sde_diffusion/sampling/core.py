@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
-from tqdm.auto import tqdm
+from ..progress import Progress
 
 from ..sdes import SDE, ScoreFn, batch_time
 from .grids import EDM_RHO, GRIDS, SECH_WIDTH, Width, explicit_grid, load_grid, make_grid, sech_widths
@@ -102,7 +102,7 @@ class FrameworkScore:
         self.reached = 0  # grid steps completed, as seen from the evaluation times
         self.state_jumps = constraint is not None and bool(getattr(constraint, "moves_free_coordinates", True))
         self.every_step = constraint is not None or callback is not None  # needs the step of every evaluation
-        self.progress = not getattr(bar, "disable", True)
+        self.progress = getattr(bar, "enabled", False)
         self.last_read = -float("inf")
 
     def snap(self, t) -> torch.Tensor:
@@ -196,7 +196,7 @@ def sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str = "pc"
     options = sampler.check_options(options)
     timesteps = _timesteps(sde, sampler, steps, eps, grid, rho, width, device)
     counted = CountingScore(score_fn)
-    bar = tqdm(total=len(timesteps) - 1, desc=method, disable=not progress)
+    bar = Progress(total=len(timesteps) - 1, desc=method, enabled=progress)
     with torch.no_grad():
         x = _prior(sde, shape, x_T, generator, device, dtype)
         timesteps = timesteps.to(x.device)
