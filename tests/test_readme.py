@@ -1,4 +1,4 @@
-"""README.md's code runs as written (issue 22, "Docs that run").
+"""README.md's code runs as written.
 
 Python: every ```python block runs in a fresh interpreter from a directory outside the repository, with only
 PYTHONPATH pointing at it (the package need not be installed).
