@@ -261,10 +261,6 @@ def test_data_on_device_setting_is_checked():
 # --------------------------------------------------------------------------------------------------
 # Samplers
 # --------------------------------------------------------------------------------------------------
-# torchsde runs its own step loop on Python floats (its interval bookkeeping, our drift cache keyed by float s).
-HOST_LOOP_SAMPLERS = ("sde",)
-
-
 def _linear_score(x, t):
     return -x / (1 + t.reshape(-1, *([1] * (x.ndim - 1))))
 
@@ -277,10 +273,11 @@ def test_fixed_grid_samplers_make_no_host_synchronisation_per_step(sde_name):
     from sde_diffusion.sdes import VESDE, VPSDE
     sde = VPSDE() if sde_name == "vp" else VESDE()
     variants = [(name, {}) for name, sampler in SAMPLERS.items() if not sampler.adaptive
-                and name not in HOST_LOOP_SAMPLERS and sampler.fn.__module__.startswith("sde_diffusion.")]
+                and sampler.fn.__module__.startswith("sde_diffusion.")]
     variants += [("pc", dict(predictor="reverse_diffusion", corrector="langevin")), ("ddim", dict(eta=1.0)),
-                 ("edm_sde", dict(s_churn=10.0)), ("unipc", dict(order=3, variant="bh1"))]
-    assert len(variants) == 15
+                 ("edm_sde", dict(s_churn=10.0)), ("unipc", dict(order=3, variant="bh1")),
+                 ("sde", dict(sde_method="milstein")), ("sde", dict(sde_method="srk"))]
+    assert len(variants) == 18
     per_step = {}
     for name, options in variants:
         counts = []

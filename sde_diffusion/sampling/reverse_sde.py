@@ -1,6 +1,7 @@
 """The reverse-time SDE integrated by torchsde (fixed-step euler, milstein, srk): the `sde` sampler."""
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Literal, Sequence, Tuple
 
 import torch
@@ -13,38 +14,58 @@ SDE_METHODS = ("euler", "milstein", "srk")
 SdeMethod = Literal["euler", "milstein", "srk"]
 
 
+class _Time(float):
+    """A time in Python floats, closed under the arithmetic torchsde's steps do on it, with the `.sqrt()` that
+    Milstein and SRK call on the step size. Float times keep the step loop off the device: torchsde's Brownian
+    interval reads every time it is given into a float, which on a device tensor is a host synchronisation."""
+
+    def _wrap(self, value):
+        return _Time(value) if isinstance(value, float) else value
+
+    def __add__(self, other): return self._wrap(float.__add__(self, other))
+    def __radd__(self, other): return self._wrap(float.__radd__(self, other))
+    def __sub__(self, other): return self._wrap(float.__sub__(self, other))
+    def __rsub__(self, other): return self._wrap(float.__rsub__(self, other))
+    def __mul__(self, other): return self._wrap(float.__mul__(self, other))
+    def __rmul__(self, other): return self._wrap(float.__rmul__(self, other))
+    def __truediv__(self, other): return self._wrap(float.__truediv__(self, other))
+    def __rtruediv__(self, other): return self._wrap(float.__rtruediv__(self, other))
+
+    def sqrt(self) -> "_Time":
+        return _Time(math.sqrt(self))
+
+
 class _FlippedReverseSDE:
     """The reverse-time SDE in the forward time s = T − t that torchsde integrates, on flattened states (batch, d).
 
     dx = −[f(x, t) − g(t)²·∇log p_t(x)] ds + g(t) dW_s  (diagonal noise). g depends on t only, so Milstein's
-    correction vanishes. Recent drifts are cached by (state identity, s): torchsde's shape check and the first
-    stage ask for the same drift, and its diagonal SRK re-evaluates earlier stages; the cache makes each distinct
-    (state, time) one score call. Grid values of s map back to the float64 grid times exactly.
+    correction vanishes. s arrives as a Python float: grid values map to the device grid times exactly, stage
+    times to T − s computed on the device. Recent drifts are cached by (state identity, s): the first stage and
+    diagonal SRK's re-evaluation of earlier stages ask for the same drift, so each distinct (state, time) is one
+    score call.
     """
 
     noise_type, sde_type = "diagonal", "ito"
     CACHE_SIZE = 8  # more than the stages of any torchsde method used here
 
-    def __init__(self, score_fn: ScoreFn, sde: SDE, shape: Sequence[int], grid: Dict[float, torch.Tensor]):
-        self.score_fn, self.sde, self.shape, self.grid = score_fn, sde, tuple(shape), grid
-        self.T = next(iter(grid.values())).item()
+    def __init__(self, score_fn: ScoreFn, sde: SDE, shape: Sequence[int], grid: Dict[float, torch.Tensor],
+                 T: torch.Tensor):
+        self.score_fn, self.sde, self.shape, self.grid, self.T = score_fn, sde, tuple(shape), grid, T
         self._cache: List[Tuple[torch.Tensor, float, torch.Tensor]] = []
 
-    def time(self, s) -> torch.Tensor:
-        key = float(s)
-        return self.grid[key] if key in self.grid else torch.tensor(self.T - key, dtype=torch.float64)
+    def time(self, s: float) -> torch.Tensor:
+        return self.grid[s] if s in self.grid else self.T - s
 
-    def f(self, s, y):
-        key = float(s)
+    def f(self, s: float, y: torch.Tensor) -> torch.Tensor:
         for state, time, drift in self._cache:
-            if state is y and time == key:
+            if state is y and time == s:
                 return drift
         x, t = y.reshape(self.shape), batch_time(self.time(s), y)
         drift = -self.sde.reverse(evaluated(self.score_fn, x, t)).sde(x, t)[0].reshape(y.shape)
-        self._cache = (self._cache + [(y, key, drift)])[-self.CACHE_SIZE:]
+        self._cache = (self._cache + [(y, s, drift)])[-self.CACHE_SIZE:]
         return drift
 
-    def g(self, s, y):
+    def g(self, s: float, y: torch.Tensor) -> torch.Tensor:
         x = y.reshape(self.shape)
         g = self.sde.sde(x, batch_time(self.time(s), x))[1]
         return g[:, None].expand_as(y)
@@ -56,8 +77,9 @@ def torchsde_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: to
     """Reverse SDE with torchsde's fixed-step `euler`, `milstein` (derivative-free) or `srk` on the given grid
     (score calls: steps × the method's stages: 1, 1, 4).
 
-    torchsde integrates forward in time, so the solver runs in s = T − t. The Brownian motion is a
-    torchsde.BrownianInterval seeded from `generator` (space-time Lévy area for srk), so samples are reproducible.
+    torchsde integrates forward in time, so the solver runs in s = T − t, one torchsde step per grid interval.
+    The Brownian motion is a torchsde.BrownianInterval seeded from `generator` (space-time Lévy area for srk), so
+    samples are reproducible. The grid is read to the host once; the steps then make no host synchronisation.
     The explicit multi-stage srk needs short steps where β(t) is large: on the cosine schedule (β clipped at 999
     near T) use grid="logsnr", which puts steps there.
 
@@ -66,8 +88,10 @@ def torchsde_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: to
     the step then discards (measured: the rounds lost all their effect).
     """
     import torchsde
+    from torchsde._core.base_sde import ForwardSDE
+    from torchsde._core.methods import select
 
-    s_grid = (timesteps[0] - timesteps).to(x.dtype)  # 0 = s_0 < s_1 < … < T − eps
+    s_grid = [_Time(s) for s in (timesteps[0] - timesteps).to(x.dtype).tolist()]  # 0 = s_0 < s_1 < … < T − eps
     if constraint is not None:
         x = constraint(x, timesteps[0], None)
     y = x.reshape(x.shape[0], -1)
@@ -77,14 +101,13 @@ def torchsde_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: to
     bm = torchsde.BrownianInterval(t0=s_grid[0], t1=s_grid[-1], size=tuple(y.shape), dtype=x.dtype, device=x.device,
                                    entropy=entropy,
                                    levy_area_approximation="space-time" if sde_method == "srk" else "none")
-    grid = {float(s): t for s, t in zip(s_grid, timesteps)}
-    flipped = _FlippedReverseSDE(score_fn, sde, x.shape, grid)
-    options = {"grad_free": True} if sde_method == "milstein" else None
+    flipped = _FlippedReverseSDE(score_fn, sde, x.shape, dict(zip(s_grid, timesteps)), timesteps[0])
+    options = {"grad_free": True} if sde_method == "milstein" else {}
+    solver = select(sde_method, flipped.sde_type)(sde=ForwardSDE(flipped), bm=bm, dt=s_grid[1] - s_grid[0],
+                                                  adaptive=False, rtol=0.0, atol=0.0, dt_min=0.0, options=options)
+    extra = solver.init_extra_solver_state(s_grid[0], y)
     for i in range(len(s_grid) - 1):
-        interval = s_grid[i:i + 2]
-        # dt larger than the interval: torchsde clips the step at the interval's end, so exactly one step is taken.
-        y = torchsde.sdeint(flipped, y, interval, bm=bm, method=sde_method, dt=2 * (interval[1] - interval[0]).item(),
-                            options=options)[-1]
+        y, extra = solver.step(s_grid[i], s_grid[i + 1], y, extra)
         if constraint is not None:
             y = constraint(y.reshape(x.shape), timesteps[i + 1], timesteps[i]).reshape(y.shape)
     return y.reshape(x.shape)
