@@ -1,5 +1,5 @@
-"""The jobs behind `main.py --mode`: train, eval, sample, compare, train_classifier, tune_grid (sde_diffusion/jobs/, one
-module each over one builder). Orchestration only: the math lives in sde_diffusion/.
+"""The jobs behind `main.py --mode`: train, eval, sample, compare, train_classifier, tune_grid, train_autoencoder
+(sde_diffusion/jobs/, one module each over one builder). Orchestration only: the math lives in sde_diffusion/.
 
 Workdir layout:
     config.json                     the resolved config of the last run
@@ -13,6 +13,8 @@ Workdir layout:
     grids/<method>_nfe<n>.json      time grids of `tune_grid` (name one in sampling.grid)
     classifier/checkpoint.pth       the noise-conditional classifier of `train_classifier` (classifier guidance),
                                     with classifier/report.json (its test accuracy at several t)
+    autoencoder/autoencoder.pth     the first stage of a latent model (`train_autoencoder`), with
+                                    autoencoder/report.json (PSNR, rFID) and reconstructions.png
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from sde_diffusion.jobs import compare as compare_job
 from sde_diffusion.jobs import evaluate as evaluate_job
 from sde_diffusion.jobs import sample as sample_job
 from sde_diffusion.jobs import train as train_job
+from sde_diffusion.jobs import train_autoencoder as train_autoencoder_job
 from sde_diffusion.jobs import train_classifier as train_classifier_job
 from sde_diffusion.jobs import tune_grid as tune_grid_job
 from sde_diffusion.jobs.builder import numbered_checkpoint, resolve_device, sampler_settings  # noqa: F401
@@ -60,6 +63,11 @@ def train_classifier(config, workdir) -> None:
 def tune_grid(config, workdir):
     """A time grid tuned for one sampler and NFE on one checkpoint, written as JSON (workdir/grids/ by default)."""
     return tune_grid_job.run(config, workdir)
+
+
+def train_autoencoder(config, workdir):
+    """The first-stage autoencoder of a latent model (model.autoencoder), into workdir/autoencoder/; its report."""
+    return train_autoencoder_job.run(config, workdir)
 
 
 # --mode NAME → job(config, workdir, eval_folder or None); eval, sample and compare have their own default folder

@@ -114,9 +114,11 @@ class MLPClassifier(nn.Module):
 
 
 def create_classifier(config, num_classes: int) -> nn.Module:
-    """The classifier for config.data: the U-Net encoder for images, the residual MLP for vectors."""
+    """The classifier for config.data: the U-Net encoder for images (for the latents of a latent model), the
+    residual MLP for vectors."""
     if is_image_data(config):
-        return EncoderClassifier(encoder_options(config), num_classes)
+        from .latent import network_config
+        return EncoderClassifier(encoder_options(network_config(config)), num_classes)
     return MLPClassifier(config, num_classes)
 
 

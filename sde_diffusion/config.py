@@ -41,6 +41,8 @@ def default_config() -> ml_collections.ConfigDict:
     # class-conditional models (model.num_classes > 0): probability that a training label is replaced by the null
     # label, so that the network also learns the unconditional score (classifier-free guidance needs > 0, e.g. 0.1)
     training.label_dropout = 0.0
+    # text-conditioned models: probability that a training caption is replaced by the empty caption
+    training.caption_dropout = 0.1
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.method = "pc"
@@ -79,6 +81,9 @@ def default_config() -> ml_collections.ConfigDict:
     # class; () → the labels of the test split, in order (also what eval and training snapshots use)
     sampling.class_labels = ()
     sampling.guidance_scale = 0.0  # w of classifier-free guidance: (1 + w)·s(x,t,y) − w·s(x,t); 0 = conditional
+    # text-conditioned models: the caption every sample of --mode sample gets (None: eval's captions of the test
+    # split's labels or captions); guidance_scale above is its classifier-free guidance weight
+    sampling.prompt = placeholder(str)
     sampling.classifier_scale = 0.0  # > 0: + scale·∇log p_t(y|x) of the classifier in workdir/classifier/
 
     config.eval = evaluate = ml_collections.ConfigDict()
@@ -112,6 +117,9 @@ def default_config() -> ml_collections.ConfigDict:
     evaluate.bpd_rtol = 1e-5
     evaluate.bpd_atol = 1e-5
     evaluate.bpd_eps = 1e-5  # the time the data live at
+    # latent models (model.latent): bits/dim is undefined (the decoder is no likelihood model); this reports the
+    # probability-flow NLL of the encoded test latents instead, in nats and bits per latent dimension
+    evaluate.enable_latent_nll = False
 
     # --mode compare: one table row per sampler entry "method[:option=value,...]@steps", e.g. "dpm_solver:order=2@20"
     config.compare = compare = ml_collections.ConfigDict()
@@ -155,6 +163,9 @@ def default_config() -> ml_collections.ConfigDict:
     data.test_fraction = 0.1  # held out by data.split_seed when the source has no train/ and test/ folders
     data.split_seed = 0
     data.skip_corrupt = False  # True: skip unreadable images (counted and reported) instead of failing
+    # captions of text-conditioned models: none | labels (made from class labels: digits, gmm) | a captions file
+    # (CSV with columns name,caption, or JSON {name: caption}) naming the images of folder data
+    data.captions = "none"
     data.cache_dir = placeholder(str)  # preprocessed-array cache; None → <parent of data.root>/sde_diffusion_cache
 
     config.model = model = ml_collections.ConfigDict()
@@ -199,6 +210,41 @@ def default_config() -> ml_collections.ConfigDict:
     model.attention_type = "ddpm"  # the only kind (accepted for score_sde config compatibility)
     model.normalization = "GroupNorm"  # the only kind (idem)
     model.conv_size = 3  # the only size (idem)
+    # text conditioning (sde_diffusion/models/text_conditioning.py): captions enter through the noise embedding
+    # (pooled) and cross-attention; the empty caption is the unconditional score (classifier-free guidance)
+    model.text = text = ml_collections.ConfigDict()
+    text.encoder = "none"  # none | scratch (a small transformer trained with the network) | clip (frozen)
+    text.pretrained = placeholder(str)  # clip: a local folder with a CLIP text model and its tokenizer
+    text.dim = 128  # scratch: width, layers, heads and token length of the text transformer
+    text.depth = 2
+    text.num_heads = 4
+    text.max_length = 16
+    model.cross_attn_resolutions = placeholder(tuple)  # U-Nets: resolutions with cross-attention; None → attn_resolutions
+    model.cross_attn_heads = 1
+
+    # latent score-based model (sde_diffusion/latent.py): the SDE, loss, network and sampler work on the latents of
+    # a frozen first-stage autoencoder (model.autoencoder), scaled to unit variance; samples are decoded to pixels
+    model.latent = False
+    model.autoencoder = autoencoder = ml_collections.ConfigDict()
+    # a local diffusers AutoencoderKL folder (the Stable Diffusion VAE format, or a pipeline folder with vae/), or
+    # an autoencoder.pth of --mode train_autoencoder; None → <workdir>/autoencoder/autoencoder.pth
+    autoencoder.pretrained = placeholder(str)
+    # --mode train_autoencoder (sde_diffusion/models/autoencoder.py): a KL-regularised convolutional autoencoder
+    autoencoder.downsample = 2  # f ∈ {1, 2, 4, 8}: latents are (latent_channels, H/f, W/f)
+    autoencoder.latent_channels = 4
+    autoencoder.nf = 64
+    autoencoder.ch_mult = placeholder(tuple)  # widths per level (log2 f + 1 of them); None → (1, 2, 4, 4)[:levels]
+    autoencoder.num_res_blocks = 1
+    autoencoder.kl_weight = 1e-6  # weight of the per-pixel KL against the per-pixel reconstruction loss
+    autoencoder.loss = "l1"  # l1 | l2 reconstruction loss
+    autoencoder.batch_size = 64
+    autoencoder.n_iters = 2000
+    autoencoder.lr = 1e-3  # Adam, constant after autoencoder.warmup steps
+    autoencoder.warmup = 100
+    autoencoder.log_freq = 100
+    autoencoder.snapshot_freq_for_preemption = 500  # workdir/autoencoder/checkpoints-meta/checkpoint_<step>.pth
+    autoencoder.eval_fid = True  # rFID of the test split's reconstructions in the report (Inception weights needed)
+
     # DiT (model.name='dit'): width model.nf, `depth` transformer blocks of `num_heads` heads
     model.patch_size = 2
     model.depth = 6

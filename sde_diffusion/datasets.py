@@ -49,6 +49,17 @@ def load_digits_uint8() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
     return images[train_idx], images[test_idx], labels[train_idx], labels[test_idx]
 
 
+DIGITS_UPSAMPLED_SIZES = (16, 32, 64)  # data.image_size for digits besides 8: upsampled bilinearly once
+UPSAMPLED_LEVELS = 256
+
+
+def upsample_levels(images: torch.Tensor, levels: int, size: int) -> torch.Tensor:
+    """uint8 images with `levels` grey levels (N, C, h, w) → 8-bit images (N, C, size, size), bilinear."""
+    x = images.float() / (levels - 1)
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return (x * (UPSAMPLED_LEVELS - 1)).round().clamp(0, UPSAMPLED_LEVELS - 1).to(torch.uint8)
+
+
 # --- CIFAR-10 -----------------------------------------------------------------------------------------
 def _md5(path: Path) -> str:
     h = hashlib.md5()
@@ -274,9 +285,18 @@ def get_dataset(config, rank: int = 0, world_size: int = 1):
         check_classes(config, dataset)
         return dataset
     channels, size, levels = IMAGE_DATASETS[name]
+    if name == "digits" and d.num_channels == channels and d.image_size in DIGITS_UPSAMPLED_SIZES:
+        train, test, train_y, test_y = (upsample_levels(v, DIGITS_LEVELS, d.image_size) if i < 2 else v
+                                        for i, v in enumerate(load_digits_uint8()))
+        dataset = ImageDataset(train, test, UPSAMPLED_LEVELS, train_labels=train_y, test_labels=test_y, **loading)
+        dataset.reference_name = f"digits_{d.image_size}px"  # FID statistics apart from the 8×8 ones
+        return dataset
     if (d.num_channels, d.image_size) != (channels, size):
+        also = f" (digits: or image_size {', '.join(map(str, DIGITS_UPSAMPLED_SIZES))}, upsampled)" \
+            if name == "digits" else ""
         raise DatasetError(f"{name} images are {channels}×{size}×{size} but the config says data.num_channels="
-                           f"{d.num_channels}, data.image_size={d.image_size}: set them to {channels} and {size}")
+                           f"{d.num_channels}, data.image_size={d.image_size}: set them to {channels} and {size}"
+                           f"{also}")
     if name == "digits":
         train, test, train_y, test_y = load_digits_uint8()
     else:

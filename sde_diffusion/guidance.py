@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .models.score_fn import Labels, batch_labels, get_score_fn
+from .models.score_fn import Labels, batch_labels, get_score_fn, is_conditional, null_condition
 from .sdes import SDE, ScoreFn, batch_time
 
 GradLogPy = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -52,10 +52,17 @@ def classifier(score_fn: ScoreFn, grad_log_p_y: GradLogPy, scale: float = 1.0) -
 def drop_labels(labels: torch.Tensor, p: float, null_label: int,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Replace each label by `null_label` with probability p (training for classifier-free guidance): (batch,)."""
+    return drop_conditions(labels, p, torch.full_like(labels, null_label), generator)
+
+
+def drop_conditions(conditions: torch.Tensor, p: float, null: torch.Tensor,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Replace each row of conditions (batch, ...) (labels, or caption token ids) by the same row of `null` with
+    probability p."""
     if p == 0:
-        return labels
-    dropped = torch.rand(labels.shape, generator=generator, device=labels.device) < p
-    return torch.where(dropped, torch.full_like(labels, null_label), labels)
+        return conditions
+    dropped = torch.rand(conditions.shape[0], generator=generator, device=conditions.device) < p
+    return torch.where(dropped.reshape(-1, *[1] * (conditions.ndim - 1)), null.to(conditions.device), conditions)
 
 
 def paired_score_fn(sde: SDE, model: nn.Module, labels: Labels, continuous: bool = True, parameterization=None):
@@ -64,7 +71,7 @@ def paired_score_fn(sde: SDE, model: nn.Module, labels: Labels, continuous: bool
 
     def pair(x: torch.Tensor, t):
         y = batch_labels(labels, x)
-        both = torch.cat([y, torch.full_like(y, model.num_classes)])
+        both = torch.cat([y, null_condition(model, len(y), x.device)])
         score_fn = get_score_fn(sde, model, continuous, labels=both, parameterization=parameterization)
         scores = score_fn(torch.cat([x, x]), batch_time(t, x).repeat(2))
         return scores.chunk(2)
@@ -82,10 +89,10 @@ def guided_score_fn(sde: SDE, model: nn.Module, labels: Optional[Labels] = None,
     with label dropout). grad_log_p_y, classifier_scale: classifier guidance, added to the (guided) score.
     parameterization: the network's (see get_score_fn; None: the SDE's automatic one).
     """
-    conditional = getattr(model, "num_classes", 0) > 0
+    conditional = is_conditional(model)
     if guidance_scale and not (conditional and labels is not None):
-        raise ValueError("classifier-free guidance (sampling.guidance_scale ≠ 0) needs a class-conditional network "
-                         "(model.num_classes > 0) and class labels")
+        raise ValueError("classifier-free guidance (sampling.guidance_scale ≠ 0) needs a class- or text-conditional "
+                         "network (model.num_classes > 0 or model.text.encoder) and labels or captions")
     if classifier_scale and grad_log_p_y is None:
         raise ValueError("classifier guidance (sampling.classifier_scale > 0) needs a classifier gradient")
     if conditional and labels is not None and guidance_scale:
@@ -121,10 +128,15 @@ def check_config(config) -> None:
         raise ConfigError(f"training.label_dropout must lie in [0, 1), got {t.label_dropout}")
     if s.guidance_scale < 0:
         raise ConfigError(f"sampling.guidance_scale must be ≥ 0, got {s.guidance_scale}")
-    if s.guidance_scale and not m.num_classes:
-        raise ConfigError("sampling.guidance_scale ≠ 0 (classifier-free guidance) needs a class-conditional model: "
-                          "set model.num_classes and train with training.label_dropout > 0")
-    if s.guidance_scale and not t.label_dropout:
+    text = m.text.encoder != "none"
+    if s.guidance_scale and not (m.num_classes or text):
+        raise ConfigError("sampling.guidance_scale ≠ 0 (classifier-free guidance) needs a class- or text-conditional "
+                          "model: set model.num_classes and train with training.label_dropout > 0, or "
+                          "model.text.encoder with training.caption_dropout > 0")
+    if s.guidance_scale and text and not t.caption_dropout:
+        raise ConfigError("sampling.guidance_scale ≠ 0 needs the unconditional score, which the empty caption only "
+                          "learns with training.caption_dropout > 0 (e.g. 0.1)")
+    if s.guidance_scale and not text and not t.label_dropout:
         raise ConfigError("sampling.guidance_scale ≠ 0 needs the unconditional score, which the null label only "
                           "learns with training.label_dropout > 0 (e.g. 0.1): retrain with it, or set "
                           "sampling.guidance_scale=0")
@@ -134,6 +146,7 @@ def check_config(config) -> None:
     if labels and labels != (PER_CLASS,) and not all(isinstance(y, int) and not isinstance(y, bool) for y in labels):
         raise ConfigError(f"sampling.class_labels={labels!r} must be class indices such as (3,) or (0, 5), or "
                           f"{PER_CLASS!r}")
-    if labels and not (m.num_classes or s.classifier_scale):
-        raise ConfigError("sampling.class_labels needs a class-conditional model (model.num_classes > 0) or "
+    if labels and not (m.num_classes or s.classifier_scale or (text and config.data.captions == "labels")):
+        raise ConfigError("sampling.class_labels needs a class-conditional model (model.num_classes > 0), a "
+                          "text-conditioned one trained on captions of the labels (data.captions='labels') or "
                           "classifier guidance (sampling.classifier_scale > 0)")

@@ -9,8 +9,9 @@ the model against those of the data), and the keys only the jobs read (loop leng
 """
 from __future__ import annotations
 
-from . import (classifier, controllable, datasets, guidance, likelihood, losses, models, parameterization, sampling,
-               sdes, train_step)
+from . import (classifier, controllable, datasets, guidance, latent, likelihood, losses, models, parameterization,
+               sampling, sdes, train_step)
+from .models import text_conditioning
 from .errors import ConfigError, positive
 
 JOB_KEYS = ("training.batch_size", "training.n_iters", "training.log_freq", "training.eval_freq",
@@ -24,8 +25,10 @@ def validate_config(config) -> None:
     sdes.check_config(config)
     parameterization.check_config(config)
     losses.check_config(config)
+    latent.check_config(config)
+    text_conditioning.check_config(config)
     check_network_fits_data(config)
-    models.check_config(config)
+    check_latent_network(config)
     sampling.check_config(config)
     train_step.check_config(config)
     likelihood.check_config(config)
@@ -51,6 +54,20 @@ def check_network_fits_data(config) -> None:
     if config.training.channels_last and not models.is_convolutional(name):
         raise ConfigError(f"training.channels_last=True applies to convolutional networks; model.name={name!r} has "
                           "none: set training.channels_last=False")
+
+
+def check_latent_network(config) -> None:
+    """model.* against the data the network sees: the images, or a latent model's latents."""
+    if not config.model.latent:
+        models.check_config(config)
+        return
+    network = latent.network_config(config)
+    try:
+        models.check_config(network)
+    except ConfigError as err:
+        d = network.data
+        raise ConfigError(f"{err} (model.latent=True: the network sees {d.num_channels}×{d.image_size}×"
+                          f"{d.image_size} latents)") from err
 
 
 def check_bpd_data(config) -> None:

@@ -57,13 +57,13 @@ def reports(workdir):
 def loads(monkeypatch):
     """The names of the checkpoints eval loads, in order (and the fake sleeps between them as 'sleep')."""
     events = []
-    real = evaluate_job.load_model_weights
+    real = evaluate_job.builder.load_weights
 
     def recording(path, *args, **kwargs):
         events.append(path.name)
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate_job, "load_model_weights", recording)
+    monkeypatch.setattr(evaluate_job.builder, "load_weights", recording)
     return events
 
 

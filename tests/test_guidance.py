@@ -181,5 +181,5 @@ def test_guided_score_fn_of_a_network_is_classifier_free_guidance_in_one_pass():
             guidance.guided_score_fn(sde, model, labels, guidance_scale=2.0, grad_log_p_y=shift,
                                      classifier_scale=0.5)(x, t),
             guidance.classifier_free(cond, uncond, 2.0)(x, t) + 0.5)
-    with pytest.raises(ValueError, match="class-conditional"):
+    with pytest.raises(ValueError, match="class- or text-conditional"):
         guidance.guided_score_fn(sde, model, None, guidance_scale=1.0)

@@ -74,6 +74,23 @@ COVERED = [
      "tests/test_controllable.py::test_sample_mode_inpaints_test_images_and_writes_the_grid (repaint, 3 steps)"),
     (r"python main\.py " + _CONFIG.format("vp_cifar") + r" --mode sample --config\.sampling\.colorize=True",
      "tests/test_controllable.py::test_sample_mode_colorizes_and_keeps_the_grey_level (synthetic CIFAR-10 batches)"),
+    # text-conditioned digits: training in process (2 steps), then main.py --mode sample with a prompt as written
+    (r"python main\.py " + _CONFIG.format("text_digits") + " --mode train",
+     "tests/test_text_conditioning.py::test_sample_mode_with_a_prompt_writes_the_grid_and_the_npz (2 steps)"),
+    (r"python main\.py " + _CONFIG.format("text_digits") + r" --mode sample --config\.sampling\.prompt=.+ "
+     r"--config\.sampling\.guidance_scale=[\d.]+",
+     "tests/test_text_conditioning.py::test_sample_mode_with_a_prompt_writes_the_grid_and_the_npz (4 samples)"),
+    (r"python main\.py " + _CONFIG.format("text_digits") + r" --mode sample "
+     r"--config\.sampling\.class_labels=per_class --config\.sampling\.guidance_scale=[\d.]+",
+     "tests/test_text_conditioning.py::test_sample_mode_with_a_prompt_writes_the_grid_and_the_npz (partly: a prompt, "
+     "not per-class rows; rows of labels are run in tests/test_conditional.py)"),
+    # latent model on digits: the jobs in process (tiny autoencoder, 12 steps; score model 4 steps; 6 samples)
+    (r"python main\.py " + _CONFIG.format("ldm_digits") + " --mode train_autoencoder",
+     "tests/test_latent.py::autoencoder_runs (run_lib's job in process: 12 steps, and 6 + 6 resumed)"),
+    (r"python main\.py " + _CONFIG.format("ldm_digits") + " --mode train",
+     "tests/test_latent.py::test_a_latent_model_trains_samples_decoded_images_and_reports_its_latent_nll (4 steps)"),
+    (r"python main\.py " + _CONFIG.format("ldm_digits") + " --mode sample",
+     "tests/test_latent.py::test_a_latent_model_trains_samples_decoded_images_and_reports_its_latent_nll (6 samples)"),
     # released models: the converters on small random-weight models of the same families
     (r"python -m sde_diffusion\.interop \S+ --out runs/\S+\.pth --config_out runs/\S+\.py",
      "tests/test_diffusers_interop.py::test_command_line_converts_a_diffusers_folder_for_main (random DDPM U-Net)"),

@@ -124,8 +124,8 @@ CASES = {
         ["likelihood_weighting", "continuous=True"]),
     "MLP on images": (validate(digits(model__name="mlp")), ConfigError, ["model.name='mlp'", "digits"]),
     # data
-    "digits at the wrong size": (lambda p: get_dataset(digits(data__image_size=16, model__attn_resolutions=(8,))),
-                                 DatasetError, ["1×8×8", "data.image_size=16"]),
+    "digits at the wrong size": (lambda p: get_dataset(digits(data__image_size=12, model__attn_resolutions=(6,))),
+                                 DatasetError, ["1×8×8", "data.image_size=12", "or image_size 16, 32, 64"]),
     "CIFAR-10 absent": (lambda p: get_dataset(digits(data__dataset="cifar10", data__root=str(p), data__image_size=32,
                                                      data__num_channels=3)),
                         DatasetError, ["CIFAR-10 was not found", "cifar-10-python.tar.gz", "MD5"]),

@@ -17,12 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import distributed, losses, parameterization, sampling
-from ..checkpoints import step_checkpoint, step_checkpoints
+from .. import distributed, latent, losses, parameterization, sampling
+from ..checkpoints import load_model_weights, step_checkpoint, step_checkpoints
 from ..datasets import get_dataset
 from ..ema import ExponentialMovingAverage
 from ..errors import CheckpointError, ConfigError, UsageError
 from ..models import create_model, get_score_fn
+from ..models.text_conditioning import label_captions, text_conditioned
 from ..sdes import SDE, sde_from_config
 
 log = logging.getLogger("sde_diffusion")
@@ -97,11 +98,17 @@ def require_one_process(mode: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-def build(config, device, rank: int = 0, world_size: int = 1):
-    """(sde, dataset, model): the SDE, the data (this rank's shard of it) and a fresh network on device."""
+def build(config, device, rank: int = 0, world_size: int = 1, workdir=None):
+    """(sde, dataset, model): the SDE, the data (this rank's shard of it) and a fresh network on device.
+
+    Latent models (model.latent): the dataset is a `latent.LatentDataset` over the first stage (from
+    model.autoencoder.pretrained, else workdir/autoencoder/), whose latent scale is still unknown (measure it or
+    restore it from a checkpoint), and the network is built for the latents' shape."""
     sde = sde_from_config(config)
     dataset = get_dataset(config, rank, world_size)
-    model = create_model(config).to(device)
+    if config.model.latent:
+        dataset = latent.LatentDataset(dataset, latent.load_first_stage(config, workdir, device), device)
+    model = create_model(latent.network_config(config)).to(device)
     if config.training.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return sde, dataset, model
@@ -145,14 +152,25 @@ def make_loss_fn(config, sde: SDE) -> Callable:
                               sigma_data=config.model.sigma_data)
 
 
+def takes_labels(config) -> bool:
+    """Whether the network is conditioned on the data's class labels: a label embedding, or captions made from
+    the labels (data.captions='labels')."""
+    return config.model.num_classes > 0 or (text_conditioned(config) and config.data.captions == "labels")
+
+
 def labelled_score_fn(config, sde: SDE, model: nn.Module) -> Callable:
-    """labels (batch,) or None ↦ the network's score function given those labels (None: unconditional)."""
+    """labels (batch,) or None ↦ the network's score function given those labels (None: unconditional). A
+    text-conditioned network gets caption token ids (batch, L) as they are, and class labels as captions drawn
+    by a generator seeded with config.seed (the same captions at every call)."""
     param = parameterization.from_config(config, sde)
     plain = get_score_fn(sde, model, continuous=config.training.continuous, parameterization=param)
+    captions = label_captions(config, model)
 
     def score_fn_for(labels: Optional[torch.Tensor]):
         if labels is None:
             return plain
+        if captions is not None and labels.ndim == 1:
+            labels = captions(labels, torch.Generator(device=labels.device).manual_seed(config.seed))
         return get_score_fn(sde, model, continuous=config.training.continuous, labels=labels, parameterization=param)
 
     return score_fn_for
@@ -187,6 +205,18 @@ def sampler_settings(config, sde: SDE) -> Dict:
 
 
 # --------------------------------------------------------------------------------------------------
+def load_weights(path, model: nn.Module, dataset, device) -> Dict:
+    """A numbered checkpoint's EMA weights into model (eval and sampling jobs); a latent dataset takes the latent
+    scale the checkpoint recorded. Returns the checkpoint."""
+    checkpoint = load_model_weights(path, model, use_ema=True, map_location=device)
+    if isinstance(dataset, latent.LatentDataset):
+        try:
+            dataset.restore(checkpoint)
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}") from err
+    return checkpoint
+
+
 def numbered_checkpoint(workdir: Path, k: int) -> Path:
     """workdir/checkpoints/checkpoint_<k>.pth."""
     return step_checkpoint(Path(workdir) / NUMBERED, k)

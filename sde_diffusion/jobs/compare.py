@@ -12,7 +12,7 @@ from typing import Dict, List
 from evaluation.compare import SamplerEntry, parse_entry, plot_metrics, write_table
 
 from .. import distributed, sampling
-from ..checkpoints import load_model_weights, write_json
+from ..checkpoints import write_json
 from ..validation import validate_config
 from . import builder
 from .generation import generate_and_score, image_metrics, make_conditioning, save_samples_picture
@@ -39,13 +39,13 @@ def metric_names(config, dataset, with_image_metrics: bool) -> List[str]:
 def compare(config, workdir: Path, eval_folder: str, entries: List[SamplerEntry], world: distributed.World,
             device) -> None:
     builder.seed_everything(config.seed)
-    sde, dataset, model = builder.build(config, device)
+    sde, dataset, model = builder.build(config, device, workdir=workdir)
     k, path = builder.chosen_checkpoint(workdir, config.compare.checkpoint, "compare.checkpoint")
     out = builder.prepare_workdir(workdir / eval_folder)
     metrics = None
     if dataset.is_image and config.eval.enable_fid:
         metrics = image_metrics(config, dataset, device, world)
-    load_model_weights(path, model, use_ema=True, map_location=device)
+    builder.load_weights(path, model, dataset, device)
     model.eval()
     conditioning = make_conditioning(config, sde, model, dataset, workdir, device)
     num = config.compare.num_samples or config.eval.num_samples

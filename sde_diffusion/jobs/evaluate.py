@@ -19,8 +19,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Ty
 
 import torch
 
-from .. import distributed, likelihood, sampling
-from ..checkpoints import digest_path, load_model_weights, save_npz, step_checkpoints, write_json
+from .. import distributed, latent, likelihood, sampling
+from ..checkpoints import digest_path, save_npz, step_checkpoints, write_json
 from ..errors import CheckpointError
 from ..validation import validate_config
 from ..visualize import TrajectoryRecorder, forward_noising_strip, save_strip, unit_scale
@@ -54,7 +54,7 @@ def run(config, workdir, eval_folder: str = "eval") -> None:
 
 def evaluate(config, workdir: Path, eval_folder: str, world: distributed.World, device: torch.device) -> None:
     builder.seed_everything(config.seed)
-    sde, dataset, model = builder.build(config, device)
+    sde, dataset, model = builder.build(config, device, workdir=workdir)
     out = builder.prepare_workdir(workdir / eval_folder)
     checkpoints = checkpoints_to_evaluate(config, workdir, world)  # without eval.wait: an empty range fails here
     e = config.eval
@@ -64,12 +64,14 @@ def evaluate(config, workdir: Path, eval_folder: str, world: distributed.World, 
         metrics = image_metrics(config, dataset, device, world)
     loss_fn = builder.make_loss_fn(config, sde)
     conditioning = make_conditioning(config, sde, model, dataset, workdir, device)  # loads a classifier first
-    if dataset.is_image and world.is_main:
-        save_forward_noising_picture(config, sde, dataset, out / "forward_noising.png")
+    noising_picture = dataset.is_image and world.is_main
     for k, path in checkpoints:
         start = time.time()
-        ckpt = load_model_weights(path, model, use_ema=True, map_location=device)
+        ckpt = builder.load_weights(path, model, dataset, device)
         model.eval()
+        if noising_picture:  # once, after the first load (a latent model's scale comes from its checkpoint)
+            save_forward_noising_picture(config, sde, dataset, out / "forward_noising.png")
+            noising_picture = False
         if not world.is_main:  # the other ranks only help with the sampling rounds
             if e.enable_sampling:
                 evaluate_samples(config, sde, conditioning, dataset, device, out, k, path, metrics, world)
@@ -233,16 +235,20 @@ def numbered(noun: str, runs: List[Span]) -> str:
 
 
 def held_out_measures(config, sde, model, dataset, loss_fn, device, k: int) -> Dict:
-    """eval_loss (class-conditional models: with the test split's labels) and bits/dim (class-conditional models:
-    of the null label's unconditional score, so of p(x)), as eval.enable_loss / enable_bpd ask."""
+    """eval_loss (class-conditional models: with the test split's labels), bits/dim (class-conditional models:
+    of the null label's unconditional score, so of p(x)) and a latent model's latent NLL, as eval.enable_loss,
+    enable_bpd and enable_latent_nll ask."""
     e, report = config.eval, {}
     score_fn_for = builder.labelled_score_fn(config, sde, model)
     if e.enable_loss:
-        batches = builder.labelled_batches(dataset, e.batch_size, config.model.num_classes > 0, device)
+        batches = builder.labelled_batches(dataset, e.batch_size, builder.takes_labels(config), device)
         report["eval_loss"] = builder.evaluation_loss(loss_fn, score_fn_for, model, batches, seed=config.seed)
     if e.enable_bpd:
         generator = torch.Generator(device=device).manual_seed(builder.round_seed(config.seed, k))
         report.update(likelihood.evaluate_bpd(score_fn_for(None), sde, dataset, config, device, generator))
+    if e.enable_latent_nll:
+        generator = torch.Generator(device=device).manual_seed(builder.round_seed(config.seed, k))
+        report.update(latent.evaluate_latent_nll(score_fn_for(None), sde, dataset, config, device, generator))
     return report
 
 

@@ -15,6 +15,7 @@ from .. import distributed, guidance, parameterization, sampling
 from ..checkpoints import load_checkpoint
 from ..datasets import dataset_classes
 from ..errors import CheckpointError
+from ..models.text_conditioning import label_captions, text_conditioned
 from ..visualize import save_image_grid, save_scatter
 from .builder import round_seed, sampler_settings
 
@@ -25,26 +26,32 @@ class Conditioning:
 
     Sample i gets label `label_sequence[i mod len]`: by default the labels of the test split in order, so that a
     conditional model's samples follow the data's class frequencies (eval, snapshots); `--mode sample` with
-    sampling.class_labels passes its own sequence (one block per grid row). Unconditional (no class-conditional
-    model, no classifier guidance): every score function is the network's plain score.
+    sampling.class_labels passes its own sequence (one block per grid row). A text-conditioned network gets a
+    caption for each label (drawn from the training phrasings, seeded by the sample index), or the token ids of
+    `prompt_tokens` (1, L) for every sample. Unconditional (no conditional model, no classifier guidance): every
+    score function is the network's plain score.
     """
 
     def __init__(self, config, sde, model, dataset, *, classifier: Optional[torch.nn.Module] = None,
-                 label_sequence: Optional[torch.Tensor] = None):
+                 label_sequence: Optional[torch.Tensor] = None, prompt_tokens: Optional[torch.Tensor] = None):
         s = config.sampling
-        self.sde, self.model, self.continuous = sde, model, config.training.continuous
+        self.sde, self.model, self.continuous, self.seed = sde, model, config.training.continuous, config.seed
         self.parameterization = parameterization.from_config(config, sde)
         self.classifier = classifier
         self.guidance_scale = s.guidance_scale
         self.classifier_scale = s.classifier_scale if classifier is not None else 0.0
-        self.labelled = config.model.num_classes > 0 or self.classifier_scale > 0
-        self.from_test_split = label_sequence is None
+        self.captions = label_captions(config, model)
+        self.prompt = s.prompt if prompt_tokens is not None else None
+        self.labelled = config.model.num_classes > 0 or self.classifier_scale > 0 or text_conditioned(config)
+        self.from_test_split = label_sequence is None and prompt_tokens is None
         self.label_sequence = None
-        if self.labelled:
+        if prompt_tokens is not None:
+            self.label_sequence = prompt_tokens.long()
+        elif self.labelled:
             self.label_sequence = dataset.test_labels.long() if label_sequence is None else label_sequence.long()
 
     def labels(self, start: int, n: int) -> Optional[torch.Tensor]:
-        """Labels (n,) of samples start..start+n−1, or None when unconditional."""
+        """Labels (n,) (or prompt token ids (n, L)) of samples start..start+n−1, or None when unconditional."""
         if not self.labelled:
             return None
         return self.label_sequence[(start + torch.arange(n)) % len(self.label_sequence)]
@@ -57,6 +64,9 @@ class Conditioning:
         grad = None
         if self.classifier_scale:
             grad = noisy_classifier.grad_log_p_y_fn(self.sde, self.classifier, labels)
+        if self.captions is not None and labels is not None and labels.ndim == 1:
+            generator = torch.Generator(device=device).manual_seed(round_seed(self.seed, start))
+            labels = self.captions(labels, generator)
         return guidance.guided_score_fn(self.sde, self.model, labels, guidance_scale=self.guidance_scale,
                                         continuous=self.continuous, grad_log_p_y=grad,
                                         classifier_scale=self.classifier_scale,
@@ -66,8 +76,14 @@ class Conditioning:
         """For reports and round fingerprints: {} when unconditional."""
         if not self.labelled:
             return {}
-        return {"labels": "test split, in order" if self.from_test_split else "sampling.class_labels",
-                "guidance_scale": self.guidance_scale, "classifier_scale": self.classifier_scale}
+        source = "test split, in order" if self.from_test_split else "sampling.class_labels"
+        described = {"labels": source if self.prompt is None else None, "guidance_scale": self.guidance_scale,
+                     "classifier_scale": self.classifier_scale}
+        if self.captions is not None:
+            described["captions"] = "drawn from the training phrasings of the labels"
+        if self.prompt is not None:
+            described["prompt"] = self.prompt
+        return described
 
 
 def load_classifier(config, workdir: Path, device, num_classes: Optional[int] = None) -> torch.nn.Module:
@@ -88,11 +104,13 @@ def load_classifier(config, workdir: Path, device, num_classes: Optional[int] = 
 
 
 def make_conditioning(config, sde, model, dataset, workdir: Path, device, *,
-                      label_sequence: Optional[torch.Tensor] = None) -> Conditioning:
+                      label_sequence: Optional[torch.Tensor] = None,
+                      prompt_tokens: Optional[torch.Tensor] = None) -> Conditioning:
     """Conditioning from config.sampling, loading the classifier when sampling.classifier_scale > 0."""
     classifier = (load_classifier(config, workdir, device, dataset_classes(config, dataset))
                   if config.sampling.classifier_scale > 0 else None)
-    return Conditioning(config, sde, model, dataset, classifier=classifier, label_sequence=label_sequence)
+    return Conditioning(config, sde, model, dataset, classifier=classifier, label_sequence=label_sequence,
+                        prompt_tokens=prompt_tokens)
 
 
 def draw_samples(config, sde, model, dataset, num: int, device, seed: int,

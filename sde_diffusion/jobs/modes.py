@@ -14,6 +14,7 @@ MODES: Dict[str, Tuple[str, Optional[str]]] = {
     "compare": ("compare", "compare"),
     "train_classifier": ("train_classifier", None),
     "tune_grid": ("tune_grid", None),
+    "train_autoencoder": ("train_autoencoder", None),
 }
 
 

@@ -3,26 +3,33 @@ config.sampling says, or inpainted / colourized test images (sampling.inpaint_ma
 
 Writes into workdir/<eval_folder>: <checkpoint>_<method>_nfe<N>[_labels…][_w…][_cls…].png and .npz, or
 <checkpoint>_<inpaint|colorize>_<conditioning method>_<method>_nfe<N>.png (input | sample | original) and .npz.
+Each .npz holds `samples` (float, [0, 1] images or data-space vectors) and, for images, `images`: the same as
+uint8 (N, H, W, C).
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from .. import controllable, parameterization, sampling
-from ..checkpoints import load_model_weights, save_npz
+from ..checkpoints import save_npz
 from ..datasets import dataset_classes
 from ..guidance import PER_CLASS, sample_label_rows
+from ..errors import ConfigError
 from ..models import get_score_fn
+from ..models.text_conditioning import text_conditioned
+from ..text import caption_words
 from ..validation import validate_config
 from ..visualize import checkerboard_where_unknown, save_image_grid, save_strip
 from . import builder
 from .generation import draw_samples, make_conditioning, save_samples_picture
 
 log = logging.getLogger("sde_diffusion")
+PROMPT_NAME_CHARS = 40  # of the prompt's words in sample file names
 
 def run(config, workdir, eval_folder: str = "samples") -> None:
     """Draw eval.num_samples with config.sampling from the newest numbered checkpoint: PNG grid and .npz.
@@ -35,30 +42,53 @@ def run(config, workdir, eval_folder: str = "samples") -> None:
     workdir = Path(workdir)
     device = builder.resolve_device(config.device)
     builder.seed_everything(config.seed)
-    sde, dataset, model = builder.build(config, device)
+    sde, dataset, model = builder.build(config, device, workdir=workdir)
     _, path = builder.newest_checkpoint(workdir)
     rows = sample_label_rows(config, dataset_classes(config, dataset))
     num, label_sequence = config.eval.num_samples, None
     if rows:  # each label's samples side by side, one grid row per label
         per_row = max(1, num // len(rows))
         num, label_sequence = per_row * len(rows), torch.tensor(rows).repeat_interleave(per_row)
-    conditioning = make_conditioning(config, sde, model, dataset, workdir, device, label_sequence=label_sequence)
-    load_model_weights(path, model, use_ema=True, map_location=device)
+    builder.load_weights(path, model, dataset, device)
+    prompt = prompt_tokens(config, model)
+    if prompt is not None and rows:
+        raise ConfigError("sampling.prompt and sampling.class_labels both choose what to draw: give one")
+    conditioning = make_conditioning(config, sde, model, dataset, workdir, device, label_sequence=label_sequence,
+                                     prompt_tokens=prompt)
     if controllable.conditional_task(config):
         sample_conditional(config, sde, model, dataset, device, path, builder.prepare_workdir(workdir / eval_folder))
         return
     samples, nfe = draw_samples(config, sde, model, dataset, num, device, config.seed, conditioning)
     out = builder.prepare_workdir(workdir / eval_folder)
     stem = f"{path.stem}_{config.sampling.method}_nfe{nfe}" + conditioning_suffix(config, rows)
-    save_npz(out / f"{stem}.npz", samples=samples.numpy(),
-             **({"labels": conditioning.labels(0, num).numpy()} if conditioning.labelled else {}))
+    arrays = {"samples": samples.numpy()}
+    if dataset.is_image:
+        arrays["images"] = uint8_images(samples)
+    if conditioning.labelled and prompt is None:
+        arrays["labels"] = conditioning.labels(0, num).numpy()
+    if prompt is not None:
+        arrays["prompt"] = np.array(config.sampling.prompt)
+    save_npz(out / f"{stem}.npz", **arrays)
     title = f"{path.name}, {config.sampling.method}, NFE {nfe}"
     if rows and dataset.is_image:
         save_image_grid(samples, out / f"{stem}.png", nrow=num // len(rows))
     else:
         save_samples_picture(samples[:config.sampling.num_grid_samples], dataset, out / f"{stem}.png", title=title)
     log.info("wrote %s.png and .npz (%d samples, NFE %d%s)", out / stem, len(samples), nfe,
-             f", rows = labels {list(rows)}" if rows else "")
+             f", rows = labels {list(rows)}" if rows else f", prompt {config.sampling.prompt!r}" if prompt is not None
+             else "")
+
+
+def prompt_tokens(config, model) -> Optional[torch.Tensor]:
+    """The token ids (1, L) of sampling.prompt for a text-conditioned network, or None without a prompt."""
+    if config.sampling.prompt is None:
+        return None
+    return model.text.tokenize([config.sampling.prompt])
+
+
+def uint8_images(samples: torch.Tensor) -> np.ndarray:
+    """[0, 1] images (N, C, H, W) → uint8 (N, H, W, C), rounded and clipped: what other tools read."""
+    return (samples.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def conditioning_suffix(config, rows) -> str:
@@ -68,7 +98,9 @@ def conditioning_suffix(config, rows) -> str:
     if rows:
         parts.append("per_class" if tuple(s.class_labels) == (PER_CLASS,) else
                      "labels" + "-".join(str(y) for y in rows))
-    if config.model.num_classes > 0:
+    if s.prompt is not None:
+        parts.append("prompt-" + "-".join(caption_words(s.prompt))[:PROMPT_NAME_CHARS])
+    if config.model.num_classes > 0 or text_conditioned(config):
         parts.append(f"w{s.guidance_scale:g}")
     if s.classifier_scale > 0:
         parts.append(f"cls{s.classifier_scale:g}")
@@ -132,7 +164,8 @@ def sample_conditional(config, sde, model, dataset, device, path: Path, out: Pat
     inputs = conditioning_picture_inputs(config, originals, mask)
     task = "colorize" if s.colorize else "inpaint"
     stem = f"{path.stem}_{task}_{s.conditioning_method}_{s.method}_nfe{nfe}"
-    arrays = dict(samples=samples.numpy(), inputs=inputs.numpy(), originals=originals.numpy())
+    arrays = dict(samples=samples.numpy(), images=uint8_images(samples), inputs=inputs.numpy(),
+                  originals=originals.numpy())
     save_npz(out / f"{stem}.npz", **arrays, **({} if s.colorize else {"mask": mask.numpy()}))
     rows = s.num_grid_samples
     save_strip([inputs[:rows], samples[:rows].clamp(0, 1), originals[:rows]], out / f"{stem}.png")

@@ -23,6 +23,8 @@ from ..checkpoints import (TrainState, atomic_write, load_checkpoint, newest_goo
                            remove_stale_temporaries, rng_state, save_checkpoint, step_checkpoint, step_checkpoints,
                            write_json)
 from ..ema import ExponentialMovingAverage
+from ..models.score_fn import null_condition
+from ..models.text_conditioning import label_captions
 from ..train_step import StepFailure, StepReport, TrainStep
 from ..validation import validate_config
 from . import builder
@@ -73,6 +75,7 @@ class Training:
     train_log: Optional[TrainLog] = None
     writer: object = None
     eval_batch: tuple = ()
+    captions: Optional[Callable] = None  # class labels ↦ caption token ids (text-conditioned on label captions)
 
 
 def run(config, workdir) -> TrainState:
@@ -98,7 +101,7 @@ def setup(config, workdir: Path, world: distributed.World, device: torch.device)
         builder.prepare_workdir(workdir)
     builder.configure_backends(config, device)
     builder.seed_everything(config.seed)
-    sde, dataset, model = builder.build(config, device, *world.shard)
+    sde, dataset, model = builder.build(config, device, *world.shard, workdir=workdir)
     builder.place_training_data(config, dataset, device)
     optimizer = losses.make_optimizer(model.parameters(), config.optim)
     ema = builder.make_ema(config, model)
@@ -111,6 +114,8 @@ def setup(config, workdir: Path, world: distributed.World, device: torch.device)
     state = TrainState(model, optimizer, ema, dataset, noise, step_fn.scaler)
     builder.seed_everything(builder.round_seed(config.seed, world.rank))  # per-rank streams; a resume restores them
     resume(state, workdir, world, device)
+    if config.model.latent and dataset.scale is None:  # a fresh run; a resumed one restored it
+        dataset.measure_scale()
     run = Training(config, workdir, world, device, sde, dataset, model, ema, loss_fn, score_fn_for, step_fn, state)
     if world.is_main:
         run.train_log = TrainLog(workdir / "train_log.jsonl", state.step)
@@ -121,8 +126,8 @@ def setup(config, workdir: Path, world: distributed.World, device: torch.device)
     if world.is_main:
         from torch.utils.tensorboard import SummaryWriter
         run.writer = SummaryWriter(str(workdir / "tensorboard"))
-    conditional = config.model.num_classes > 0
-    run.eval_batch = next(builder.labelled_batches(dataset, t.batch_size, conditional, device))
+    run.captions = label_captions(config, model)
+    run.eval_batch = next(builder.labelled_batches(dataset, t.batch_size, builder.takes_labels(config), device))
     return run
 
 
@@ -172,13 +177,19 @@ def is_save_step(t, step: int) -> bool:
 
 def take_step(run: Training, step: int) -> None:
     """One optimization step on the next training batch (labels dropped with probability training.label_dropout
-    for class-conditional models); nothing is read back from the device."""
+    for class-conditional models; captions drawn for the labels and replaced by the empty caption with probability
+    training.caption_dropout for text-conditioned ones); nothing is read back from the device."""
     config, device = run.config, run.device
     labels = None
     run.model.train()
     if config.model.num_classes > 0:
         x, labels = (v.to(device) for v in run.dataset.train_batch(with_labels=True))
         labels = guidance.drop_labels(labels, config.training.label_dropout, config.model.num_classes)
+    elif run.captions is not None:
+        x, labels = (v.to(device) for v in run.dataset.train_batch(with_labels=True))
+        tokens = run.captions(labels)
+        labels = guidance.drop_conditions(tokens, config.training.caption_dropout,
+                                          null_condition(run.model, len(tokens), device))
     else:
         x = run.dataset.train_batch().to(device)
     if config.training.channels_last:

@@ -14,6 +14,7 @@ import torch
 from ..progress import Progress
 
 from .. import classifier as noisy_classifier
+from .. import latent
 from ..checkpoints import save_checkpoint, write_json
 from ..datasets import NUM_CLASSES, dataset_classes, get_dataset
 from ..sdes import sde_from_config
@@ -33,13 +34,16 @@ def run(config, workdir) -> None:
     validate_config(config)
     builder.require_one_process("train_classifier")
     builder.seed_everything(config.seed)
+    workdir = builder.prepare_workdir(workdir)
+    device = builder.resolve_device(config.device)
     sde, dataset = sde_from_config(config), get_dataset(config)
     num_classes = dataset_classes(config, dataset)
+    if config.model.latent:  # the classifier sees the score network's data: scaled latents (the same scale)
+        dataset = latent.LatentDataset(dataset, latent.load_first_stage(config, workdir, device), device)
+        dataset.measure_scale()
     if not num_classes:
         raise ConfigError(f"data.dataset={config.data.dataset!r} has no class labels to train a classifier on; "
                          f"labelled datasets: {sorted(NUM_CLASSES)}, or folder data with data.labels")
-    workdir = builder.prepare_workdir(workdir)
-    device = builder.resolve_device(config.device)
     model = noisy_classifier.create_classifier(config, num_classes).to(device)
     log.info("training a classifier (%d parameters) on %s, %s, %d steps", sum(p.numel() for p in model.parameters()),
              config.data.dataset, type(sde).__name__, config.classifier.n_iters)

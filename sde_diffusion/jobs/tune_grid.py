@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 from .. import sampling
-from ..checkpoints import load_model_weights
 from ..validation import validate_config
 from . import builder
 from ..errors import ConfigError
@@ -36,9 +35,9 @@ def run(config, workdir) -> Path:
     workdir = Path(workdir)
     device = builder.resolve_device(config.device)
     builder.seed_everything(config.seed)
-    sde, dataset, model = builder.build(config, device)
+    sde, dataset, model = builder.build(config, device, workdir=workdir)
     k, path = builder.chosen_checkpoint(workdir, config.tune.checkpoint, "tune.checkpoint")
-    load_model_weights(path, model, use_ema=True, map_location=device)
+    builder.load_weights(path, model, dataset, device)
     model.eval()
     score_fn = make_conditioning(config, sde, model, dataset, workdir, device).score_fn(0, config.tune.batch, device)
     denoise = bool(spec_keys.get("denoise", config.sampling.noise_removal))

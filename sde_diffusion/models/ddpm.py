@@ -12,7 +12,8 @@ up level; Ho et al.'s original (and diffusers' `AttnUpBlock2D`) after every up b
 from __future__ import annotations
 
 from .layerspp import ddpm_groups
-from .ncsnpp import UNet, UNetOptions, build_on_meta
+from .ncsnpp import TEMB_WIDTH, UNet, UNetOptions, build_on_meta, text_options
+from .text_conditioning import build_text_conditioning
 from .registry import register_model
 
 
@@ -27,7 +28,7 @@ def ddpm_options(config) -> UNetOptions:
                        nonlinearity=m.nonlinearity, embedding_type="positional",
                        resblock_type="ddpm", fir=False, skip_rescale=False, init_scale=0.0, progressive="none",
                        progressive_input="none", groups=ddpm_groups, num_classes=m.num_classes,
-                       up_attn_per_block=m.up_attn_per_block)
+                       up_attn_per_block=m.up_attn_per_block, **text_options(config))
 
 
 @register_model("ddpm")
@@ -41,4 +42,4 @@ class DDPM(UNet):
         build_on_meta(ddpm_options(config))
 
     def __init__(self, config):
-        super().__init__(ddpm_options(config))
+        super().__init__(ddpm_options(config), build_text_conditioning(config, TEMB_WIDTH * config.model.nf))

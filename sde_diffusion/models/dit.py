@@ -15,17 +15,18 @@ centered.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from . import layers
+from .cross_attention import CrossAttentionTokens
+from .layers import LAYER_NORM_EPS, xavier_linear, zero_linear
 from .registry import register_model
+from .text_conditioning import build_text_conditioning, context_dim
 
 Tensor = torch.Tensor
-LAYER_NORM_EPS = 1e-6
 POS_EMBED_MAX_PERIOD = 10000.0
 TEMB_INIT_STD = 0.02  # DiT's init of the noise-embedding MLP
 
@@ -51,18 +52,6 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
-def zero_linear(in_dim: int, out_dim: int) -> nn.Linear:
-    layer = nn.Linear(in_dim, out_dim)
-    nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
-def xavier_linear(in_dim: int, out_dim: int) -> nn.Linear:
-    layer = nn.Linear(in_dim, out_dim)
-    nn.init.xavier_uniform_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    return layer
 
 
 class SelfAttention(nn.Module):
@@ -82,10 +71,12 @@ class SelfAttention(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """x ← x + gate₁ · attn(modulate(norm(x), shift₁, scale₁));  x ← x + gate₂ · mlp(modulate(norm(x), shift₂, scale₂)),
-    with (shift₁, scale₁, gate₁, shift₂, scale₂, gate₂) = adaLN(c), zero at initialisation."""
+    """x ← x + gate₁ · attn(modulate(norm(x), shift₁, scale₁));  [x ← x + cross-attn(norm(x), text)];
+    x ← x + gate₂ · mlp(modulate(norm(x), shift₂, scale₂)), with (shift₁, scale₁, gate₁, shift₂, scale₂, gate₂) =
+    adaLN(c), zero at initialisation; the cross-attention (text-conditioned, context_dim > 0) starts as the
+    identity."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float, context_dim: int = 0):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.norm_1 = nn.LayerNorm(dim, elementwise_affine=False, eps=LAYER_NORM_EPS)
@@ -94,10 +85,13 @@ class DiTBlock(nn.Module):
         self.mlp = nn.Sequential(xavier_linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
                                  xavier_linear(hidden, dim))
         self.adaLN = nn.Sequential(nn.SiLU(), zero_linear(dim, 6 * dim))
+        self.cross = CrossAttentionTokens(dim, context_dim, num_heads) if context_dim else None
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, context: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         shift_1, scale_1, gate_1, shift_2, scale_2, gate_2 = self.adaLN(c).chunk(6, dim=1)
         x = x + gate_1[:, None] * self.attn(modulate(self.norm_1(x), shift_1, scale_1))
+        if self.cross is not None:
+            x = self.cross(x, *context)
         return x + gate_2[:, None] * self.mlp(modulate(self.norm_2(x), shift_2, scale_2))
 
 
@@ -130,8 +124,8 @@ def check_options(config) -> None:
 
 @register_model("dit")
 class DiT(nn.Module):
-    """x (B, C, H, W), noise condition (B,) and optional class labels (B,) → output (B, C, H, W). See the module
-    docstring."""
+    """x (B, C, H, W), noise condition (B,) and optional class labels (B,) or caption token ids (B, L) → output
+    (B, C, H, W); text-conditioned, every block cross-attends to the caption. See the module docstring."""
 
     check_config = staticmethod(check_options)
     convolutional = False  # patches and attention: channels_last does not apply
@@ -160,7 +154,10 @@ class DiT(nn.Module):
                              "model.conditional=True")
         self.label_embed = (layers.LabelEmbedding(m.num_classes, dim, init_std=TEMB_INIT_STD) if m.num_classes
                             else None)
-        self.blocks = nn.ModuleList(DiTBlock(dim, m.num_heads, m.mlp_ratio, m.dropout) for _ in range(m.depth))
+        self.text = build_text_conditioning(config, dim)
+        width = context_dim(config) if self.text is not None else 0
+        self.blocks = nn.ModuleList(DiTBlock(dim, m.num_heads, m.mlp_ratio, m.dropout, width)
+                                    for _ in range(m.depth))
         self.final = FinalLayer(dim, p * p * d.num_channels)
 
     def unpatchify(self, patches: Tensor, height: int, width: int) -> Tensor:
@@ -174,8 +171,13 @@ class DiT(nn.Module):
         if not self.centered:
             x = 2 * x - 1.0  # data in [0, 1] → [−1, 1]
         c = self.temb(self.embed(cond)) if self.temb is not None else x.new_zeros(B, self.dim)
-        c = layers.add_label_embedding(c, self.label_embed, y)
+        context = None
+        if self.text is not None:
+            features, pooled = self.text(y, B, x.device)
+            c, context = c + pooled, (features.context, features.mask)
+        else:
+            c = layers.add_label_embedding(c, self.label_embed, y)
         tokens = self.patchify(x).flatten(2).transpose(1, 2) + self.positions.to(x.dtype)  # (B, N, D)
         for block in self.blocks:
-            tokens = block(tokens, c)
+            tokens = block(tokens, c, context)
         return self.unpatchify(self.final(tokens, c), H, W)

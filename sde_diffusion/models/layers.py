@@ -110,6 +110,25 @@ class NoiseEmbedding(nn.Module):
         return timestep_embedding(cond, self.dim)
 
 
+LAYER_NORM_EPS = 1e-6  # the transformers' (DiT, cross-attention) LayerNorm epsilon
+
+
+def zero_linear(in_dim: int, out_dim: int) -> nn.Linear:
+    """A linear map initialised to zero (weights and bias)."""
+    layer = nn.Linear(in_dim, out_dim)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def xavier_linear(in_dim: int, out_dim: int) -> nn.Linear:
+    """A linear map with Xavier-uniform weights and zero bias."""
+    layer = nn.Linear(in_dim, out_dim)
+    nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 class LabelEmbedding(nn.Module):
     """Class labels (batch,) → (batch, dim), added to a network's noise embedding (class-conditional models).
 

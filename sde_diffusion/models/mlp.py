@@ -8,6 +8,7 @@ from torch import nn
 
 from . import layers
 from .registry import register_model
+from .text_conditioning import build_text_conditioning
 
 
 class ResidualMLPBlock(nn.Module):
@@ -26,10 +27,12 @@ class ResidualMLPBlock(nn.Module):
 
 @register_model("mlp")
 class MLP(nn.Module):
-    """x (batch, d), noise condition (batch,) and optional class labels (batch,) → output (batch, d).
+    """x (batch, d), noise condition (batch,) and optional class labels (batch,) or caption token ids (batch, L)
+    → output (batch, d).
 
     config.model: nf (hidden width), num_res_blocks (residual blocks), nonlinearity, embedding_type,
-    fourier_scale, num_classes (> 0: a label embedding added to the noise embedding); config.data.dim (d).
+    fourier_scale, num_classes (> 0: a label embedding added to the noise embedding), text (a text encoder whose
+    pooled features are added to it); config.data.dim (d).
     """
 
     vector_data = True
@@ -44,6 +47,7 @@ class MLP(nn.Module):
                                      layers.linear(2 * width, 2 * width))
         self.num_classes = m.num_classes
         self.label_embed = layers.LabelEmbedding(m.num_classes, 2 * width) if m.num_classes else None
+        self.text = build_text_conditioning(config, 2 * width)  # captions: their pooled features join emb
         self.input = layers.linear(dim, width)
         self.blocks = nn.ModuleList(ResidualMLPBlock(width, 2 * width, layers.get_act(m.nonlinearity))
                                     for _ in range(m.num_res_blocks))
@@ -52,7 +56,11 @@ class MLP(nn.Module):
         self.output = layers.linear(width, dim)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        emb = layers.add_label_embedding(self.emb_mlp(self.embed(cond)), self.label_embed, y)
+        emb = self.emb_mlp(self.embed(cond))
+        if self.text is not None:
+            emb = emb + self.text(y, x.shape[0], x.device)[1]
+        else:
+            emb = layers.add_label_embedding(emb, self.label_embed, y)
         h = self.input(x)
         for block in self.blocks:
             h = block(h, emb)

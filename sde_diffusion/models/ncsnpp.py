@@ -22,9 +22,12 @@ from torch import nn
 from . import layers
 from .layerspp import (AttnBlock, Combine, Downsample, GroupsFn, NIN_INIT_SCALE, Resample, ResnetBlock, Upsample,
                        group_norm, ncsnpp_groups, residual_sum)
+from .cross_attention import CrossAttention2d
+from .text_conditioning import build_text_conditioning
 from .registry import register_model
 
 Tensor = torch.Tensor
+Context = Optional[Tuple[Tensor, Tensor]]  # (text context (B, L, D), mask (B, L)) for cross-attention
 
 RESBLOCK_TYPES = ("ddpm", "biggan")
 PROGRESSIVE = ("none", "output_skip", "residual")
@@ -48,6 +51,18 @@ def check_options(config) -> None:
     if m.embedding_type.lower() == "fourier" and not config.training.continuous:
         raise ValueError("model.embedding_type='fourier' embeds a continuous noise level: use it with "
                          "training.continuous=True, or use 'positional' for discrete training")
+
+
+def text_options(config) -> dict:
+    """UNetOptions' cross-attention fields from config.model (empty without a text encoder): cross-attention at
+    model.cross_attn_resolutions (None: model.attn_resolutions) with model.cross_attn_heads heads."""
+    from .text_conditioning import context_dim, text_conditioned
+    if not text_conditioned(config):
+        return {}
+    m = config.model
+    resolutions = m.attn_resolutions if m.cross_attn_resolutions is None else m.cross_attn_resolutions
+    return {"context_dim": context_dim(config), "cross_attn_resolutions": tuple(resolutions),
+            "cross_attn_heads": m.cross_attn_heads}
 
 
 @dataclass(frozen=True)
@@ -78,12 +93,17 @@ class UNetOptions:
     groups: GroupsFn = ncsnpp_groups  # GroupNorm group count for a channel count
     num_classes: int = 0  # > 0: a class-label embedding added to the noise embedding
     up_attn_per_block: bool = False  # up levels: attention after every block (Ho et al.), or once (score_sde)
+    # text conditioning: cross-attention to a context of this width after the (self-)attention of these resolutions
+    # and in the middle block; 0: none
+    context_dim: int = 0
+    cross_attn_resolutions: Tuple[int, ...] = ()
+    cross_attn_heads: int = 1
 
     @classmethod
     def from_config(cls, config) -> "UNetOptions":
         check_options(config)
         m, d = config.model, config.data
-        return cls(image_size=d.image_size, channels=d.num_channels, centered=d.centered, nf=m.nf,
+        return cls(**text_options(config), image_size=d.image_size, channels=d.num_channels, centered=d.centered, nf=m.nf,
                    ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
                    attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
                    resamp_with_conv=m.resamp_with_conv, conditional=m.conditional, nonlinearity=m.nonlinearity,
@@ -121,6 +141,15 @@ class Blocks:
 
     def attn(self, channels: int) -> AttnBlock:
         return AttnBlock(channels, self.o.groups, self.o.skip_rescale, self.o.init_scale)
+
+    def cross(self, channels: int) -> CrossAttention2d:
+        return CrossAttention2d(channels, self.o.context_dim, self.o.cross_attn_heads, self.o.groups)
+
+    def crosses(self, channels: int, count: int, resolution: int) -> Optional[nn.ModuleList]:
+        """`count` cross-attention blocks when the network is text-conditioned at this resolution, else None."""
+        if not self.o.context_dim or resolution not in self.o.cross_attn_resolutions:
+            return None
+        return nn.ModuleList(self.cross(channels) for _ in range(count))
 
     def downsample(self, channels: int) -> nn.Module:
         """Halve the resolution: a BigGAN block with resampling inside, or a plain Downsample ('ddpm' blocks)."""
@@ -193,19 +222,23 @@ class DownLevel(nn.Module):
     """One resolution of the encoder: blocks (+ attention), then optionally halve the resolution."""
 
     def __init__(self, make: Blocks, in_ch: int, out_ch: int, attention: bool, last: bool,
-                 pyramid: Optional[InputPyramid]):
+                 pyramid: Optional[InputPyramid], resolution: int = 0):
         super().__init__()
         n = make.o.num_res_blocks
         self.blocks = nn.ModuleList(make.resblock(in_ch if i == 0 else out_ch, out_ch) for i in range(n))
         self.attns = nn.ModuleList(make.attn(out_ch) for _ in range(n)) if attention else None
+        self.crosses = make.crosses(out_ch, n, resolution)
         self.downsample = None if last else make.downsample(out_ch)
         self.pyramid = pyramid
 
-    def forward(self, h: Tensor, temb: Optional[Tensor], skips: List[Tensor], p: Optional[Tensor]):
+    def forward(self, h: Tensor, temb: Optional[Tensor], skips: List[Tensor], p: Optional[Tensor],
+                context: Context = None):
         for i, block in enumerate(self.blocks):
             h = block(h, temb)
             if self.attns is not None:
                 h = self.attns[i](h)
+            if self.crosses is not None:
+                h = self.crosses[i](h, *context)
             skips.append(h)
         if self.downsample is not None:
             h = self.downsample(h, temb) if isinstance(self.downsample, ResnetBlock) else self.downsample(h)
@@ -216,16 +249,20 @@ class DownLevel(nn.Module):
 
 
 class MiddleBlock(nn.Module):
-    """ResnetBlock → attention → ResnetBlock at the lowest resolution."""
+    """ResnetBlock → attention (→ cross-attention, text-conditioned) → ResnetBlock at the lowest resolution."""
 
     def __init__(self, make: Blocks, channels: int):
         super().__init__()
         self.block_0 = make.resblock(channels)
         self.attn = make.attn(channels)
+        self.cross = make.cross(channels) if make.o.context_dim else None
         self.block_1 = make.resblock(channels)
 
-    def forward(self, h: Tensor, temb: Optional[Tensor]) -> Tensor:
-        return self.block_1(self.attn(self.block_0(h, temb)), temb)
+    def forward(self, h: Tensor, temb: Optional[Tensor], context: Context = None) -> Tensor:
+        h = self.attn(self.block_0(h, temb))
+        if self.cross is not None:
+            h = self.cross(h, *context)
+        return self.block_1(h, temb)
 
 
 class UpLevel(nn.Module):
@@ -233,21 +270,25 @@ class UpLevel(nn.Module):
     after every block, `attns`), output pyramid, upsampling."""
 
     def __init__(self, make: Blocks, in_ch: int, skip_chs: Sequence[int], out_ch: int, attention: bool,
-                 last: bool, pyramid: Optional[OutputPyramid]):
+                 last: bool, pyramid: Optional[OutputPyramid], resolution: int = 0):
         super().__init__()
         widths = [in_ch] + [out_ch] * (len(skip_chs) - 1)
         self.blocks = nn.ModuleList(make.resblock(c + s, out_ch) for c, s in zip(widths, skip_chs))
         per_block = attention and make.o.up_attn_per_block
         self.attn = make.attn(out_ch) if attention and not per_block else None
         self.attns = nn.ModuleList(make.attn(out_ch) for _ in skip_chs) if per_block else None
+        self.crosses = make.crosses(out_ch, len(skip_chs), resolution)  # after every block
         self.pyramid = pyramid
         self.upsample = None if last else make.upsample(out_ch)
 
-    def forward(self, h: Tensor, temb: Optional[Tensor], skips: List[Tensor], p: Optional[Tensor]):
+    def forward(self, h: Tensor, temb: Optional[Tensor], skips: List[Tensor], p: Optional[Tensor],
+                context: Context = None):
         for i, block in enumerate(self.blocks):
             h = block(torch.cat([h, skips.pop()], dim=1), temb)
             if self.attns is not None:
                 h = self.attns[i](h)
+            if self.crosses is not None:
+                h = self.crosses[i](h, *context)
         if self.attn is not None:
             h = self.attn(h)
         if self.pyramid is not None:
@@ -258,14 +299,16 @@ class UpLevel(nn.Module):
 
 
 class UNet(nn.Module):
-    """x (B, C, H, W), noise condition (B,) and optional class labels (B,) → output (B, C, H, W). See the module
-    docstring.
+    """x (B, C, H, W), noise condition (B,) and optional class labels (B,) or caption token ids (B, L) → output
+    (B, C, H, W). See the module docstring.
 
     The noise condition is whatever the parameterization gives (sde_diffusion.parameterization: 999·t, σ(t),
     ¼·ln σ or discrete labels); the output is turned into a score there, so the network knows no SDE.
+    `text`: the TextConditioning of a text-conditioned network (options.context_dim > 0): its pooled features join
+    the noise embedding, its context the cross-attention blocks.
     """
 
-    def __init__(self, o: UNetOptions):
+    def __init__(self, o: UNetOptions, text: Optional[nn.Module] = None):
         super().__init__()
         self.options = o
         make = Blocks(o)
@@ -283,6 +326,9 @@ class UNet(nn.Module):
             raise ValueError("model.num_classes > 0 adds the label embedding to the noise embedding: set "
                              "model.conditional=True")
         self.label_embed = layers.LabelEmbedding(o.num_classes, make.temb_dim) if o.num_classes else None
+        if text is not None and not o.context_dim:
+            raise ValueError("a U-Net given a TextConditioning needs options.context_dim (its width) > 0")
+        self.text = text
 
         self.conv_in = layers.conv3x3(o.channels, nf)
         self.down = nn.ModuleList()
@@ -293,7 +339,8 @@ class UNet(nn.Module):
             if o.progressive_input != "none" and not last:
                 pyramid = InputPyramid(o.progressive_input, pyramid_ch, nf * mult, o)
                 pyramid_ch = nf * mult if o.progressive_input == "residual" else pyramid_ch
-            self.down.append(DownLevel(make, ch, nf * mult, o.resolutions[i] in o.attn_resolutions, last, pyramid))
+            self.down.append(DownLevel(make, ch, nf * mult, o.resolutions[i] in o.attn_resolutions, last, pyramid,
+                                       o.resolutions[i]))
             ch = nf * mult
             skip_chs += [ch] * o.num_res_blocks
             if not last:
@@ -313,7 +360,7 @@ class UNet(nn.Module):
                 pyramid = OutputPyramid(o.progressive, first, out_ch, pyramid_ch, o, make.act)
                 pyramid_ch = o.channels if o.progressive == "output_skip" else out_ch
             self.up.append(UpLevel(make, ch, level_skips, out_ch, o.resolutions[i] in o.attn_resolutions,
-                                   i == 0, pyramid))
+                                   i == 0, pyramid, o.resolutions[i]))
             ch = out_ch
         assert not skip_chs, "every skip connection is consumed"
 
@@ -324,10 +371,15 @@ class UNet(nn.Module):
             self.conv_out = layers.conv3x3(ch, o.channels, init_scale=o.init_scale)
 
     def forward(self, x: Tensor, cond: Tensor, y: Optional[Tensor] = None) -> Tensor:
-        """y: (B,) class labels of a class-conditional network (None: the null label, i.e. unconditional)."""
+        """y: (B,) class labels of a class-conditional network, or (B, L) caption token ids of a text-conditioned
+        one (None: the null label or the empty caption, i.e. unconditional)."""
         o = self.options
         temb = self.temb(self.embed(cond)) if self.temb is not None else None
-        if temb is not None or y is not None:
+        context = None
+        if self.text is not None:
+            features, pooled = self.text(y, x.shape[0], x.device)
+            temb, context = temb + pooled, (features.context, features.mask)
+        elif temb is not None or y is not None:
             temb = layers.add_label_embedding(temb, self.label_embed, y)
         if not o.centered:
             x = 2 * x - 1.0  # data in [0, 1] → [−1, 1]
@@ -335,11 +387,11 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for level in self.down:
-            h, p = level(h, temb, skips, p)
-        h = self.mid(h, temb)
+            h, p = level(h, temb, skips, p, context)
+        h = self.mid(h, temb, context)
         p = None
         for level in self.up:
-            h, p = level(h, temb, skips, p)
+            h, p = level(h, temb, skips, p, context)
         return p if self.conv_out is None else self.conv_out(self.act(self.norm_out(h)))
 
 
@@ -350,10 +402,11 @@ def check_resolutions(o: UNetOptions, section: str = "model") -> None:
     if o.image_size % 2**levels:
         raise ValueError(f"data.image_size={o.image_size} cannot be halved {levels} times for "
                          f"{section}.ch_mult={o.ch_mult}")
-    unreachable = [r for r in o.attn_resolutions if r not in o.resolutions]
-    if unreachable:
-        raise ValueError(f"{section}.attn_resolutions has {unreachable}, which the network never reaches "
-                         f"(its resolutions are {o.resolutions})")
+    for key, wanted in (("attn_resolutions", o.attn_resolutions), ("cross_attn_resolutions", o.cross_attn_resolutions)):
+        unreachable = [r for r in wanted if r not in o.resolutions]
+        if unreachable:
+            raise ValueError(f"{section}.{key} has {unreachable}, which the network never reaches "
+                             f"(its resolutions are {o.resolutions})")
 
 
 def build_on_meta(options: UNetOptions) -> None:
@@ -378,4 +431,4 @@ class NCSNpp(UNet):
         build_on_meta(UNetOptions.from_config(config))
 
     def __init__(self, config):
-        super().__init__(UNetOptions.from_config(config))
+        super().__init__(UNetOptions.from_config(config), build_text_conditioning(config, TEMB_WIDTH * config.model.nf))

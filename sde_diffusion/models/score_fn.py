@@ -23,11 +23,34 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def is_conditional(model: nn.Module) -> bool:
+    """Whether the network takes a condition: class labels (num_classes > 0) or captions (a text encoder)."""
+    model = unwrap(model)
+    return getattr(model, "num_classes", 0) > 0 or getattr(model, "text", None) is not None
+
+
+def null_condition(model: nn.Module, n: int, device) -> torch.Tensor:
+    """The unconditional input of a conditional network for n samples: the null label (n,), or the empty
+    caption's token ids (n, L)."""
+    model = unwrap(model)
+    if getattr(model, "text", None) is not None:
+        return model.text.null_tokens(n, device)
+    return torch.full((n,), model.num_classes, dtype=torch.long, device=device)
+
+
 def batch_labels(labels: Labels, x: torch.Tensor) -> torch.Tensor:
-    """Class labels as a (batch,) long tensor on x's device: an int or 0-d tensor is broadcast to the batch."""
+    """Class labels as a (batch,) long tensor on x's device (an int or 0-d tensor is broadcast to the batch), or
+    caption token ids (batch, L) (one row (1, L) is broadcast)."""
     labels = torch.as_tensor(labels, dtype=torch.long, device=x.device)
     if labels.ndim == 0:
         return labels.expand(x.shape[0])
+    if labels.ndim == 2:
+        if labels.shape[0] == 1:
+            return labels.expand(x.shape[0], -1)
+        if labels.shape[0] != x.shape[0]:
+            raise ValueError(f"token ids of shape {tuple(labels.shape)} do not match a batch of {x.shape[0]}: give "
+                             "one caption per sample, or one for all")
+        return labels
     if labels.shape != (x.shape[0],):
         raise ValueError(f"labels of shape {tuple(labels.shape)} do not match a batch of {x.shape[0]}: give one "
                          "label per sample, or one int for all")
@@ -48,17 +71,18 @@ def get_score_fn(sde: SDE, model: nn.Module, continuous: bool = True, labels: Op
     `model.eval()` for sampling.
 
     labels: class labels of a class-conditional network (model.num_classes > 0), a (batch,) tensor or one int for
-    every sample; the null label `model.num_classes` asks for the unconditional score. None: the network is called
-    without labels, which for a class-conditional network also means the null label.
+    every sample; the null label `model.num_classes` asks for the unconditional score. For a text-conditioned
+    network: caption token ids (batch, L) or (1, L). None: the network is called without labels, which for a
+    conditional network means the null label or the empty caption.
     """
     convention = getattr(unwrap(model), "score_convention", None)
     if parameterization is None and convention is not None:
         param = resolve(sde, continuous, *convention)
     else:
         param = as_parameterization(sde, continuous, parameterization)
-    if labels is not None and not getattr(unwrap(model), "num_classes", 0):
-        raise ValueError(f"labels given for {type(model).__name__} without a label embedding: build it with "
-                         "model.num_classes > 0")
+    if labels is not None and not is_conditional(model):
+        raise ValueError(f"labels given for {type(model).__name__} without a label embedding or text encoder: build "
+                         "it with model.num_classes > 0 or model.text.encoder")
     if labels is None:
         return param.score_fn(model)
     return param.score_fn(lambda inputs, cond: model(inputs, cond, batch_labels(labels, inputs)))
