@@ -17,14 +17,17 @@ def get_config():
     autoencoder = model.autoencoder
     autoencoder.downsample = 2
     autoencoder.latent_channels = 2
-    autoencoder.nf = 32
+    autoencoder.nf = 16
     autoencoder.ch_mult = (1, 2)
     autoencoder.kl_weight = 1e-6
     autoencoder.loss = "l1"
     autoencoder.batch_size = 64
-    autoencoder.n_iters = 1500
+    autoencoder.n_iters = 800
     autoencoder.lr = 2e-3
     autoencoder.log_freq = 250
+
+    config.training.n_iters = 1000  # the first stage's training and report take the rest of the 10 minutes
+    config.training.snapshot_freq = 1000
 
     config.eval.enable_bpd = False  # bits/dim is undefined for a latent model; the latents' NLL instead:
     config.eval.enable_latent_nll = True

@@ -234,9 +234,10 @@ class ImageDataset:
         return self
 
     # batches ---------------------------------------------------------------------------------------
-    def train_batch(self, with_labels: bool = False):
+    def train_batch(self, with_labels: bool = False, with_indices: bool = False):
         """(batch, C, H, W) float training batch in model space, augmented as configured; with `with_labels`,
-        also the (batch,) int64 class labels of its images."""
+        also the (batch,) int64 class labels of its images; with `with_indices`, instead their (batch,) indices
+        into the training split (e.g. for per-image captions)."""
         if with_labels and self.train_labels is None:
             raise DatasetError("class labels were requested but this dataset has none: for data.dataset='folder' "
                                "set data.labels to 'folders' or to a labels file")
@@ -251,6 +252,8 @@ class ImageDataset:
             if self.pin_memory:
                 x = x.pin_memory()
         x = self.to_model(x)
+        if with_indices:
+            return x, plan.indices
         return (x, self.train_labels[plan.indices]) if with_labels else x
 
     def _loader_batches(self) -> Iterator:

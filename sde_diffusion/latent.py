@@ -298,9 +298,9 @@ class LatentDataset:
         return (pixels + 1.0) / 2.0
 
     # batches ---------------------------------------------------------------------------------------
-    def train_batch(self, with_labels: bool = False):
-        batch = self.images.train_batch(with_labels=with_labels)
-        if with_labels:
+    def train_batch(self, with_labels: bool = False, with_indices: bool = False):
+        batch = self.images.train_batch(with_labels=with_labels, with_indices=with_indices)
+        if with_labels or with_indices:
             x, labels = batch
             return self.encode(x), labels
         return self.encode(batch)

@@ -43,6 +43,15 @@ def test_frechet_distance_against_an_independent_matrix_square_root():
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(scipy_value, rel=1e-8)
 
 
+def test_frechet_distance_equals_clean_fids_also_for_singular_covariances():
+    from cleanfid.fid import frechet_distance as clean_fid
+    rng = np.random.default_rng(3)
+    for n in (20, 400):  # 20 samples in 64 dimensions: covariances of rank 19
+        a, b = rng.standard_normal((n, 64)), rng.standard_normal((n, 64)) * 1.2 + 0.3
+        stats = (*feature_statistics(a), *feature_statistics(b))
+        assert frechet_distance(*stats) == pytest.approx(float(clean_fid(*stats)), rel=1e-6)
+
+
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
     features = np.random.default_rng(2).standard_normal((500, 16))
     assert abs(fid_from_features(features, features)) < 1e-6

@@ -14,7 +14,7 @@ import torch
 from configs.text_digits import get_config as text_digits_config
 from configs.toy_gmm import get_config as toy_config
 from sde_diffusion import guidance, sampling
-from sde_diffusion.errors import ConfigError
+from sde_diffusion.errors import ConfigError, DatasetError
 from sde_diffusion.models import create_model, get_score_fn
 from sde_diffusion.models.score_fn import null_condition
 from sde_diffusion.models.text_conditioning import LabelCaptions
@@ -27,13 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def digits_text_config(name="ddpm", **changes):
-    config = text_digits_config()
-    config.model.name = name
-    if name == "dit":
-        config.model.nf, config.model.patch_size, config.model.depth = 32, 2, 2
-    if name == "ncsnpp":
-        config.model.nf = 32
+def set_keys(config, changes):
+    """config["a"]["b"]["c"] = value for each "a.b.c": value of changes."""
     for key, value in changes.items():
         *path, last = key.split(".")
         node = config
@@ -43,18 +38,22 @@ def digits_text_config(name="ddpm", **changes):
     return config
 
 
+def digits_text_config(name="ddpm", **changes):
+    config = text_digits_config()
+    config.model.name = name
+    if name == "dit":
+        config.model.nf, config.model.patch_size, config.model.depth = 32, 2, 2
+    if name == "ncsnpp":
+        config.model.nf = 32
+    return set_keys(config, changes)
+
+
 def toy_text_config(**changes):
     config = toy_config()
     config.model.text.encoder, config.data.captions = "scratch", "labels"
     config.model.text.dim, config.model.text.depth, config.model.text.num_heads = 32, 1, 2
     config.model.nf, config.model.num_res_blocks = 64, 2
-    for key, value in changes.items():
-        *path, name = key.split(".")
-        node = config
-        for part in path:
-            node = node[part]
-        node[name] = value
-    return config
+    return set_keys(config, changes)
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ncsnpp", "dit", "mlp"])
@@ -146,13 +145,7 @@ def test_label_captions_draw_every_training_caption_of_the_class_and_caption_dro
       "sampling.guidance_scale": 1.0}, "caption_dropout > 0"),
 ])
 def test_config_errors_name_the_key(changes, message):
-    config = toy_config()
-    for key, value in changes.items():
-        section, *rest = key.split(".")
-        node = config[section]
-        for part in rest[:-1]:
-            node = node[part]
-        node[rest[-1]] = value
+    config = set_keys(toy_config(), changes)
     with pytest.raises(ConfigError, match=message):
         validate_config(config)
 
@@ -241,3 +234,56 @@ def test_sample_mode_with_a_prompt_writes_the_grid_and_the_npz(tmp_path):
     sample_job.run(rows, tmp_path, "rows")
     data = np.load(tmp_path / "rows" / "checkpoint_1_pc_nfe3_per_class_w2.npz")
     assert data["labels"].tolist() == [k for k in range(10) for _ in range(2)] and len(data["images"]) == 20
+
+
+# --------------------------------------------------------------------------------------------------
+# Your own images with a captions file
+# --------------------------------------------------------------------------------------------------
+def captioned_folder(tmp_path):
+    """12 small RGB images, reddish or bluish, and captions.csv naming each one's colour."""
+    from PIL import Image
+    root = tmp_path / "images"
+    root.mkdir()
+    rows, rng = ["name,caption"], np.random.default_rng(0)
+    for k in range(12):
+        colour = "red" if k % 2 == 0 else "blue"
+        pixels = rng.integers(0, 60, size=(8, 8, 3), dtype=np.uint8)
+        pixels[..., 0 if colour == "red" else 2] += 180
+        Image.fromarray(pixels).save(root / f"{k:02d}.png")
+        rows.append(f'{k:02d}.png,"a {colour} square, number {k}"')
+    (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_a_captions_file_captions_each_image_of_a_folder_in_training_and_sampling(tmp_path):
+    from configs.vp_folder_64 import get_config
+    from sde_diffusion.datasets import get_dataset
+    from sde_diffusion.jobs import sample as sample_job
+    from sde_diffusion.jobs import train as train_job
+    from sde_diffusion.models.text_conditioning import dataset_captions
+    from sde_diffusion.text import read_captions
+    root = captioned_folder(tmp_path)
+    config = set_keys(get_config(), {
+        "data.root": str(root), "data.image_size": 8, "data.captions": str(tmp_path / "captions.csv"),
+        "data.test_fraction": 0.25, "model.text.encoder": "scratch", "model.text.dim": 32, "model.text.num_heads": 2,
+        "model.nf": 32, "model.ch_mult": (1, 2), "model.num_res_blocks": 1, "model.attn_resolutions": (4,),
+        "training.batch_size": 4, "training.n_iters": 2, "training.snapshot_freq": 2,
+        "training.snapshot_freq_for_preemption": 2, "training.log_freq": 1, "training.eval_freq": 2,
+        "training.snapshot_sampling": False, "sampling.steps": 2, "eval.num_samples": 3, "device": "cpu"})
+    validate_config(config)
+    model, dataset, twin = create_model(config), get_dataset(config), get_dataset(config)
+    captions = dataset_captions(config, model, dataset)
+    expected = model.text.tokenize(read_captions(tmp_path / "captions.csv", dataset.train_names))
+    assert torch.equal(captions.tables["train"], expected) and len(expected) == 9
+    x, tokens = captions.train_batch(dataset, "cpu")
+    _, indices = twin.train_batch(with_indices=True)  # the same batch order
+    assert torch.equal(tokens, expected[indices]) and x.shape == (4, 3, 8, 8)
+    assert "red" in model.text.tokenizer.words and "blue" in model.text.tokenizer.words
+    train_job.run(config, tmp_path / "run")
+    config.sampling.prompt = "a blue square"
+    sample_job.run(config, tmp_path / "run", "samples")
+    [npz] = (tmp_path / "run" / "samples").glob("*prompt-a-blue-square*.npz")
+    assert np.load(npz)["images"].shape == (3, 8, 8, 3)
+    (tmp_path / "captions.csv").write_text("name,caption\n00.png,a red square\n")
+    with pytest.raises(DatasetError, match=r"of 9 images have no caption in .*captions\.csv: 01\.png"):
+        dataset_captions(config, model, get_dataset(config))

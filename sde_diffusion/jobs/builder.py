@@ -23,7 +23,7 @@ from ..datasets import get_dataset
 from ..ema import ExponentialMovingAverage
 from ..errors import CheckpointError, ConfigError, UsageError
 from ..models import create_model, get_score_fn
-from ..models.text_conditioning import label_captions, text_conditioned
+from ..models.text_conditioning import dataset_captions
 from ..sdes import SDE, sde_from_config
 
 log = logging.getLogger("sde_diffusion")
@@ -152,25 +152,15 @@ def make_loss_fn(config, sde: SDE) -> Callable:
                               sigma_data=config.model.sigma_data)
 
 
-def takes_labels(config) -> bool:
-    """Whether the network is conditioned on the data's class labels: a label embedding, or captions made from
-    the labels (data.captions='labels')."""
-    return config.model.num_classes > 0 or (text_conditioned(config) and config.data.captions == "labels")
-
-
 def labelled_score_fn(config, sde: SDE, model: nn.Module) -> Callable:
-    """labels (batch,) or None ↦ the network's score function given those labels (None: unconditional). A
-    text-conditioned network gets caption token ids (batch, L) as they are, and class labels as captions drawn
-    by a generator seeded with config.seed (the same captions at every call)."""
+    """labels ↦ the network's score function given them: class labels (batch,), caption token ids (batch, L), or
+    None (unconditional)."""
     param = parameterization.from_config(config, sde)
     plain = get_score_fn(sde, model, continuous=config.training.continuous, parameterization=param)
-    captions = label_captions(config, model)
 
     def score_fn_for(labels: Optional[torch.Tensor]):
         if labels is None:
             return plain
-        if captions is not None and labels.ndim == 1:
-            labels = captions(labels, torch.Generator(device=labels.device).manual_seed(config.seed))
         return get_score_fn(sde, model, continuous=config.training.continuous, labels=labels, parameterization=param)
 
     return score_fn_for
@@ -181,6 +171,19 @@ def labelled_batches(dataset, batch_size: int, with_labels: bool, device, split:
     for batch in dataset.eval_batches(batch_size, split, with_labels=with_labels):
         x, labels = batch if with_labels else (batch, None)
         yield x.to(device), None if labels is None else labels.to(device)
+
+
+def condition_batches(config, model: nn.Module, dataset, batch_size: int, device, split: str = "test"):
+    """(x, condition) batches of a split on device, the condition as the network takes it: class labels of a
+    class-conditional network, a caption's token ids per image for a text-conditioned one (captions of labels
+    drawn by a generator seeded with config.seed, so every call gives the same), None for an unconditional one."""
+    captions = dataset_captions(config, model, dataset)
+    if captions is None:
+        yield from labelled_batches(dataset, batch_size, config.model.num_classes > 0, device, split)
+        return
+    tokens = captions.split_tokens(dataset, split, torch.Generator(device=device).manual_seed(config.seed))
+    for start, x in zip(range(0, len(tokens), batch_size), dataset.eval_batches(batch_size, split)):
+        yield x.to(device), tokens[start:start + len(x)].to(device)
 
 
 @torch.no_grad()

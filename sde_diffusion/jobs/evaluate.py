@@ -241,7 +241,7 @@ def held_out_measures(config, sde, model, dataset, loss_fn, device, k: int) -> D
     e, report = config.eval, {}
     score_fn_for = builder.labelled_score_fn(config, sde, model)
     if e.enable_loss:
-        batches = builder.labelled_batches(dataset, e.batch_size, builder.takes_labels(config), device)
+        batches = builder.condition_batches(config, model, dataset, e.batch_size, device)
         report["eval_loss"] = builder.evaluation_loss(loss_fn, score_fn_for, model, batches, seed=config.seed)
     if e.enable_bpd:
         generator = torch.Generator(device=device).manual_seed(builder.round_seed(config.seed, k))

@@ -15,7 +15,7 @@ from .. import distributed, guidance, parameterization, sampling
 from ..checkpoints import load_checkpoint
 from ..datasets import dataset_classes
 from ..errors import CheckpointError
-from ..models.text_conditioning import label_captions, text_conditioned
+from ..models.text_conditioning import dataset_captions
 from ..visualize import save_image_grid, save_scatter
 from .builder import round_seed, sampler_settings
 
@@ -40,15 +40,20 @@ class Conditioning:
         self.classifier = classifier
         self.guidance_scale = s.guidance_scale
         self.classifier_scale = s.classifier_scale if classifier is not None else 0.0
-        self.captions = label_captions(config, model)
+        captions = dataset_captions(config, model, dataset)
         self.prompt = s.prompt if prompt_tokens is not None else None
-        self.labelled = config.model.num_classes > 0 or self.classifier_scale > 0 or text_conditioned(config)
+        self.labelled = config.model.num_classes > 0 or self.classifier_scale > 0 or captions is not None
         self.from_test_split = label_sequence is None and prompt_tokens is None
         self.label_sequence = None
         if prompt_tokens is not None:
             self.label_sequence = prompt_tokens.long()
+        elif captions is not None:  # a caption per test image, or per requested label
+            generator = torch.Generator().manual_seed(config.seed)
+            self.label_sequence = (captions.split_tokens(dataset, "test", generator) if label_sequence is None
+                                   else captions(label_sequence.long(), generator))
         elif self.labelled:
             self.label_sequence = dataset.test_labels.long() if label_sequence is None else label_sequence.long()
+        self.captioned = captions is not None and prompt_tokens is None
 
     def labels(self, start: int, n: int) -> Optional[torch.Tensor]:
         """Labels (n,) (or prompt token ids (n, L)) of samples start..start+n−1, or None when unconditional."""
@@ -64,9 +69,6 @@ class Conditioning:
         grad = None
         if self.classifier_scale:
             grad = noisy_classifier.grad_log_p_y_fn(self.sde, self.classifier, labels)
-        if self.captions is not None and labels is not None and labels.ndim == 1:
-            generator = torch.Generator(device=device).manual_seed(round_seed(self.seed, start))
-            labels = self.captions(labels, generator)
         return guidance.guided_score_fn(self.sde, self.model, labels, guidance_scale=self.guidance_scale,
                                         continuous=self.continuous, grad_log_p_y=grad,
                                         classifier_scale=self.classifier_scale,
@@ -79,8 +81,8 @@ class Conditioning:
         source = "test split, in order" if self.from_test_split else "sampling.class_labels"
         described = {"labels": source if self.prompt is None else None, "guidance_scale": self.guidance_scale,
                      "classifier_scale": self.classifier_scale}
-        if self.captions is not None:
-            described["captions"] = "drawn from the training phrasings of the labels"
+        if self.captioned:
+            described["captions"] = "a caption per test image" if self.from_test_split else "per label"
         if self.prompt is not None:
             described["prompt"] = self.prompt
         return described

@@ -64,8 +64,11 @@ def run(config, workdir, eval_folder: str = "samples") -> None:
     arrays = {"samples": samples.numpy()}
     if dataset.is_image:
         arrays["images"] = uint8_images(samples)
-    if conditioning.labelled and prompt is None:
-        arrays["labels"] = conditioning.labels(0, num).numpy()
+    if label_sequence is not None:
+        arrays["labels"] = label_sequence.numpy()
+    elif conditioning.labelled and prompt is None:
+        conditions = conditioning.labels(0, num).numpy()
+        arrays["tokens" if conditions.ndim == 2 else "labels"] = conditions  # captions' token ids, or labels
     if prompt is not None:
         arrays["prompt"] = np.array(config.sampling.prompt)
     save_npz(out / f"{stem}.npz", **arrays)

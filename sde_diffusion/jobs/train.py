@@ -24,7 +24,7 @@ from ..checkpoints import (TrainState, atomic_write, load_checkpoint, newest_goo
                            write_json)
 from ..ema import ExponentialMovingAverage
 from ..models.score_fn import null_condition
-from ..models.text_conditioning import label_captions
+from ..models.text_conditioning import dataset_captions
 from ..train_step import StepFailure, StepReport, TrainStep
 from ..validation import validate_config
 from . import builder
@@ -75,7 +75,7 @@ class Training:
     train_log: Optional[TrainLog] = None
     writer: object = None
     eval_batch: tuple = ()
-    captions: Optional[Callable] = None  # class labels ↦ caption token ids (text-conditioned on label captions)
+    captions: object = None  # a text-conditioned network's captions (text_conditioning.dataset_captions)
 
 
 def run(config, workdir) -> TrainState:
@@ -126,8 +126,8 @@ def setup(config, workdir: Path, world: distributed.World, device: torch.device)
     if world.is_main:
         from torch.utils.tensorboard import SummaryWriter
         run.writer = SummaryWriter(str(workdir / "tensorboard"))
-    run.captions = label_captions(config, model)
-    run.eval_batch = next(builder.labelled_batches(dataset, t.batch_size, builder.takes_labels(config), device))
+    run.captions = dataset_captions(config, model, dataset)
+    run.eval_batch = next(builder.condition_batches(config, model, dataset, t.batch_size, device))
     return run
 
 
@@ -186,8 +186,7 @@ def take_step(run: Training, step: int) -> None:
         x, labels = (v.to(device) for v in run.dataset.train_batch(with_labels=True))
         labels = guidance.drop_labels(labels, config.training.label_dropout, config.model.num_classes)
     elif run.captions is not None:
-        x, labels = (v.to(device) for v in run.dataset.train_batch(with_labels=True))
-        tokens = run.captions(labels)
+        x, tokens = run.captions.train_batch(run.dataset, device)
         labels = guidance.drop_conditions(tokens, config.training.caption_dropout,
                                           null_condition(run.model, len(tokens), device))
     else:

@@ -84,11 +84,17 @@ def check_config(config) -> None:
     if d.captions == "none":
         raise ConfigError("model.text.encoder is set but data.captions='none': set data.captions='labels' (captions "
                           "from class labels) or to a captions file (CSV name,caption or JSON)")
-    if d.captions != "labels":
-        raise ConfigError(f"data.captions={d.captions!r}: training reads captions made from class labels "
-                          "(data.captions='labels', for digits and gmm); captions files are read by "
-                          "text.read_captions but not yet by training")
-    label_phrasings(config)
+    if d.captions == "labels":
+        label_phrasings(config)
+    elif d.dataset.lower() != "folder":
+        raise ConfigError(f"data.captions={d.captions!r} names a captions file, which captions the images of folder "
+                          f"data (data.dataset='folder'), not {d.dataset!r}: use data.captions='labels'")
+    elif not Path(d.captions).expanduser().is_file():
+        raise ConfigError(f"data.captions={d.captions!r} is neither 'labels' nor an existing captions file (CSV "
+                          "name,caption or JSON)")
+    if config.sampling.classifier_scale:
+        raise ConfigError("sampling.classifier_scale > 0 guides by class labels; a text-conditioned network is "
+                          "guided by its prompt (sampling.guidance_scale): set sampling.classifier_scale=0")
     if t.encoder == "scratch":
         for key in ("dim", "depth", "num_heads", "max_length"):
             if t[key] < 1:
@@ -188,11 +194,43 @@ class LabelCaptions:
         pick = (u * self.counts[labels]).long().clamp_max(self.table.shape[1] - 1)
         return self.table[labels, pick]
 
+    def train_batch(self, dataset, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The next training batch on device and a caption of each image's label (the global random stream)."""
+        x, labels = dataset.train_batch(with_labels=True)
+        return x.to(device), self(labels.to(device))
 
-def label_captions(config, model: nn.Module, held_out: bool = False) -> Optional[LabelCaptions]:
-    """The LabelCaptions of a text-conditioned network trained on captions made from labels, else None."""
+    def split_tokens(self, dataset, split: str, generator: torch.Generator) -> torch.Tensor:
+        """A caption (token ids (N, L)) for every image of the split, in order, drawn by `generator`."""
+        labels = dataset.test_labels if split == "test" else dataset.train_labels
+        return self(labels.to(generator.device), generator)
+
+
+class ImageCaptions:
+    """The captions of a captions file (data.captions; `text.read_captions`) for the images of folder data,
+    tokenized once: a table (N, L) per split, rows in the split's order."""
+
+    def __init__(self, dataset, path, tokenize):
+        self.tables = {split: tokenize(text.read_captions(path, names))
+                       for split, names in (("train", dataset.train_names), ("test", dataset.test_names))}
+
+    def train_batch(self, dataset, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The next training batch on device and its images' captions."""
+        x, indices = dataset.train_batch(with_indices=True)
+        if self.tables["train"].device != indices.device:
+            self.tables["train"] = self.tables["train"].to(indices.device)
+        return x.to(device), self.tables["train"][indices].to(device)
+
+    def split_tokens(self, dataset, split: str, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return self.tables[split]
+
+
+def dataset_captions(config, model: nn.Module, dataset):
+    """Where a text-conditioned network's captions come from: LabelCaptions (data.captions='labels') or the
+    ImageCaptions of a captions file; None for other networks."""
     from .score_fn import unwrap
     conditioning = getattr(unwrap(model), "text", None)
-    if conditioning is None or config.data.captions != "labels":
+    if conditioning is None:
         return None
-    return LabelCaptions(label_phrasings(config), conditioning.tokenize, held_out)
+    if config.data.captions == "labels":
+        return LabelCaptions(label_phrasings(config), conditioning.tokenize)
+    return ImageCaptions(dataset, Path(config.data.captions).expanduser(), conditioning.tokenize)
