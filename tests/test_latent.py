@@ -141,12 +141,7 @@ def tiny_vae(in_channels=1):
 
 def ldm_config(**changes):
     config = load_config_file("configs/ldm_digits.py")
-    for key, value in changes.items():
-        *path, name = key.split(".")
-        node = config
-        for part in path:
-            node = node[part]
-        node[name] = value
+    config.update_from_flattened_dict(changes)
     return config
 
 

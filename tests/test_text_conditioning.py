@@ -28,13 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def set_keys(config, changes):
-    """config["a"]["b"]["c"] = value for each "a.b.c": value of changes."""
-    for key, value in changes.items():
-        *path, last = key.split(".")
-        node = config
-        for part in path:
-            node = node[part]
-        node[last] = value
+    """config with each "a.b.c": value of changes set."""
+    config.update_from_flattened_dict(changes)
     return config
 
 

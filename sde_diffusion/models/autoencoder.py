@@ -132,19 +132,25 @@ def check_config(config) -> None:
                          f"downsample={a.downsample}")
 
 
+def levels(widths: Sequence[int], num_res_blocks: int, resample) -> Tuple[nn.Sequential, int]:
+    """num_res_blocks ResBlocks per width, `resample` (Downsample or Upsample) between levels; the blocks and the
+    last width."""
+    blocks, ch = [], widths[0]
+    for level, width in enumerate(widths):
+        for _ in range(num_res_blocks):
+            blocks.append(ResBlock(ch, width))
+            ch = width
+        if level < len(widths) - 1:
+            blocks.append(resample(ch))
+    return nn.Sequential(*blocks), ch
+
+
 class Encoder(nn.Module):
     def __init__(self, o: AutoencoderOptions):
         super().__init__()
         widths = [o.nf * m for m in o.ch_mult]
         self.conv_in = nn.Conv2d(o.channels, widths[0], 3, padding=1)
-        blocks, ch = [], widths[0]
-        for level, width in enumerate(widths):
-            for _ in range(o.num_res_blocks):
-                blocks.append(ResBlock(ch, width))
-                ch = width
-            if level < len(widths) - 1:
-                blocks.append(Downsample(ch))
-        self.blocks = nn.Sequential(*blocks)
+        self.blocks, ch = levels(widths, o.num_res_blocks, Downsample)
         self.mid = ResBlock(ch, ch)
         self.norm_out, self.conv_out = norm(ch), nn.Conv2d(ch, 2 * o.latent_channels, 3, padding=1)
 
@@ -161,14 +167,7 @@ class Decoder(nn.Module):
         ch = widths[0]
         self.conv_in = nn.Conv2d(o.latent_channels, ch, 3, padding=1)
         self.mid = ResBlock(ch, ch)
-        blocks = []
-        for level, width in enumerate(widths):
-            for _ in range(o.num_res_blocks):
-                blocks.append(ResBlock(ch, width))
-                ch = width
-            if level < len(widths) - 1:
-                blocks.append(Upsample(ch))
-        self.blocks = nn.Sequential(*blocks)
+        self.blocks, ch = levels(widths, o.num_res_blocks, Upsample)
         self.norm_out, self.conv_out = norm(ch), nn.Conv2d(ch, o.channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
