@@ -8,12 +8,14 @@ sidecar is missing (the process died between the two renames) is still loaded, s
 from __future__ import annotations
 
 import ast
+import errno
 import hashlib
 import json
 import logging
 import os
 import random
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -23,29 +25,65 @@ import torch
 from torch import nn
 
 from .ema import ExponentialMovingAverage
-from .errors import CheckpointError, CorruptCheckpointError  # noqa: F401  (importable from here too)
+from .errors import CheckpointError, CorruptCheckpointError, StorageError  # noqa: F401  (importable from here too)
 
 
 log = logging.getLogger("sde_diffusion")
 
 
 def atomic_write(path, write) -> None:
-    """Call write(tmp_path), fsync it, then rename over `path`: readers see the old file or the new, never half."""
+    """Call write(tmp_path), fsync it, then rename over `path`: readers see the old file or the new, never half.
+
+    A write that fails for want of storage (disk full, I/O error, read-only file system, quota) raises
+    StorageError naming the path, the free space left and what to do; the temporary file is removed and `path`
+    keeps its previous content."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as err:
+        if err.errno in STORAGE_ERRNOS or isinstance(err.__cause__, OSError) and err.__cause__.errno in STORAGE_ERRNOS:
+            raise storage_error(path, err) from err
+        raise
+    except RuntimeError as err:  # torch.save reports a failed write as RuntimeError ("... file write failed")
+        if "write failed" in str(err) or "No space left" in str(err):
+            raise storage_error(path, err) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EIO, errno.EROFS, errno.EDQUOT, errno.EFBIG}
+
+
+def free_space(folder: Path) -> str:
+    """The free space of the file system holding folder (or its nearest existing parent), e.g. '1.5 GB'."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            try:
+                free = shutil.disk_usage(candidate).free
+            except OSError:
+                return "unknown"
+            return f"{free / 1e9:.1f} GB" if free >= 1e8 else f"{free / 1e6:.1f} MB"
+    return "unknown"
+
+
+def storage_error(path: Path, err: Exception) -> StorageError:
+    """The StorageError for a failed write of `path`."""
+    reason = os.strerror(err.errno) if getattr(err, "errno", None) else str(err)
+    return StorageError(f"could not write {path}: {reason} ({free_space(path.parent)} free on its file system). "
+                        "Nothing half-written was left and the files written before are intact: free space (older "
+                        "checkpoints, samples) or point --workdir at another disk, then run the same command again "
+                        "to resume from the newest checkpoint")
 
 
 def write_json(path, obj) -> None:

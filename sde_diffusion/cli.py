@@ -23,7 +23,8 @@ from typing import Callable, List, Optional, Sequence
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
-from .errors import CheckpointError, ConfigError, DatasetError, NonFiniteError, UsageError
+from .errors import (CheckpointError, ConfigError, DatasetError, NonFiniteError, StorageError, UsageError,
+                     WorkdirBusyError)
 from .jobs.modes import MODES, run_mode
 
 FLAGS = flags.FLAGS
@@ -36,7 +37,8 @@ flags.DEFINE_string("eval_folder", None, "Subfolder of workdir for eval reports 
 flags.DEFINE_bool("verbose", False, "Show the traceback of an expected error too.")
 
 # What a user's input can cause (exit status 2, one message); anything else is a bug (traceback, status 1).
-EXPECTED_ERRORS = (UsageError, ConfigError, DatasetError, CheckpointError, NonFiniteError)
+EXPECTED_ERRORS = (UsageError, ConfigError, DatasetError, CheckpointError, NonFiniteError, StorageError,
+                   WorkdirBusyError)
 USAGE_STATUS = 2
 HELP_FLAGS = ("-h", "--help", "-?", "--helpshort", "--helpfull")
 CONFIG_PREFIXES = ("--config.", "--noconfig.")

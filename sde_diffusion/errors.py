@@ -29,6 +29,15 @@ class CorruptCheckpointError(CheckpointError):
     """A checkpoint file is truncated, altered, or not a checkpoint: an earlier one can be used instead."""
 
 
+class StorageError(OSError):
+    """A file could not be written (disk full, I/O error, read-only file system); the message names the path, the
+    free space left and what to do. Nothing half-written is left behind."""
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another run holds the workdir's lock; the message names its host, process and start time."""
+
+
 class NonFiniteError(FloatingPointError):
     """The loss or the gradient of a training step is NaN or infinite; the message names the step."""
 

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import distributed, latent, losses, parameterization, sampling
+from .. import distributed, latent, losses, parameterization, sampling, workdir_lock
 from ..checkpoints import load_model_weights, step_checkpoint, step_checkpoints
 from ..datasets import get_dataset
 from ..ema import ExponentialMovingAverage
-from ..errors import CheckpointError, ConfigError, UsageError
+from ..errors import CheckpointError, ConfigError, UsageError, WorkdirBusyError
 from ..models import create_model, get_score_fn
 from ..models.text_conditioning import dataset_captions
 from ..sdes import SDE, sde_from_config
@@ -65,6 +65,28 @@ def prepare_workdir(workdir) -> Path:
     except OSError as err:
         raise UsageError(f"workdir {workdir} is not writable ({err}): pass another --workdir") from err
     return workdir
+
+
+@contextmanager
+def training_lock(workdir, mode: str, world: distributed.World = distributed.World()) -> Iterator[None]:
+    """Hold workdir/.lock (sde_diffusion/workdir_lock.py) for a training job: rank 0 takes it, and every rank stops
+    with the same WorkdirBusyError when another live run holds it."""
+    path, error = None, None
+    if world.is_main:
+        prepare_workdir(workdir)
+        try:
+            path = workdir_lock.acquire(workdir, mode)
+        except WorkdirBusyError as err:
+            error = str(err)
+    if world.distributed:
+        error = distributed.broadcast(error, world)
+    if error:
+        raise WorkdirBusyError(error)
+    try:
+        yield
+    finally:
+        if path is not None:
+            workdir_lock.release(path)
 
 
 @contextmanager

@@ -82,7 +82,7 @@ def run(config, workdir) -> TrainState:
     """Train, resuming from the newest good checkpoint in workdir/checkpoints-meta; returns the final state. Under
     torchrun, every process runs this with its own rank (see sde_diffusion/distributed.py); rank 0 writes all files."""
     validate_config(config)
-    with builder.distributed_job(config) as (world, device):
+    with builder.distributed_job(config) as (world, device), builder.training_lock(workdir, "train", world):
         return train(setup(config, Path(workdir), world, device))
 
 

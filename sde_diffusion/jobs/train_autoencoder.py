@@ -42,8 +42,14 @@ def run(config, workdir) -> Dict:
     if not is_image_data(config):
         raise ConfigError(f"--mode train_autoencoder needs image data, not data.dataset={config.data.dataset!r}")
     builder.require_one_process("train_autoencoder")
+    with builder.training_lock(workdir, "train_autoencoder"):
+        return fit_autoencoder(config, Path(workdir))
+
+
+def fit_autoencoder(config, workdir: Path) -> Dict:
+    """run's work, under the workdir's lock."""
     a = config.model.autoencoder
-    folder = builder.prepare_workdir(Path(workdir) / AUTOENCODER_FOLDER)
+    folder = builder.prepare_workdir(workdir / AUTOENCODER_FOLDER)
     device = builder.resolve_device(config.device)
     builder.seed_everything(config.seed)
     image_config = copy.deepcopy(config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Dict
 
 import torch
@@ -33,8 +34,13 @@ def run(config, workdir) -> None:
     (test accuracy at CLASSIFIER_REPORT_TIMES)."""
     validate_config(config)
     builder.require_one_process("train_classifier")
+    with builder.training_lock(workdir, "train_classifier"):
+        fit_classifier(config, builder.prepare_workdir(workdir))
+
+
+def fit_classifier(config, workdir: Path) -> None:
+    """run's work, under the workdir's lock."""
     builder.seed_everything(config.seed)
-    workdir = builder.prepare_workdir(workdir)
     device = builder.resolve_device(config.device)
     sde, dataset = sde_from_config(config), get_dataset(config)
     num_classes = dataset_classes(config, dataset)

@@ -1,0 +1,130 @@
+"""Faults of shared machines: a write that fails for want of storage stops training with the path and the free
+space, leaves nothing half-written and resumes from the previous checkpoint bit-identically; a second training run
+on a workdir in use stops naming the run that holds it, a stale lock is taken over, and eval may read a workdir
+that is training."""
+import errno
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from configs import toy_gmm
+from sde_diffusion.checkpoints import atomic_write, load_checkpoint, step_checkpoints
+from sde_diffusion.errors import StorageError, WorkdirBusyError
+from sde_diffusion.jobs import evaluate as evaluate_job
+from sde_diffusion.jobs import train as train_job
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def toy_config(**changes):
+    config = toy_gmm.get_config()
+    config.update_from_flattened_dict({
+        "training.n_iters": 6, "training.snapshot_freq": 6, "training.snapshot_freq_for_preemption": 2,
+        "training.eval_freq": 6, "training.log_freq": 2, "training.batch_size": 64, "training.snapshot_sampling": False,
+        "model.nf": 32, "model.num_res_blocks": 1, "sampling.steps": 3, "eval.num_samples": 64,
+        "eval.batch_size": 64, "device": "cpu", **changes})
+    return config
+
+
+def same_weights(a, b):
+    """Two checkpoints hold equal weights, EMA and Adam state, bit for bit."""
+    assert a["step"] == b["step"] and a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for x, y in zip(a["ema"]["shadow_params"], b["ema"]["shadow_params"]):
+        assert torch.equal(x, y)
+    for key in a["optimizer"]["state"]:
+        for name, value in a["optimizer"]["state"][key].items():
+            assert torch.equal(value, b["optimizer"]["state"][key][name]), (key, name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Storage
+# --------------------------------------------------------------------------------------------------
+def test_a_full_disk_stops_training_naming_the_path_and_the_rerun_resumes_bit_identically(tmp_path, monkeypatch):
+    config = toy_config()
+    train_job.run(config, tmp_path / "straight")
+    real_save = torch.save
+
+    def disk_fills_at_step_4(obj, f, *args, **kwargs):
+        if "checkpoint_4.pth" in str(f):
+            Path(f).write_bytes(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    faulty = tmp_path / "faulty"
+    monkeypatch.setattr(torch, "save", disk_fills_at_step_4)
+    with pytest.raises(StorageError, match=r"could not write \S+checkpoints-meta/checkpoint_4\.pth: No space left on "
+                                           r"device \([\d.]+ [GM]B free on its file system\)\. Nothing half-written"):
+        train_job.run(config, faulty)
+    monkeypatch.setattr(torch, "save", real_save)
+    meta = faulty / "checkpoints-meta"
+    assert sorted(p.name for p in meta.iterdir()) == ["checkpoint_2.pth", "checkpoint_2.pth.sha256"]
+    assert load_checkpoint(meta / "checkpoint_2.pth")["step"] == 2  # the previous checkpoint verifies
+    assert not (faulty / ".lock").exists()  # the failed run let go of its workdir
+    train_job.run(config, faulty)
+    same_weights(load_checkpoint(tmp_path / "straight" / "checkpoints" / "checkpoint_1.pth"),
+                 load_checkpoint(faulty / "checkpoints" / "checkpoint_1.pth"))
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.EROFS, os.strerror(errno.EROFS)),
+                                     OSError(errno.EIO, os.strerror(errno.EIO)),
+                                     RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")])
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, failure):
+    target = tmp_path / "report.json"
+    target.write_text("old")
+
+    def write(tmp):
+        Path(tmp).write_text("half")
+        raise failure
+
+    with pytest.raises(StorageError, match=r"could not write \S+report\.json: .* free on its file system"):
+        atomic_write(target, write)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    with pytest.raises(PermissionError):  # not a storage failure: raised as it is
+        atomic_write(target, lambda tmp: (_ for _ in ()).throw(PermissionError(errno.EACCES, "denied")))
+
+
+# --------------------------------------------------------------------------------------------------
+# One training run per workdir
+# --------------------------------------------------------------------------------------------------
+def hold_lock(workdir: Path, pid: int, host: str = None):
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / ".lock").write_text(json.dumps({"host": host or socket.gethostname(), "pid": pid, "mode": "train",
+                                               "started": "2026-12-03T10:00:00+00:00"}))
+
+
+def test_a_second_run_on_a_busy_workdir_stops_naming_the_holder_and_a_stale_lock_is_taken_over(tmp_path, caplog):
+    config = toy_config()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        hold_lock(tmp_path, holder.pid)
+        busy = (rf"{tmp_path} is in use by another run: --mode train started 2026-12-03T10:00:00\+00:00 by PID "
+                rf"{holder.pid} on {socket.gethostname()}\. Wait for it to finish")
+        with pytest.raises(WorkdirBusyError, match=busy):
+            train_job.run(config, tmp_path)
+        result = subprocess.run([sys.executable, "main.py", "--config", "configs/toy_gmm.py", "--mode", "train",
+                                 "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path} is in use")
+        assert not (tmp_path / "checkpoints").exists()  # nothing was written
+    finally:
+        holder.kill()
+        holder.wait()
+    with caplog.at_level(logging.WARNING, logger="sde_diffusion"):
+        train_job.run(config, tmp_path)  # the holder is gone: its lock is stale
+    assert f"took over the stale lock {tmp_path / '.lock'} (--mode train started 2026-12-03T10:00:00+00:00 by PID " \
+           f"{holder.pid}" in caplog.text
+    assert not (tmp_path / ".lock").exists() and (tmp_path / "checkpoints" / "checkpoint_1.pth").exists()
+    hold_lock(tmp_path, 1, host="another-machine")  # a run elsewhere cannot be checked: it counts as running
+    with pytest.raises(WorkdirBusyError, match=r"on another-machine\. .* delete \S+\.lock"):
+        train_job.run(toy_config(**{"training.n_iters": 8}), tmp_path)
+    evaluate_job.run(config, tmp_path)  # eval reads a workdir in use
+    assert (tmp_path / "eval" / "report_1.json").exists() and (tmp_path / ".lock").exists()
