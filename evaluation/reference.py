@@ -1,7 +1,8 @@
 """Reference Inception statistics of a dataset split, computed once from its uint8 images and cached.
 
 The cache file name holds everything the numbers depend on — dataset, split, resolution, number of images and
-the SHA-256 of the Inception weights — so statistics from other weights or another split are never reused.
+the SHA-256 of the Inception weights — so statistics from other weights or another split are never reused. Its
+.sha256 sidecar is checked at every load: a truncated or altered file is reported and computed again.
 FIDs in the literature (and score_sde's) use the full training set; pass `limit` only for quick checks.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from sde_diffusion.checkpoints import save_npz
+from sde_diffusion.checkpoints import load_verified_npz, save_verified_npz
 
 from .inception import InceptionNetwork, to_uint8_rgb
 from .metrics import feature_statistics
@@ -43,13 +44,13 @@ def reference_statistics(dataset, dataset_name: str, split: str, network: Incept
     if limit is not None:
         images = images[:limit]
     path = reference_cache_path(cache_dir, dataset_name, split, images.shape[-1], len(images), network.weights.sha256)
-    if path.exists():
-        with np.load(path) as cached:
-            return {key: cached[key] for key in ("mu", "sigma", "features")}
+    cached = load_verified_npz(path, "reference statistics")
+    if cached is not None and {"mu", "sigma", "features"} <= set(cached):
+        return {key: cached[key] for key in ("mu", "sigma", "features")}
     log.info("computing reference Inception statistics of %d %s %s images → %s", len(images), dataset_name, split,
              path)
     features = network.features(to_uint8_rgb(images), progress=True)
     mu, sigma = feature_statistics(features)
     stats = {"mu": mu, "sigma": sigma, "features": features.astype(np.float32)}
-    save_npz(path, **stats)
+    save_verified_npz(path, **stats)
     return stats

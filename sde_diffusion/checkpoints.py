@@ -16,6 +16,7 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -112,17 +113,59 @@ def digest_path(path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def save_checkpoint(path, state: Dict[str, Any]) -> None:
-    """torch.save(state) atomically, then its SHA-256 into the sidecar `path.sha256` (also atomically)."""
+def save_verified(path, write) -> None:
+    """write(tmp_path) atomically (`atomic_write`), then the file's SHA-256 into the sidecar `path.sha256`."""
     digest = {}
 
-    def write(tmp):
-        torch.save(state, tmp)
+    def write_and_hash(tmp):
+        write(tmp)
         digest["sha256"] = sha256_of(tmp)
 
     digest_path(path).unlink(missing_ok=True)  # a stale digest must never vouch for the new file
-    atomic_write(path, write)
+    atomic_write(path, write_and_hash)
     atomic_write(digest_path(path), lambda p: Path(p).write_text(digest["sha256"] + "\n"))
+
+
+def save_checkpoint(path, state: Dict[str, Any]) -> None:
+    """torch.save(state) atomically, then its SHA-256 into the sidecar `path.sha256` (also atomically)."""
+    save_verified(path, lambda tmp: torch.save(state, tmp))
+
+
+def unverified_reason(path) -> Optional[str]:
+    """Why a cache file written by `save_verified` cannot be trusted (no sidecar, or a SHA-256 that differs from
+    it), or None when it verifies."""
+    sidecar = digest_path(path)
+    if not sidecar.is_file():
+        return "it has no .sha256 sidecar (written by an older version, or cut off while being written)"
+    expected, actual = sidecar.read_text().strip(), sha256_of(path)
+    if expected != actual:
+        return f"its SHA-256 {actual[:16]}… differs from the {expected[:16]}… recorded when it was written"
+    return None
+
+
+def load_verified_npz(path, what: str) -> Optional[Dict[str, np.ndarray]]:
+    """The arrays of a cache .npz written by `save_verified_npz`, or None (with a warning naming the file, what it
+    holds and why) when it is missing a sidecar, fails its checksum or cannot be read: the caller rebuilds it."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    reason = unverified_reason(path)
+    if reason is None:
+        try:
+            with np.load(path) as cached:
+                return {key: cached[key] for key in cached.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            reason = f"it is unreadable ({err})"
+    log.warning("the cached %s %s is not used: %s; computing it again", what, path, reason)
+    return None
+
+
+def save_verified_npz(path, compressed: bool = True, **arrays) -> None:
+    """np.savez(_compressed) atomically, with a .sha256 sidecar (`load_verified_npz` checks it)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            (np.savez_compressed if compressed else np.savez)(f, **arrays)
+    save_verified(path, write)
 
 
 def verify_checkpoint(path) -> None:

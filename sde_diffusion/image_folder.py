@@ -52,7 +52,7 @@ import torch
 from PIL import Image, ImageOps
 from .progress import Progress
 
-from .checkpoints import atomic_write
+from .checkpoints import load_verified_npz, save_verified_npz
 from .image_dataset import ImageDataset
 from .errors import ConfigError, DatasetError, choice, positive
 
@@ -410,25 +410,24 @@ def cache_entry(cache_dir: Path, source, spec: Preprocessing, key: str) -> Path:
 
 def _write_entry(path: Path, images: np.ndarray, names: List[str], positions: np.ndarray,
                  skipped: List[Tuple[str, str]]) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:  # uncompressed: loads at disk speed
-            np.savez(f, images=images, names=np.asarray(names, dtype=str), positions=positions,
-                     skipped=np.asarray([s[0] for s in skipped], dtype=str),
-                     skipped_reasons=np.asarray([s[1] for s in skipped], dtype=str))
-    try:
-        atomic_write(path, write)
+    try:  # uncompressed: loads at disk speed; the .sha256 sidecar is checked when it is read
+        save_verified_npz(path, compressed=False, images=images, names=np.asarray(names, dtype=str),
+                          positions=positions, skipped=np.asarray([s[0] for s in skipped], dtype=str),
+                          skipped_reasons=np.asarray([s[1] for s in skipped], dtype=str))
     except OSError as err:
         raise DatasetError(f"cannot write the preprocessed images to {path} ({err}): set data.cache_dir to a "
                            "writable folder") from err
 
 
 def _read_entry(path: Path):
+    entry = load_verified_npz(path, "preprocessed images")
+    if entry is None:
+        return None
     try:
-        with np.load(path) as entry:
-            return (entry["images"], entry["names"].tolist(), entry["positions"],
-                    list(zip(entry["skipped"].tolist(), entry["skipped_reasons"].tolist())))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-        log.warning("the cache entry %s is unreadable (%s): preprocessing the images again", path, err)
+        return (entry["images"], entry["names"].tolist(), entry["positions"],
+                list(zip(entry["skipped"].tolist(), entry["skipped_reasons"].tolist())))
+    except KeyError as err:
+        log.warning("the cached preprocessed images %s lack %s: preprocessing the images again", path, err)
         return None
 
 

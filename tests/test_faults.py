@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,3 +129,67 @@ def test_a_second_run_on_a_busy_workdir_stops_naming_the_holder_and_a_stale_lock
         train_job.run(toy_config(**{"training.n_iters": 8}), tmp_path)
     evaluate_job.run(config, tmp_path)  # eval reads a workdir in use
     assert (tmp_path / "eval" / "report_1.json").exists() and (tmp_path / ".lock").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Caches: checked against their .sha256 sidecar at every load, rebuilt when they fail
+# --------------------------------------------------------------------------------------------------
+class CountingInception:
+    """Stands in for the Inception network: features that depend on the pixels, and a count of the calls."""
+
+    weights = type("Weights", (), {"sha256": "f" * 64})()
+
+    def __init__(self):
+        self.calls = 0
+
+    def features(self, pixels, progress=False):
+        self.calls += 1
+        flat = pixels.reshape(len(pixels), -1).astype(np.float64)
+        return np.stack([flat.mean(1), flat.std(1), flat[:, :7].sum(1)], axis=1)
+
+
+def flip_byte(path: Path, offset_fraction: float = 0.6) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * offset_fraction)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_reference_statistics_are_reported_and_computed_again(tmp_path, caplog):
+    from evaluation.reference import reference_statistics
+    from sde_diffusion.datasets import get_dataset
+    dataset, network = get_dataset(toy_config(**{"data.dataset": "digits", "model.name": "ddpm"})), CountingInception()
+    first = reference_statistics(dataset, "digits", "test", network, tmp_path, limit=40)
+    [path] = tmp_path.glob("digits_test_*.npz")
+    assert (tmp_path / (path.name + ".sha256")).is_file()
+    assert reference_statistics(dataset, "digits", "test", network, tmp_path, limit=40) and network.calls == 1
+    damages = {"altered": flip_byte, "truncated": lambda p: p.write_bytes(p.read_bytes()[:100]),
+               "without its sidecar": lambda p: (tmp_path / (p.name + ".sha256")).unlink()}
+    for calls, (what, damage) in enumerate(damages.items(), start=2):
+        damage(path)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sde_diffusion"):
+            again = reference_statistics(dataset, "digits", "test", network, tmp_path, limit=40)
+        assert network.calls == calls, what
+        assert f"the cached reference statistics {path} is not used" in caplog.text, what
+        assert np.array_equal(again["mu"], first["mu"]) and np.array_equal(again["sigma"], first["sigma"])
+    assert "no .sha256 sidecar" in caplog.text
+
+
+def test_an_altered_preprocessed_image_cache_is_rebuilt_not_used(tmp_path, caplog):
+    from PIL import Image
+    from configs.vp_folder_64 import get_config
+    from sde_diffusion.image_folder import load_images
+    root = tmp_path / "images"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(6):
+        Image.fromarray(rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)).save(root / f"{k}.png")
+    config = get_config()
+    config.update_from_flattened_dict({"data.root": str(root), "data.image_size": 8})
+    first = load_images(config.data)
+    assert not first.from_cache and load_images(config.data).from_cache
+    flip_byte(first.path, 0.5)  # one pixel of the uncompressed array: still a valid .npz, with a wrong pixel
+    with caplog.at_level(logging.WARNING, logger="sde_diffusion"):
+        again = load_images(config.data)
+    assert not again.from_cache and np.array_equal(again.images, first.images)
+    assert f"the cached preprocessed images {first.path} is not used: its SHA-256" in caplog.text
