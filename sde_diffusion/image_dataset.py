@@ -141,6 +141,9 @@ class ShuffledBatches:
         return clone
 
 
+LOADER_SEED = 0  # the DataLoader's own generator (its workers' base seed; the batches do not depend on it)
+
+
 class _PlanStream:
     """The plans a ShuffledBatches cursor would give from its current state on, forever (a DataLoader sampler)."""
 
@@ -257,10 +260,15 @@ class ImageDataset:
         return (x, self.train_labels[plan.indices]) if with_labels else x
 
     def _loader_batches(self) -> Iterator:
-        """Batches built by DataLoader workers from the plans the cursor will give next (started lazily)."""
+        """Batches built by DataLoader workers from the plans the cursor will give next (started lazily).
+
+        The loader gets its own generator: starting it would otherwise draw its workers' base seed from the global
+        random stream, so a run resumed from a checkpoint (which starts a new loader) would draw dropout masks
+        other than the uninterrupted run's. The batches depend on their plans only, not on the workers' seeds."""
         if self._worker_batches is None:
             loader = torch.utils.data.DataLoader(self.maker, batch_size=None, sampler=_PlanStream(self.batches),
-                                                 num_workers=self.num_workers, pin_memory=self.pin_memory)
+                                                 num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                                 generator=torch.Generator().manual_seed(LOADER_SEED))
             self._worker_batches = iter(loader)
         return self._worker_batches
 

@@ -17,7 +17,7 @@ import torch
 
 from configs import toy_gmm
 from sde_diffusion.checkpoints import atomic_write, load_checkpoint, step_checkpoints
-from sde_diffusion.errors import StorageError, WorkdirBusyError
+from sde_diffusion.errors import DatasetError, StorageError, WorkdirBusyError
 from sde_diffusion.jobs import evaluate as evaluate_job
 from sde_diffusion.jobs import train as train_job
 
@@ -193,3 +193,36 @@ def test_an_altered_preprocessed_image_cache_is_rebuilt_not_used(tmp_path, caplo
         again = load_images(config.data)
     assert not again.from_cache and np.array_equal(again.images, first.images)
     assert f"the cached preprocessed images {first.path} is not used: its SHA-256" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------------
+# Data-loader workers
+# --------------------------------------------------------------------------------------------------
+def test_a_killed_data_loader_worker_stops_the_run_with_the_cause_and_the_rerun_resumes_exactly(tmp_path,
+                                                                                                 monkeypatch):
+    import signal
+    import time
+    config = toy_config(**{"data.dataset": "digits", "model.name": "ddpm", "model.nf": 32, "model.ch_mult": (1, 1),
+                           "model.attn_resolutions": (4,), "training.batch_size": 8, "data.num_workers": 1,
+                           "data.image_size": 8, "data.num_channels": 1, "eval.enable_fid": False,
+                           "training.n_iters": 6, "training.snapshot_freq_for_preemption": 2})
+    train_job.run(config, tmp_path / "straight")
+    real_take_step = train_job.take_step
+
+    def oom_kill_at_step_3(run, step):
+        real_take_step(run, step)
+        if step == 3:
+            os.kill(run.dataset._worker_batches._workers[0].pid, signal.SIGKILL)
+            time.sleep(1.0)  # the DataLoader's SIGCHLD handler raises here or at the next batch
+
+    monkeypatch.setattr(train_job, "take_step", oom_kill_at_step_3)
+    killed = tmp_path / "killed"
+    with pytest.raises(DatasetError, match=r"a data-loader worker died at step [34]: DataLoader worker \(pid \d+\) "
+                                           r"is killed by signal: Killed\. Most likely the out-of-memory killer .*"
+                                           r"data\.num_workers=1 .* resume from the newest checkpoint"):
+        train_job.run(config, killed)
+    monkeypatch.setattr(train_job, "take_step", real_take_step)
+    assert [step for step, _ in step_checkpoints(killed / "checkpoints-meta")] == [2]
+    train_job.run(config, killed)
+    same_weights(load_checkpoint(tmp_path / "straight" / "checkpoints" / "checkpoint_1.pth"),
+                 load_checkpoint(killed / "checkpoints" / "checkpoint_1.pth"))

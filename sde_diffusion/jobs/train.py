@@ -23,6 +23,7 @@ from ..checkpoints import (TrainState, atomic_write, load_checkpoint, newest_goo
                            remove_stale_temporaries, rng_state, save_checkpoint, step_checkpoint, step_checkpoints,
                            write_json)
 from ..ema import ExponentialMovingAverage
+from ..errors import DatasetError
 from ..models.score_fn import null_condition
 from ..models.text_conditioning import dataset_captions
 from ..train_step import StepFailure, StepReport, TrainStep
@@ -31,6 +32,7 @@ from . import builder
 from .generation import Conditioning, draw_samples, save_samples_picture
 
 log = logging.getLogger("sde_diffusion")
+WORKER_DIED = "DataLoader worker"  # how torch's DataLoader reports a worker process that exited or was killed
 
 
 class TrainLog:
@@ -153,17 +155,26 @@ def train(run: Training) -> TrainState:
     checkpoint steps only."""
     t, state = run.config.training, run.state
     start = time.time()
-    for step in Progress(range(state.step + 1, t.n_iters + 1), desc="train", initial=state.step, total=t.n_iters,
-                         enabled=run.world.is_main):
-        take_step(run, step)
-        logs, saves = step % t.log_freq == 0, is_save_step(t, step)
-        if logs or saves:
-            report = read_back(run, step)
-            if logs and run.world.is_main:
-                log_step(run, step, report, start)
-        if step % t.eval_freq == 0 and run.world.is_main:
-            log_eval_loss(run, step)
-        save_step(run, step)
+    try:
+        for step in Progress(range(state.step + 1, t.n_iters + 1), desc="train", initial=state.step,
+                             total=t.n_iters, enabled=run.world.is_main):
+            take_step(run, step)
+            logs, saves = step % t.log_freq == 0, is_save_step(t, step)
+            if logs or saves:
+                report = read_back(run, step)
+                if logs and run.world.is_main:
+                    log_step(run, step, report, start)
+            if step % t.eval_freq == 0 and run.world.is_main:
+                log_eval_loss(run, step)
+            save_step(run, step)
+    except RuntimeError as err:
+        if WORKER_DIED not in str(err):
+            raise
+        raise DatasetError(f"a data-loader worker died at step {state.step + 1}: {str(err).strip()} Most likely the "
+                           f"out-of-memory killer ended it (each of the data.num_workers={run.config.data.num_workers} "
+                           "workers holds its own copy of the data): lower data.num_workers or training.batch_size, "
+                           "or set data.num_workers=0, then run the same command again to resume from the newest "
+                           "checkpoint") from err
     if run.writer is not None:
         run.writer.close()
     log.info("training finished at step %d in %.1f s (%d steps skipped)", state.step, time.time() - start,
