@@ -9,6 +9,7 @@ CUDA devices use NCCL (rank r on cuda:LOCAL_RANK); CPU runs use gloo.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any, List, Tuple
@@ -52,6 +53,9 @@ def global_rows(n: int, rank: int = 0, world_size: int = 1) -> Tuple[int, slice]
     return n * world_size, slice(rank * n, (rank + 1) * n)
 
 
+STORE_TIMEOUT = datetime.timedelta(minutes=30)  # torch's default for joining the process group
+
+
 def world_from_env() -> World:
     """Read RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun); a single process when they are absent."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -72,9 +76,20 @@ def setup(world: World, device: torch.device) -> torch.device:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=world.rank,
-                                world_size=world.world_size)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=group_store(world),
+                                rank=world.rank, world_size=world.world_size)
     return device
+
+
+def group_store(world: World) -> dist.Store:
+    """The rendezvous store at MASTER_ADDR:MASTER_PORT, its keys prefixed with torchrun's restart count: after a
+    rank dies and torchrun restarts the group, the new ranks never read the addresses the dead group published
+    (reading them made gloo fail to connect on some restarts). Under torchrun the agent hosts the store; without
+    it, rank 0 does."""
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world.world_size,
+                          is_master=world.rank == 0 and not agent_store, timeout=STORE_TIMEOUT)
+    return dist.PrefixStore(f"sde_diffusion/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown(world: World) -> None:

@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -226,3 +227,54 @@ def test_a_killed_data_loader_worker_stops_the_run_with_the_cause_and_the_rerun_
     train_job.run(config, killed)
     same_weights(load_checkpoint(tmp_path / "straight" / "checkpoints" / "checkpoint_1.pth"),
                  load_checkpoint(killed / "checkpoints" / "checkpoint_1.pth"))
+
+
+# --------------------------------------------------------------------------------------------------
+# torchrun restarts the group when a rank dies
+# --------------------------------------------------------------------------------------------------
+ELASTIC = ["--config.training.n_iters=400", "--config.training.snapshot_freq=400",
+           "--config.training.snapshot_freq_for_preemption=50", "--config.training.log_freq=50",
+           "--config.training.eval_freq=400", "--config.training.snapshot_sampling=False",
+           "--config.training.batch_size=64", "--config.model.nf=32", "--config.model.num_res_blocks=1",
+           "--config.device=cpu"]
+KILL_AFTER = ((100, 1), (250, 0))  # (preemption checkpoint, local rank): rank 1 dies after step 100, rank 0 after 250
+
+
+def torchrun_train(workdir: Path, kills=()):
+    """`torchrun --nproc_per_node=2 --max-restarts=3 main.py --mode train` on the toy mixture (gloo); each kill
+    SIGKILLs a worker a random few milliseconds after a preemption checkpoint appears. Returns the output."""
+    import random
+    import signal
+    import time
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=3",
+           "main.py", "--config", "configs/toy_gmm.py", "--mode", "train", "--workdir", str(workdir), *ELASTIC]
+    agent = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+    delays = random.Random(0)
+    for step, rank in kills:
+        sidecar = workdir / "checkpoints-meta" / f"checkpoint_{step}.pth.sha256"
+        deadline = time.time() + 120
+        while not sidecar.exists() and agent.poll() is None and time.time() < deadline:
+            time.sleep(0.002)
+        time.sleep(delays.uniform(0.0, 0.02))
+        workers = sorted(int(pid) for pid in subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True,
+                                                            text=True).stdout.split())
+        assert len(workers) == 2, f"the group is not running after step {step}"
+        os.kill(workers[rank], signal.SIGKILL)
+    output, _ = agent.communicate(timeout=300)
+    assert agent.returncode == 0, output[-4000:]
+    return output
+
+
+def test_torchrun_restarts_the_group_after_a_rank_dies_and_the_run_ends_bit_identical(tmp_path):
+    torchrun_train(tmp_path / "straight")
+    output = torchrun_train(tmp_path / "killed", KILL_AFTER)
+    assert "failed (exitcode: -9) local_rank: 1" in output and "failed (exitcode: -9) local_rank: 0" in output
+    resumed = [int(s) for s in re.findall(r"torchrun restart \d of the group: 2 ranks resume from \S+checkpoint_(\d+)"
+                                          r"\.pth", output)]
+    assert len(resumed) == 2 and resumed[0] >= 100 and resumed[1] >= 250, output[-3000:]
+    same_weights(load_checkpoint(tmp_path / "straight" / "checkpoints" / "checkpoint_1.pth"),
+                 load_checkpoint(tmp_path / "killed" / "checkpoints" / "checkpoint_1.pth"))
+    meta = tmp_path / "killed" / "checkpoints-meta"
+    assert not [p for p in meta.iterdir() if p.name.startswith(".")]  # no temporary left by a dying rank 0
+    assert not (tmp_path / "killed" / ".lock").exists()

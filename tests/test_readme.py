@@ -82,8 +82,8 @@ COVERED = [
      "tests/test_text_conditioning.py::test_sample_mode_with_a_prompt_writes_the_grid_and_the_npz (4 samples)"),
     (r"python main\.py " + _CONFIG.format("text_digits") + r" --mode sample "
      r"--config\.sampling\.class_labels=per_class --config\.sampling\.guidance_scale=[\d.]+",
-     "tests/test_text_conditioning.py::test_sample_mode_with_a_prompt_writes_the_grid_and_the_npz (partly: a prompt, "
-     "not per-class rows; rows of labels are run in tests/test_conditional.py)"),
+     "tests/test_text_conditioning.py::test_sample_mode_with_a_prompt_writes_the_grid_and_the_npz (the sample job "
+     "in process with per-class rows, 20 samples)"),
     # latent model on digits: the jobs in process (tiny autoencoder, 12 steps; score model 4 steps; 6 samples)
     (r"python main\.py " + _CONFIG.format("ldm_digits") + " --mode train_autoencoder",
      "tests/test_latent.py::autoencoder_runs (run_lib's job in process: 12 steps, and 6 + 6 resumed)"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,10 @@ def resume(state: TrainState, workdir: Path, world: distributed.World, device) -
         return
     checkpoint = found[1] if world.is_main else load_checkpoint(path, device)
     state.load_state_dict(checkpoint, path, rank=world.rank)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts and world.is_main:  # torchrun restarted the group after a rank failed (it logs which one)
+        log.warning("torchrun restart %d of the group: %d ranks resume from %s at step %d", restarts,
+                    world.world_size, path, state.step)
     log.info("resuming from %s at step %d", path, state.step)
 
 
