@@ -35,7 +35,7 @@ class Conditioning:
     def __init__(self, config, sde, model, dataset, *, classifier: Optional[torch.nn.Module] = None,
                  label_sequence: Optional[torch.Tensor] = None, prompt_tokens: Optional[torch.Tensor] = None):
         s = config.sampling
-        self.sde, self.model, self.continuous, self.seed = sde, model, config.training.continuous, config.seed
+        self.sde, self.model, self.continuous = sde, model, config.training.continuous
         self.parameterization = parameterization.from_config(config, sde)
         self.classifier = classifier
         self.guidance_scale = s.guidance_scale
