@@ -107,6 +107,17 @@ def sha256_of(path) -> str:
     return h.hexdigest()
 
 
+def files_sha256(paths) -> str:
+    """SHA-256 over each file's name and bytes, in the given order: the fingerprint of a model stored as files."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def digest_path(path) -> Path:
     """The sidecar file holding a checkpoint's SHA-256."""
     path = Path(path)

@@ -16,7 +16,6 @@ latents as its data, while `from_model` decodes to [0, 1] images for pictures an
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .checkpoints import files_sha256
 from .errors import CheckpointError, ConfigError
 
 log = logging.getLogger("sde_diffusion")
@@ -76,13 +76,8 @@ def diffusers_vae_folder(path) -> Optional[Path]:
 
 
 def folder_fingerprint(folder: Path) -> str:
-    """SHA-256 over the names and bytes of a folder's weight and config files."""
-    h = hashlib.sha256()
-    for file in sorted(folder.iterdir()):
-        if file.suffix in (".safetensors", ".bin", ".json"):
-            h.update(file.name.encode())
-            h.update(file.read_bytes())
-    return h.hexdigest()
+    """SHA-256 over the names and bytes of a folder's weight and config files (`checkpoints.files_sha256`)."""
+    return files_sha256(sorted(f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin", ".json")))
 
 
 class DiffusersAutoencoder:

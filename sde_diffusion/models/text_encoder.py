@@ -8,13 +8,13 @@ mask True at real tokens.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from ..checkpoints import files_sha256
 from ..text import NUM_SPECIAL, PAD, check_captions
 from .cross_attention import masked_attention, merge_heads, split_heads
 from .layers import LAYER_NORM_EPS, xavier_linear
@@ -136,17 +136,6 @@ def clip_folders(folder: PathLike) -> Tuple[Path, Path]:
 
 def weight_files(folder: Path) -> List[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-
-
-def files_sha256(paths: Sequence[Path]) -> str:
-    """sha256 over each file's name and bytes, in the given order."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def through_first(tokens: Tensor, token_id: int) -> Tensor:
