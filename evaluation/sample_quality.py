@@ -1,7 +1,9 @@
 """Sample-quality numbers for a report: FID / KID / IS for images, sliced W₂ and NLL under the true density
-for 2-D toy data. Inputs are samples already generated (and, for images, their Inception features)."""
+for 2-D toy data, and, when asked (resamples > 0), their standard errors over the generated samples (`<metric>_se`:
+see each function). Inputs are samples already generated (and, for images, their Inception features)."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -11,7 +13,8 @@ import torch
 from sde_diffusion.metrics_toy import sliced_w2
 
 from .inception import InceptionNetwork, locate_inception
-from .metrics import feature_statistics, frechet_distance, inception_score, kernel_inception_distance
+from .metrics import (bootstrap_indices, feature_statistics, frechet_distance, inception_score, jackknife_fids,
+                      jackknife_groups, jackknife_standard_error, kid_and_standard_error, symmetric_sqrt)
 from .reference import reference_statistics
 
 
@@ -41,23 +44,44 @@ class ImageMetrics:
         return {"inception_weights": self.weights.describe(), "fid_reference": {
             "split": self.split, "num_images": int(len(self.reference["features"]))}}
 
-    def scores(self, features: np.ndarray, probabilities: Optional[np.ndarray]) -> Dict:
-        """fid, kid and inception_score (None without class probabilities) of sample features (n, 2048)."""
+    @functools.cached_property
+    def reference_root(self) -> np.ndarray:
+        """Σ^½ (d, d) of the reference features, for the FID jackknife (computed once)."""
+        return symmetric_sqrt(self.reference["sigma"])
+
+    def scores(self, features: np.ndarray, probabilities: Optional[np.ndarray], resamples: int = 0) -> Dict:
+        """fid, kid and inception_score (None without class probabilities) of sample features (n, 2048).
+        resamples > 0 adds fid_se (delete-a-group jackknife with that many groups, seeded) and kid_se (closed
+        form), standard errors over the samples with the reference fixed (evaluation/metrics.py)."""
         mu, sigma = feature_statistics(features)
-        report = {"fid": frechet_distance(mu, sigma, self.reference["mu"], self.reference["sigma"]),
-                  "kid": kernel_inception_distance(features, self.reference["features"], seed=self.seed),
+        kid, kid_se = kid_and_standard_error(features, self.reference["features"], seed=self.seed)
+        report = {"fid": frechet_distance(mu, sigma, self.reference["mu"], self.reference["sigma"]), "kid": kid,
                   "inception_score": None, "inception_score_std": None}
+        if resamples:
+            groups = jackknife_groups(len(features), resamples, self.seed)
+            fids = jackknife_fids(features, self.reference["mu"], self.reference["sigma"], groups,
+                                  self.reference_root)
+            report.update(fid_se=jackknife_standard_error(fids), kid_se=kid_se)
         if probabilities is not None:
             report["inception_score"], report["inception_score_std"] = inception_score(probabilities)
         return report
 
 
-def toy_scores(samples: torch.Tensor, dataset) -> Dict:
-    """sliced_w2 between the samples and as many test points; nll (nats) of the samples under the data's true
-    density when it has one (the cross-entropy, minimal at the data's entropy)."""
+def toy_scores(samples: torch.Tensor, dataset, resamples: int = 0, seed: int = 0) -> Dict:
+    """sliced_w2 between the samples (n, d) and as many test points; nll (nats) of the samples under the data's
+    true density when it has one (the cross-entropy, minimal at the data's entropy). resamples > 0 adds their
+    standard errors over the samples, the test points fixed: sliced_w2_se, the std of sliced W₂ over that many
+    bootstrap resamples of the samples (seeded by `seed`), and nll_se, the standard error of a mean, std/√n."""
     n = min(len(samples), len(dataset.test))
-    report = {"sliced_w2": sliced_w2(samples[:n].double(), dataset.test[:n].double())}
+    x, y = samples[:n].double(), dataset.test[:n].double()
+    report = {"sliced_w2": sliced_w2(x, y)}
+    if resamples:
+        values = [sliced_w2(x[torch.from_numpy(idx)], y) for idx in bootstrap_indices(n, resamples, seed)]
+        report["sliced_w2_se"] = float(np.std(values, ddof=1))
     if dataset.log_prob is not None:
-        report["nll"] = float(-dataset.log_prob(samples.double()).mean())
+        nll = -dataset.log_prob(samples.double())
+        report["nll"] = float(nll.mean())
+        if resamples:
+            report["nll_se"] = float(nll.std() / len(nll) ** 0.5)
     return report
 

@@ -52,7 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
     sampling.snr = 0.16
     sampling.noise_removal = True  # final Tweedie denoising step
     sampling.probability_flow = False
-    sampling.steps = placeholder(int)  # sampler steps; None → model.num_scales
+    sampling.steps = placeholder(int)  # sampler steps; None → the sampler's documented count (pc, ancestral, sde: model.num_scales)
     sampling.eps = placeholder(float)  # last time; None → the SDE's default
     sampling.num_grid_samples = 64  # images in snapshot and eval sample grids
     # options of particular methods, score_sde's names (sde_diffusion/sampling/settings.py maps them to the options
@@ -121,11 +121,16 @@ def default_config() -> ml_collections.ConfigDict:
     # probability-flow NLL of the encoded test latents instead, in nats and bits per latent dimension
     evaluate.enable_latent_nll = False
 
-    # --mode compare: one table row per sampler entry "method[:option=value,...]@steps", e.g. "dpm_solver:order=2@20"
+    # --mode compare: one table row per sampler entry "method[:option=value,...]@steps", e.g. "dpm_solver:order=2@20",
+    # or per step count of "method[:option=value,...]@steps,steps,...", e.g. "ddim@5,10,20" (a curve in the plot).
+    # Every row runs on one time grid: the entry's grid= option, else sampling.grid, else sampling.grids.DEFAULT_GRID
     config.compare = compare = ml_collections.ConfigDict()
     compare.samplers = ("pc@100", "ddim@20", "dpm_solver@10", "heun@10")
     compare.num_samples = placeholder(int)  # None → eval.num_samples
     compare.checkpoint = placeholder(int)  # None → the newest numbered checkpoint
+    # 95 % intervals of the metrics: jackknife groups for FID (each costs one eigendecomposition of size
+    # min(num_samples, 2048)), bootstrap resamples for sliced W₂ (KID's and NLL's are closed-form); 0: no intervals
+    compare.resamples = 20
 
     # --mode tune_grid: the time grid that brings one sampler closest to the probability-flow ODE's solution within
     # a budget of score calls (sampling.tune_grid), on the EMA weights; name the file it writes in sampling.grid or in

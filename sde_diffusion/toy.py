@@ -12,33 +12,62 @@ from .sdes import SDE, batch_time, per_sample
 
 
 class GaussianMixture:
-    """p(x) = Σ_k w_k N(x; μ_k, s_k² I).  weights (K,), means (K, d), stds (K,) — float64 internally.
+    """p(x) = Σ_k w_k N(x; μ_k, R diag(s_k²) Rᵀ).  weights (K,), means (K, d), stds (K,) (isotropic components) or
+    (K, d) (each component's std along the axes of the frame R), rotation (d, d) orthogonal (None: the identity)
+    — float64 internally. `stds` keeps each component's RMS std (K,), `axis_stds` the (K, d) ones.
 
-    Under any SDE with kernel x_t = α(t)x_0 + σ(t)z the marginal p_t is again such a mixture, with means
-    α μ_k and variances α² s_k² + σ², so `marginal_score_fn(sde)` is the exact score of p_t.
+    Under any SDE with kernel x_t = α(t)x_0 + σ(t)z the marginal p_t is again such a mixture, with means α μ_k and
+    covariances R diag(α² s_k² + σ²) Rᵀ, so `marginal_score_fn(sde)` is the exact score of p_t.
     """
 
-    def __init__(self, weights, means, stds):
+    def __init__(self, weights, means, stds, rotation=None):
         self.weights = torch.as_tensor(weights, dtype=torch.float64)
         self.means = torch.as_tensor(means, dtype=torch.float64)
-        self.stds = torch.as_tensor(stds, dtype=torch.float64).expand(len(self.weights)).clone()
         if not torch.allclose(self.weights.sum(), torch.tensor(1.0, dtype=torch.float64)):
             raise ValueError(f"mixture weights must sum to 1, got {self.weights.sum().item()}")
-        self.dim = self.means.shape[1]
+        K, self.dim = self.means.shape
+        stds = torch.as_tensor(stds, dtype=torch.float64)
+        self.axis_stds = (stds.expand(K)[:, None] if stds.ndim <= 1 else stds).expand(K, self.dim).clone()
+        self.stds = self.axis_stds.pow(2).mean(1).sqrt()
+        self.rotation = None if rotation is None else torch.as_tensor(rotation, dtype=torch.float64)
+        if self.rotation is not None and not torch.allclose(self.rotation.T @ self.rotation,
+                                                            torch.eye(self.dim, dtype=torch.float64), atol=1e-9):
+            raise ValueError("rotation must be an orthogonal (d, d) matrix")
+        self._frame_means = self._to_frame(self.means)  # (K, d) means in the frame of the axes
+
+    def _to_frame(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.rotation is None else x @ self.rotation
+
+    def _from_frame(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.rotation is None else y @ self.rotation.T
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(n, d) float32 points and their (n,) component labels."""
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
-        return (self.means[k] + self.stds[k, None] * z).float(), k
+        return (self.means[k] + self._from_frame(self.axis_stds[k] * z)).float(), k
+
+    def _component_terms(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):
+        """(n, K) log w_k + log N(x; α μ_k, R diag(α² s_k² + σ²) Rᵀ), the inverse variances and x in the frame.
+        With one α and σ for the whole batch (a sampler's step) the quadratic forms are matrix products; per-sample
+        α, σ of shape (n,) broadcast over (n, K, d)."""
+        y = self._to_frame(x.double())
+        S2, M = self.axis_stds**2, self._frame_means
+        if len(alpha) and bool((alpha == alpha[0]).all() and (sigma == sigma[0]).all()):
+            a, s = alpha[0], sigma[0]
+            inv = 1.0 / (a**2 * S2 + s**2)  # (K, d)
+            quad = y.pow(2) @ inv.T - 2 * a * y @ (M * inv).T + a**2 * (M.pow(2) * inv).sum(1)
+            log_det = -torch.log(inv).sum(1)[None]
+        else:
+            inv = 1.0 / (alpha[:, None, None] ** 2 * S2[None] + sigma[:, None, None] ** 2)  # (n, K, d)
+            quad = ((y[:, None, :] - alpha[:, None, None] * M[None]).pow(2) * inv).sum(-1)
+            log_det = -torch.log(inv).sum(-1)
+        log_probs = torch.log(self.weights)[None] - 0.5 * (self.dim * math.log(2 * math.pi) + log_det + quad)
+        return log_probs, inv, y
 
     def _component_log_probs(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """(n, K): log w_k + log N(x; α μ_k, (α² s_k² + σ²) I) with per-sample α, σ of shape (n,)."""
-        x = x.double()
-        var = alpha[:, None] ** 2 * self.stds[None] ** 2 + sigma[:, None] ** 2  # (n, K)
-        diff = x[:, None, :] - alpha[:, None, None] * self.means[None]  # (n, K, d)
-        return (torch.log(self.weights)[None] - 0.5 * self.dim * torch.log(2 * math.pi * var)
-                - 0.5 * diff.pow(2).sum(-1) / var)
+        """(n, K): log w_k + log N(x; α μ_k, R diag(α² s_k² + σ²) Rᵀ) with per-sample α, σ of shape (n,)."""
+        return self._component_terms(x, alpha, sigma)[0]
 
     def _coeffs(self, x, alpha=None, sigma=None):
         n = x.shape[0]
@@ -54,14 +83,23 @@ class GaussianMixture:
     def score(self, x: torch.Tensor, alpha=None, sigma=None) -> torch.Tensor:
         """(n, d) ∇ log density, of the mixture or its perturbation (same dtype as x)."""
         alpha, sigma = self._coeffs(x, alpha, sigma)
-        post = torch.softmax(self._component_log_probs(x, alpha, sigma), dim=1)  # (n, K)
-        var = alpha[:, None] ** 2 * self.stds[None] ** 2 + sigma[:, None] ** 2
-        diff = alpha[:, None, None] * self.means[None] - x.double()[:, None, :]
-        return (post[..., None] * diff / var[..., None]).sum(1).to(x.dtype)
+        log_probs, inv, y = self._component_terms(x, alpha, sigma)
+        post = torch.softmax(log_probs, dim=1)  # (n, K)
+        if inv.ndim == 2:  # Σ_k p_k (α m_k − y)/v_k as matrix products
+            score = alpha[0] * post @ (self._frame_means * inv) - y * (post @ inv)
+        else:
+            score = (post[..., None] * (alpha[:, None, None] * self._frame_means[None] - y[:, None, :]) * inv).sum(1)
+        return self._from_frame(score).to(x.dtype)
 
     def posterior(self, x: torch.Tensor) -> torch.Tensor:
         """(n, K) responsibilities p(k | x) under the clean mixture."""
         return torch.softmax(self._component_log_probs(x, *self._coeffs(x)), dim=1)
+
+    def subset(self, components: Sequence[int]) -> "GaussianMixture":
+        """The mixture of the given components, weights renormalized."""
+        k = torch.as_tensor(list(components))
+        return GaussianMixture(self.weights[k] / self.weights[k].sum(), self.means[k], self.axis_stds[k],
+                               self.rotation)
 
     def marginal_score_fn(self, sde: SDE):
         """Exact score function (x, t) ↦ ∇ log p_t(x) of the mixture diffused by `sde`."""
@@ -100,6 +138,61 @@ def high_dim_mixture(dim: int = 16, seed: int = 0) -> GaussianMixture:
     seed, so the mixture is the same everywhere; pairwise mean distances ≈ √(2·dim)), and unequal stds 0.3..0.6."""
     means = torch.randn(4, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return GaussianMixture(weights=[0.1, 0.2, 0.3, 0.4], means=means, stds=[0.3, 0.5, 0.4, 0.6])
+
+
+# The family of random mixtures that default time grids are chosen on (one set of seeds) and verified on (another):
+# benchmarks/default_grids.py, tests/test_default_grids.py.
+FAMILY_DIMS = (2, 4, 8, 16, 32, 64)
+FAMILY_COMPONENTS = (2, 10)  # fewest, most
+FAMILY_SCALES = (0.1, 2.0)  # spread of the component means per coordinate (log-uniform)
+FAMILY_SEPARATION = (0.5, 2.0)  # extra factor on the means' spread: close to far modes (log-uniform)
+FAMILY_RELATIVE_STD = (0.05, 1.0)  # a component's RMS std over the scale: narrow to wide modes (log-uniform)
+FAMILY_ANISOTROPY = 3.0  # anisotropic members stretch each axis of a random frame by a factor in [1/3, 3]
+# Smallest std of any component along any axis: the samplers stop at σ(eps) ≈ 0.01 (VP, VE; 0.014 for cosine VP),
+# and a mode narrower than about 10 σ(eps) cannot be resolved by any sampler with the final denoising step (an
+# exact sampler is then off by about −σ(eps)²/(2 s²) nats/dim, −0.01 at s = 0.1 on cosine VP).
+FAMILY_MIN_STD = 0.1
+FAMILY_MIN_WEIGHT = 0.02
+# Seeds of the members that defaults are selected on, and the disjoint ones they are verified on.
+FAMILY_SELECTION_SEEDS = tuple(range(0, 24))
+FAMILY_VERIFICATION_SEEDS = tuple(range(1000, 1024))
+
+
+def random_mixture(seed: int) -> GaussianMixture:
+    """Member `seed` of the mixture family: d ∈ FAMILY_DIMS, 2–10 components with Dirichlet weights (≥ 2 %), means
+    with spread scale·separation per coordinate, isotropic or (half the members) anisotropic components in a random
+    frame, narrow to wide and close to far modes, every axis std ≥ FAMILY_MIN_STD. The same seed gives the same
+    mixture everywhere (its own generator)."""
+    g = torch.Generator().manual_seed(int(seed))
+
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * torch.rand((), generator=g, dtype=torch.float64).item()
+
+    def log_uniform(low: float, high: float) -> float:
+        return math.exp(uniform(math.log(low), math.log(high)))
+
+    dim = FAMILY_DIMS[int(torch.randint(len(FAMILY_DIMS), (), generator=g))]
+    k = int(torch.randint(FAMILY_COMPONENTS[0], FAMILY_COMPONENTS[1] + 1, (), generator=g))
+    scale = log_uniform(*FAMILY_SCALES)
+    means = scale * log_uniform(*FAMILY_SEPARATION) * torch.randn(k, dim, generator=g, dtype=torch.float64)
+    stds = torch.tensor([scale * log_uniform(*FAMILY_RELATIVE_STD) for _ in range(k)], dtype=torch.float64)
+    weights = -torch.log(torch.rand(k, 2, generator=g, dtype=torch.float64)).sum(1)  # Gamma(2): Dirichlet(2, …, 2)
+    weights = (weights / weights.sum()).clamp_min(FAMILY_MIN_WEIGHT)
+    rotation = None
+    axis_stds = stds[:, None].expand(k, dim)
+    if torch.rand((), generator=g).item() < 0.5:
+        stretch = torch.exp(math.log(FAMILY_ANISOTROPY) * (2 * torch.rand(k, dim, generator=g, dtype=torch.float64) - 1))
+        axis_stds = axis_stds * stretch
+        rotation = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))[0]
+    return GaussianMixture(weights / weights.sum(), means, axis_stds.clamp_min(FAMILY_MIN_STD), rotation)
+
+
+def describe_mixture(mixture: GaussianMixture) -> str:
+    """One line: d, components, RMS spread of the means, std range, isotropic or not."""
+    spread = (mixture.means - mixture.weights @ mixture.means).pow(2).mean().sqrt().item()
+    kind = "isotropic" if mixture.rotation is None else "anisotropic"
+    return (f"d={mixture.dim}, K={len(mixture.weights)}, spread {spread:.2f}, stds "
+            f"{mixture.axis_stds.min().item():.2f}–{mixture.axis_stds.max().item():.2f}, {kind}")
 
 
 class Gaussian:
@@ -219,8 +312,7 @@ class LabelledMixture:
         for y, group in enumerate(members):
             self.membership[y, group] = True
         self.class_weights = (self.membership.double() * mixture.weights[None]).sum(1)  # (C,)
-        self._class_mixtures = [GaussianMixture(mixture.weights[k] / mixture.weights[k].sum(), mixture.means[k],
-                                                mixture.stds[k]) for k in members]
+        self._class_mixtures = [mixture.subset(k) for k in members]
 
     def class_mixture(self, y: int) -> GaussianMixture:
         """p(x | y) as a GaussianMixture of class y's components."""

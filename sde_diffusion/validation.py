@@ -3,11 +3,14 @@
 Each section is checked by the code that owns it: data.* by `datasets` (and `image_folder`), the SDE keys by
 `sdes`, what the network predicts by `parameterization`, the loss keys by `losses`, model.* by the model registry and each network's `check_config`, sampling.* by `sampling`,
 `controllable` (inpainting, colorization) and `guidance` (class labels, guidance scales), the training step's
-keys by `train_step`, eval.bpd_* by `likelihood`, classifier.* by `classifier`. This module calls them in turn and
-owns what none of them can see alone: the rules that join two sections (a network for the data's kind, classes of
-the model against those of the data), and the keys only the jobs read (loop lengths, frequencies, eval range).
+keys by `train_step`, eval.bpd_* by `likelihood`, classifier.* by `classifier`, compare.* by `evaluation.compare`.
+This module calls them in turn and owns what none of them can see alone: the rules that join two sections (a
+network for the data's kind, classes of the model against those of the data), and the keys only the jobs read
+(loop lengths, frequencies, eval range).
 """
 from __future__ import annotations
+
+from evaluation import compare
 
 from . import (classifier, controllable, datasets, guidance, latent, likelihood, losses, models, parameterization,
                sampling, sdes, train_step)
@@ -37,6 +40,7 @@ def validate_config(config) -> None:
     controllable.check_config(config)
     check_classes(config)
     classifier.check_config(config)
+    compare.check_config(config)
     check_job_keys(config)
 
 

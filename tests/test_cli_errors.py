@@ -80,6 +80,8 @@ CASES = {
                     ["training.sde='vpsd' is not one of", "vpsde"]),
     "unknown sampler": (lambda p: digits(p, "sample", "--config.sampling.method=dpm_solverr"),
                         ["sampling.method", "dpm_solver"]),
+    "malformed compare entry": (lambda p: digits(p, "compare", "--config.compare.samplers=('ddim@5,,10',)"),
+                                ["compare.samplers entry 'ddim@5,,10'", "step count ''"]),
     "colorize greyscale data": (lambda p: digits(p, "sample", "--config.sampling.colorize=True"),
                                 ["sampling.colorize=True needs 3-channel", "sampling.colorize=False"]),
     "CIFAR-10 absent": (lambda p: ["--config", "configs/vp_cifar.py", "--mode", "train", "--workdir",

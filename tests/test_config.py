@@ -3,6 +3,7 @@ names the key, before any compute is spent."""
 import pytest
 
 from configs import toy_gmm, vp_digits
+from evaluation import compare
 from sde_diffusion import (classifier, controllable, datasets, guidance, likelihood, losses, models, parameterization,
                            sampling, sdes, train_step)
 from sde_diffusion.config import ConfigError, default_config, validate_config
@@ -84,6 +85,8 @@ OWNER_CHECKS = [
     (controllable.check_config, "sampling.conditioning_method", "magic", "sampling.conditioning_method"),
     (guidance.check_config, "sampling.guidance_scale", -1.0, "sampling.guidance_scale must be ≥ 0"),
     (classifier.check_config, "classifier.nf", 0, "classifier.nf must be > 0"),
+    (compare.check_config, "compare.samplers", ("pc@10", "ddim@5,,10"), "compare.samplers entry 'ddim@5,,10'"),
+    (compare.check_config, "compare.resamples", 1, "compare.resamples must be 0"),
 ]
 
 

@@ -215,31 +215,37 @@ def test_toy_eval_reports_sliced_w2_and_nll(tmp_path):
 
 
 def test_compare_mode_on_toy_data_writes_table_and_plot(tmp_path):
+    """run_lib.compare end to end: a row per step count, every row on the common grid unless its entry names one,
+    95 % intervals for each metric, a curve per multi-count entry (units: tests/test_compare.py)."""
     import run_lib
     from configs import toy_gmm
+    from evaluation.compare import plot_series
+    from sde_diffusion.sampling.grids import DEFAULT_GRID
     config = toy_gmm.get_config()
     t = config.training
     t.n_iters, t.snapshot_freq, t.snapshot_freq_for_preemption, t.eval_freq = 2, 2, 2, 2
     t.snapshot_sampling = False
-    config.compare.samplers = ("pc@4", "pc@8", "ddim@4", "dpm_solver:order=2@4")
+    config.compare.samplers = ("pc@8,4", "ddim@4", "dpm_solver:order=2,grid=edm@4")
     config.compare.num_samples, config.eval.batch_size, config.device = 64, 64, "cpu"
     run_lib.train(config, tmp_path)
     run_lib.compare(config, tmp_path)
     out = tmp_path / "compare"
     table = (out / "compare.md").read_text().splitlines()
-    assert table[0] == "| sampler | steps | grid | nfe | seconds | sliced_w2 | nll |"
-    assert [row.split(" | ")[0] for row in table[2:]] == ["| pc", "| pc", "| ddim", "| dpm_solver:order=2"]
-    assert [row.split(" | ")[2] for row in table[2:]] == ["time", "time", "sech", "sech"]  # the grid used
+    columns = "sampler | steps | grid | nfe | seconds | sliced_w2 | sliced_w2_lo | sliced_w2_hi | nll | nll_lo | nll_hi"
+    assert table[0] == f"| {columns} |"
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| pc", "| pc", "| ddim", "| dpm_solver:grid=edm,order=2"]
+    assert [row.split(" | ")[2] for row in table[2:]] == [DEFAULT_GRID] * 3 + ["edm"]  # the grid used
     assert [int(row.split(" | ")[3]) for row in table[2:]] == [5, 9, 5, 5]  # steps + the denoising step
     csv_rows = (out / "compare.csv").read_text().splitlines()
-    assert len(csv_rows) == 5 and csv_rows[0] == "sampler,steps,grid,nfe,seconds,sliced_w2,nll"
+    assert len(csv_rows) == 5 and csv_rows[0] == columns.replace(" | ", ",")
     assert (out / "compare.png").stat().st_size > 0
-
-
-@pytest.mark.parametrize("entry, message", [("pc", "@steps"), ("pc@0", "@steps"), ("pc:snr@10", "key=value")])
-def test_compare_entries_are_checked(entry, message):
-    from evaluation.compare import parse_entry
-    with pytest.raises(ValueError, match=message):
-        parse_entry(entry)
-    parsed = parse_entry("dpm_solver:order=3,denoise=false@20")
-    assert (parsed.method, parsed.steps, parsed.options) == ("dpm_solver", 20, {"order": 3, "denoise": False})
+    report = json.loads((out / "compare.json").read_text())
+    rows = report["rows"]
+    assert "jackknife (20 groups)" in report["intervals"]
+    for row in rows:
+        for metric in ("sliced_w2", "nll"):
+            assert row[f"{metric}_lo"] < row[metric] < row[f"{metric}_hi"], (row, metric)
+    series = plot_series(rows, "sliced_w2")
+    assert [(s.label, s.curve, s.nfe) for s in series] == [
+        ("pc@8,4", True, (5, 9)), ("ddim@4", False, (5,)), ("dpm_solver:order=2,grid=edm@4", False, (5,))]
+    assert all(s.lo is not None for s in series)

@@ -1,32 +1,76 @@
-"""--mode compare: every entry of config.compare.samplers on one checkpoint (EMA weights).
+"""--mode compare: every entry of config.compare.samplers on one checkpoint (EMA weights), on a common time grid.
 
-Writes into workdir/<eval_folder>: compare.md, compare.csv and compare.json (NFE, wall time, FID/KID for images
-or sliced W₂/NLL for toy data), compare.png (each metric against NFE), samples_<entry>.png and rounds_<entry>/.
+Entries are "method[:option=value,...]@steps", or "@steps,steps,..." for one row per step count (evaluation/
+compare.py). Every row runs on the same time grid unless its entry names one: the entry's `grid=` option, else
+config.sampling.grid (a spacing or a .json grid file, whose step count the entry must then have), else
+sampling.grids.DEFAULT_GRID; never the sampler's own registered default, so that rows differ only by the sampler.
+(Adaptive samplers use only the grid's ends.) ρ and the sech width follow config.sampling as in --mode sample.
+
+Writes into workdir/<eval_folder>: compare.md, compare.csv and compare.json (sampler, steps, the grid used, NFE,
+wall time, then FID/KID for images or sliced W₂/NLL for toy data, each with the bounds `_lo`, `_hi` of its 95 %
+interval over the generated samples: compare.resamples jackknife groups (FID) or bootstrap resamples (sliced W₂),
+KID and NLL in closed form; 0 turns them off), compare.png (each metric against NFE, curves for multi-count
+entries, with error bars), samples_<row>.png and rounds_<row>/.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
-from evaluation.compare import SamplerEntry, parse_entry, plot_metrics, write_table
+from evaluation.compare import (Z95, SamplerEntry, metric_cells, metric_columns, parse_entries, plot_metrics,
+                                write_table)
 
 from .. import distributed, sampling
 from ..checkpoints import write_json
+from ..errors import ConfigError
+from ..sampling.grids import DEFAULT_GRID
 from ..validation import validate_config
 from . import builder
 from .generation import generate_and_score, image_metrics, make_conditioning, save_samples_picture
 
 log = logging.getLogger("sde_diffusion")
 
+Run = Tuple[SamplerEntry, Dict]  # a row and the keyword arguments of `sample` it runs with
+
 
 def run(config, workdir, eval_folder: str = "compare") -> None:
     """Every entry of config.compare.samplers on one checkpoint (EMA weights): a table (Markdown + CSV) with NFE,
-    wall time and FID/KID (images) or sliced W₂/NLL (toy data), a plot of each metric against NFE, a grid each."""
-    validate_config(config)
-    entries = [parse_entry(text) for text in config.compare.samplers]  # checked against the sampler registry
+    wall time and FID/KID (images) or sliced W₂/NLL (toy data) with 95 % intervals, a plot of each metric against
+    NFE, a grid each."""
+    validate_config(config)  # compare.samplers and compare.resamples included
+    runs = [(entry, entry_settings(config, entry)) for entry in parse_entries(config.compare.samplers)]
     with builder.distributed_job(config) as (world, device):  # under torchrun the ranks share each sampler's rounds
-        compare(config, Path(workdir), eval_folder, entries, world, device)
+        compare(config, Path(workdir), eval_folder, runs, world, device)
+
+
+def entry_settings(config, entry: SamplerEntry) -> Dict:
+    """Keyword arguments of `sample` for one row: the entry's method, steps and options, eps and denoise from
+    config.sampling, and the grid: the entry's grid= option, else sampling.grid, else DEFAULT_GRID (with
+    sampling.rho for "edm", sampling.width for "sech", eps from a grid file). ConfigError when a grid file's step
+    count is not the entry's."""
+    s = config.sampling
+    grid = entry.options.get("grid") or s.grid or DEFAULT_GRID
+    settings = dict(method=entry.method, steps=entry.steps, eps=s.eps, denoise=s.noise_removal, grid=grid)
+    if grid not in sampling.GRIDS:
+        check_grid_file(entry, grid, "its grid= option" if "grid" in entry.options else "sampling.grid")
+        settings["eps"] = None  # the file's last time
+    if grid == "edm":
+        settings["rho"] = s.rho
+    if grid == "sech" and s.width is not None:
+        settings["width"] = s.width
+    return {**settings, **entry.options}
+
+
+def check_grid_file(entry: SamplerEntry, path: str, source: str) -> None:
+    """ConfigError unless the grid file at `path` (named by `source`) is readable and has the entry's steps."""
+    try:
+        steps = len(sampling.load_grid(path)["times"]) - 1
+    except ValueError as err:
+        raise ConfigError(f"compare.samplers entry {entry.entry!r}: {source}: {err}") from None
+    if steps != entry.steps:
+        raise ConfigError(f"compare.samplers entry {entry.entry!r}: the grid file {path} ({source}) has {steps} "
+                          f"steps, not {entry.steps}: give the entry @{steps}, or a spacing with grid=")
 
 
 def metric_names(config, dataset, with_image_metrics: bool) -> List[str]:
@@ -36,8 +80,7 @@ def metric_names(config, dataset, with_image_metrics: bool) -> List[str]:
     return ["sliced_w2"] + (["nll"] if dataset.log_prob is not None else [])
 
 
-def compare(config, workdir: Path, eval_folder: str, entries: List[SamplerEntry], world: distributed.World,
-            device) -> None:
+def compare(config, workdir: Path, eval_folder: str, runs: List[Run], world: distributed.World, device) -> None:
     builder.seed_everything(config.seed)
     sde, dataset, model = builder.build(config, device, workdir=workdir)
     k, path = builder.chosen_checkpoint(workdir, config.compare.checkpoint, "compare.checkpoint")
@@ -50,15 +93,14 @@ def compare(config, workdir: Path, eval_folder: str, entries: List[SamplerEntry]
     conditioning = make_conditioning(config, sde, model, dataset, workdir, device)
     num = config.compare.num_samples or config.eval.num_samples
     names = metric_names(config, dataset, metrics is not None)
-    s, rows = config.sampling, []
-    for entry in entries:
-        settings = {**dict(method=entry.method, steps=entry.steps, eps=s.eps, denoise=s.noise_removal), **entry.options}
+    rows = []
+    for entry, settings in runs:
         samples, report = generate_and_score(config, sde, conditioning, dataset, device, out / f"rounds_{entry.slug}",
                                              (config.seed, k), settings, num, metrics, {"checkpoint": path.name},
-                                             world)
+                                             world, resamples=config.compare.resamples)
         if world.is_main:
-            save_samples_picture(samples[:s.num_grid_samples], dataset, out / f"samples_{entry.slug}.png",
-                                 title=f"{entry.label}, NFE {report['nfe']}")
+            save_samples_picture(samples[:config.sampling.num_grid_samples], dataset,
+                                 out / f"samples_{entry.slug}.png", title=f"{entry.label}, NFE {report['nfe']}")
             rows.append(table_row(entry, report, names))
             log.info("%s@%d: %s", entry.label, entry.steps, rows[-1])
     if world.is_main:
@@ -66,16 +108,24 @@ def compare(config, workdir: Path, eval_folder: str, entries: List[SamplerEntry]
 
 
 def table_row(entry: SamplerEntry, report: Dict, names: List[str]) -> Dict:
-    grid = report["sampler"].get("grid") or sampling.SAMPLERS[entry.method].grid
-    return {"sampler": entry.label, "steps": entry.steps, "grid": grid, "nfe": report["nfe"],
-            "seconds": report["sampling_seconds"], **{m: report.get(m) for m in names}}
+    """The row of one sampler run: its entry, the grid it ran on, NFE, seconds and each metric with its interval."""
+    row = {"sampler": entry.label, "entry": entry.entry, "steps": entry.steps, "grid": str(report["sampler"]["grid"]),
+           "nfe": report["nfe"], "seconds": report["sampling_seconds"]}
+    for metric in names:
+        row.update(metric_cells(report, metric))
+    return row
 
 
 def write_comparison(config, rows: List[Dict], names: List[str], out: Path, checkpoint: str, num: int) -> None:
     """compare.md / .csv (the table), compare.png (metrics against NFE) and compare.json."""
-    write_table(rows, ["sampler", "steps", "grid", "nfe", "seconds", *names], out)
+    write_table(rows, ["sampler", "steps", "grid", "nfe", "seconds", *metric_columns(names)], out)
     if names:
         plot_metrics(rows, names, out / "compare.png",
                      title=f"{config.data.dataset}, {checkpoint}, {num} samples per sampler")
-    write_json(out / "compare.json", {"checkpoint": checkpoint, "num_samples": num, "rows": rows})
-    log.info("wrote %s (.md, .csv, .png)", out / "compare")
+    resamples = config.compare.resamples
+    intervals = (f"95 % normal intervals, value ± {Z95:.2f} standard errors over the samples (reference fixed): "
+                 f"FID by a delete-a-group jackknife ({resamples} groups), sliced W₂ by {resamples} bootstrap "
+                 "resamples, KID and NLL in closed form" if resamples else "none (compare.resamples = 0)")
+    write_json(out / "compare.json", {"checkpoint": checkpoint, "num_samples": num, "intervals": intervals,
+                                      "rows": rows})
+    log.info("wrote %s (.md, .csv, .json, .png)", out / "compare")

@@ -147,12 +147,13 @@ def image_metrics(config, dataset, device, world: distributed.World):
 
 
 def generate_and_score(config, sde, conditioning, dataset, device, folder: Path, seed_keys, settings: Dict,
-                       num: int, metrics, fingerprint: Dict,
-                       world: distributed.World = distributed.World()) -> Tuple[torch.Tensor, Dict]:
+                       num: int, metrics, fingerprint: Dict, world: distributed.World = distributed.World(), *,
+                       resamples: int = 0) -> Tuple[torch.Tensor, Dict]:
     """num samples with `settings` and `conditioning` (labels, guidance), in resumable rounds of eval.batch_size
     seeded by (*seed_keys, round), and their metrics: FID/KID/IS for images (when `metrics`, an ImageMetrics, is
-    given), sliced W₂ / NLL for toy data. Under torchrun the ranks share the rounds and only rank 0 gets results
-    ((None, None) on the others)."""
+    given), sliced W₂ / NLL for toy data; resamples > 0 adds each metric's standard error `<metric>_se` (see
+    evaluation/sample_quality.py; seeded by config.seed). Under torchrun the ranks share the rounds and only rank
+    0 gets results ((None, None) on the others)."""
     from evaluation.rounds import run_in_rounds
     from evaluation.sample_quality import toy_scores
 
@@ -183,9 +184,9 @@ def generate_and_score(config, sde, conditioning, dataset, device, folder: Path,
               "sampling_seconds": float(rounds["sample_seconds"].sum())}
     if metrics is not None:
         report.update(metrics.describe())
-        report.update(metrics.scores(rounds["features"], rounds.get("probabilities")))
+        report.update(metrics.scores(rounds["features"], rounds.get("probabilities"), resamples))
     elif not dataset.is_image:
-        report.update(toy_scores(samples, dataset))
+        report.update(toy_scores(samples, dataset, resamples, config.seed))
     return samples, report
 
 

@@ -155,6 +155,11 @@ def _prior(sde: SDE, shape: Sequence[int], x_T: Optional[torch.Tensor], generato
     return x_T.to(device=device or x_T.device, dtype=dtype).clone()  # samplers may write into their state
 
 
+def default_steps(sampler: Sampler, sde: SDE) -> int:
+    """The steps `sample` takes when none are given: the sampler's documented count, else the SDE's N."""
+    return sampler.steps if sampler.steps is not None else sde.N
+
+
 def _timesteps(sde: SDE, sampler: Sampler, steps: Optional[int], eps: Optional[float], grid, rho: float,
                width: Optional[Width], device) -> torch.Tensor:
     if rho <= 0:
@@ -167,7 +172,7 @@ def _timesteps(sde: SDE, sampler: Sampler, steps: Optional[int], eps: Optional[f
         if eps is not None and abs(float(eps) - ts[-1].item()) > 1e-12:
             raise ValueError(f"eps={eps} disagrees with the given grid, which ends at {ts[-1].item()}: leave eps unset")
         return ts
-    steps = sde.N if steps is None else int(steps)
+    steps = default_steps(sampler, sde) if steps is None else int(steps)
     if steps < 1:
         raise ValueError(f"steps must be ≥ 1, got {steps}")
     eps = sde.default_eps if eps is None else float(eps)
@@ -185,7 +190,7 @@ def sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str = "pc"
            width: Optional[Width] = None, x_T: Optional[torch.Tensor] = None, **options) -> Tuple[torch.Tensor, int]:
     """Draw `shape[0]` samples with the registered sampler `method`; returns (x, nfe).
 
-    steps: grid steps (default sde.N). eps: last time (default sde.default_eps). grid: a spacing of the steps + 1
+    steps: grid steps (default: the sampler's documented count `SAMPLERS[method].steps`, else sde.N). eps: last time (default sde.default_eps). grid: a spacing of the steps + 1
     times ("time", "logsnr", "edm" with exponent rho, "quadratic", "sech" with `width` (None: the sampler's);
     None: the sampler's default), the times
     themselves (1-D, T → eps; steps and eps then follow from it) or a grid file's path (`tune_grid`, `save_grid`). x_T: start from this prior draw (not modified). denoise: finish with

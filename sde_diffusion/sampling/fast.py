@@ -12,12 +12,9 @@ from .registry import register_sampler
 from .terms import denoised_and_noise, like, noise
 
 
-# (noisy, clean) widths of DDIM's sech grid: a first-order solver under-disperses at 50 steps when its noisy side is
-# as wide as the default's (−0.027 nats/dim on the 16-d oracle against −0.023 with these; BENCHMARKS.md).
-DDIM_SECH_WIDTH = (2.0, 1.5)
 
 
-@register_sampler("ddim", grid="sech", width=DDIM_SECH_WIDTH)
+@register_sampler("ddim", steps=200)
 def ddim_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor, *, eta: float = 0.0,
                  generator=None) -> torch.Tensor:
     """DDIM (Song, Meng & Ermon 2021) from t to s < t:
@@ -73,7 +70,7 @@ def dpm_solver_pp_update(x: torch.Tensor, x0_history: List[torch.Tensor], lam_hi
     return out + like(alpha_next * phi_2, x) * d1 - like(alpha_next * phi_3, x) * d2
 
 
-@register_sampler("dpm_solver", grid="sech")
+@register_sampler("dpm_solver", steps=50)
 def dpm_solver_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor, *,
                        order: Literal[1, 2, 3] = 3, lower_order_final: bool = True) -> torch.Tensor:
     """DPM-Solver++ multistep (Lu et al. 2022) of order 1–3, on a grid uniform in λ by default.
@@ -101,11 +98,6 @@ def dpm_solver_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: 
     return x
 
 
-# (noisy, clean) widths of the sech grid for the Heun family (heun, edm_sde, restart): unlike the exponential
-# integrators, Heun's steps in σ/α are not exact where the ODE is near-linear, so it wants more steps on the clean
-# side (measured on the mixture oracles at the documented step counts: clean width 1 over-disperses there, 2 keeps
-# every SDE within ±0.025 nats/dim; BENCHMARKS.md).
-HEUN_SECH_WIDTH = (3.0, 2.0)
 
 
 def time_of(sde: SDE, sig: torch.Tensor) -> torch.Tensor:
@@ -152,7 +144,7 @@ def heun_segment(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, times: torch.Tens
     return x
 
 
-@register_sampler("heun", grid="sech", width=HEUN_SECH_WIDTH)
+@register_sampler("heun", grid="edm", steps=60)
 def heun_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """EDM's deterministic 2nd-order sampler (Karras et al. 2022, Algorithm 1) for any α(t), σ(t), on a grid
     spaced in (σ/α)^{1/ρ} by default: `heun_segment` without churn, the last step Euler. 2·steps − 1 score calls.

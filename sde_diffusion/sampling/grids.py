@@ -15,14 +15,20 @@ from ..sdes import SDE
 # The spacings a grid may be named by (`solver_grid`).
 GRID_NAMES = ("time", "logsnr", "edm", "quadratic", "sech")
 GRIDS = GRID_NAMES
+# The spacing a sampler runs on unless it registers another or the caller names one (built-in and user samplers
+# alike), and that of every `--mode compare` entry that names none. λ-uniform makes no assumption about the data's
+# scale; with the papers' other grid (EDM's ρ = 7, which heun, edm_sde, restart and ipndm register) it passed the
+# worst case of a family of random mixtures where a spacing centred on a fixed data scale did not
+# (benchmarks/default_grids.py, BENCHMARKS.md).
+DEFAULT_GRID = "logsnr"
 # EDM's exponent for the σ/α grid (Karras et al. 2022, eq. 5).
 EDM_RHO = 7.0
 # The σ/α on which the "sech" spacing centres its steps: EDM's σ_data, the scale of data in [−1, 1] (λ = log 2).
 SECH_CENTER_SIGMA = EDM_SIGMA_DATA
-# Default widths (in λ) of the "sech" spacing on its noisy (λ < λ_d) and clean (λ > λ_d) sides; samplers may
-# register their own (`register_sampler(width=...)`). The noisy side is wide because images need several steps
-# between the prior and σ/α ≈ 1 (on the digits model a width of 1 there costs DPM-Solver++ FID 131 against 55 at
-# NFE 10), and the clean side narrow because the oracles' error is made near the data's scale (BENCHMARKS.md).
+# Widths (in λ) of the "sech" spacing on its noisy (λ < λ_d) and clean (λ > λ_d) sides unless a sampler registers
+# its own (`register_sampler(width=...)`) or the caller gives them. The noisy side is wide because images need
+# several steps between the prior and σ/α ≈ 1 (on the digits model a width of 1 there costs DPM-Solver++ FID 131
+# against 55 at NFE 10).
 SECH_WIDTH = (3.0, 1.0)
 Width = Union[float, Sequence[float], str]
 

@@ -17,6 +17,7 @@ from typing import Any, Dict
 
 from ..errors import ConfigError
 from .registry import SAMPLERS, get_sampler, parse_options
+from .core import default_steps
 from .grids import GRIDS, load_grid, sech_widths
 
 # score_sde's per-method keys of config.sampling → the sampler option each sets.
@@ -69,12 +70,12 @@ def _checked(sampler, name: str, value, key: str):
 
 
 def settings_from_config(config, sde) -> Dict[str, Any]:
-    """Keyword arguments for `sample` from config.sampling: method, steps (None → sde.N; with a grid file, its
-    length), eps, denoise, the grid (sampling.grid or the sampler's default; ρ when it is "edm", the width when it
+    """Keyword arguments for `sample` from config.sampling: method, steps (None → the sampler's documented count,
+    else sde.N; with a grid file, its length), eps, denoise, the grid (sampling.grid or the sampler's default; ρ when it is "edm", the width when it
     is "sech" and sampling.width is set) and the method's options."""
     s = config.sampling
     sampler = get_sampler_for_config(s.method)
-    settings = dict(method=s.method, steps=s.steps if s.steps is not None else sde.N, eps=s.eps,
+    settings = dict(method=s.method, steps=s.steps if s.steps is not None else default_steps(sampler, sde), eps=s.eps,
                     denoise=s.noise_removal, grid=s.grid or sampler.grid)
     if s.grid is not None and s.grid not in GRIDS:  # a grid file: its times fix the steps and eps
         settings.update(steps=None if s.steps is None else s.steps, eps=None)
@@ -114,7 +115,8 @@ def _check_sampling_section(config) -> None:
                              "(.json, written by --mode tune_grid)")
         load_grid(s.grid)
     if s.steps is not None and s.steps < 1:
-        raise ValueError(f"sampling.steps must be ≥ 1 (or None for model.num_scales), got {s.steps}")
+        raise ValueError(f"sampling.steps must be ≥ 1 (or None: the sampler's documented count, "
+                         f"sampling.SAMPLERS[method].steps), got {s.steps}")
     if s.get("width") is not None:
         sech_widths(s.width)
     for key in ("rtol", "atol", "rho", "snr"):
