@@ -24,20 +24,23 @@ from sde_diffusion.sdes import VPSDE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NFES = (5, 8, 10, 20)
-# label → sampler spec; one compare entry per NFE where the sampler's step structure fits the budget exactly
+# label → (sampler spec, the paper's grid); one compare entry per NFE where the sampler's step structure fits the
+# budget exactly, on the sampler's default grid and, where it differs, on the paper's (named in the entry: compare
+# puts unnamed entries on one common grid)
 SOLVERS = {
-    "ddim": "ddim", "dpm_solver 2M": "dpm_solver:order=2", "dpm_solver 3M": "dpm_solver", "unipc": "unipc",
-    "ipndm": "ipndm", "deis": "deis", "heun": "heun", "dpm_solver 2M SDE": "dpm_solver_sde",
-    "edm_sde": "edm_sde", "restart": "restart",
+    "ddim": ("ddim", "time"), "dpm_solver 2M": ("dpm_solver:order=2", "logsnr"), "dpm_solver 3M": ("dpm_solver", "logsnr"),
+    "unipc": ("unipc", "logsnr"), "ipndm": ("ipndm", "edm"), "deis": ("deis", "logsnr"), "heun": ("heun", "edm"),
+    "dpm_solver 2M SDE": ("dpm_solver_sde", "logsnr"), "edm_sde": ("edm_sde", "edm"), "restart": ("restart", "edm"),
 }
 TUNED = {"unipc": "unipc", "dpm_solver 3M": "dpm_solver"}  # label → spec, tuned at --tuned_nfes
-REFERENCE = "pc@1000"
+REFERENCE = "pc:grid=time@1000"
 
 
 def entries_for(sde, tuned_files) -> List[str]:
     entries = [REFERENCE]
-    for label, spec in SOLVERS.items():
+    for label, (spec, paper) in SOLVERS.items():
         method, options = sampling.parse_spec(spec)
+        grids = dict.fromkeys((sampling.SAMPLERS[method].grid, paper))
         for nfe in NFES:
             try:
                 steps = sampling.steps_for_nfe(sde, method, nfe, denoise=True, **options)
@@ -45,7 +48,7 @@ def entries_for(sde, tuned_files) -> List[str]:
                 continue
             _, used = sampling.sample(lambda x, t: 0 * x, sde, (1, 1), method, steps=steps, **options)
             if used == nfe:
-                entries.append(f"{spec}@{steps}")
+                entries += [f"{spec}{',' if ':' in spec else ':'}grid={grid}@{steps}" for grid in grids]
     for (label, nfe), path in tuned_files.items():
         spec = TUNED[label]
         sep = "," if ":" in spec else ":"
@@ -82,7 +85,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     config.eval.batch_size = args.num
     run_lib.compare(config, workdir)
     rows = list(csv.DictReader((workdir / "compare" / "compare.csv").open()))
-    reference = next(float(r["fid"]) for r in rows if r["sampler"] == "pc" and r["steps"] == "1000")
+    reference = next(float(r["fid"]) for r in rows if r["sampler"].startswith("pc") and r["steps"] == "1000")
     print(f"| sampler | grid | NFE | FID | KID | FID / PC-1000 FID |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['sampler'].split(',grid=')[0].split(':grid=')[0]} | {'tuned' if 'grid=' in r['sampler'] else r['grid']}"
