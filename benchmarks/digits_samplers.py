@@ -88,8 +88,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     reference = next(float(r["fid"]) for r in rows if r["sampler"].startswith("pc") and r["steps"] == "1000")
     print(f"| sampler | grid | NFE | FID | KID | FID / PC-1000 FID |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['sampler'].split(',grid=')[0].split(':grid=')[0]} | {'tuned' if 'grid=' in r['sampler'] else r['grid']}"
-              f" | {r['nfe']} | {float(r['fid']):.2f} | {float(r['kid']):.4f} | {float(r['fid']) / reference:.2f} |")
+        print(f"| {r['sampler'].split(',grid=')[0].split(':grid=')[0]} | "
+              f"{'tuned' if r['grid'].endswith('.json') else r['grid']} | {r['nfe']} | {float(r['fid']):.2f} | "
+              f"{float(r['kid']):.4f} | {float(r['fid']) / reference:.2f} |")
 
 
 if __name__ == "__main__":
