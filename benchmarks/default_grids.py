@@ -134,10 +134,10 @@ def _gaps(seed: int, sde_name: str, method: str, options: dict, spacing, steps) 
 
 
 def case_gap(case: Tuple[int, str, str, Optional[str], int]) -> Dict[str, float]:
-    """For (seed, sde, variant, spacing, steps): 'raw', the median gap over DRAWS draws of POINTS points (draw k
-    seeded k), and for deterministic variants 'cv', the mean over the draws of gap − the gap of the tight
-    probability-flow solution from the same prior draw plus the exact sampler's truncation bias. variant
-    'reference' computes those reference gaps and the bias."""
+    """For (seed, sde, variant, spacing, steps): 'gaps' over DRAWS draws of POINTS points (draw k seeded k) and
+    'raw', their median. Variant 'reference' gives the gaps of a tight probability-flow solution from the same
+    prior draws, the exact sampler's denoising bias and the member's one-draw std, from which `Cache.run` makes a
+    deterministic variant's control-variate estimate 'cv'."""
     torch.set_num_threads(1)
     seed, sde_name, variant, spacing, steps = case
     if variant == "reference":
@@ -198,10 +198,10 @@ def worst(cases: Sequence[tuple], results: Sequence[Dict], margin: bool = True) 
     return max(((badness(c, r, margin), c) for c, r in zip(cases, results)), key=lambda r: r[0])
 
 
-def fewest_steps(variant: str, spacing: str, seeds, sdes, cache: Cache, pool, start: int = 0) -> Tuple[int, tuple]:
+def fewest_steps(variant: str, spacing: str, seeds, sdes, cache: Cache, pool) -> Tuple[int, tuple]:
     """The fewest LADDER steps at which every (seed, sde) passes, found by checking the hardest case first."""
     hardest: List[tuple] = []
-    for steps in LADDER[start:]:
+    for steps in LADDER:
         cases = [(s, e, variant, spacing, steps) for s in seeds for e in sdes]
         order = sorted(cases, key=lambda c: (c[0], c[1]) not in hardest)  # earlier failures first
         ratio, case = 0.0, None

@@ -28,7 +28,8 @@ NFES = (5, 8, 10, 20)
 # budget exactly, on the sampler's default grid and, where it differs, on the paper's (named in the entry: compare
 # puts unnamed entries on one common grid)
 SOLVERS = {
-    "ddim": ("ddim", "time"), "dpm_solver 2M": ("dpm_solver:order=2", "logsnr"), "dpm_solver 3M": ("dpm_solver", "logsnr"),
+    "ddim": ("ddim", "time"), "dpm_solver 2M": ("dpm_solver:order=2", "logsnr"),
+    "dpm_solver 3M": ("dpm_solver", "logsnr"),
     "unipc": ("unipc", "logsnr"), "ipndm": ("ipndm", "edm"), "deis": ("deis", "logsnr"), "heun": ("heun", "edm"),
     "dpm_solver 2M SDE": ("dpm_solver_sde", "logsnr"), "edm_sde": ("edm_sde", "edm"), "restart": ("restart", "edm"),
 }

@@ -219,7 +219,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--quick", action="store_true", help="d = 16, VP only, NFE 5, 8, 10")
     parser.add_argument("--json", type=Path, default=None, help="also write all numbers to this file")
     parser.add_argument("--family", default=None,
-                        help="comma-separated seeds of toy.random_mixture members (VP only) instead of the fixed mixtures")
+                        help="comma-separated seeds of toy.random_mixture members (VP only), instead of the fixed "
+                             "mixtures")
     parser.add_argument("--points", type=int, default=4000, help="prior draws per run")
     parser.add_argument("--nfes", default=None, help="comma-separated NFEs (default: all, or 5,8,10 with --quick)")
     args = parser.parse_args(argv)

@@ -52,7 +52,8 @@ def default_config() -> ml_collections.ConfigDict:
     sampling.snr = 0.16
     sampling.noise_removal = True  # final Tweedie denoising step
     sampling.probability_flow = False
-    sampling.steps = placeholder(int)  # sampler steps; None → the sampler's documented count (pc, ancestral, sde: model.num_scales)
+    # sampler steps; None → the sampler's documented count (pc, ancestral, sde: model.num_scales)
+    sampling.steps = placeholder(int)
     sampling.eps = placeholder(float)  # last time; None → the SDE's default
     sampling.num_grid_samples = 64  # images in snapshot and eval sample grids
     # options of particular methods, score_sde's names (sde_diffusion/sampling/settings.py maps them to the options

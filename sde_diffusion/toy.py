@@ -181,8 +181,8 @@ def random_mixture(seed: int) -> GaussianMixture:
     rotation = None
     axis_stds = stds[:, None].expand(k, dim)
     if torch.rand((), generator=g).item() < 0.5:
-        stretch = torch.exp(math.log(FAMILY_ANISOTROPY) * (2 * torch.rand(k, dim, generator=g, dtype=torch.float64) - 1))
-        axis_stds = axis_stds * stretch
+        exponent = 2 * torch.rand(k, dim, generator=g, dtype=torch.float64) - 1  # uniform in [−1, 1]
+        axis_stds = axis_stds * FAMILY_ANISOTROPY**exponent
         rotation = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))[0]
     return GaussianMixture(weights / weights.sum(), means, axis_stds.clamp_min(FAMILY_MIN_STD), rotation)
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import sde_diffusion.sampling as sampling
-from sde_diffusion.metrics_toy import cross_entropy_gap, mixture_entropy
+from sde_diffusion.metrics_toy import cross_entropy_gap
 from sde_diffusion.sdes import VPSDE
 from sde_diffusion.toy import FAMILY_SELECTION_SEEDS, FAMILY_VERIFICATION_SEEDS, describe_mixture, random_mixture
 
@@ -34,27 +34,23 @@ POINTS, DRAWS = 4000, 3
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-_ENTROPY = {}
-
-
 def median_gap(seed: int, sde_name: str, method: str, steps=None) -> float:
     """Median over three draws of 4000 points of the cross-entropy gap (nats/dim) at the default grid (one run of
     12 000 points cut into three: independent draws, a third of the score calls' overhead)."""
     mixture, sde = random_mixture(seed), SDES[sde_name]()
-    if seed not in _ENTROPY:
-        _ENTROPY[seed] = mixture_entropy(mixture)
     x, _ = sampling.sample(mixture.marginal_score_fn(sde), sde, (DRAWS * POINTS, mixture.dim), method, steps=steps,
                            generator=torch.Generator().manual_seed(seed))
     if not torch.isfinite(x).all():
         return float("inf")
-    return statistics.median(cross_entropy_gap(part, mixture, _ENTROPY[seed]) for part in x.split(POINTS))
+    entropy = default_grids.entropy(seed)
+    return statistics.median(cross_entropy_gap(part, mixture, entropy) for part in x.split(POINTS))
 
 
 def test_anisotropic_mixture_density_and_score_are_exact():
     """A rotated anisotropic member's perturbed density and score equal a brute-force sum of full-covariance
     Gaussians (autograd for the score); the batch-wide (matrix product) path equals the per-sample one."""
-    mixture = next(random_mixture(seed) for seed in FAMILY_VERIFICATION_SEEDS if random_mixture(seed).rotation is not None
-                   and random_mixture(seed).dim <= 8)
+    members = (random_mixture(seed) for seed in FAMILY_VERIFICATION_SEEDS)
+    mixture = next(m for m in members if m.rotation is not None and m.dim <= 8)
     x = torch.randn(6, mixture.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     alpha, sigma = torch.full((6,), 0.7, dtype=torch.float64), torch.full((6,), 0.4, dtype=torch.float64)
     R = mixture.rotation

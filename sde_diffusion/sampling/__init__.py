@@ -42,32 +42,34 @@ from .settings import check_config, options_from_config, settings_from_config
 from .terms import tweedie_denoise
 from .tuning import steps_for_nfe, tune_grid
 
-# What each built-in does, for the table in this docstring: method → (module, what it integrates, score calls).
+# What each built-in does, for the table in this docstring: method → (what it integrates, score calls).
 DESCRIPTIONS = {
-    "pc": ("pc.py", "reverse SDE, predictor + corrector (Song et al. Alg. 2–3)", "steps·(1 + n_steps)"),
-    "ancestral": ("pc.py", "DDPM/SMLD ancestral chain (Ho et al. Alg. 2)", "steps"),
-    "ode": ("flow.py", "probability-flow ODE, adaptive Dormand–Prince RK45", "adaptive"),
-    "sde": ("reverse_sde.py", "reverse SDE with torchsde (euler, milstein, srk)", "steps × stages (1, 1, 4)"),
-    "ddim": ("fast.py", "DDIM (η = 0: deterministic, η > 0: stochastic)", "steps"),
-    "dpm_solver": ("fast.py", "DPM-Solver++ multistep, order 1–3", "steps"),
-    "heun": ("fast.py", "EDM's 2nd-order Heun in σ/α", "2·steps − 1"),
-    "unipc": ("multistep.py", "UniPC predictor–corrector (bh1/bh2, order 1–3)", "steps"),
-    "ipndm": ("multistep.py", "improved PNDM (Adams–Bashforth in σ/α, order 1–4)", "steps"),
-    "deis": ("multistep.py", "DEIS tAB (ε polynomial in t, exact weights, order 1–3)", "steps"),
-    "dpm_solver_sde": ("stochastic.py", "DPM-Solver++ 2M/3M SDE (η = 1: reverse SDE)", "steps"),
-    "edm_sde": ("stochastic.py", "EDM's stochastic Heun (S_churn, S_noise, S_min/S_max)", "2·steps − 1"),
-    "restart": ("stochastic.py", "Restart sampling: Heun + K noise-and-resolve loops", "2·steps − 1 + 2·K·restart_steps"),
-    "adaptive_sde": ("stochastic.py", "reverse SDE, EM/improved-Euler pair, error control (Gotta Go Fast)", "adaptive"),
+    "pc": ("reverse SDE, predictor + corrector (Song et al. Alg. 2–3)", "steps·(1 + n_steps)"),
+    "ancestral": ("DDPM/SMLD ancestral chain (Ho et al. Alg. 2)", "steps"),
+    "ode": ("probability-flow ODE, adaptive Dormand–Prince RK45", "adaptive"),
+    "sde": ("reverse SDE with torchsde (euler, milstein, srk)", "steps × stages (1, 1, 4)"),
+    "ddim": ("DDIM (η = 0: deterministic, η > 0: stochastic)", "steps"),
+    "dpm_solver": ("DPM-Solver++ multistep, order 1–3", "steps"),
+    "heun": ("EDM's 2nd-order Heun in σ/α", "2·steps − 1"),
+    "unipc": ("UniPC predictor–corrector (bh1/bh2, order 1–3)", "steps"),
+    "ipndm": ("improved PNDM (Adams–Bashforth in σ/α, order 1–4)", "steps"),
+    "deis": ("DEIS tAB (ε polynomial in t, exact weights, order 1–3)", "steps"),
+    "dpm_solver_sde": ("DPM-Solver++ 2M/3M SDE (η = 1: reverse SDE)", "steps"),
+    "edm_sde": ("EDM's stochastic Heun (S_churn, S_noise, S_min/S_max)", "2·steps − 1"),
+    "restart": ("Restart sampling: Heun + K noise-and-resolve loops",
+                "2·steps − 1 + 2·K·restart_steps"),
+    "adaptive_sde": ("reverse SDE, EM/improved-Euler pair, error control (Gotta Go Fast)", "adaptive"),
 }
 
 
 def sampler_table() -> str:
-    """The built-in samplers as a Markdown table: module, what each integrates, score calls, default grid and
-    documented steps (from the registry)."""
+    """The built-in samplers as a Markdown table: module, what each integrates, score calls, and (from the
+    registry) default grid and documented steps."""
     rows = ["| method | module | what it integrates | score calls | default grid | documented steps |",
             "|---|---|---|---|---|---|"]
-    for name, (module, what, calls) in DESCRIPTIONS.items():
+    for name, (what, calls) in DESCRIPTIONS.items():
         sampler = SAMPLERS[name]
+        module = sampler.fn.__module__.rsplit(".", 1)[-1] + ".py"
         steps = "adaptive" if sampler.adaptive else "the SDE's N" if sampler.steps is None else sampler.steps
         grid = "(ends only)" if sampler.adaptive else sampler.grid
         rows.append(f"| `{name}` | {module} | {what} | {calls} | {grid} | {steps} |")
@@ -78,5 +80,6 @@ __doc__ = __doc__.replace("SAMPLER_TABLE", sampler_table())
 
 __all__ = ["sample", "register_sampler", "SAMPLERS", "Sampler", "parse_spec", "parse_entry", "options_from_config",
            "settings_from_config", "check_config", "Constraint", "CountingScore", "FrameworkScore", "time_grid",
-           "solver_grid", "GRIDS", "SECH_WIDTH", "sech_widths", "tune_grid", "steps_for_nfe", "sampler_table", "DEFAULT_GRID", "load_grid", "save_grid", "EDM_RHO", "tweedie_denoise", "ode_encode", "ode_decode", "dpm_solver_pp_update",
+           "solver_grid", "GRIDS", "SECH_WIDTH", "sech_widths", "tune_grid", "steps_for_nfe", "sampler_table",
+           "DEFAULT_GRID", "load_grid", "save_grid", "EDM_RHO", "tweedie_denoise", "ode_encode", "ode_decode", "dpm_solver_pp_update",
            "PREDICTORS", "CORRECTORS", "SDE_METHODS", "ODE_BACKENDS", "ODE_RTOL", "ODE_ATOL", "dopri5", "scipy_rk45"]

@@ -190,7 +190,8 @@ def sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str = "pc"
            width: Optional[Width] = None, x_T: Optional[torch.Tensor] = None, **options) -> Tuple[torch.Tensor, int]:
     """Draw `shape[0]` samples with the registered sampler `method`; returns (x, nfe).
 
-    steps: grid steps (default: the sampler's documented count `SAMPLERS[method].steps`, else sde.N). eps: last time (default sde.default_eps). grid: a spacing of the steps + 1
+    steps: grid steps (default: the sampler's documented count `SAMPLERS[method].steps`, else sde.N). eps: last
+    time (default sde.default_eps). grid: a spacing of the steps + 1
     times ("time", "logsnr", "edm" with exponent rho, "quadratic", "sech" with `width` (None: the sampler's);
     None: the sampler's default), the times
     themselves (1-D, T → eps; steps and eps then follow from it) or a grid file's path (`tune_grid`, `save_grid`). x_T: start from this prior draw (not modified). denoise: finish with
