@@ -124,7 +124,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     # --mode compare: one table row per sampler entry "method[:option=value,...]@steps", e.g. "dpm_solver:order=2@20",
     # or per step count of "method[:option=value,...]@steps,steps,...", e.g. "ddim@5,10,20" (a curve in the plot).
-    # Every row runs on one time grid: the entry's grid= option, else sampling.grid, else sampling.grids.DEFAULT_GRID
+    # Every row runs on one time grid: the entry's grid= option, else sampling.grid, else
+    # sampling.grids.default_spacing(steps) (FEW_STEP_GRID up to FEW_STEPS steps, DEFAULT_GRID above)
     config.compare = compare = ml_collections.ConfigDict()
     compare.samplers = ("pc@100", "ddim@20", "dpm_solver@10", "heun@10")
     compare.num_samples = placeholder(int)  # None → eval.num_samples

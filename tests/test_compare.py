@@ -16,7 +16,7 @@ from evaluation.metrics import (feature_statistics, frechet_distance, jackknife_
 from sde_diffusion import sampling
 from sde_diffusion.config import ConfigError, validate_config
 from sde_diffusion.jobs.compare import entry_settings
-from sde_diffusion.sampling.grids import DEFAULT_GRID
+from sde_diffusion.sampling.grids import DEFAULT_GRID, FEW_STEP_GRID, FEW_STEPS
 
 
 # --- entries ------------------------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ def test_the_compare_section_is_checked():
 
 
 # --- the common time grid -----------------------------------------------------------------------------------
-ENTRIES = ("pc@4", "ddim@4,8", "heun@3", "ode@3", "dpm_solver:grid=edm@5")
+ENTRIES = ("pc@4", f"ddim@4,{FEW_STEPS + 1}", "heun@3", "ode@3", "dpm_solver:grid=edm@5")
 
 
 def grids(config, entries=ENTRIES):
@@ -71,9 +71,11 @@ def grids(config, entries=ENTRIES):
 
 def test_every_row_runs_on_the_common_grid_unless_its_entry_names_one():
     config = toy_gmm.get_config()
-    assert grids(config) == [DEFAULT_GRID] * 5 + ["edm"]
+    # the common default: the few-step spacing up to FEW_STEPS steps (every sampler, pc's time grid not excepted)
+    few = FEW_STEP_GRID
+    assert grids(config) == [few, few, DEFAULT_GRID, few, few, "edm"]
     settings = entry_settings(config, parse_entry("heun@3")[0])
-    assert settings == dict(method="heun", steps=3, eps=None, denoise=True, grid=DEFAULT_GRID)
+    assert settings == dict(method="heun", steps=3, eps=None, denoise=True, grid=few)
     config.sampling.grid, config.sampling.rho = "edm", 5.0
     assert grids(config) == ["edm"] * 6
     assert entry_settings(config, parse_entry("heun@3")[0])["rho"] == 5.0  # sampling.rho goes with sampling.grid

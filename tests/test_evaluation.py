@@ -220,7 +220,7 @@ def test_compare_mode_on_toy_data_writes_table_and_plot(tmp_path):
     import run_lib
     from configs import toy_gmm
     from evaluation.compare import plot_series
-    from sde_diffusion.sampling.grids import DEFAULT_GRID
+    from sde_diffusion.sampling.grids import default_spacing
     config = toy_gmm.get_config()
     t = config.training
     t.n_iters, t.snapshot_freq, t.snapshot_freq_for_preemption, t.eval_freq = 2, 2, 2, 2
@@ -234,7 +234,9 @@ def test_compare_mode_on_toy_data_writes_table_and_plot(tmp_path):
     columns = "sampler | steps | grid | nfe | seconds | sliced_w2 | sliced_w2_lo | sliced_w2_hi | nll | nll_lo | nll_hi"
     assert table[0] == f"| {columns} |"
     assert [row.split(" | ")[0] for row in table[2:]] == ["| pc", "| pc", "| ddim", "| dpm_solver:grid=edm,order=2"]
-    assert [row.split(" | ")[2] for row in table[2:]] == [DEFAULT_GRID] * 3 + ["edm"]  # the grid used
+    # the grid used: the common default for that many steps (the few-step one up to FEW_STEPS)
+    assert [row.split(" | ")[2] for row in table[2:]] == [default_spacing(8), default_spacing(4), default_spacing(4),
+                                                          "edm"]
     assert [int(row.split(" | ")[3]) for row in table[2:]] == [5, 9, 5, 5]  # steps + the denoising step
     csv_rows = (out / "compare.csv").read_text().splitlines()
     assert len(csv_rows) == 5 and csv_rows[0] == columns.replace(" | ", ",")

@@ -3,7 +3,8 @@
 Entries are "method[:option=value,...]@steps", or "@steps,steps,..." for one row per step count (evaluation/
 compare.py). Every row runs on the same time grid unless its entry names one: the entry's `grid=` option, else
 config.sampling.grid (a spacing or a .json grid file, whose step count the entry must then have), else
-sampling.grids.DEFAULT_GRID; never the sampler's own registered default, so that rows differ only by the sampler.
+sampling.grids.default_spacing(steps) (DEFAULT_GRID; FEW_STEP_GRID up to FEW_STEPS steps); never the sampler's own
+registered default, so that rows differ only by the sampler.
 (Adaptive samplers use only the grid's ends.) ρ and the sech width follow config.sampling as in --mode sample.
 
 Writes into workdir/<eval_folder>: compare.md, compare.csv and compare.json (sampler, steps, the grid used, NFE,
@@ -24,7 +25,7 @@ from evaluation.compare import (Z95, SamplerEntry, metric_cells, metric_columns,
 from .. import distributed, sampling
 from ..checkpoints import write_json
 from ..errors import ConfigError
-from ..sampling.grids import DEFAULT_GRID
+from ..sampling.grids import default_spacing
 from ..validation import validate_config
 from . import builder
 from .generation import generate_and_score, image_metrics, make_conditioning, save_samples_picture
@@ -46,11 +47,11 @@ def run(config, workdir, eval_folder: str = "compare") -> None:
 
 def entry_settings(config, entry: SamplerEntry) -> Dict:
     """Keyword arguments of `sample` for one row: the entry's method, steps and options, eps and denoise from
-    config.sampling, and the grid: the entry's grid= option, else sampling.grid, else DEFAULT_GRID (with
+    config.sampling, and the grid: the entry's grid= option, else sampling.grid, else default_spacing (with
     sampling.rho for "edm", sampling.width for "sech", eps from a grid file). ConfigError when a grid file's step
     count is not the entry's."""
     s = config.sampling
-    grid = entry.options.get("grid") or s.grid or DEFAULT_GRID
+    grid = entry.options.get("grid") or s.grid or default_spacing(entry.steps)
     settings = dict(method=entry.method, steps=entry.steps, eps=s.eps, denoise=s.noise_removal, grid=grid)
     if grid not in sampling.GRIDS:
         check_grid_file(entry, grid, "its grid= option" if "grid" in entry.options else "sampling.grid")

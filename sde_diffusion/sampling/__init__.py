@@ -21,8 +21,12 @@ not given, and the table above is built from them. The defaults were chosen on o
 mixtures by the worst case over every member and built-in SDE, and are verified on a disjoint family
 (benchmarks/default_grids.py, tests/test_default_grids.py, BENCHMARKS.md): at its documented count each fixed-step
 sampler is within ±0.03 nats/dim (±0.04 below d = 8) of the exact density. A sampler a user registers gets
-`grids.DEFAULT_GRID` unless it declares another, so comparisons put it on the built-ins' grid. Below these counts a
-grid tuned for the model and budget (`tune_grid`) is the better lever.
+`grids.DEFAULT_GRID` unless it declares another, so comparisons put it on the built-ins' grid. Up to
+`grids.FEW_STEPS` steps the multistep solvers' (and a user's sampler's) default is `grids.FEW_STEP_GRID`
+(`register_sampler(few_step_grid=...)`, `Sampler.grid_for(steps)`; EDM's Heun family and the SDE chains keep their
+grid): with a handful of steps no spacing is free of the data's scale, and this one was chosen by the worst case
+over the same kind of family against diffusers' schedulers (benchmarks/few_step_grids.py). A grid tuned for the
+model and budget (`tune_grid`) is the better lever there.
 Grids: "time", "logsnr", "edm" (ρ), "quadratic", "sech" (width: one number or (noisy, clean); `sample`'s, else the
 sampler's), explicit times,
 or a grid file; `tune_grid(score_fn, sde, shape,
@@ -34,7 +38,7 @@ from . import fast, flow, multistep, pc, reverse_sde, stochastic  # noqa: F401  
 from .core import Constraint, CountingScore, FrameworkScore, sample
 from .fast import dpm_solver_pp_update
 from .flow import ode_decode, ode_encode
-from .grids import DEFAULT_GRID, EDM_RHO, GRIDS, SECH_WIDTH, load_grid, save_grid, sech_widths, solver_grid, time_grid
+from .grids import DEFAULT_GRID, EDM_RHO, FEW_STEP_GRID, FEW_STEPS, GRIDS, SECH_WIDTH, load_grid, save_grid, sech_widths, solver_grid, time_grid
 from .pc import CORRECTORS, PREDICTORS
 from .registry import SAMPLERS, Sampler, parse_entry, parse_spec, register_sampler
 from .reverse_sde import SDE_METHODS
@@ -72,6 +76,8 @@ def sampler_table() -> str:
         module = sampler.fn.__module__.rsplit(".", 1)[-1] + ".py"
         steps = "adaptive" if sampler.adaptive else "the SDE's N" if sampler.steps is None else sampler.steps
         grid = "(ends only)" if sampler.adaptive else sampler.grid
+        if not sampler.adaptive and sampler.few_step_grid not in (None, sampler.grid):
+            grid += f"; {sampler.few_step_grid} up to {FEW_STEPS} steps"
         rows.append(f"| `{name}` | {module} | {what} | {calls} | {grid} | {steps} |")
     return "\n".join(rows)
 
@@ -81,5 +87,5 @@ __doc__ = __doc__.replace("SAMPLER_TABLE", sampler_table())
 __all__ = ["sample", "register_sampler", "SAMPLERS", "Sampler", "parse_spec", "parse_entry", "options_from_config",
            "settings_from_config", "check_config", "Constraint", "CountingScore", "FrameworkScore", "time_grid",
            "solver_grid", "GRIDS", "SECH_WIDTH", "sech_widths", "tune_grid", "steps_for_nfe", "sampler_table",
-           "DEFAULT_GRID", "load_grid", "save_grid", "EDM_RHO", "tweedie_denoise", "ode_encode", "ode_decode", "dpm_solver_pp_update",
+           "DEFAULT_GRID", "FEW_STEP_GRID", "FEW_STEPS", "load_grid", "save_grid", "EDM_RHO", "tweedie_denoise", "ode_encode", "ode_decode", "dpm_solver_pp_update",
            "PREDICTORS", "CORRECTORS", "SDE_METHODS", "ODE_BACKENDS", "ODE_RTOL", "ODE_ATOL", "dopri5", "scipy_rk45"]

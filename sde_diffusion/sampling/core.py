@@ -179,7 +179,7 @@ def _timesteps(sde: SDE, sampler: Sampler, steps: Optional[int], eps: Optional[f
     if not (0.0 <= eps < sde.T and sde.sigma(torch.tensor(eps, dtype=torch.float64)).item() > 0):
         raise ValueError(f"eps must lie in [0, T={sde.T}) where σ(eps) > 0 (so eps > 0 unless the process is noisy "
                          f"at 0, as the 'linear_chain' VP), got {eps}")
-    return make_grid(sde, grid, sampler.grid, steps, eps, rho, device, width)
+    return make_grid(sde, grid, sampler.grid_for(steps), steps, eps, rho, device, width)
 
 
 def sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str = "pc", *, steps: Optional[int] = None,

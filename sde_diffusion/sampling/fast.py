@@ -144,7 +144,7 @@ def heun_segment(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, times: torch.Tens
     return x
 
 
-@register_sampler("heun", grid="edm", steps=60)
+@register_sampler("heun", grid="edm", steps=60, few_step_grid=None)
 def heun_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """EDM's deterministic 2nd-order sampler (Karras et al. 2022, Algorithm 1) for any α(t), σ(t), on a grid
     spaced in (σ/α)^{1/ρ} by default: `heun_segment` without churn, the last step Euler. 2·steps − 1 score calls.

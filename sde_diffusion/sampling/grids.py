@@ -9,7 +9,6 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..parameterization import EDM_SIGMA_DATA
 from ..sdes import SDE
 
 # The spacings a grid may be named by (`solver_grid`).
@@ -23,13 +22,21 @@ GRIDS = GRID_NAMES
 DEFAULT_GRID = "logsnr"
 # EDM's exponent for the σ/α grid (Karras et al. 2022, eq. 5).
 EDM_RHO = 7.0
-# The σ/α on which the "sech" spacing centres its steps: EDM's σ_data, the scale of data in [−1, 1] (λ = log 2).
-SECH_CENTER_SIGMA = EDM_SIGMA_DATA
+# The σ/α on which the "sech" spacing centres its steps (λ_d = −log 0.35 ≈ 1.05), chosen with its widths below.
+SECH_CENTER_SIGMA = 0.35
+# Up to this many steps a sampler runs on FEW_STEP_GRID unless it registers otherwise or the caller names a grid:
+# with a handful of steps no spacing is free of the data's scale; λ-uniform and ρ = 7 grids put a step where the ODE
+# is nearly linear (σ/α ≫ 1) and one where the data are resolved (σ/α ≪ 0.1), and miss the modes forming in
+# between when they are wide. Chosen by the worst ratio, over random mixtures, of sliced W₂ to diffusers' best
+# scheduler at NFE 5 and 6, and better than λ-uniform by the same worst case at every NFE up to 10
+# (benchmarks/few_step_grids.py, BENCHMARKS.md).
+FEW_STEPS = 10
+FEW_STEP_GRID = "sech"
 # Widths (in λ) of the "sech" spacing on its noisy (λ < λ_d) and clean (λ > λ_d) sides unless a sampler registers
-# its own (`register_sampler(width=...)`) or the caller gives them. The noisy side is wide because images need
-# several steps between the prior and σ/α ≈ 1 (on the digits model a width of 1 there costs DPM-Solver++ FID 131
-# against 55 at NFE 10).
-SECH_WIDTH = (3.0, 1.0)
+# its own (`register_sampler(width=...)`) or the caller gives them: those of the few-step default, chosen with it
+# (30 % more or less on either side, or on the centre, loses on some member; a clean side of 0.7 starves narrow
+# modes of steps).
+SECH_WIDTH = (4.0, 1.0)
 Width = Union[float, Sequence[float], str]
 
 
@@ -128,6 +135,12 @@ def explicit_grid(sde: SDE, times, steps: Optional[int], device=None) -> torch.T
         raise ValueError(f"steps={steps} disagrees with the given grid of {len(ts)} times ({len(ts) - 1} steps): "
                          "leave steps unset")
     return ts
+
+
+def default_spacing(steps: int, grid: str = DEFAULT_GRID, few_step_grid: Optional[str] = FEW_STEP_GRID) -> str:
+    """The spacing a sampler registered with (grid, few_step_grid) runs `steps` steps on when the caller names none:
+    few_step_grid up to FEW_STEPS steps (unless None), grid above."""
+    return few_step_grid if few_step_grid is not None and steps <= FEW_STEPS else grid
 
 
 def make_grid(sde: SDE, grid: Union[str, torch.Tensor, None], default: str, steps: int, eps: float,

@@ -100,7 +100,7 @@ def no_corrector(score_fn, sde, x, t, generator, snr, n_steps):
     return x
 
 
-@register_sampler("pc", grid="time")
+@register_sampler("pc", grid="time", few_step_grid=None)
 def pc_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor, *,
                predictor: PredictorName = "euler_maruyama", corrector: CorrectorName = "none", snr: float = 0.16,
                n_steps: int = 1, probability_flow: bool = False, generator=None) -> torch.Tensor:
@@ -119,7 +119,7 @@ def pc_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Te
     return x
 
 
-@register_sampler("ancestral", grid="time")
+@register_sampler("ancestral", grid="time", few_step_grid=None)
 def ancestral_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor, *,
                       noise_last: bool = False, generator=None) -> torch.Tensor:
     """x_{i+1} = (x_i + σ_{t|s}²·s(x_i, t_i))/α_{t|s} + std·z along the grid; the last step returns the mean (no

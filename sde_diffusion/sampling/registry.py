@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from .grids import DEFAULT_GRID, GRID_NAMES, Width, sech_widths
+from .grids import DEFAULT_GRID, FEW_STEP_GRID, GRID_NAMES, Width, default_spacing, sech_widths
 
 # Keywords of `sample` (the framework's); a sampler may not use them as option names.
 RESERVED = ("steps", "eps", "denoise", "device", "dtype", "progress", "callback", "grid", "rho", "width", "x_T", "method",
@@ -43,7 +43,9 @@ class Option:
 @dataclass(frozen=True)
 class Sampler:
     """A registered sampler: `fn`, its options, whether it takes the generator and the constraint, its default
-    time grid (GRID_NAMES) with the (noisy-side, clean-side) widths of its "sech" spacing (None: grids.SECH_WIDTH),
+    time grid (GRID_NAMES), the one it takes up to grids.FEW_STEPS steps (`few_step_grid`; None: `grid` at any
+    count; `grid_for(steps)` says which applies), the (noisy-side, clean-side) widths of its "sech" spacing (None:
+    grids.SECH_WIDTH),
     its documented step count `steps` (`sample`'s default; None: the SDE's N) and whether it is adaptive (chooses
     its own steps and score calls; only the grid's ends matter). Calling it runs `fn` directly (no framework: no
     constraint, counting, progress or callback) with checked options."""
@@ -57,6 +59,11 @@ class Sampler:
     adaptive: bool = False
     width: Optional[Tuple[float, float]] = None
     steps: Optional[int] = None
+    few_step_grid: Optional[str] = FEW_STEP_GRID
+
+    def grid_for(self, steps: int) -> str:
+        """The spacing of a `steps`-step grid when the caller names none."""
+        return default_spacing(steps, self.grid, self.few_step_grid)
 
     def check_options(self, options: Dict[str, Any]) -> Dict[str, Any]:
         """options with config-string values converted; ValueError naming the sampler, option and valid options."""
@@ -89,19 +96,24 @@ SAMPLERS: Dict[str, Sampler] = {}
 
 def register_sampler(name: str, *, grid: str = DEFAULT_GRID, steps: Optional[int] = None,
                      width: Optional[Width] = None, adaptive: bool = False,
+                     few_step_grid: Optional[str] = FEW_STEP_GRID,
                      replace: bool = False) -> Callable[[Callable], Callable]:
     """Decorator: make `fn(score_fn, sde, x, timesteps, **options) -> x` the sampling method `name` everywhere
     (`sample`, `--mode sample/eval/compare`). grid: the default spacing of its time grid (grids.DEFAULT_GRID, the
     built-in solvers' spacing, unless it says otherwise); steps: its documented step count, `sample`'s default
-    (None: the SDE's N); width: that of its "sech" spacing (None: grids.SECH_WIDTH). adaptive: it picks its own
-    steps (steps and NFE budgets do not apply). Registering a taken name is a ValueError unless replace=True.
-    Returns fn unchanged."""
+    (None: the SDE's N); few_step_grid: its spacing up to grids.FEW_STEPS steps (grids.FEW_STEP_GRID, as the
+    built-ins'; None: `grid` at every count); width: that of its "sech" spacing (None: grids.SECH_WIDTH).
+    adaptive: it picks its own steps (steps and NFE budgets do not apply). Registering a taken name is a ValueError
+    unless replace=True. Returns fn unchanged."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"a sampler name must be an identifier such as 'my_euler', got {name!r}")
     if grid not in GRID_NAMES:
         raise ValueError(f"sampler {name!r}: default grid {grid!r} is not one of {list(GRID_NAMES)}")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"sampler {name!r}: steps={steps!r} must be a whole number ≥ 1 (or None: the SDE's N)")
+    if few_step_grid is not None and few_step_grid not in GRID_NAMES:
+        raise ValueError(f"sampler {name!r}: few_step_grid {few_step_grid!r} is not one of {list(GRID_NAMES)} "
+                         "(or None)")
     if width is not None:
         sech_widths(width)
 
@@ -109,7 +121,7 @@ def register_sampler(name: str, *, grid: str = DEFAULT_GRID, steps: Optional[int
         if name in SAMPLERS and not replace:
             raise ValueError(f"a sampler named {name!r} is already registered ({_where(SAMPLERS[name].fn)}): pick "
                              "another name or pass replace=True")
-        SAMPLERS[name] = sampler_from_function(name, fn, grid, adaptive, width, steps)
+        SAMPLERS[name] = sampler_from_function(name, fn, grid, adaptive, width, steps, few_step_grid)
         return fn
     return decorate
 
@@ -119,7 +131,8 @@ def _where(fn: Callable) -> str:
 
 
 def sampler_from_function(name: str, fn: Callable, grid: str = DEFAULT_GRID, adaptive: bool = False,
-                          width: Optional[Width] = None, steps: Optional[int] = None) -> Sampler:
+                          width: Optional[Width] = None, steps: Optional[int] = None,
+                          few_step_grid: Optional[str] = FEW_STEP_GRID) -> Sampler:
     """Read the options from fn's signature; a ValueError for a signature the framework cannot call."""
     params = list(inspect.signature(fn).parameters.values())
     positional = [p for p in params[:4] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -142,7 +155,8 @@ def sampler_from_function(name: str, fn: Callable, grid: str = DEFAULT_GRID, ada
             options[p.name] = Option(p.name, p.default, _literal_choices(hints.get(p.name)))
     names = {p.name for p in params}
     width = None if width is None else sech_widths(width)
-    return Sampler(name, fn, grid, options, "generator" in names, "constraint" in names, adaptive, width, steps)
+    return Sampler(name, fn, grid, options, "generator" in names, "constraint" in names, adaptive, width, steps,
+                   few_step_grid)
 
 
 def _type_hints(fn: Callable) -> Dict[str, Any]:

@@ -71,7 +71,7 @@ class _FlippedReverseSDE:
         return g[:, None].expand_as(y)
 
 
-@register_sampler("sde", grid="time")
+@register_sampler("sde", grid="time", few_step_grid=None)
 def torchsde_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor, *,
                      sde_method: SdeMethod = "euler", generator=None, constraint=None) -> torch.Tensor:
     """Reverse SDE with torchsde's fixed-step `euler`, `milstein` (derivative-free) or `srk` on the given grid

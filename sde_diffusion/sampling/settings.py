@@ -71,19 +71,19 @@ def _checked(sampler, name: str, value, key: str):
 
 def settings_from_config(config, sde) -> Dict[str, Any]:
     """Keyword arguments for `sample` from config.sampling: method, steps (None → the sampler's documented count,
-    else sde.N; with a grid file, its length), eps, denoise, the grid (sampling.grid or the sampler's default; ρ
+    else sde.N; with a grid file, its length), eps, denoise, the grid (sampling.grid or the sampler's default for that count; ρ
     when it is "edm", the width when it
     is "sech" and sampling.width is set) and the method's options."""
     s = config.sampling
     sampler = get_sampler_for_config(s.method)
     steps = s.steps if s.steps is not None else default_steps(sampler, sde)
-    settings = dict(method=s.method, steps=steps, eps=s.eps,
-                    denoise=s.noise_removal, grid=s.grid or sampler.grid)
+    grid = s.grid or sampler.grid_for(steps)
+    settings = dict(method=s.method, steps=steps, eps=s.eps, denoise=s.noise_removal, grid=grid)
     if s.grid is not None and s.grid not in GRIDS:  # a grid file: its times fix the steps and eps
         settings.update(steps=None if s.steps is None else s.steps, eps=None)
-    if (s.grid or sampler.grid) == "edm":
+    if grid == "edm":
         settings["rho"] = s.rho
-    if (s.grid or sampler.grid) == "sech" and s.width is not None:
+    if grid == "sech" and s.width is not None:
         settings["width"] = s.width
     settings.update(options_from_config(config))
     return settings

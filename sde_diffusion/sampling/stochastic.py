@@ -46,7 +46,7 @@ def dpm_solver_sde_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timeste
     return x
 
 
-@register_sampler("edm_sde", grid="edm", steps=120)
+@register_sampler("edm_sde", grid="edm", steps=120, few_step_grid=None)
 def edm_sde_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor, *,
                     s_churn: float = 40.0, s_min: float = 0.05, s_max: float = 50.0, s_noise: float = 1.0,
                     generator=None) -> torch.Tensor:
@@ -69,7 +69,7 @@ def edm_times(sde: SDE, sig_from: torch.Tensor, sig_to: torch.Tensor, steps: int
     return time_of(sde, (root_from + fraction * (root_to - root_from)) ** rho)
 
 
-@register_sampler("restart", grid="edm", steps=70)
+@register_sampler("restart", grid="edm", steps=70, few_step_grid=None)
 def restart_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.Tensor, *,
                     restart_min: float = 0.06, restart_max: float = 0.3, restarts: int = 2,
                     restart_steps: Optional[int] = None, generator=None) -> torch.Tensor:

@@ -62,18 +62,19 @@ def tune_grid(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str, nf
     Tweedie step), chosen to minimise the RMS distance of the solver's output to the probability-flow solution on
     shape[0] prior draws (seeded by `seed`). 1-D float64; `sample(..., grid=times)` uses them.
 
-    start: the spacing the search starts from (default: the sampler's own; rho and width as in `sample`). evaluations: solver runs allowed to the
-    search (default 60 per free time). report: if a dict, receives the start and final RMS errors and the runs made.
-    options: the sampler's own. The tuned grid is never worse than the start on this batch (the search keeps the
-    best point); on fresh draws it generalises when shape[0] is a few hundred or more.
+    start: the spacing the search starts from (default: the sampler's for that many steps; rho and width as in
+    `sample`). evaluations: solver runs allowed to the search (default 60 per free time). report: if a dict,
+    receives the start and final RMS errors and the runs made. options: the sampler's own. The tuned grid is never
+    worse than the start on this batch (the search keeps the best point); on fresh draws it generalises when
+    shape[0] is a few hundred or more.
     """
     sampler = get_sampler(method)
     options = sampler.check_options(options)
     steps = steps_for_nfe(sde, method, nfe, denoise=denoise, **options)
     eps = sde.default_eps if eps is None else float(eps)
-    spacing = start or sampler.grid
+    spacing = start or sampler.grid_for(steps)
     width = width if width is not None else sampler.width if sampler.width is not None else SECH_WIDTH
-    table = make_grid(sde, spacing, sampler.grid, TABLE_POINTS, eps, rho, width=width).numpy()  # t at u = j/points
+    table = make_grid(sde, spacing, spacing, TABLE_POINTS, eps, rho, width=width).numpy()  # t at u = j/points
     coordinate = np.linspace(0.0, 1.0, TABLE_POINTS + 1)
     z = sde.prior_sampling(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=dtype)
     z = z.to(device) if device is not None else z
