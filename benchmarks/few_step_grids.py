@@ -12,6 +12,8 @@ final step landing at eps (no denoising call: with a handful of steps the last s
     python benchmarks/few_step_grids.py select --members 0,3,4,6,7,8,11,14,21,23 --nfes 5,6
     # the defaults as they are, every fixed-step solver, beside the many-step defaults (λ-uniform, ρ = 7):
     python benchmarks/few_step_grids.py verify --members 1002,1003,1009,1017,1018,1019,1020 --nfes 5,6,8,10
+    # a centre fitted to the model instead (RMS to the probability-flow solution picks among PROBE_CENTRES):
+    python benchmarks/few_step_grids.py centres --members 1002,1003,1009,1017,1018,1019,1020 --nfes 5,6
 
 diffusers' results (and select's) are cached per case in --cache, so reruns only run what is new; --merge reads
 the caches of parallel runs (e.g. members split over two processes).
@@ -49,6 +51,7 @@ VERIFY_SOLVERS = {**SELECT_SOLVERS, "dpm_solver++ 2M": ("dpm_solver", dict(order
                   "deis": ("deis", {}), "ddim": ("ddim", {}), "heun": ("heun", {}),
                   "dpm_solver_sde": ("dpm_solver_sde", {}), "edm_sde": ("edm_sde", {})}
 CENTRES = (0.35, 0.5, 0.7, 1.0)
+PROBE_CENTRES = (0.1, 0.2, 0.35, 0.7, 1.4)  # `centres`: a centre fitted to the model, probed
 NOISY_WIDTHS = (2.5, 3.0, 4.0, 5.0)
 CLEAN_WIDTHS = (1.0, 1.5, 2.0, 3.0)
 # What `select` and `verify` found for the default (centre 0.35, widths (4, 1), up to 10 steps), on the selection
@@ -174,6 +177,37 @@ def verify(args, cache: Dict) -> List[str]:
     return lines
 
 
+def centres(args, cache: Dict) -> List[str]:
+    """Per member and NFE: the sech spacing (default widths) at each of PROBE_CENTRES, the centre an RMS fit would
+    pick (best of SELECT_SOLVERS against a tight probability-flow solution on 256 other draws), and each centre's
+    ratio to diffusers' best: does a centre fitted to the model beat the fixed one?"""
+    from sde_diffusion.sampling.flow import integrate_pf_ode
+    lines = ["| member | NFE | " + " | ".join(f"centre {c}: RMS / ratio" for c in PROBE_CENTRES) + " | picked |",
+             "|---|---|" + "---|" * (len(PROBE_CENTRES) + 1)]
+    for seed in args.members:
+        case = Case(seed)
+        z = case.sde.prior_sampling((256, case.mixture.dim), generator=torch.Generator().manual_seed(SEED + 7),
+                                    dtype=torch.float64)
+        reference = integrate_pf_ode(case.score_fn, case.sde, z, case.sde.T, case.sde.default_eps, rtol=1e-7,
+                                     atol=1e-7, backend="torch")
+        for nfe in args.nfes:
+            baseline, _ = theirs(case, nfe, cache)
+            rows = []
+            for centre in PROBE_CENTRES:
+                with sech_centre(centre):
+                    rms = min((sample(case.score_fn, case.sde, z.shape, m, steps=nfe, x_T=z, denoise=False,
+                                      dtype=torch.float64, **o)[0] - reference).pow(2).mean().sqrt().item()
+                              for m, o in SELECT_SOLVERS.values())
+                    ratio = min(case.ours(m, nfe, **o) for m, o in SELECT_SOLVERS.values()) / baseline
+                rows.append((centre, rms, ratio))
+            picked = min(rows, key=lambda r: r[1])
+            lines.append(f"| {seed} | {nfe} | " + " | ".join(f"{r:.3f} / {q:.2f}" for _, r, q in rows)
+                         + f" | {picked[0]}: {picked[2]:.2f} |")
+        print(f"member {seed} done", file=sys.stderr, flush=True)
+        save_cache(args.cache, cache)
+    return lines
+
+
 def save_cache(path: Path, cache: Dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(cache, indent=1))
@@ -182,7 +216,7 @@ def save_cache(path: Path, cache: Dict) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("select", "verify"))
+    parser.add_argument("mode", choices=("select", "verify", "centres"))
     parser.add_argument("--members", type=lambda s: [int(v) for v in s.split(",")], required=True)
     parser.add_argument("--nfes", type=lambda s: [int(v) for v in s.split(",")], default=[5, 6])
     parser.add_argument("--top", type=int, default=12, help="candidates listed by select")
@@ -196,7 +230,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     cache = {}
     for path in [args.cache, *args.merge]:
         cache.update(json.loads(path.read_text()) if path.exists() else {})
-    print("\n".join((select if args.mode == "select" else verify)(args, cache)))
+    print("\n".join({"select": select, "verify": verify, "centres": centres}[args.mode](args, cache)))
 
 
 if __name__ == "__main__":
