@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fast_samplers import diffusers_sample, diffusers_settings  # noqa: E402
 from sde_diffusion.metrics_toy import sliced_w2_noise_floor, sliced_w2_ratio  # noqa: E402
-from sde_diffusion.sampling import SAMPLERS, grids, sample  # noqa: E402
+from sde_diffusion.sampling import SAMPLERS, grids, sample, steps_for_nfe  # noqa: E402
 from sde_diffusion.sdes import VPSDE  # noqa: E402
 from sde_diffusion.toy import describe_mixture, random_mixture  # noqa: E402
 
@@ -69,6 +69,8 @@ DECIDING = {
 # diffusers settings left out: UniPC bh1 diverges on the chain's final step to σ = 0 and Heun is far behind at these
 # budgets (fast_samplers.py reports them).
 SKIPPED = ("bh1", "Heun")
+# `sample` keywords that shape the grid, not the step structure (steps_for_nfe takes the sampler's options only)
+GRID_KEYS = ("grid", "width")
 
 
 @contextlib.contextmanager
@@ -97,11 +99,11 @@ class Case:
         return value if math.isfinite(value) else math.inf
 
     def ours(self, method: str, nfe: int, **options) -> float:
-        """sliced W₂ of `method` at exactly nfe score calls, no denoising call (math.inf if it cannot)."""
-        steps = nfe if method not in ("heun", "edm_sde") else (nfe + 1) // 2
-        x, used = sample(self.score_fn, self.sde, self.z.shape, method, steps=steps, x_T=self.z, denoise=False,
-                         dtype=torch.float64, generator=torch.Generator().manual_seed(SEED + 1), **options)
-        return self.sw2(x) if used <= nfe else math.inf
+        """sliced W₂ of `method` with the most steps that fit nfe score calls, no denoising call."""
+        steps = steps_for_nfe(self.sde, method, nfe, **{k: v for k, v in options.items() if k not in GRID_KEYS})
+        x, _ = sample(self.score_fn, self.sde, self.z.shape, method, steps=steps, x_T=self.z, denoise=False,
+                      dtype=torch.float64, generator=torch.Generator().manual_seed(SEED + 1), **options)
+        return self.sw2(x)
 
     def diffusers_best(self, nfe: int) -> Tuple[float, str]:
         best = (math.inf, "—")
@@ -113,11 +115,23 @@ class Case:
         return best
 
 
-def theirs(case: Optional[Case], nfe: int, cache: Dict, seed: Optional[int] = None) -> Tuple[float, str]:
-    """diffusers' best sliced W₂ and its setting, from the cache when there (case may then be None: give seed)."""
-    key = f"{case.seed if case is not None else seed}@{nfe}@{POINTS}"
+class Cases:
+    """Members built on first use (select runs from its cache without building any)."""
+
+    def __init__(self):
+        self.built: Dict[int, Case] = {}
+
+    def __call__(self, seed: int) -> Case:
+        if seed not in self.built:
+            self.built = {seed: Case(seed)}  # one member at a time: they hold 20 000 draws each
+        return self.built[seed]
+
+
+def theirs(seed: int, nfe: int, cache: Dict, cases: Cases) -> Tuple[float, str]:
+    """diffusers' best sliced W₂ and its setting, from the cache when there."""
+    key = f"{seed}@{nfe}@{POINTS}"
     if key not in cache:
-        cache[key] = case.diffusers_best(nfe)
+        cache[key] = cases(seed).diffusers_best(nfe)
     return tuple(cache[key])
 
 
@@ -125,19 +139,16 @@ def select(args, cache: Dict) -> List[str]:
     """Every (centre, noisy, clean) candidate: the best of SELECT_SOLVERS per case over diffusers' best; worst first."""
     candidates = args.candidates or list(itertools.product(CENTRES, NOISY_WIDTHS, CLEAN_WIDTHS))
     ratios: Dict[tuple, Dict[str, float]] = {c: {} for c in candidates}
+    cases = Cases()
     for seed in args.members:
-        case = None
         for nfe in args.nfes:
+            baseline, _ = theirs(seed, nfe, cache, cases)
             for centre, noisy, clean in candidates:
                 key = f"ours {seed}@{nfe}@{POINTS} sech {centre}/{noisy}/{clean}"
                 if key not in cache:
-                    case = case or Case(seed)
                     with sech_centre(centre):
-                        cache[key] = min(case.ours(method, nfe, grid="sech", width=(noisy, clean), **options)
+                        cache[key] = min(cases(seed).ours(method, nfe, grid="sech", width=(noisy, clean), **options)
                                          for method, options in SELECT_SOLVERS.values())
-                if f"{seed}@{nfe}@{POINTS}" not in cache:
-                    case = case or Case(seed)
-                baseline, _ = theirs(case, nfe, cache, seed)
                 ratios[(centre, noisy, clean)][f"{seed}@{nfe}"] = cache[key] / baseline
         print(f"member {seed} done", file=sys.stderr, flush=True)
         save_cache(args.cache, cache)
@@ -157,11 +168,11 @@ def verify(args, cache: Dict) -> List[str]:
     and diffusers' best."""
     lines = ["| member | NFE | ours, default grids | ours, many-step grids | diffusers' best | ratio default | "
              "ratio many-step |", "|---|---|---|---|---|---|---|"]
-    worst = {}
+    worst, cases = {}, Cases()
     for seed in args.members:
-        case = Case(seed)
+        case = cases(seed)
         for nfe in args.nfes:
-            baseline, who = theirs(case, nfe, cache)
+            baseline, who = theirs(seed, nfe, cache, cases)
             default = min((case.ours(m, nfe, **o), name) for name, (m, o) in VERIFY_SOLVERS.items())
             paper = min((case.ours(m, nfe, grid=SAMPLERS[m].grid, **o), name)
                         for name, (m, o) in VERIFY_SOLVERS.items())
@@ -184,14 +195,15 @@ def centres(args, cache: Dict) -> List[str]:
     from sde_diffusion.sampling.flow import integrate_pf_ode
     lines = ["| member | NFE | " + " | ".join(f"centre {c}: RMS / ratio" for c in PROBE_CENTRES) + " | picked |",
              "|---|---|" + "---|" * (len(PROBE_CENTRES) + 1)]
+    cases = Cases()
     for seed in args.members:
-        case = Case(seed)
+        case = cases(seed)
         z = case.sde.prior_sampling((256, case.mixture.dim), generator=torch.Generator().manual_seed(SEED + 7),
                                     dtype=torch.float64)
         reference = integrate_pf_ode(case.score_fn, case.sde, z, case.sde.T, case.sde.default_eps, rtol=1e-7,
                                      atol=1e-7, backend="torch")
         for nfe in args.nfes:
-            baseline, _ = theirs(case, nfe, cache)
+            baseline, _ = theirs(seed, nfe, cache, cases)
             rows = []
             for centre in PROBE_CENTRES:
                 with sech_centre(centre):

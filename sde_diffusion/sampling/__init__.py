@@ -38,7 +38,8 @@ from . import fast, flow, multistep, pc, reverse_sde, stochastic  # noqa: F401  
 from .core import Constraint, CountingScore, FrameworkScore, sample
 from .fast import dpm_solver_pp_update
 from .flow import ode_decode, ode_encode
-from .grids import DEFAULT_GRID, EDM_RHO, FEW_STEP_GRID, FEW_STEPS, GRIDS, SECH_WIDTH, load_grid, save_grid, sech_widths, solver_grid, time_grid
+from .grids import (DEFAULT_GRID, EDM_RHO, FEW_STEP_GRID, FEW_STEPS, GRIDS, SECH_WIDTH, load_grid, save_grid,
+                    sech_widths, solver_grid, time_grid)
 from .pc import CORRECTORS, PREDICTORS
 from .registry import SAMPLERS, Sampler, parse_entry, parse_spec, register_sampler
 from .reverse_sde import SDE_METHODS
@@ -87,5 +88,6 @@ __doc__ = __doc__.replace("SAMPLER_TABLE", sampler_table())
 __all__ = ["sample", "register_sampler", "SAMPLERS", "Sampler", "parse_spec", "parse_entry", "options_from_config",
            "settings_from_config", "check_config", "Constraint", "CountingScore", "FrameworkScore", "time_grid",
            "solver_grid", "GRIDS", "SECH_WIDTH", "sech_widths", "tune_grid", "steps_for_nfe", "sampler_table",
-           "DEFAULT_GRID", "FEW_STEP_GRID", "FEW_STEPS", "load_grid", "save_grid", "EDM_RHO", "tweedie_denoise", "ode_encode", "ode_decode", "dpm_solver_pp_update",
+           "DEFAULT_GRID", "FEW_STEP_GRID", "FEW_STEPS", "load_grid", "save_grid", "EDM_RHO", "tweedie_denoise",
+           "ode_encode", "ode_decode", "dpm_solver_pp_update",
            "PREDICTORS", "CORRECTORS", "SDE_METHODS", "ODE_BACKENDS", "ODE_RTOL", "ODE_ATOL", "dopri5", "scipy_rk45"]
