@@ -1,6 +1,7 @@
 """Default grids against the papers' grids on a trained network: each deterministic solver's distance to a tight
 adaptive probability-flow solution from the same prior draws, at 10 and 20 score calls.
 
+The default grid is what `sample` runs when no grid is named (up to sampling.FEW_STEPS steps the few-step grid).
 The papers' grids: uniform t for DDIM, λ-uniform for DPM-Solver++, UniPC and DEIS, EDM's ρ = 7 for Heun and iPNDM.
 The error is the RMS distance per pixel (model space, [−1, 1]) at eps, without the final denoising step, over
 --num prior draws; the reference is the `ode` sampler (dopri5) at rtol = atol = --rtol from the same draws.
@@ -55,13 +56,14 @@ def run(config_path: Path, workdir: Path, num: int, rtol: float, seed: int) -> D
         for nfe in NFES:
             steps = sampling.steps_for_nfe(sde, method, nfe, **options)
             errors = {}
-            for name, grid in (("default", sampling.SAMPLERS[method].grid), ("paper", paper)):
+            default = sampling.SAMPLERS[method].grid_for(steps)  # what `sample` runs when no grid is named
+            for name, grid in (("default", None), ("paper", paper)):
                 with torch.no_grad():
                     x, used = sampling.sample(score_fn, sde, shape, method, steps=steps, grid=grid, x_T=z,
                                               denoise=False, **options)
                 errors[name] = (x - reference).pow(2).mean().sqrt().item()
             ratio = errors["default"] / errors["paper"]
-            rows.append(dict(solver=label, nfe=used, steps=steps, default_grid=sampling.SAMPLERS[method].grid,
+            rows.append(dict(solver=label, nfe=used, steps=steps, default_grid=default,
                              paper_grid=paper, rms_default=errors["default"], rms_paper=errors["paper"], ratio=ratio,
                              ok=ratio <= LIMIT))
             print(f"{label:14s} NFE {used:3d}: default ({rows[-1]['default_grid']}) {errors['default']:.4f}, paper "

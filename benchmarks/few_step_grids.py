@@ -8,11 +8,14 @@ its noise floor (≈ 1 for exact samples). diffusers' best is the smallest over 
 (fast_samplers.py drives them with the exact ε of the chain). Ours is the best of our fixed-step solvers with the
 final step landing at eps (no denoising call: with a handful of steps the last solver step is the denoising step).
 
-    # candidate (centre σ/α, noisy width, clean width) of the "sech" spacing, worst ratio over the members:
+    # candidate (centre σ/α, noisy width, clean width) of the fixed "sech" spacing, worst over the members:
     python benchmarks/few_step_grids.py select --members 0,3,4,6,7,8,11,14,21,23 --nfes 5,6
     # the defaults as they are, every fixed-step solver, beside the many-step defaults (λ-uniform, ρ = 7):
-    python benchmarks/few_step_grids.py verify --members 1002,1003,1009,1017,1018,1019,1020 --nfes 5,6,8,10
-    # a centre fitted to the model instead (RMS to the probability-flow solution picks among PROBE_CENTRES):
+    python benchmarks/few_step_grids.py verify --members 1002,1003,1009,1017,1018,1019,1020 --nfes 5,6,8,9,10
+    # the "auto" spacing (the default: a sech centre measured on the model), its factor and widths:
+    python benchmarks/few_step_grids.py autos --members 0,3,4,6,7,8,11,14,21,23 --nfes 5,6 \
+        --autos 1.2/4/1,1.0/4/1,1.4/4/1,0.84/4/1,1.56/4/1,1.2/2.8/1,1.2/5.2/1,1.2/4/0.7,1.2/4/1.3
+    # probe: a centre picked by RMS to the probability-flow solution among PROBE_CENTRES (not what "auto" does):
     python benchmarks/few_step_grids.py centres --members 1002,1003,1009,1017,1018,1019,1020 --nfes 5,6
 
 diffusers' results (and select's) are cached per case in --cache, so reruns only run what is new; --merge reads
@@ -54,17 +57,18 @@ CENTRES = (0.35, 0.5, 0.7, 1.0)
 PROBE_CENTRES = (0.1, 0.2, 0.35, 0.7, 1.4)  # `centres`: a centre fitted to the model, probed
 NOISY_WIDTHS = (2.5, 3.0, 4.0, 5.0)
 CLEAN_WIDTHS = (1.0, 1.5, 2.0, 3.0)
-# What `select` and `verify` found for the default (centre 0.35, widths (4, 1), up to 10 steps), on the selection
-# members where a 30 % change shows: (member, NFE) → (diffusers' best sliced W₂ and its setting, the default's
-# ratio to it). Mutants, ratio on the case that catches them: noisy width 2.8 → 1.33 on (6, 5); 5.2 → 1.39 on
-# (8, 5); clean width 0.7 → 2.39 on (21, 6); 1.3 → 1.35 on (6, 5); centre 0.245 → 1.36 on (6, 5); 0.455 → 1.70
-# on (21, 6); λ-uniform from 8 steps (FEW_STEPS 7, 30 % fewer) → 1.02 on (6, 8). tests/test_default_grids.py
-# checks these ratios with a small margin.
+# What `autos` and `verify` found for the default ("auto": AUTO_CENTRE_FACTOR 1.2, widths (4, 1), up to 8 steps) on
+# the cases where a 30 % change shows: (member, NFE) → (diffusers' best sliced W₂ and its setting, the default's
+# ratio to it). Mutants, ratio on the case that catches them: noisy width 2.8 → 0.93 on (1003, 5); 5.2 → 1.02 on
+# (1009, 6); clean width 0.7 → 1.10 on (1019, 6); 1.3 → 0.86 on (1003, 6); factor 0.84 → 0.90 on (1003, 5);
+# 1.56 → 0.99 on (1019, 6); λ-uniform from 7 steps (FEW_STEPS 6, 25 % fewer) → 1.32 on (6, 7). Selection member 6,
+# verification members 1003, 1009 and 1019. tests/test_default_grids.py checks these ratios with a small margin.
 DECIDING = {
-    (6, 5): (1.5385, "UniPCMultistep bh2 (leading)", 1.19),
-    (8, 5): (3.3181, "DPMSolverMultistep 3M (λ-uniform, leading)", 1.10),
-    (21, 6): (2.1590, "DPMSolverMultistep 3M (λ-uniform, leading)", 1.19),
-    (6, 8): (1.3224, "UniPCMultistep bh2 (leading)", 0.83),
+    (1003, 5): (2.2272, "UniPCMultistep bh2 (leading)", 0.81),
+    (1003, 6): (1.8702, "DPMSolverMultistep 3M (leading)", 0.73),
+    (1009, 6): (1.5968, "DPMSolverMultistep 3M (λ-uniform, leading)", 0.90),
+    (1019, 6): (1.4252, "UniPCMultistep bh2 (trailing)", 0.83),
+    (6, 7): (1.3720, "UniPCMultistep bh2 (leading)", 0.97),
 }
 # diffusers settings left out: UniPC bh1 diverges on the chain's final step to σ = 0 and Heun is far behind at these
 # budgets (fast_samplers.py reports them).
@@ -220,6 +224,43 @@ def centres(args, cache: Dict) -> List[str]:
     return lines
 
 
+def autos(args, cache: Dict) -> List[str]:
+    """Per candidate (AUTO_CENTRE_FACTOR, noisy width, clean width) of the "auto" spacing: the best of
+    SELECT_SOLVERS over diffusers' best, per case; worst first (each member's measured data scale σ̃_q is printed)."""
+    from sde_diffusion.sampling import auto_grid
+    candidates = args.autos
+    ratios: Dict[tuple, Dict[str, float]] = {c: {} for c in candidates}
+    cases, scales = Cases(), {}
+    for seed in args.members:
+        for nfe in args.nfes:
+            baseline, _ = theirs(seed, nfe, cache, cases)
+            for factor, noisy, clean in candidates:
+                key = f"ours {seed}@{nfe}@{POINTS} auto-weighted {factor}/{noisy}/{clean}/{auto_grid.AUTO_QUANTILE}"
+                if key not in cache:
+                    case, saved = cases(seed), auto_grid.AUTO_CENTRE_FACTOR
+                    auto_grid.AUTO_CENTRE_FACTOR = factor
+                    try:
+                        cache[key] = min(case.ours(method, nfe, grid="auto", width=(noisy, clean), **options)
+                                         for method, options in SELECT_SOLVERS.values())
+                    finally:
+                        auto_grid.AUTO_CENTRE_FACTOR = saved
+                    scales[seed] = auto_grid.auto_centre(case.score_fn, case.sde, case.z.shape,
+                                                         dtype=case.z.dtype) / saved
+                ratios[(factor, noisy, clean)][f"{seed}@{nfe}"] = cache[key] / baseline
+        print(f"member {seed} done" + (f": σ̃_q = {scales[seed]:.3f}" if seed in scales else ""), file=sys.stderr,
+              flush=True)
+        save_cache(args.cache, cache)
+    ranked = sorted(candidates, key=lambda c: (max(ratios[c].values()), sorted(ratios[c].values())[-2]))
+    cells = list(ratios[candidates[0]])
+    lines = ["| factor | widths (noisy, clean) | worst | second worst | " + " | ".join(cells) + " |",
+             "|---|---|---|---|" + "---|" * len(cells)]
+    for c in ranked:
+        values = sorted(ratios[c].values())
+        lines.append(f"| {c[0]} | ({c[1]}, {c[2]}) | {values[-1]:.2f} | {values[-2]:.2f} | "
+                     + " | ".join(f"{ratios[c][k]:.2f}" for k in cells) + " |")
+    return lines
+
+
 def save_cache(path: Path, cache: Dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(cache, indent=1))
@@ -228,13 +269,16 @@ def save_cache(path: Path, cache: Dict) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("select", "verify", "centres"))
+    parser.add_argument("mode", choices=("select", "verify", "centres", "autos"))
     parser.add_argument("--members", type=lambda s: [int(v) for v in s.split(",")], required=True)
     parser.add_argument("--nfes", type=lambda s: [int(v) for v in s.split(",")], default=[5, 6])
     parser.add_argument("--top", type=int, default=12, help="candidates listed by select")
     parser.add_argument("--candidates", type=lambda s: [tuple(float(v) for v in c.split("/")) for c in s.split(",")],
                         default=None, help="select: these centre/noisy/clean triples instead of the product of "
                                            "CENTRES, NOISY_WIDTHS and CLEAN_WIDTHS, e.g. 0.5/5/1,0.5/3.5/1")
+    parser.add_argument("--autos", type=lambda s: [tuple(float(v) for v in c.split("/")) for c in s.split(",")],
+                        default=[(f, 4.0, 1.0) for f in (0.84, 1.0, 1.2, 1.4, 1.56)],
+                        help="autos: factor/noisy/clean triples of the auto spacing, e.g. 1.2/4/1,0.84/4/1")
     parser.add_argument("--cache", type=Path, default=Path("few_step_grids_cache.json"))
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="other caches to read (parallel runs)")
     args = parser.parse_args(argv)
@@ -242,7 +286,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     cache = {}
     for path in [args.cache, *args.merge]:
         cache.update(json.loads(path.read_text()) if path.exists() else {})
-    print("\n".join({"select": select, "verify": verify, "centres": centres}[args.mode](args, cache)))
+    modes = {"select": select, "verify": verify, "centres": centres, "autos": autos}
+    print("\n".join(modes[args.mode](args, cache)))
 
 
 if __name__ == "__main__":

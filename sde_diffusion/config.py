@@ -65,10 +65,11 @@ def default_config() -> ml_collections.ConfigDict:
     sampling.eta = 0.0  # ddim: 0 deterministic, > 0 stochastic (1: ancestral with the posterior variance)
     sampling.order = 3  # dpm_solver: DPM-Solver++ order 1, 2 or 3
     sampling.rho = 7.0  # grid "edm" (heun's default): EDM's ρ of the σ/α grid
-    # time | logsnr | edm | quadratic | sech spacing of the time grid, or a grid file (.json, from
-    # --mode tune_grid); None → the sampler's default
+    # time | logsnr | edm | quadratic | sech | auto spacing of the time grid (auto: sech centred at the model's
+    # data scale, measured on first use), or a grid file (.json, from --mode tune_grid); None → the sampler's default
     sampling.grid = placeholder(str)
-    # grid "sech": its widths in log-SNR, one number or (noisy side, clean side); None → the sampler's default
+    # grid "sech" or "auto": its widths in log-SNR, one number or (noisy side, clean side); None → the sampler's
+    # default
     sampling.width = placeholder(object)
     sampling.options = ""  # "option=value,..." for the method's own options (e.g. a registered sampler's)
     # --mode sample, conditional (sde_diffusion/controllable.py): inpaint or colourize test images (or one image)

@@ -9,6 +9,7 @@ member. A documented count cut by 30 % must fail the same check, so the counts a
 can see. Also: the registry's counts are what `sample` and the docstring table use, and a user's sampler gets the
 built-ins' default grid.
 """
+import functools
 import statistics
 import sys
 from pathlib import Path
@@ -166,7 +167,8 @@ def test_user_sampler_gets_the_builtins_grid_and_its_own_count():
         _, nfe = sampling.sample(_zero_score, sde, (2, 2), "test_grid_euler", denoise=False,
                                  callback=lambda i, t, x: seen.append(t.item()))
         assert nfe == 5 and sampling.FEW_STEPS >= 5 and sampler.grid_for(5) == sampling.FEW_STEP_GRID
-        expected = sampling.solver_grid(sde, sampling.time_grid(sde, 5, sde.default_eps), sampling.FEW_STEP_GRID)
+        expected = sampling.solver_grid(sde, sampling.time_grid(sde, 5, sde.default_eps), sampling.FEW_STEP_GRID,
+                                        centre=sampling.auto_centre(_zero_score, sde, (2, 2)))
         assert torch.allclose(torch.tensor(seen, dtype=torch.float64), expected[1:], rtol=1e-6)
         seen.clear()
         sampling.sample(_zero_score, sde, (2, 2), "test_grid_euler", steps=sampling.FEW_STEPS + 1, denoise=False,
@@ -214,15 +216,22 @@ def test_few_step_counts_run_on_the_few_step_grid():
     assert sampling.settings_from_config(config, sde)["grid"] == "edm"
 
 
+@functools.lru_cache(maxsize=1)
+def few_step_member(seed: int) -> "few_step_grids.Case":
+    """A member's 20 000 draws and scorer, kept for the next case on the same member."""
+    return few_step_grids.Case(seed)
+
+
 @pytest.mark.parametrize("case", sorted(few_step_grids.DECIDING))
 def test_few_step_default_holds_its_selection_cases(case):
-    """On the selection cases where a 30 % change of either sech width shows (few_step_grids.DECIDING), the best of
-    the solvers the default was chosen with, at the default grid (no grid named), stays within 0.04 of its recorded
-    ratio to diffusers' best sliced W₂ (recorded: diffusers is not run here). Each mutant raises one of them by
-    0.06 or more; the sampling is deterministic (fixed draws), so the margin only absorbs arithmetic."""
+    """On the cases where a 30 % change of a sech width, of AUTO_CENTRE_FACTOR or of FEW_STEPS shows
+    (few_step_grids.DECIDING: selection and verification members), the best of the solvers the default was chosen
+    with, at the default grid (no grid named: "auto"), stays within 0.04 of its recorded ratio to diffusers' best
+    sliced W₂ (recorded: diffusers is not run here). Each mutant raises one of them by 0.06 or more; the sampling is
+    deterministic (fixed draws), so the margin only absorbs arithmetic."""
     seed, nfe = case
     baseline, who, ratio = few_step_grids.DECIDING[case]
-    member = few_step_grids.Case(seed)
+    member = few_step_member(seed)
     ours = min(member.ours(method, nfe, **options) for method, options in few_step_grids.SELECT_SOLVERS.values())
     assert ours / baseline <= ratio + 0.04, (f"member {seed} ({describe_mixture(member.mixture)}) at NFE {nfe}: "
                                              f"{ours:.3f} against {who}'s {baseline:.3f}: ratio {ours / baseline:.2f},"

@@ -90,8 +90,9 @@ def test_callback_and_progress_fire_once_per_step(capsys, monkeypatch):
     monkeypatch.setattr(progress, "on_terminal", lambda: True)  # a bar, as on a terminal
     sde, seen = VPSDE(), []
     x, _ = draw(sde, steps=6, denoise=False, progress=True, callback=lambda i, t, x: seen.append((i, t.item(), x)))
-    spacing = sampling.SAMPLERS["user_euler"].grid_for(6)  # a user's sampler: the built-ins' rule (few-step grid)
-    grid = sampling.solver_grid(sde, sampling.time_grid(sde, 6, sde.default_eps), spacing)
+    assert sampling.SAMPLERS["user_euler"].grid_for(6) == "auto"  # a user's sampler: the built-ins' rule
+    centre = sampling.auto_centre(default_mixture().marginal_score_fn(sde), sde, (64, 2))
+    grid = sampling.solver_grid(sde, sampling.time_grid(sde, 6, sde.default_eps), "auto", centre=centre)
     assert [i for i, _, _ in seen] == list(range(6))
     assert [t for _, t, _ in seen] == grid[1:].tolist()
     assert torch.equal(seen[-1][2], x)  # the last call gets the returned sample

@@ -48,8 +48,8 @@ def run(config, workdir, eval_folder: str = "compare") -> None:
 def entry_settings(config, entry: SamplerEntry) -> Dict:
     """Keyword arguments of `sample` for one row: the entry's method, steps and options, eps and denoise from
     config.sampling, and the grid: the entry's grid= option, else sampling.grid, else default_spacing (with
-    sampling.rho for "edm", sampling.width for "sech", eps from a grid file). ConfigError when a grid file's step
-    count is not the entry's."""
+    sampling.rho for "edm", sampling.width for "sech" and "auto", eps from a grid file). ConfigError when a grid
+    file's step count is not the entry's."""
     s = config.sampling
     grid = entry.options.get("grid") or s.grid or default_spacing(entry.steps)
     settings = dict(method=entry.method, steps=entry.steps, eps=s.eps, denoise=s.noise_removal, grid=grid)
@@ -58,7 +58,7 @@ def entry_settings(config, entry: SamplerEntry) -> Dict:
         settings["eps"] = None  # the file's last time
     if grid == "edm":
         settings["rho"] = s.rho
-    if grid == "sech" and s.width is not None:
+    if grid in ("sech", "auto") and s.width is not None:
         settings["width"] = s.width
     return {**settings, **entry.options}
 

@@ -115,6 +115,14 @@ def make_conditioning(config, sde, model, dataset, workdir: Path, device, *,
                         prompt_tokens=prompt_tokens)
 
 
+def resolve_grid(config, sde, conditioning, dataset, settings: Dict, device) -> Dict:
+    """settings with an "auto" grid (sampling/auto_grid.py) fitted once, to round 0's score function at a full
+    round's shape: every round, rank and resumption then runs the same times."""
+    n = config.eval.batch_size
+    return sampling.resolve_auto(settings, conditioning.score_fn(0, n, device), sde, (n, *dataset.shape),
+                                 device=device)
+
+
 def draw_samples(config, sde, model, dataset, num: int, device, seed: int,
                  conditioning: Optional[Conditioning] = None) -> Tuple[torch.Tensor, int]:
     """num samples in [0, 1] (images) or data space (toy), generated in rounds of eval.batch_size."""
@@ -122,6 +130,7 @@ def draw_samples(config, sde, model, dataset, num: int, device, seed: int,
     conditioning = conditioning or Conditioning(config, sde, model, dataset)
     generator = torch.Generator(device=device).manual_seed(seed)
     settings, chunks, nfe = sampler_settings(config, sde), [], 0
+    settings = resolve_grid(config, sde, conditioning, dataset, settings, device)
     for start in range(0, num, config.eval.batch_size):
         n = min(config.eval.batch_size, num - start)
         x, nfe = sampling.sample(conditioning.score_fn(start, n, device), sde, (n, *dataset.shape),
@@ -157,12 +166,14 @@ def generate_and_score(config, sde, conditioning, dataset, device, folder: Path,
     from evaluation.rounds import run_in_rounds
     from evaluation.sample_quality import toy_scores
 
+    resolved = resolve_grid(config, sde, conditioning, dataset, settings, device)
+
     def make_round(r: int, n: int) -> Dict[str, np.ndarray]:
         round_start = time.time()
         generator = torch.Generator(device=device).manual_seed(round_seed(*seed_keys, r))
         score_fn = conditioning.score_fn(r * config.eval.batch_size, n, device)
         x, nfe = sampling.sample(score_fn, sde, (n, *dataset.shape), generator=generator, device=device,
-                                 progress=True, **settings)
+                                 progress=True, **resolved)
         samples = dataset.from_model(x).cpu()
         result = {"samples": samples.numpy(), "nfe": np.full(n, nfe),
                   "sample_seconds": np.full(n, (time.time() - round_start) / n)}  # per sample, so sums add up
@@ -170,7 +181,9 @@ def generate_and_score(config, sde, conditioning, dataset, device, folder: Path,
             result.update(round_features(metrics, samples))
         return result
 
+    fitted = resolved.get("grid") is not settings.get("grid")  # an "auto" grid: its times are part of the result
     fingerprint = {**fingerprint, "sampler": settings, "seed_keys": list(seed_keys),
+                   **({"grid_times": resolved["grid"].tolist()} if fitted else {}),
                    "round_size": config.eval.batch_size,
                    "inception_sha256": metrics.weights.sha256 if metrics else None}
     if conditioning.describe():

@@ -156,6 +156,8 @@ def sample_conditional(config, sde, model, dataset, device, path: Path, out: Pat
     generator = torch.Generator(device=device).manual_seed(config.seed)
     settings = builder.sampler_settings(config, sde)
     originals, mask = conditioning_inputs(config, dataset)
+    first = originals[:config.eval.batch_size]
+    settings = sampling.resolve_auto(settings, score_fn, sde, tuple(first.shape), device=device)  # one grid for all
     chunks, nfe = [], 0
     for start in range(0, len(originals), config.eval.batch_size):
         batch = originals[start:start + config.eval.batch_size].to(device)

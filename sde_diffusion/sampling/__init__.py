@@ -24,18 +24,21 @@ sampler is within ±0.03 nats/dim (±0.04 below d = 8) of the exact density. A s
 `grids.DEFAULT_GRID` unless it declares another, so comparisons put it on the built-ins' grid. Up to
 `grids.FEW_STEPS` steps the multistep solvers' (and a user's sampler's) default is `grids.FEW_STEP_GRID`
 (`register_sampler(few_step_grid=...)`, `Sampler.grid_for(steps)`; EDM's Heun family and the SDE chains keep their
-grid): with a handful of steps no spacing is free of the data's scale, and this one was chosen by the worst case
-over the same kind of family against diffusers' schedulers (benchmarks/few_step_grids.py). A grid tuned for the
-model and budget (`tune_grid`) is the better lever there.
+grid): with a handful of steps no spacing is free of the data's scale, so this one, "auto", is the "sech" spacing
+centred at the model's data scale, measured on first use (auto_grid.py: AUTO_PROBE_STEPS score calls on one batch,
+cached on the score function; `resolve_auto` fixes it once for jobs that build a score function per batch). Its
+rule was chosen by the worst case over the same kind of family against diffusers' schedulers
+(benchmarks/few_step_grids.py). A grid tuned for the model and budget (`tune_grid`) goes further.
 Grids: "time", "logsnr", "edm" (ρ), "quadratic", "sech" (width: one number or (noisy, clean); `sample`'s, else the
-sampler's), explicit times,
+sampler's), "auto", explicit times,
 or a grid file; `tune_grid(score_fn, sde, shape,
 method, nfe)` fits the times to a model and budget (tuning.py), `steps_for_nfe` converts a budget into steps.
 """
 from ..ode import BACKENDS as ODE_BACKENDS
 from ..ode import ODE_ATOL, ODE_RTOL, dopri5, scipy_rk45
 from . import fast, flow, multistep, pc, reverse_sde, stochastic  # noqa: F401  (registers the built-in samplers)
-from .core import Constraint, CountingScore, FrameworkScore, sample
+from .auto_grid import AUTO_CENTRE_FACTOR, AUTO_PROBE_STEPS, AUTO_QUANTILE, auto_centre
+from .core import Constraint, CountingScore, FrameworkScore, resolve_auto, sample
 from .fast import dpm_solver_pp_update
 from .flow import ode_decode, ode_encode
 from .grids import (DEFAULT_GRID, EDM_RHO, FEW_STEP_GRID, FEW_STEPS, GRIDS, SECH_WIDTH, load_grid, save_grid,
@@ -88,6 +91,7 @@ __doc__ = __doc__.replace("SAMPLER_TABLE", sampler_table())
 __all__ = ["sample", "register_sampler", "SAMPLERS", "Sampler", "parse_spec", "parse_entry", "options_from_config",
            "settings_from_config", "check_config", "Constraint", "CountingScore", "FrameworkScore", "time_grid",
            "solver_grid", "GRIDS", "SECH_WIDTH", "sech_widths", "tune_grid", "steps_for_nfe", "sampler_table",
+           "auto_centre", "resolve_auto", "AUTO_CENTRE_FACTOR", "AUTO_PROBE_STEPS", "AUTO_QUANTILE",
            "DEFAULT_GRID", "FEW_STEP_GRID", "FEW_STEPS", "load_grid", "save_grid", "EDM_RHO", "tweedie_denoise",
            "ode_encode", "ode_decode", "dpm_solver_pp_update",
            "PREDICTORS", "CORRECTORS", "SDE_METHODS", "ODE_BACKENDS", "ODE_RTOL", "ODE_ATOL", "dopri5", "scipy_rk45"]

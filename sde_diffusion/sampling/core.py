@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import time as time_module
 from pathlib import Path
-from typing import Callable, Optional, Protocol, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 from ..progress import Progress
 
 from ..sdes import SDE, ScoreFn, batch_time
+from .auto_grid import auto_centre
 from .grids import EDM_RHO, GRIDS, SECH_WIDTH, Width, explicit_grid, load_grid, make_grid, sech_widths
 from .registry import Sampler, get_sampler
 from .terms import tweedie_denoise
@@ -161,7 +162,8 @@ def default_steps(sampler: Sampler, sde: SDE) -> int:
 
 
 def _timesteps(sde: SDE, sampler: Sampler, steps: Optional[int], eps: Optional[float], grid, rho: float,
-               width: Optional[Width], device) -> torch.Tensor:
+               width: Optional[Width], device, probe: Callable[[float], float]) -> torch.Tensor:
+    """The grid of a `sample` call; probe(eps) gives the "auto" spacing's centre (run only when that is used)."""
     if rho <= 0:
         raise ValueError(f"rho must be > 0, got {rho}")
     width = sech_widths(width if width is not None else sampler.width if sampler.width is not None else SECH_WIDTH)
@@ -179,7 +181,12 @@ def _timesteps(sde: SDE, sampler: Sampler, steps: Optional[int], eps: Optional[f
     if not (0.0 <= eps < sde.T and sde.sigma(torch.tensor(eps, dtype=torch.float64)).item() > 0):
         raise ValueError(f"eps must lie in [0, T={sde.T}) where σ(eps) > 0 (so eps > 0 unless the process is noisy "
                          f"at 0, as the 'linear_chain' VP), got {eps}")
-    return make_grid(sde, grid, sampler.grid_for(steps), steps, eps, rho, device, width)
+    if grid is not None:
+        spacing = grid
+    else:  # an adaptive sampler uses only the ends
+        spacing = sampler.grid if sampler.adaptive else sampler.grid_for(steps)
+    centre = probe(eps) if spacing == "auto" else None
+    return make_grid(sde, spacing, spacing, steps, eps, rho, device, width, centre)
 
 
 def sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str = "pc", *, steps: Optional[int] = None,
@@ -192,15 +199,18 @@ def sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str = "pc"
 
     steps: grid steps (default: the sampler's documented count `SAMPLERS[method].steps`, else sde.N). eps: last
     time (default sde.default_eps). grid: a spacing of the steps + 1
-    times ("time", "logsnr", "edm" with exponent rho, "quadratic", "sech" with `width` (None: the sampler's);
-    None: the sampler's default), the times
+    times ("time", "logsnr", "edm" with exponent rho, "quadratic", "sech" with `width` (None: the sampler's),
+    "auto": sech centred at the model's data scale, measured on first use (auto_grid.py: AUTO_PROBE_STEPS score
+    calls, cached on score_fn, not counted in nfe); None: the sampler's default for that many steps), the times
     themselves (1-D, T → eps; steps and eps then follow from it) or a grid file's path (`tune_grid`, `save_grid`). x_T: start from this prior draw (not modified). denoise: finish with
     a Tweedie step at eps (counted in nfe). callback(i, t, x) after every grid step. constraint: see the module
     docstring. options: the sampler's own (its signature; a ValueError names the valid ones).
     """
     sampler = get_sampler(method)
     options = sampler.check_options(options)
-    timesteps = _timesteps(sde, sampler, steps, eps, grid, rho, width, device)
+    timesteps = _timesteps(sde, sampler, steps, eps, grid, rho, width, device,
+                           lambda end: auto_centre(score_fn, sde, shape, end, dtype=dtype,
+                                                   device=device if device is not None or x_T is None else x_T.device))
     counted = CountingScore(score_fn)
     bar = Progress(total=len(timesteps) - 1, desc=method, enabled=progress)
     with torch.no_grad():
@@ -222,3 +232,21 @@ def sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str = "pc"
         if finish is not None:
             x = finish(x)
     return x, counted.calls
+
+
+def resolve_auto(settings: Dict, score_fn: ScoreFn, sde: SDE, shape: Sequence[int], *, device=None,
+                 dtype: torch.dtype = torch.float32) -> Dict:
+    """`sample` keyword arguments with an "auto" grid (named, or the sampler's default for its steps) replaced by
+    its times, fitted to score_fn once: for jobs that build a new score function per batch."""
+    sampler = get_sampler(settings["method"])
+    steps = settings.get("steps") or default_steps(sampler, sde)
+    grid = settings.get("grid")
+    if grid is None and not sampler.adaptive:
+        grid = sampler.grid_for(steps)
+    if not (isinstance(grid, str) and grid == "auto"):
+        return dict(settings)
+    eps = sde.default_eps if settings.get("eps") is None else float(settings["eps"])
+    width = settings.get("width") or sampler.width or SECH_WIDTH
+    centre = auto_centre(score_fn, sde, shape, eps, device=device, dtype=dtype)
+    times = make_grid(sde, "auto", "auto", steps, eps, width=width, centre=centre)
+    return {**settings, "grid": times, "steps": None, "eps": None}

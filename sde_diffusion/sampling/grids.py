@@ -12,7 +12,7 @@ import torch
 from ..sdes import SDE
 
 # The spacings a grid may be named by (`solver_grid`).
-GRID_NAMES = ("time", "logsnr", "edm", "quadratic", "sech")
+GRID_NAMES = ("time", "logsnr", "edm", "quadratic", "sech", "auto")
 GRIDS = GRID_NAMES
 # The spacing a sampler runs on unless it registers another or the caller names one (built-in and user samplers
 # alike), and that of every `--mode compare` entry that names none. λ-uniform makes no assumption about the data's
@@ -22,16 +22,19 @@ GRIDS = GRID_NAMES
 DEFAULT_GRID = "logsnr"
 # EDM's exponent for the σ/α grid (Karras et al. 2022, eq. 5).
 EDM_RHO = 7.0
-# The σ/α on which the "sech" spacing centres its steps (λ_d = −log 0.35 ≈ 1.05), chosen with its widths below.
+# The σ/α on which the "sech" spacing centres its steps unless given a centre (λ_d = −log 0.35 ≈ 1.05): the best
+# single centre over the few-step selection family ("auto" fits one to the model instead).
 SECH_CENTER_SIGMA = 0.35
 # Up to this many steps a sampler runs on FEW_STEP_GRID unless it registers otherwise or the caller names a grid:
 # with a handful of steps no spacing is free of the data's scale; λ-uniform and ρ = 7 grids put a step where the ODE
 # is nearly linear (σ/α ≫ 1) and one where the data are resolved (σ/α ≪ 0.1), and miss the modes forming in
-# between when they are wide. Chosen by the worst ratio, over random mixtures, of sliced W₂ to diffusers' best
-# scheduler at NFE 5 and 6, and better than λ-uniform by the same worst case at every NFE up to 10
-# (benchmarks/few_step_grids.py, BENCHMARKS.md).
-FEW_STEPS = 10
-FEW_STEP_GRID = "sech"
+# between. "auto" is the "sech" spacing centred at the model's own data scale, measured on first use
+# (sampling/auto_grid.py). Chosen by the worst ratio, over random mixtures with data scales from 0.1 to 3, of sliced
+# W₂ to diffusers' best scheduler at NFE 5 and 6; it beats λ-uniform by that worst case up to 9 steps, and from 9
+# on the two are within a few per cent of each other on both families, so λ-uniform, which assumes nothing about
+# the data, takes over after 8 (benchmarks/few_step_grids.py, BENCHMARKS.md).
+FEW_STEPS = 8
+FEW_STEP_GRID = "auto"
 # Widths (in λ) of the "sech" spacing on its noisy (λ < λ_d) and clean (λ > λ_d) sides unless a sampler registers
 # its own (`register_sampler(width=...)`) or the caller gives them: those of the few-step default, chosen with it
 # (30 % more or less on either side, or on the centre, loses on some member; a clean side of 0.7 starves narrow
@@ -67,20 +70,24 @@ def time_grid(sde: SDE, steps: int, eps: float, device=None) -> torch.Tensor:
 
 
 def solver_grid(sde: SDE, timesteps: torch.Tensor, grid: str = "time", rho: float = EDM_RHO,
-                width: Width = SECH_WIDTH) -> torch.Tensor:
+                width: Width = SECH_WIDTH, centre: Optional[float] = None) -> torch.Tensor:
     """A grid with the endpoints and number of steps of `timesteps` (T → eps), spaced as `grid` says (float64).
 
     "time": the given grid (uniform in t). "logsnr": uniform in λ = log(α/σ) (DPM-Solver). "edm": uniform in
     (σ/α)^{1/ρ}, i.e. σ̃_i = (σ̃_max^{1/ρ} + i/n·(σ̃_min^{1/ρ} − σ̃_max^{1/ρ}))^ρ with σ̃ = σ/α = e^{−λ}
     (Karras et al.). "quadratic": t_i = eps + (T − eps)·(1 − i/n)², dense near eps (DDIM's quadratic spacing).
-    "sech": steps spread in λ with density ∝ sech((λ − λ_d)/w), λ_d = −log SECH_CENTER_SIGMA, w = width's noisy
+    "sech": steps spread in λ with density ∝ sech((λ − λ_d)/w), λ_d = −log centre, w = width's noisy
     side for λ < λ_d and its clean side above (one number: both): most steps where σ/α is near the data's scale,
     exponentially fewer where the ODE is near-linear (σ/α ≫ 1) or where the data are already resolved (σ/α ≪ 1);
-    i.e. uniform in G(λ) = w·gd((λ − λ_d)/w), with gd(u) = atan(sinh u) the Gudermannian.
-    Times come back through the SDE's inverse of λ(t).
+    i.e. uniform in G(λ) = w·gd((λ − λ_d)/w), with gd(u) = atan(sinh u) the Gudermannian; centre: a σ/α
+    (default SECH_CENTER_SIGMA). "auto": "sech" with the centre fitted to a model (`auto_grid.auto_centre`), which
+    must be given here. Times come back through the SDE's inverse of λ(t).
     """
     if grid not in GRIDS:
         raise ValueError(f"unknown time grid {grid!r}; available: {sorted(GRIDS)}")
+    if grid == "auto" and centre is None:
+        raise ValueError("the 'auto' spacing is fitted to a model: `sample` and `tune_grid` resolve it, or pass "
+                         "centre=sampling.auto_centre(score_fn, sde, shape)")
     if grid == "time":
         return timesteps
     n = len(timesteps)
@@ -94,8 +101,9 @@ def solver_grid(sde: SDE, timesteps: torch.Tensor, grid: str = "time", rho: floa
     fraction = torch.linspace(0.0, 1.0, n, dtype=torch.float64, device=timesteps.device)
     if grid == "logsnr":
         lam = lam_start + fraction * (lam_end - lam_start)
-    elif grid == "sech":
-        lam = _sech_spacing(lam_start, lam_end, fraction, *sech_widths(width))
+    elif grid in ("sech", "auto"):
+        lam = _sech_spacing(lam_start, lam_end, fraction, *sech_widths(width),
+                            SECH_CENTER_SIGMA if centre is None else centre)
     else:
         root_max, root_min = torch.exp(-lam_start / rho), torch.exp(-lam_end / rho)  # σ̃^{1/ρ}
         lam = -rho * torch.log(root_max + fraction * (root_min - root_max))
@@ -105,10 +113,13 @@ def solver_grid(sde: SDE, timesteps: torch.Tensor, grid: str = "time", rho: floa
 
 
 def _sech_spacing(lam_start: torch.Tensor, lam_end: torch.Tensor, fraction: torch.Tensor, noisy: float,
-                  clean: float) -> torch.Tensor:
-    """λ at the given fractions of G(λ_start) → G(λ_end), G(λ) = w·gd((λ − λ_d)/w) with w = noisy below λ_d and
-    clean above (G is continuous and increasing, G(λ_d) = 0, so it inverts side by side)."""
-    centre = -torch.log(torch.tensor(SECH_CENTER_SIGMA, dtype=torch.float64))
+                  clean: float, centre_sigma: float) -> torch.Tensor:
+    """λ at the given fractions of G(λ_start) → G(λ_end), G(λ) = w·gd((λ − λ_d)/w) with λ_d = −log centre_sigma
+    and w = noisy below λ_d and clean above (G is continuous and increasing, G(λ_d) = 0, so it inverts side by
+    side)."""
+    if not 0 < centre_sigma < float("inf"):
+        raise ValueError(f"the sech spacing's centre must be a σ/α > 0, got {centre_sigma}")
+    centre = -torch.log(torch.tensor(centre_sigma, dtype=torch.float64))
 
     def forward(lam):
         w = noisy if lam < centre else clean
@@ -144,9 +155,11 @@ def default_spacing(steps: int, grid: str = DEFAULT_GRID, few_step_grid: Optiona
 
 
 def make_grid(sde: SDE, grid: Union[str, torch.Tensor, None], default: str, steps: int, eps: float,
-              rho: float = EDM_RHO, device=None, width: Width = SECH_WIDTH) -> torch.Tensor:
+              rho: float = EDM_RHO, device=None, width: Width = SECH_WIDTH,
+              centre: Optional[float] = None) -> torch.Tensor:
     """The grid a sampler runs on: `grid` names a spacing (None: the sampler's default) of steps + 1 times."""
-    return solver_grid(sde, time_grid(sde, steps, eps, device), default if grid is None else grid, rho, width)
+    return solver_grid(sde, time_grid(sde, steps, eps, device), default if grid is None else grid, rho, width,
+                       centre)
 
 
 def save_grid(path: Union[str, Path], times: torch.Tensor, **record) -> Path:

@@ -73,7 +73,7 @@ def settings_from_config(config, sde) -> Dict[str, Any]:
     """Keyword arguments for `sample` from config.sampling: method, steps (None → the sampler's documented count,
     else sde.N; with a grid file, its length), eps, denoise, the grid (sampling.grid or the sampler's default for that count; ρ
     when it is "edm", the width when it
-    is "sech" and sampling.width is set) and the method's options."""
+    is "sech" or "auto" and sampling.width is set) and the method's options."""
     s = config.sampling
     sampler = get_sampler_for_config(s.method)
     steps = s.steps if s.steps is not None else default_steps(sampler, sde)
@@ -83,7 +83,7 @@ def settings_from_config(config, sde) -> Dict[str, Any]:
         settings.update(steps=None if s.steps is None else s.steps, eps=None)
     if grid == "edm":
         settings["rho"] = s.rho
-    if grid == "sech" and s.width is not None:
+    if grid in ("sech", "auto") and s.width is not None:
         settings["width"] = s.width
     settings.update(options_from_config(config))
     return settings

@@ -7,7 +7,6 @@ noise of variance σ̃_b² − σ̃_a² to x̃ moves a sample of p at σ̃_a to 
 """
 from __future__ import annotations
 
-import math
 from typing import List, Literal, Optional
 
 import torch

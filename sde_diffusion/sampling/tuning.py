@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..sdes import SDE, ScoreFn
+from .auto_grid import auto_centre
 from .core import sample
 from .flow import integrate_pf_ode
 from .grids import EDM_RHO, SECH_WIDTH, Width, make_grid
@@ -37,8 +38,8 @@ def steps_for_nfe(sde: SDE, method: str, nfe: int, *, denoise: bool = False, **o
         raise ValueError(f"{method!r} chooses its own number of score calls; give it a tolerance, not an NFE budget")
     best = None
     for steps in range(1, nfe + 1):
-        _, calls = sample(_zero_score, sde, (1, 1), method, steps=steps, denoise=denoise,
-                          generator=torch.Generator().manual_seed(0), **options)
+        _, calls = sample(_zero_score, sde, (1, 1), method, steps=steps, denoise=denoise, grid="logsnr",
+                          generator=torch.Generator().manual_seed(0), **options)  # any fixed spacing counts alike
         if calls > nfe:
             break
         best = steps
@@ -74,7 +75,9 @@ def tune_grid(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str, nf
     eps = sde.default_eps if eps is None else float(eps)
     spacing = start or sampler.grid_for(steps)
     width = width if width is not None else sampler.width if sampler.width is not None else SECH_WIDTH
-    table = make_grid(sde, spacing, spacing, TABLE_POINTS, eps, rho, width=width).numpy()  # t at u = j/points
+    centre = auto_centre(score_fn, sde, shape, eps, device=device, dtype=dtype) if spacing == "auto" else None
+    table = make_grid(sde, spacing, spacing, TABLE_POINTS, eps, rho, width=width,
+                      centre=centre).numpy()  # t at u = j/points
     coordinate = np.linspace(0.0, 1.0, TABLE_POINTS + 1)
     z = sde.prior_sampling(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=dtype)
     z = z.to(device) if device is not None else z
