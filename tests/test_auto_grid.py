@@ -101,3 +101,42 @@ def test_resolve_auto_fixes_one_grid_for_per_batch_score_functions():
     for grid, steps in (("logsnr", 6), (None, 20), (resolved["grid"], None)):
         kept = {**settings, "grid": grid, "steps": steps}
         assert sampling.resolve_auto(kept, score_fn, sde, (16, dim)) == kept
+
+
+def test_a_model_with_no_finite_motion_falls_back_to_the_fixed_centre_with_a_warning():
+    sde = VPSDE()
+
+    def broken(x, t):
+        return torch.full_like(x, float("nan"))
+
+    with pytest.warns(RuntimeWarning, match="no finite motion"):
+        assert sampling.auto_centre(broken, sde, (8, 2)) == pytest.approx(sampling.grids.SECH_CENTER_SIGMA)
+
+
+class _Model:
+    """A score function as a bound method (each attribute access makes a new method object)."""
+
+    def __init__(self, data, sde):
+        self.exact, self.calls = data.marginal_score_fn(sde), 0
+
+    def score(self, x, t):
+        self.calls += 1
+        return self.exact(x, t)
+
+
+def test_bound_methods_are_cached_on_their_object_and_means_do_not_count_as_spread():
+    """A bound method's probe runs once across calls (cached on its object); the spread S is taken about each
+    coordinate's mean, so data N(μ, s²I) with very different coordinate means gives the same centre as with equal
+    ones (0.4·s up to the probe's bias), not one inflated by the means' spread; the centre is rounded to
+    AUTO_DIGITS significant digits."""
+    sde, dim, s = VPSDE(), 8, 0.1
+    means = torch.tensor([3.0, -3.0] * (dim // 2))
+    model = _Model(Gaussian(means, s**2 * torch.eye(dim)), sde)
+    first = sampling.auto_centre(model.score, sde, (256, dim))
+    sampling.sample(model.score, sde, (256, dim), "unipc", steps=4, denoise=False)
+    assert model.calls == auto_grid.AUTO_PROBE_STEPS + 4
+    equal = sampling.auto_centre(Gaussian(torch.full((dim,), 0.5), s**2 * torch.eye(dim)).marginal_score_fn(sde),
+                                 sde, (256, dim))
+    assert first == pytest.approx(equal, rel=0.05)
+    assert first == pytest.approx(auto_grid.AUTO_CENTRE_FACTOR * exact_quantile_sigma(sde, s, 0.9), rel=0.05)
+    assert first == float(f"{first:.{auto_grid.AUTO_DIGITS}g}")

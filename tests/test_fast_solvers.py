@@ -118,6 +118,7 @@ def test_steps_for_nfe():
     assert steps_for_nfe(sde, "heun", 5) == 3  # 2·3 − 1
     assert steps_for_nfe(sde, "heun", 6) == 3
     assert steps_for_nfe(sde, "pc", 9, corrector="langevin") == 4
+    assert steps_for_nfe(sde, "unipc", 6, grid="edm") == steps_for_nfe(sde, "unipc", 6, grid="auto") == 6
     with pytest.raises(ValueError, match="own number"):
         steps_for_nfe(sde, "ode", 10)
     with pytest.raises(ValueError, match="more than"):

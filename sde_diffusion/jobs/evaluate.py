@@ -25,7 +25,7 @@ from ..errors import CheckpointError
 from ..validation import validate_config
 from ..visualize import TrajectoryRecorder, forward_noising_strip, save_strip, unit_scale
 from . import builder
-from .generation import generate_and_score, image_metrics, make_conditioning, save_samples_picture
+from .generation import generate_and_score, image_metrics, make_conditioning, resolve_grid, save_samples_picture
 
 log = logging.getLogger("sde_diffusion")
 
@@ -280,8 +280,9 @@ def save_trajectory_picture(config, sde, conditioning, dataset, device, path: Pa
     """The sampler's states from the prior to the data for a few samples (rescaled to unit variance)."""
     recorder = TrajectoryRecorder()
     generator = torch.Generator(device=device).manual_seed(builder.round_seed(config.seed, k, TRAJECTORY_SEED_KEY))
+    settings = resolve_grid(config, sde, conditioning, dataset, builder.sampler_settings(config, sde), device,
+                            config.eval.num_samples)  # the grid of the scored samples
     x, _ = sampling.sample(conditioning.score_fn(0, PICTURE_IMAGES, device), sde, (PICTURE_IMAGES, *dataset.shape),
-                           generator=generator, device=device, callback=recorder,
-                           **builder.sampler_settings(config, sde))
+                           generator=generator, device=device, callback=recorder, **settings)
     columns = [dataset.from_model(unit_scale(sde, state, t)) for t, state in recorder.pick(8)]
     save_strip(columns + [dataset.from_model(x).cpu()], path)

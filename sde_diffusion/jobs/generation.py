@@ -115,10 +115,11 @@ def make_conditioning(config, sde, model, dataset, workdir: Path, device, *,
                         prompt_tokens=prompt_tokens)
 
 
-def resolve_grid(config, sde, conditioning, dataset, settings: Dict, device) -> Dict:
-    """settings with an "auto" grid (sampling/auto_grid.py) fitted once, to round 0's score function at a full
-    round's shape: every round, rank and resumption then runs the same times."""
-    n = config.eval.batch_size
+def resolve_grid(config, sde, conditioning, dataset, settings: Dict, device, num: int) -> Dict:
+    """settings with an "auto" grid (sampling/auto_grid.py) fitted once, to the first round's score function at
+    its shape (num samples in rounds of eval.batch_size): every round runs the same times, and processes agree on
+    them (the centre is rounded)."""
+    n = min(num, config.eval.batch_size)
     return sampling.resolve_auto(settings, conditioning.score_fn(0, n, device), sde, (n, *dataset.shape),
                                  device=device)
 
@@ -130,7 +131,7 @@ def draw_samples(config, sde, model, dataset, num: int, device, seed: int,
     conditioning = conditioning or Conditioning(config, sde, model, dataset)
     generator = torch.Generator(device=device).manual_seed(seed)
     settings, chunks, nfe = sampler_settings(config, sde), [], 0
-    settings = resolve_grid(config, sde, conditioning, dataset, settings, device)
+    settings = resolve_grid(config, sde, conditioning, dataset, settings, device, num)
     for start in range(0, num, config.eval.batch_size):
         n = min(config.eval.batch_size, num - start)
         x, nfe = sampling.sample(conditioning.score_fn(start, n, device), sde, (n, *dataset.shape),
@@ -166,7 +167,7 @@ def generate_and_score(config, sde, conditioning, dataset, device, folder: Path,
     from evaluation.rounds import run_in_rounds
     from evaluation.sample_quality import toy_scores
 
-    resolved = resolve_grid(config, sde, conditioning, dataset, settings, device)
+    resolved = resolve_grid(config, sde, conditioning, dataset, settings, device, num)
 
     def make_round(r: int, n: int) -> Dict[str, np.ndarray]:
         round_start = time.time()

@@ -181,10 +181,9 @@ def _timesteps(sde: SDE, sampler: Sampler, steps: Optional[int], eps: Optional[f
     if not (0.0 <= eps < sde.T and sde.sigma(torch.tensor(eps, dtype=torch.float64)).item() > 0):
         raise ValueError(f"eps must lie in [0, T={sde.T}) where σ(eps) > 0 (so eps > 0 unless the process is noisy "
                          f"at 0, as the 'linear_chain' VP), got {eps}")
-    if grid is not None:
-        spacing = grid
-    else:  # an adaptive sampler uses only the ends
-        spacing = sampler.grid if sampler.adaptive else sampler.grid_for(steps)
+    spacing = sampler.grid_for(steps) if grid is None else grid
+    if sampler.adaptive and spacing == "auto":
+        spacing = sampler.grid  # it uses only the ends: nothing to measure
     centre = probe(eps) if spacing == "auto" else None
     return make_grid(sde, spacing, spacing, steps, eps, rho, device, width, centre)
 
@@ -237,16 +236,15 @@ def sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str = "pc"
 def resolve_auto(settings: Dict, score_fn: ScoreFn, sde: SDE, shape: Sequence[int], *, device=None,
                  dtype: torch.dtype = torch.float32) -> Dict:
     """`sample` keyword arguments with an "auto" grid (named, or the sampler's default for its steps) replaced by
-    its times, fitted to score_fn once: for jobs that build a new score function per batch."""
+    its times, measured on score_fn at `shape`: for jobs that build a new score function per batch. Others come
+    back as they are (a copy)."""
     sampler = get_sampler(settings["method"])
-    steps = settings.get("steps") or default_steps(sampler, sde)
-    grid = settings.get("grid")
+    steps, grid = settings.get("steps"), settings.get("grid")
     if grid is None and not sampler.adaptive:
-        grid = sampler.grid_for(steps)
-    if not (isinstance(grid, str) and grid == "auto"):
+        grid = sampler.grid_for(default_steps(sampler, sde) if steps is None else int(steps))
+    if not (isinstance(grid, str) and grid == "auto") or sampler.adaptive:
         return dict(settings)
-    eps = sde.default_eps if settings.get("eps") is None else float(settings["eps"])
-    width = settings.get("width") or sampler.width or SECH_WIDTH
-    centre = auto_centre(score_fn, sde, shape, eps, device=device, dtype=dtype)
-    times = make_grid(sde, "auto", "auto", steps, eps, width=width, centre=centre)
+    times = _timesteps(sde, sampler, steps, settings.get("eps"), "auto", settings.get("rho", EDM_RHO),
+                       settings.get("width"), None,
+                       lambda end: auto_centre(score_fn, sde, shape, end, device=device, dtype=dtype))
     return {**settings, "grid": times, "steps": None, "eps": None}

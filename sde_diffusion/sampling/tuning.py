@@ -30,6 +30,11 @@ def _zero_score(x: torch.Tensor, t) -> torch.Tensor:
     return torch.zeros_like(x)
 
 
+def _counting_spacing(grid):
+    """The grid steps_for_nfe counts on: any fixed spacing counts alike, so none to measure ("auto" → "sech")."""
+    return "logsnr" if grid is None else "sech" if isinstance(grid, str) and grid == "auto" else grid
+
+
 def steps_for_nfe(sde: SDE, method: str, nfe: int, *, denoise: bool = False, **options) -> int:
     """The most steps whose score calls (plus the final denoising call if denoise) stay within nfe. ValueError for an
     adaptive sampler or a budget too small for one step. Counted by running the sampler on one point with a zero
@@ -38,8 +43,9 @@ def steps_for_nfe(sde: SDE, method: str, nfe: int, *, denoise: bool = False, **o
         raise ValueError(f"{method!r} chooses its own number of score calls; give it a tolerance, not an NFE budget")
     best = None
     for steps in range(1, nfe + 1):
-        _, calls = sample(_zero_score, sde, (1, 1), method, steps=steps, denoise=denoise, grid="logsnr",
-                          generator=torch.Generator().manual_seed(0), **options)  # any fixed spacing counts alike
+        _, calls = sample(_zero_score, sde, (1, 1), method, steps=steps, denoise=denoise,
+                          generator=torch.Generator().manual_seed(0),
+                          **{**options, "grid": _counting_spacing(options.get("grid"))})
         if calls > nfe:
             break
         best = steps
