@@ -234,7 +234,8 @@ def verify(args, cache, pool) -> Dict:
     results = {}
     for variant in args.variants:
         method, _ = VARIANTS[variant]
-        steps = max(1, round(sampling.SAMPLERS[method].steps * args.steps_scale))
+        documented = sampling.SAMPLERS[method].steps  # None: the SDE's N (pc, ancestral), not scaled
+        steps = None if documented is None else max(1, round(documented * args.steps_scale))
         grid = sampling.SAMPLERS[method].grid
         cases = [(s, e, variant, grid, steps) for s in VERIFICATION_SEEDS[:args.members] for e in SDES]
         found = cache.run(cases, pool)
@@ -247,7 +248,7 @@ def verify(args, cache, pool) -> Dict:
                                 worst_cv_case=list(cv_case[0]))
         cv_text = f"; worst solver error (control variate) {cv_case[1]['cv']:+.3f} on seed {cv_case[0][0]}, " \
                   f"{cv_case[0][1]}" if "cv" in cv_case[1] else ""
-        print(f"{variant:15s} @ {steps:4d} ({grid}): {len(cases) - fails}/{len(cases)} pass; worst median of "
+        print(f"{variant:15s} @ {'N' if steps is None else steps:>4} ({grid}): {len(cases) - fails}/{len(cases)} pass; worst median of "
               f"{DRAWS} draws {raw:+.3f} nats/dim on seed {case[0]} ({describe_mixture(random_mixture(case[0]))}), "
               f"{case[1]}{cv_text}", flush=True)
     return results

@@ -10,6 +10,8 @@ x_t = α·x_0 + σ·z, score s, ε̂ = −σ·s and x̂_0 = (x + σ²·s)/α:
 | `score` | σ·score (score_sde's VE; with scale_by_sigma) | o/σ                                    | σ(t) (`sigma`)    |
 | `score_table` | σ·score, over the SMLD level at ⌊c⌋ (a quirk)  | o/σ_⌊c⌋ (VE; see the class)            | σ(t) (`sigma`)    |
 | `x0`    | the clean data x̂_0                            | (α·o − x)/σ²                           | 999·t/T (`time`)  |
+| `v`     | v = α·ε − σ·x_0 (Salimans & Ho)               | −(σ·x + α·o)/((α² + σ²)·σ)             | 999·t/T (`time`)  |
+| `velocity` | u = dx_t/dt = α′·x_0 + σ′·ε (flow matching) | −(α·o − α′·x)/((α·σ′ − σ·α′)·σ)        | 999·t/T (`time`)  |
 | `edm`   | EDM's F of D = c_skip·x̃ + c_out·F(c_in·x̃)   | (D − x̃)/(α·σ̃²), x̃ = x/α, σ̃ = σ/α      | ¼·ln σ̃ (`log_sigma`) |
 
 Noise conditioning (`CONDITIONINGS`): `time` 999·t/T, `step` the discrete chain's label (DDPM: (N−1)·t/T, SMLD:
@@ -218,6 +220,51 @@ class DataPrediction(Parameterization):
         return (x + sigma**2 * score) / alpha
 
 
+@register_parameterization("v")
+class VPrediction(Parameterization):
+    """The network predicts v = α·ε − σ·x_0 (Salimans & Ho 2022; diffusers' "v_prediction"). With x = α·x_0 + σ·ε:
+    x̂_0 = (α·x − σ·v)/(α² + σ²), ε̂ = (σ·x + α·v)/(α² + σ²) and score = −ε̂/σ (α² + σ² = 1 on VP)."""
+
+    def score(self, output, x, t):
+        alpha, sigma = (per_sample(v, x) for v in self.alpha_sigma(t))
+        return -(sigma * x + alpha * output) / ((alpha**2 + sigma**2) * sigma)
+
+    def output(self, score, x, t):
+        alpha, sigma = (per_sample(v, x) for v in self.alpha_sigma(t))
+        eps, x0 = -sigma * score, (x + sigma**2 * score) / alpha
+        return alpha * eps - sigma * x0
+
+
+@register_parameterization("velocity")
+class VelocityPrediction(Parameterization):
+    """The network predicts the flow-matching velocity u = dx_t/dt = α′·x_0 + σ′·ε (ε − x_0 for α = 1 − t, σ = t).
+    From the SDE's drift f = α′/α and g² = dσ²/dt − 2f·σ²: α′ = f·α, σ′ = (g² + 2f·σ²)/(2σ). With d = α·σ′ − σ·α′
+    (> 0: σ/α grows with t): x̂_0 = (σ′·x − σ·u)/d, ε̂ = (α·u − α′·x)/d and score = −ε̂/σ. Continuous time only
+    (a discrete chain has no time derivative)."""
+
+    def __init__(self, sde: SDE, **kw):
+        super().__init__(sde, **kw)
+        if not self.continuous:
+            raise ValueError("the 'velocity' parameterization is dx_t/dt of continuous time; a discrete-time network "
+                             "(continuous=False) has no time derivative: use 'v', 'eps' or 'x0'")
+
+    def _derivatives(self, x: Tensor, t: Tensor):
+        alpha, sigma = (per_sample(v, x) for v in self.alpha_sigma(t))
+        f = per_sample(self.sde.drift_coefficient(t), x)
+        g2 = per_sample(self.sde.diffusion_squared(t), x)
+        return alpha, sigma, f * alpha, (g2 + 2 * f * sigma**2) / (2 * sigma)
+
+    def score(self, output, x, t):
+        alpha, sigma, d_alpha, d_sigma = self._derivatives(x, t)
+        eps = (alpha * output - d_alpha * x) / (alpha * d_sigma - sigma * d_alpha)
+        return -eps / sigma
+
+    def output(self, score, x, t):
+        alpha, sigma, d_alpha, d_sigma = self._derivatives(x, t)
+        eps, x0 = -sigma * score, (x + sigma**2 * score) / alpha
+        return d_alpha * x0 + d_sigma * eps
+
+
 @register_parameterization("edm")
 class EDMPreconditioning(Parameterization):
     """EDM's preconditioned denoiser in the scaled variable x̃ = x/α at noise level σ̃ = σ/α (any SDE):
@@ -337,6 +384,9 @@ def check_config(config) -> None:
     if name == "score_table" and not issubclass(sde_class, VESDE):
         raise ConfigError(f"model.parameterization='score_table' indexes the SMLD levels of training.sde='vesde', "
                           f"not {t.sde!r}")
+    if name == "velocity" and not t.continuous:
+        raise ConfigError("model.parameterization='velocity' is dx_t/dt of continuous time; training.continuous=False "
+                          "(a discrete-time network) has no time derivative: use 'v', 'eps' or 'x0'")
     if m.scale_by_sigma and name not in SCALED_BY_SIGMA:
         raise ConfigError(f"model.scale_by_sigma=True means the network output divided by σ is the score, which is "
                           f"the 'score' parameterization; model.parameterization={m.parameterization!r} resolves to "

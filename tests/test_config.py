@@ -80,7 +80,7 @@ OWNER_CHECKS = [
     (train_step.check_config, "training.precision", "fp8", "training.precision='fp8'"),
     (losses.check_config, "training.eps", 0.0, "training.eps"),
     (losses.check_config, "training.loss", "l3", "training.loss='l3'"),
-    (parameterization.check_config, "model.parameterization", "v", "model.parameterization='v'"),
+    (parameterization.check_config, "model.parameterization", "vee", "model.parameterization='vee'"),
     (likelihood.check_config, "eval.bpd_divergence", "magic", "eval.bpd_divergence='magic'"),
     (controllable.check_config, "sampling.conditioning_method", "magic", "sampling.conditioning_method"),
     (guidance.check_config, "sampling.guidance_scale", -1.0, "sampling.guidance_scale must be ≥ 0"),

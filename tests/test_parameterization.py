@@ -41,6 +41,10 @@ def test_every_parameterization_round_trips(name, sde_name, continuous):
         with pytest.raises(ValueError, match="has none"):
             P.resolve(sde, continuous, name)
         return
+    if name == "velocity" and not continuous:
+        with pytest.raises(ValueError, match="continuous time"):
+            P.resolve(sde, continuous, name)
+        return
     if name == "score_table" and sde_name != "ve":
         with pytest.raises(ValueError, match="VE SDE"):
             P.resolve(sde, continuous, name)
@@ -56,6 +60,25 @@ def test_every_parameterization_round_trips(name, sde_name, continuous):
     score = torch.randn(4, 3, generator=g, dtype=torch.float64)
     net = Recorder(p.output(score, x, t))
     torch.testing.assert_close(get_score_fn(sde, net, continuous, parameterization=p)(x, t), score)
+
+
+@pytest.mark.parametrize("sde_name", SDES)
+def test_v_and_velocity_targets_are_the_papers_definitions(sde_name):
+    """On random x_0, ε and t, the output whose score is the exact conditional score −ε/σ of x = α·x_0 + σ·ε is
+    v = α·ε − σ·x_0 for 'v' and u = dx_t/dt = α′·x_0 + σ′·ε for 'velocity' (α′, σ′ by float64 autograd through
+    the SDE's α(t), σ(t), not its drift/diffusion formulas); so a network trained to them predicts these targets."""
+    sde = SDES[sde_name]()
+    g = torch.Generator().manual_seed(3)
+    x0, eps = (torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    t = torch.tensor([0.9, 0.5, 0.1, 0.01, 0.002], dtype=torch.float64) * sde.T
+    alpha, sigma = sde.alpha(t)[:, None], sde.sigma(t)[:, None]
+    x, score = alpha * x0 + sigma * eps, -eps / sigma
+    d_alpha, d_sigma = (torch.autograd.functional.jacobian(f, t).diagonal()[:, None] for f in (sde.alpha, sde.sigma))
+    v, velocity = P.resolve(sde, True, "v"), P.resolve(sde, True, "velocity")
+    torch.testing.assert_close(v.output(score, x, t), alpha * eps - sigma * x0, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(velocity.output(score, x, t), d_alpha * x0 + d_sigma * eps, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(v.score(alpha * eps - sigma * x0, x, t), score, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(velocity.score(d_alpha * x0 + d_sigma * eps, x, t), score, rtol=1e-7, atol=1e-9)
 
 
 def test_auto_reproduces_score_sdes_conventions():
@@ -187,7 +210,8 @@ def test_config_keys_are_validated_by_their_owners():
     validate_config(load_config_file("configs/edm_digits.py"))
     edm = P.from_config(load_config_file("configs/edm_digits.py"), EDMSDE())
     assert isinstance(edm, P.EDMPreconditioning) and edm.conditioning == "log_sigma"
-    bad = [(dict(model__parameterization="v"), "model.parameterization"),
+    bad = [(dict(model__parameterization="vee"), "model.parameterization"),
+           (dict(model__parameterization="velocity", training__continuous=False), "continuous time"),
            (dict(model__noise_conditioning="t"), "model.noise_conditioning"),
            (dict(model__sigma_data=0.0), "model.sigma_data"),
            (dict(model__scale_by_sigma=True), "scale_by_sigma"),  # VP's auto parameterization is ε
@@ -203,6 +227,8 @@ def test_config_keys_are_validated_by_their_owners():
             validate_config(config_with(**keys))
     validate_config(config_with(training__sde="vesde", model__scale_by_sigma=True))
     validate_config(config_with(model__parameterization="x0", model__noise_conditioning="log_sigma"))
+    validate_config(config_with(model__parameterization="v"))
+    validate_config(config_with(model__parameterization="velocity"))
 
 
 def test_score_table_divides_by_the_level_at_the_integer_part_of_sigma():
