@@ -78,13 +78,14 @@ GRID_KEYS = ("grid", "width")
 
 
 @contextlib.contextmanager
-def sech_centre(sigma: float) -> Iterator[None]:
-    """Temporarily centre the "sech" spacing at σ/α = sigma (a benchmark knob; the default is a module constant)."""
-    saved, grids.SECH_CENTER_SIGMA = grids.SECH_CENTER_SIGMA, sigma
+def patched(module, name: str, value) -> Iterator[None]:
+    """Temporarily set a module constant (a benchmark knob: grids.SECH_CENTER_SIGMA, auto_grid.AUTO_CENTRE_FACTOR)."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        grids.SECH_CENTER_SIGMA = saved
+        setattr(module, name, saved)
 
 
 class Case:
@@ -108,6 +109,10 @@ class Case:
         x, _ = sample(self.score_fn, self.sde, self.z.shape, method, steps=steps, x_T=self.z, denoise=False,
                       dtype=torch.float64, generator=torch.Generator().manual_seed(SEED + 1), **options)
         return self.sw2(x)
+
+    def best(self, nfe: int, **grid) -> float:
+        """The smallest sliced W₂ of SELECT_SOLVERS at nfe (grid: `sample`'s grid keywords; none: the defaults)."""
+        return min(self.ours(method, nfe, **grid, **options) for method, options in SELECT_SOLVERS.values())
 
     def diffusers_best(self, nfe: int) -> Tuple[float, str]:
         best = (math.inf, "—")
@@ -139,32 +144,51 @@ def theirs(seed: int, nfe: int, cache: Dict, cases: Cases) -> Tuple[float, str]:
     return tuple(cache[key])
 
 
-def select(args, cache: Dict) -> List[str]:
-    """Every (centre, noisy, clean) candidate: the best of SELECT_SOLVERS per case over diffusers' best; worst first."""
-    candidates = args.candidates or list(itertools.product(CENTRES, NOISY_WIDTHS, CLEAN_WIDTHS))
+def score_candidates(args, cache: Dict, candidates: List[tuple], label: str, run) -> Dict[tuple, Dict[str, float]]:
+    """ratios[candidate]["seed@nfe"]: run(case, nfe, candidate) (a sliced W₂) over diffusers' best, on every member
+    and NFE of args; each result cached under `label` and the candidate."""
     ratios: Dict[tuple, Dict[str, float]] = {c: {} for c in candidates}
     cases = Cases()
     for seed in args.members:
         for nfe in args.nfes:
             baseline, _ = theirs(seed, nfe, cache, cases)
-            for centre, noisy, clean in candidates:
-                key = f"ours {seed}@{nfe}@{POINTS} sech {centre}/{noisy}/{clean}"
+            for candidate in candidates:
+                key = f"ours {seed}@{nfe}@{POINTS} {label} {'/'.join(map(str, candidate))}"
                 if key not in cache:
-                    with sech_centre(centre):
-                        cache[key] = min(cases(seed).ours(method, nfe, grid="sech", width=(noisy, clean), **options)
-                                         for method, options in SELECT_SOLVERS.values())
-                ratios[(centre, noisy, clean)][f"{seed}@{nfe}"] = cache[key] / baseline
+                    cache[key] = run(cases(seed), nfe, candidate)
+                ratios[candidate][f"{seed}@{nfe}"] = cache[key] / baseline
         print(f"member {seed} done", file=sys.stderr, flush=True)
         save_cache(args.cache, cache)
-    ranked = sorted(candidates, key=lambda c: (max(ratios[c].values()), sorted(ratios[c].values())[-2]))
-    cells = list(ratios[candidates[0]])
-    lines = ["| centre σ/α | widths (noisy, clean) | worst | second worst | " + " | ".join(cells) + " |",
-             "|---|---|---|---|" + "---|" * len(cells)]
-    for c in ranked[:args.top]:
+    return ratios
+
+
+def ranked(ratios: Dict[tuple, Dict[str, float]], columns: List[str], top: Optional[int] = None) -> List[str]:
+    """A Markdown table of the candidates (tuples, one column each), worst ratio first, then second worst."""
+    def worst_two(c):  # (worst, second worst); one case: it twice
         values = sorted(ratios[c].values())
-        lines.append(f"| {c[0]} | ({c[1]}, {c[2]}) | {values[-1]:.2f} | {values[-2]:.2f} | "
+        return values[-1], values[-min(2, len(values))]
+
+    order = sorted(ratios, key=worst_two)[:top]
+    cells = list(ratios[order[0]])
+    lines = ["| " + " | ".join(columns) + " | worst | second worst | " + " | ".join(cells) + " |",
+             "|" + "---|" * (len(columns) + 2 + len(cells))]
+    for c in order:
+        worst, second = worst_two(c)
+        lines.append("| " + " | ".join(map(str, c)) + f" | {worst:.2f} | {second:.2f} | "
                      + " | ".join(f"{ratios[c][k]:.2f}" for k in cells) + " |")
     return lines
+
+
+def select(args, cache: Dict) -> List[str]:
+    """Every (centre, noisy, clean) candidate of the fixed "sech" spacing: the best of SELECT_SOLVERS per case over
+    diffusers' best; worst first."""
+    def run(case, nfe, candidate):
+        centre, noisy, clean = candidate
+        with patched(grids, "SECH_CENTER_SIGMA", centre):
+            return case.best(nfe, grid="sech", width=(noisy, clean))
+
+    candidates = args.candidates or list(itertools.product(CENTRES, NOISY_WIDTHS, CLEAN_WIDTHS))
+    return ranked(score_candidates(args, cache, candidates, "sech", run), ["centre σ/α", "noisy", "clean"], args.top)
 
 
 def verify(args, cache: Dict) -> List[str]:
@@ -210,11 +234,11 @@ def centres(args, cache: Dict) -> List[str]:
             baseline, _ = theirs(seed, nfe, cache, cases)
             rows = []
             for centre in PROBE_CENTRES:
-                with sech_centre(centre):
+                with patched(grids, "SECH_CENTER_SIGMA", centre):
                     rms = min((sample(case.score_fn, case.sde, z.shape, m, steps=nfe, x_T=z, denoise=False,
-                                      dtype=torch.float64, **o)[0] - reference).pow(2).mean().sqrt().item()
-                              for m, o in SELECT_SOLVERS.values())
-                    ratio = min(case.ours(m, nfe, **o) for m, o in SELECT_SOLVERS.values()) / baseline
+                                      dtype=torch.float64, grid="sech", **o)[0] - reference).pow(2).mean().sqrt()
+                              .item() for m, o in SELECT_SOLVERS.values())
+                    ratio = case.best(nfe, grid="sech") / baseline
                 rows.append((centre, rms, ratio))
             picked = min(rows, key=lambda r: r[1])
             lines.append(f"| {seed} | {nfe} | " + " | ".join(f"{r:.3f} / {q:.2f}" for _, r, q in rows)
@@ -226,39 +250,16 @@ def centres(args, cache: Dict) -> List[str]:
 
 def autos(args, cache: Dict) -> List[str]:
     """Per candidate (AUTO_CENTRE_FACTOR, noisy width, clean width) of the "auto" spacing: the best of
-    SELECT_SOLVERS over diffusers' best, per case; worst first (each member's measured data scale σ̃_q is printed)."""
+    SELECT_SOLVERS over diffusers' best, per case; worst first."""
     from sde_diffusion.sampling import auto_grid
-    candidates = args.autos
-    ratios: Dict[tuple, Dict[str, float]] = {c: {} for c in candidates}
-    cases, scales = Cases(), {}
-    for seed in args.members:
-        for nfe in args.nfes:
-            baseline, _ = theirs(seed, nfe, cache, cases)
-            for factor, noisy, clean in candidates:
-                key = f"ours {seed}@{nfe}@{POINTS} auto3 {factor}/{noisy}/{clean}/{auto_grid.AUTO_QUANTILE}"
-                if key not in cache:
-                    case, saved = cases(seed), auto_grid.AUTO_CENTRE_FACTOR
-                    auto_grid.AUTO_CENTRE_FACTOR = factor
-                    try:
-                        cache[key] = min(case.ours(method, nfe, grid="auto", width=(noisy, clean), **options)
-                                         for method, options in SELECT_SOLVERS.values())
-                    finally:
-                        auto_grid.AUTO_CENTRE_FACTOR = saved
-                    scales[seed] = auto_grid.auto_centre(case.score_fn, case.sde, case.z.shape,
-                                                         dtype=case.z.dtype) / saved
-                ratios[(factor, noisy, clean)][f"{seed}@{nfe}"] = cache[key] / baseline
-        print(f"member {seed} done" + (f": σ̃_q = {scales[seed]:.3f}" if seed in scales else ""), file=sys.stderr,
-              flush=True)
-        save_cache(args.cache, cache)
-    ranked = sorted(candidates, key=lambda c: (max(ratios[c].values()), sorted(ratios[c].values())[-2]))
-    cells = list(ratios[candidates[0]])
-    lines = ["| factor | widths (noisy, clean) | worst | second worst | " + " | ".join(cells) + " |",
-             "|---|---|---|---|" + "---|" * len(cells)]
-    for c in ranked:
-        values = sorted(ratios[c].values())
-        lines.append(f"| {c[0]} | ({c[1]}, {c[2]}) | {values[-1]:.2f} | {values[-2]:.2f} | "
-                     + " | ".join(f"{ratios[c][k]:.2f}" for k in cells) + " |")
-    return lines
+
+    def run(case, nfe, candidate):
+        factor, noisy, clean = candidate
+        with patched(auto_grid, "AUTO_CENTRE_FACTOR", factor):
+            return case.best(nfe, grid="auto", width=(noisy, clean))
+
+    label = f"auto3 q{auto_grid.AUTO_QUANTILE}"
+    return ranked(score_candidates(args, cache, args.autos, label, run), ["factor", "noisy", "clean"])
 
 
 def save_cache(path: Path, cache: Dict) -> None:

@@ -86,10 +86,13 @@ class Parameterization(abc.ABC):
 
     name: str = ""
     default_conditioning: str = "time"
+    continuous_only: bool = False  # uses time derivatives of α(t), σ(t): no discrete-time (chain) networks
 
     def __init__(self, sde: SDE, *, continuous: bool = True, conditioning: str = AUTO,
                  sigma_data: float = EDM_SIGMA_DATA):
         self.sde, self.continuous, self.sigma_data = sde, continuous, sigma_data
+        if self.continuous_only and not continuous:
+            raise ValueError(continuous_only_message(self.name))
         self.chain = None if continuous else discrete.require_chain(sde, "a discrete-time network (continuous=False)")
         if conditioning == AUTO:
             conditioning = self.default_conditioning if continuous else "step"
@@ -136,6 +139,12 @@ class Parameterization(abc.ABC):
 
 
 PARAMETERIZATIONS: Dict[str, Type[Parameterization]] = {}
+
+
+def continuous_only_message(name: str) -> str:
+    return (f"the {name!r} parameterization takes time derivatives of α(t) and σ(t), so it needs continuous time; a "
+            f"discrete-time network (training.continuous=False) has none: set training.continuous=True or use "
+            f"'v', 'eps' or 'x0'")
 
 
 def register_parameterization(name: str):
@@ -242,11 +251,7 @@ class VelocityPrediction(Parameterization):
     (> 0: σ/α grows with t): x̂_0 = (σ′·x − σ·u)/d, ε̂ = (α·u − α′·x)/d and score = −ε̂/σ. Continuous time only
     (a discrete chain has no time derivative)."""
 
-    def __init__(self, sde: SDE, **kw):
-        super().__init__(sde, **kw)
-        if not self.continuous:
-            raise ValueError("the 'velocity' parameterization is dx_t/dt of continuous time; a discrete-time network "
-                             "(continuous=False) has no time derivative: use 'v', 'eps' or 'x0'")
+    continuous_only = True
 
     def _derivatives(self, x: Tensor, t: Tensor):
         alpha, sigma = (per_sample(v, x) for v in self.alpha_sigma(t))
@@ -384,9 +389,8 @@ def check_config(config) -> None:
     if name == "score_table" and not issubclass(sde_class, VESDE):
         raise ConfigError(f"model.parameterization='score_table' indexes the SMLD levels of training.sde='vesde', "
                           f"not {t.sde!r}")
-    if name == "velocity" and not t.continuous:
-        raise ConfigError("model.parameterization='velocity' is dx_t/dt of continuous time; training.continuous=False "
-                          "(a discrete-time network) has no time derivative: use 'v', 'eps' or 'x0'")
+    if PARAMETERIZATIONS[name].continuous_only and not t.continuous:
+        raise ConfigError(f"model.parameterization={name!r}: {continuous_only_message(name)}")
     if m.scale_by_sigma and name not in SCALED_BY_SIGMA:
         raise ConfigError(f"model.scale_by_sigma=True means the network output divided by σ is the score, which is "
                           f"the 'score' parameterization; model.parameterization={m.parameterization!r} resolves to "

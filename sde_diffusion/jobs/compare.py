@@ -25,7 +25,7 @@ from evaluation.compare import (Z95, SamplerEntry, metric_cells, metric_columns,
 from .. import distributed, sampling
 from ..checkpoints import write_json
 from ..errors import ConfigError
-from ..sampling.grids import default_spacing
+from ..sampling.grids import SECH_SPACINGS, default_spacing
 from ..validation import validate_config
 from . import builder
 from .generation import generate_and_score, image_metrics, make_conditioning, save_samples_picture
@@ -58,7 +58,7 @@ def entry_settings(config, entry: SamplerEntry) -> Dict:
         settings["eps"] = None  # the file's last time
     if grid == "edm":
         settings["rho"] = s.rho
-    if grid in ("sech", "auto") and s.width is not None:
+    if grid in SECH_SPACINGS and s.width is not None:
         settings["width"] = s.width
     return {**settings, **entry.options}
 

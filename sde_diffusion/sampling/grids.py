@@ -14,6 +14,8 @@ from ..sdes import SDE
 # The spacings a grid may be named by (`solver_grid`).
 GRID_NAMES = ("time", "logsnr", "edm", "quadratic", "sech", "auto")
 GRIDS = GRID_NAMES
+# The spacings shaped by a sech density, the ones that take a `width` ("auto" fits its centre to the model).
+SECH_SPACINGS = ("sech", "auto")
 # The spacing a sampler runs on unless it registers another or the caller names one (built-in and user samplers
 # alike), and that of every `--mode compare` entry that names none. λ-uniform makes no assumption about the data's
 # scale; with the papers' other grid (EDM's ρ = 7, which heun, edm_sde, restart and ipndm register) it passed the
@@ -101,7 +103,7 @@ def solver_grid(sde: SDE, timesteps: torch.Tensor, grid: str = "time", rho: floa
     fraction = torch.linspace(0.0, 1.0, n, dtype=torch.float64, device=timesteps.device)
     if grid == "logsnr":
         lam = lam_start + fraction * (lam_end - lam_start)
-    elif grid in ("sech", "auto"):
+    elif grid in SECH_SPACINGS:
         lam = _sech_spacing(lam_start, lam_end, fraction, *sech_widths(width),
                             SECH_CENTER_SIGMA if centre is None else centre)
     else:

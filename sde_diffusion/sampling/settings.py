@@ -18,7 +18,7 @@ from typing import Any, Dict
 from ..errors import ConfigError
 from .registry import SAMPLERS, get_sampler, parse_options
 from .core import default_steps
-from .grids import GRIDS, load_grid, sech_widths
+from .grids import GRIDS, SECH_SPACINGS, load_grid, sech_widths
 
 # score_sde's per-method keys of config.sampling → the sampler option each sets.
 CONFIG_KEYS = {"predictor": "predictor", "corrector": "corrector", "snr": "snr", "n_steps_each": "n_steps",
@@ -71,9 +71,9 @@ def _checked(sampler, name: str, value, key: str):
 
 def settings_from_config(config, sde) -> Dict[str, Any]:
     """Keyword arguments for `sample` from config.sampling: method, steps (None → the sampler's documented count,
-    else sde.N; with a grid file, its length), eps, denoise, the grid (sampling.grid or the sampler's default for that count; ρ
-    when it is "edm", the width when it
-    is "sech" or "auto" and sampling.width is set) and the method's options."""
+    else sde.N; with a grid file, its length), eps, denoise, the grid (sampling.grid or the sampler's default for
+    that count; ρ when it is "edm", the width when it is "sech" or "auto" and sampling.width is set) and the
+    method's options."""
     s = config.sampling
     sampler = get_sampler_for_config(s.method)
     steps = s.steps if s.steps is not None else default_steps(sampler, sde)
@@ -83,7 +83,7 @@ def settings_from_config(config, sde) -> Dict[str, Any]:
         settings.update(steps=None if s.steps is None else s.steps, eps=None)
     if grid == "edm":
         settings["rho"] = s.rho
-    if grid in ("sech", "auto") and s.width is not None:
+    if grid in SECH_SPACINGS and s.width is not None:
         settings["width"] = s.width
     settings.update(options_from_config(config))
     return settings
