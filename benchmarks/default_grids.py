@@ -236,8 +236,11 @@ def verify(args, cache, pool) -> Dict:
         method, _ = VARIANTS[variant]
         documented = sampling.SAMPLERS[method].steps  # None: the SDE's N (pc, ancestral), not scaled
         steps = None if documented is None else max(1, round(documented * args.steps_scale))
-        grid = sampling.SAMPLERS[method].grid
-        cases = [(s, e, variant, grid, steps) for s in VERIFICATION_SEEDS[:args.members] for e in SDES]
+        sampler = sampling.SAMPLERS[method]
+        sdes = {e: make() for e, make in SDES.items()}
+        grids = {e: sampler.grid_for(sde.N if steps is None else steps, sde) for e, sde in sdes.items()}
+        grid = "/".join(dict.fromkeys(grids.values()))
+        cases = [(s, e, variant, grids[e], steps) for s in VERIFICATION_SEEDS[:args.members] for e in SDES]
         found = cache.run(cases, pool)
         fails = sum(badness(c, r, margin=False) > 1 for c, r in zip(cases, found))
         _, case = worst(cases, found, margin=False)

@@ -56,7 +56,7 @@ def run(config_path: Path, workdir: Path, num: int, rtol: float, seed: int) -> D
         for nfe in NFES:
             steps = sampling.steps_for_nfe(sde, method, nfe, **options)
             errors = {}
-            default = sampling.SAMPLERS[method].grid_for(steps)  # what `sample` runs when no grid is named
+            default = sampling.SAMPLERS[method].grid_for(steps, sde)  # what `sample` runs when no grid is named
             for name, grid in (("default", None), ("paper", paper)):
                 with torch.no_grad():
                     x, used = sampling.sample(score_fn, sde, shape, method, steps=steps, grid=grid, x_T=z,

@@ -265,6 +265,11 @@ class SDE(abc.ABC):
     """
 
     T: float = 1.0
+    # The spacing that "time"-grid samplers (the SDE chains pc, ancestral, sde and any sampler registered with
+    # grid="time") run on when the caller names no grid: uniform t where t is a good clock (score_sde's VP and VE
+    # discretisations); a process whose t crowds the steps where little happens names another of
+    # sampling.grids.GRID_NAMES (EDM, t = σ: "logsnr").
+    sampling_clock: str = "time"
 
     def __init__(self, N: int = 1000):
         if N < 2:
@@ -551,7 +556,11 @@ class EDMSDE(SDE):
     """EDM's process (Karras et al. 2022):  dx = √(2t) dw,  α(t) = 1,  σ(t) = t  on t ∈ [0, σ_max].
 
     Time is the noise level itself: T = σ_max (80 in the paper), default_eps = σ_min (0.002). Prior N(0, σ_max² I).
+    Uniform steps in t = σ would spend nearly all of them at large σ, so the SDE chains step uniformly in log σ
+    (geometric noise levels, as VE's uniform t gives) unless told otherwise.
     """
+
+    sampling_clock = "logsnr"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, N: int = 1000):
         super().__init__(N)

@@ -21,7 +21,9 @@ not given, and the table above is built from them. The defaults were chosen on o
 mixtures by the worst case over every member and built-in SDE, and are verified on a disjoint family
 (benchmarks/default_grids.py, tests/test_default_grids.py, BENCHMARKS.md): at its documented count each fixed-step
 sampler is within ±0.03 nats/dim (±0.04 below d = 8) of the exact density. A sampler a user registers gets
-`grids.DEFAULT_GRID` unless it declares another, so comparisons put it on the built-ins' grid. Up to
+`grids.DEFAULT_GRID` unless it declares another, so comparisons put it on the built-ins' grid. The "time" grid of
+the SDE chains (pc, ancestral, sde) is the SDE's own clock, `SDE.sampling_clock`: uniform t, except on EDM (t = σ),
+where it is uniform in log σ (geometric noise levels, as VE's uniform t). Up to
 `grids.FEW_STEPS` steps the multistep solvers' (and a user's sampler's) default is `grids.FEW_STEP_GRID`
 (`register_sampler(few_step_grid=...)`, `Sampler.grid_for(steps)`; EDM's Heun family and the SDE chains keep their
 grid): with a handful of steps no spacing is free of the data's scale, so this one, "auto", is the "sech" spacing

@@ -181,7 +181,7 @@ def _timesteps(sde: SDE, sampler: Sampler, steps: Optional[int], eps: Optional[f
     if not (0.0 <= eps < sde.T and sde.sigma(torch.tensor(eps, dtype=torch.float64)).item() > 0):
         raise ValueError(f"eps must lie in [0, T={sde.T}) where σ(eps) > 0 (so eps > 0 unless the process is noisy "
                          f"at 0, as the 'linear_chain' VP), got {eps}")
-    spacing = sampler.grid_for(steps) if grid is None else grid
+    spacing = sampler.grid_for(steps, sde) if grid is None else grid
     if sampler.adaptive and spacing == "auto":
         spacing = sampler.grid  # it uses only the ends: nothing to measure
     centre = probe(eps) if spacing == "auto" else None
@@ -241,7 +241,7 @@ def resolve_auto(settings: Dict, score_fn: ScoreFn, sde: SDE, shape: Sequence[in
     sampler = get_sampler(settings["method"])
     steps, grid = settings.get("steps"), settings.get("grid")
     if grid is None and not sampler.adaptive:
-        grid = sampler.grid_for(default_steps(sampler, sde) if steps is None else int(steps))
+        grid = sampler.grid_for(default_steps(sampler, sde) if steps is None else int(steps), sde)
     if not (isinstance(grid, str) and grid == "auto") or sampler.adaptive:
         return dict(settings)
     times = _timesteps(sde, sampler, steps, settings.get("eps"), "auto", settings.get("rho", EDM_RHO),

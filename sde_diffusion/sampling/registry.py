@@ -13,10 +13,13 @@ themselves, see sde_diffusion/sampling/core.py). An option annotated `Literal[..
 from __future__ import annotations
 
 import inspect
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from ..options import Option, literal_choices, type_hints
+from ..options import coerce as _coerce
+from ..options import parse_options as _parse_options
+from ..sdes import SDE
 from .grids import DEFAULT_GRID, FEW_STEP_GRID, GRID_NAMES, Width, default_spacing, sech_widths
 
 # Keywords of `sample` (the framework's); a sampler may not use them as option names.
@@ -25,19 +28,6 @@ RESERVED = ("steps", "eps", "denoise", "device", "dtype", "progress", "callback"
 # Framework values a sampler receives by declaring a parameter of this name.
 PASSED = ("generator", "constraint")
 SPEC_FORMAT = "'method[:option=value,...]', e.g. 'dpm_solver:order=2'"
-
-
-@dataclass(frozen=True)
-class Option:
-    """One keyword option of a sampler: its default and, for Literal annotations, the allowed values."""
-
-    name: str
-    default: Any
-    choices: Optional[Tuple[Any, ...]] = None
-
-    def describe(self) -> str:
-        allowed = f" ∈ {list(self.choices)}" if self.choices else ""
-        return f"{self.name}={self.default!r}{allowed}"
 
 
 @dataclass(frozen=True)
@@ -61,9 +51,16 @@ class Sampler:
     steps: Optional[int] = None
     few_step_grid: Optional[str] = FEW_STEP_GRID
 
-    def grid_for(self, steps: int) -> str:
-        """The spacing of a `steps`-step grid when the caller names none."""
-        return default_spacing(steps, self.grid, self.few_step_grid)
+    def grid_for(self, steps: int, sde: Optional[SDE] = None) -> str:
+        """The spacing of a `steps`-step grid when the caller names none: "time" means the SDE's own clock
+        (`sde.sampling_clock`; uniform t when no SDE is given)."""
+        spacing = default_spacing(steps, self.grid, self.few_step_grid)
+        if spacing == "time" and sde is not None:
+            spacing = sde.sampling_clock
+            if spacing not in GRID_NAMES or spacing == "auto":
+                raise ValueError(f"{type(sde).__name__}.sampling_clock={spacing!r} must be one of "
+                                 f"{[g for g in GRID_NAMES if g != 'auto']}")
+        return spacing
 
     def check_options(self, options: Dict[str, Any]) -> Dict[str, Any]:
         """options with config-string values converted; ValueError naming the sampler, option and valid options."""
@@ -139,7 +136,7 @@ def sampler_from_function(name: str, fn: Callable, grid: str = DEFAULT_GRID, ada
     if len(positional) < 4:
         raise ValueError(f"sampler {name!r}: the signature must start with (score_fn, sde, x, timesteps), got "
                          f"{inspect.signature(fn)}")
-    hints = _type_hints(fn)
+    hints = type_hints(fn)
     options = {}
     for p in params[4:]:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
@@ -152,24 +149,11 @@ def sampler_from_function(name: str, fn: Callable, grid: str = DEFAULT_GRID, ada
             raise ValueError(f"sampler {name!r}: parameter {p.name!r} needs a default (options are keyword parameters "
                              "with defaults)")
         if p.name not in PASSED:
-            options[p.name] = Option(p.name, p.default, _literal_choices(hints.get(p.name)))
+            options[p.name] = Option(p.name, p.default, literal_choices(hints.get(p.name)))
     names = {p.name for p in params}
     width = None if width is None else sech_widths(width)
     return Sampler(name, fn, grid, options, "generator" in names, "constraint" in names, adaptive, width, steps,
                    few_step_grid)
-
-
-def _type_hints(fn: Callable) -> Dict[str, Any]:
-    try:
-        return typing.get_type_hints(fn)
-    except Exception:  # annotations that do not resolve: no choices, options still work
-        return {}
-
-
-def _literal_choices(hint) -> Optional[Tuple[Any, ...]]:
-    if typing.get_origin(hint) is typing.Literal:
-        return typing.get_args(hint)
-    return None
 
 
 def get_sampler(method: str) -> Sampler:
@@ -181,57 +165,9 @@ def get_sampler(method: str) -> Sampler:
 # --------------------------------------------------------------------------------------------------
 # Values from text
 # --------------------------------------------------------------------------------------------------
-_BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
-
-
-def _coerce(value: Any, default: Any) -> Any:
-    """value as the type of `default` (text from a config string is converted); TypeError/ValueError if it is not."""
-    if default is None:
-        return guess_value(value) if isinstance(value, str) else value
-    if isinstance(default, bool):
-        if isinstance(value, str) and value.strip().lower() in _BOOLS:
-            return _BOOLS[value.strip().lower()]
-        if isinstance(value, bool):
-            return value
-        raise TypeError("is not a boolean (true/false)")
-    if isinstance(default, int):
-        if isinstance(value, str):
-            return int(value.strip())
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise TypeError("is not an integer")
-    if isinstance(default, float):
-        if isinstance(value, str):
-            return float(value.strip())
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise TypeError("is not a number")
-    if isinstance(default, str):
-        if isinstance(value, str):
-            return value.strip()
-        raise TypeError("is not a string")
-    return value
-
-
-def guess_value(text: str):
-    """'3' → 3, '0.5' → 0.5, 'true' → True, anything else stays text."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def parse_options(text: str, where: str = "options") -> Dict[str, str]:
     """'k=v,k2=v2' → {'k': 'v', 'k2': 'v2'} (values stay text until the sampler's signature converts them)."""
-    options = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"{where}: option {item!r} is not key=value; expected {SPEC_FORMAT}")
-        options[key.strip()] = value.strip()
-    return options
+    return _parse_options(text, where, SPEC_FORMAT)
 
 
 # Keywords of `sample` that a text spec may set next to the sampler's options (the default gives the type).

@@ -77,7 +77,7 @@ def settings_from_config(config, sde) -> Dict[str, Any]:
     s = config.sampling
     sampler = get_sampler_for_config(s.method)
     steps = s.steps if s.steps is not None else default_steps(sampler, sde)
-    grid = s.grid or sampler.grid_for(steps)
+    grid = s.grid or sampler.grid_for(steps, sde)
     settings = dict(method=s.method, steps=steps, eps=s.eps, denoise=s.noise_removal, grid=grid)
     if s.grid is not None and s.grid not in GRIDS:  # a grid file: its times fix the steps and eps
         settings.update(steps=None if s.steps is None else s.steps, eps=None)

@@ -79,7 +79,7 @@ def tune_grid(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str, nf
     options = sampler.check_options(options)
     steps = steps_for_nfe(sde, method, nfe, denoise=denoise, **options)
     eps = sde.default_eps if eps is None else float(eps)
-    spacing = start or sampler.grid_for(steps)
+    spacing = start or sampler.grid_for(steps, sde)
     width = width if width is not None else sampler.width if sampler.width is not None else SECH_WIDTH
     centre = auto_centre(score_fn, sde, shape, eps, device=device, dtype=dtype) if spacing == "auto" else None
     table = make_grid(sde, spacing, spacing, TABLE_POINTS, eps, rho, width=width,
