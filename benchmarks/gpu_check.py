@@ -34,7 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sde_diffusion import distributed, likelihood, losses, parameterization, sampling  # noqa: E402
+from sde_diffusion import distributed, likelihood, parameterization, sampling  # noqa: E402
+from sde_diffusion.training import optim  # noqa: E402
 from sde_diffusion.config import load_config_file  # noqa: E402
 from sde_diffusion.ema import ExponentialMovingAverage  # noqa: E402
 from sde_diffusion.jobs import builder  # noqa: E402
@@ -114,7 +115,7 @@ def training_row(config_path: str, precision: str, device: torch.device, batch: 
     flops = counter.get_total_flops()
     # on CPU (the quick end-to-end run) the graphs are captured but not compiled: inductor's C++ build takes minutes
     backend = "inductor" if device.type == "cuda" else "eager"
-    optimizer = losses.make_optimizer(model.parameters(), config.optim)
+    optimizer = optim.make_optimizer(model.parameters(), config.optim)
     ema = ExponentialMovingAverage(model.parameters(), decay=config.model.ema_rate)
     step_fn = TrainStep(model, optimizer, ema, builder.make_loss_fn(config, sde), config.optim,
                         precision=config.training.precision, device=device,

@@ -8,9 +8,9 @@ Prints one JSON line per (memory format, optimizer, precision) with the median o
 `warmup` untimed ones), images/s, the model FLOPs utilisation when --peak-tflops is given, and the ratio of its
 median to the first row's. The variants are timed in interleaved rounds (one step of each per round), so that load
 from other jobs on a shared machine falls on all of them alike.
-A step is the config's loss through `get_score_fn`, backward, and `losses.optimization_step` (warm-up
-learning rate, gradient clipping, Adam), as in run_lib.train; 'training' is the optimizer run_lib builds
-(losses.make_optimizer), 'fused' the same Adam with fused=True.
+A step is the config's loss through `get_score_fn`, backward, the warm-up learning rate, gradient clipping and
+Adam, as in run_lib.train; 'training' is the optimizer run_lib builds (training.optim.make_optimizer), 'fused' the
+same Adam with fused=True.
 The eval forward is one network call in eval mode under torch.inference_mode. Model FLOPs are counted by
 torch.utils.flop_counter (a training step counts as 3× the forward: forward, and backward to inputs and to
 weights).
@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sde_diffusion import losses, parameterization  # noqa: E402
+from sde_diffusion.training import optim  # noqa: E402
 from sde_diffusion.config import load_config_file  # noqa: E402
 from sde_diffusion.models import create_model, get_score_fn  # noqa: E402
 from sde_diffusion.sdes import sde_from_config  # noqa: E402
@@ -55,7 +56,7 @@ def interleaved(fns: dict, warmup: int, repeats: int, device: torch.device) -> d
 
 def make_adam(model, config, kind: str) -> torch.optim.Optimizer:
     if kind == "training":
-        return losses.make_optimizer(model.parameters(), config.optim)
+        return optim.make_optimizer(model.parameters(), config.optim)
     o = config.optim
     return torch.optim.Adam(model.parameters(), lr=o.lr, betas=(o.beta1, 0.999), eps=o.eps,
                             weight_decay=o.weight_decay, fused=True)
@@ -146,7 +147,11 @@ def make_variant(base, config, sde, loss_fn, x0, cond, kind: str, precision: str
             loss = loss_fn(get_score_fn(sde, model, continuous=continuous), x0)
         loss.backward()
         step[0] += 1
-        losses.optimization_step(optimizer, base.parameters(), step[0], config.optim)
+        for group in optimizer.param_groups:
+            group["lr"] = optim.learning_rate(step[0], config.optim)
+        if config.optim.grad_clip >= 0:
+            torch.nn.utils.clip_grad_norm_(base.parameters(), max_norm=config.optim.grad_clip)
+        optimizer.step()
 
     def eval_forward():
         base.eval()

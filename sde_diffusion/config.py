@@ -23,6 +23,13 @@ def default_config() -> ml_collections.ConfigDict:
     training.likelihood_weighting = False
     training.importance_sampling = False  # with likelihood_weighting: t ~ g²/σ² instead of uniform (lower variance)
     training.loss = "dsm"  # dsm (denoising score matching) | edm (EDM's λ(σ) weighting, log-normal σ; see losses.py)
+    # The objective's parts (sde_diffusion/losses.py), specs 'name[:option=value,...]'; None: what the keys above
+    # mean (uniform / importance / discrete / log_normal, and eps / elbo / edm). Noise levels: uniform,
+    # log_normal (p_mean, p_std), logit_normal (mean, std), uniform_log_snr, importance, discrete, or your own
+    # (@losses.register_time_sampling). Weightings of the ε-error: eps, elbo, x0, v, velocity, edm (sigma_data),
+    # min_snr (gamma), soft_min_snr (gamma), sigmoid (bias), or your own (@losses.register_weighting).
+    training.time_sampling = placeholder(str)
+    training.weighting = placeholder(str)
     training.eps = 1e-5  # smallest t of the continuous loss
     training.batch_size = 128  # per process: the global batch is batch_size × the number of torchrun processes
     training.n_iters = 1300001

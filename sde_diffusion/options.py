@@ -44,13 +44,13 @@ def coerce(value: Any, default: Any) -> Any:
         raise TypeError("is not a boolean (true/false)")
     if isinstance(default, int):
         if isinstance(value, str):
-            return int(value.strip())
+            return _parse(int, value, "is not an integer")
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise TypeError("is not an integer")
     if isinstance(default, float):
         if isinstance(value, str):
-            return float(value.strip())
+            return _parse(float, value, "is not a number")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise TypeError("is not a number")
@@ -59,6 +59,13 @@ def coerce(value: Any, default: Any) -> Any:
             return value.strip()
         raise TypeError("is not a string")
     return value
+
+
+def _parse(cast, text: str, message: str):
+    try:
+        return cast(text.strip())
+    except ValueError:
+        raise ValueError(message) from None
 
 
 def guess_value(text: str):

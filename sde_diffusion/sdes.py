@@ -598,6 +598,36 @@ class EDMSDE(SDE):
         return torch.exp(-torch.as_tensor(lam, dtype=torch.float64))
 
 
+class RectifiedFlowSDE(SDE):
+    """Rectified flow / flow matching (Liu et al. 2023; Lipman et al. 2023; Esser et al. 2024):  x_t = (1 − t)·x_0
+    + t·ε on t ∈ [0, 1], prior N(0, I) exactly (α(1) = 0). Its probability-flow ODE is the flow-matching ODE
+    dx/dt = E[ε − x_0 | x_t]; f = −1/(1 − t) and g² = 2t/(1 − t) are singular at T = 1 (λ = −∞ there)."""
+
+    def __init__(self, N: int = 1000):
+        super().__init__(N)
+
+    def alpha(self, t):
+        return 1.0 - as_time(t)
+
+    def sigma(self, t):
+        return as_time(t).clone()
+
+    def drift_coefficient(self, t):
+        return -1.0 / (1.0 - as_time(t))
+
+    def diffusion_squared(self, t):
+        t = as_time(t)
+        return 2 * t / (1.0 - t)
+
+    @property
+    def prior_std(self):
+        return 1.0
+
+    def t_from_log_snr(self, lam):
+        """(1 − t)/t = e^λ ⇒ t = sigmoid(−λ)."""
+        return torch.sigmoid(-torch.as_tensor(lam, dtype=torch.float64))
+
+
 SDES = {"vpsde": VPSDE, "subvpsde": SubVPSDE, "vesde": VESDE, "edm": EDMSDE}
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import distributed
 from .errors import NonFiniteError, choice, positive
-from .losses import learning_rate
+from .training.optim import learning_rate
 
 PRECISIONS: Dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NONFINITE_POLICIES = ("stop", "skip")
@@ -94,14 +94,14 @@ class TrainStep:
     """step(x, step_number, score_fn) runs one step without reading anything back; `report()` reads the
     accumulated statistics (and raises the first failure under 'stop'). `model` is the bare module (EMA and
     clipping act on it), `score_fn` runs the (possibly DDP-wrapped, compiled) network; the optimizer must be a
-    fused Adam/AdamW (`losses.make_optimizer`), whose kernel skips a masked update."""
+    fused Adam/AdamW (`training.optim.make_optimizer`), whose kernel skips a masked update."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ema, loss_fn: Callable, optim_config,
                  *, precision: str, device: torch.device, on_nonfinite: str = "stop", noise=None,
                  world: distributed.World = distributed.World(), compile_backend: Optional[str] = None):
         if not optimizer.defaults.get("fused"):
             raise ValueError("TrainStep masks skipped updates through the fused Adam kernel: build the optimizer "
-                             "with losses.make_optimizer (fused=True)")
+                             "with training.optim.make_optimizer (fused=True)")
         self.model, self.optimizer, self.ema, self.loss_fn = model, optimizer, ema, loss_fn
         self.optim_config, self.precision, self.device = optim_config, precision, device
         self.on_nonfinite, self.noise, self.world = on_nonfinite, noise, world
@@ -122,7 +122,7 @@ class TrainStep:
     def _compile(self, backend: str) -> None:
         """torch.compile the step's three device parts: the loss (network and formula; its backward through
         AOTAutograd), the checks with gradient clipping, and the loss-scale and EMA updates. Each is one graph
-        (fullgraph) when the loss draws its noise apart (`losses.Loss.draw`: a torch.Generator cannot be traced) on a
+        (fullgraph) when the loss draws its noise apart (`losses.Objective.draw`: a torch.Generator cannot be traced) on a
         single process (DDP splits the graph at its gradient buckets). Between the parts stay the backward call and
         the fused Adam kernel, already one kernel for all parameters (dynamo leaves a fused optimizer eager)."""
         self.fullgraph = hasattr(self.loss_fn, "draw") and not self.world.distributed

@@ -8,7 +8,7 @@ import torch
 
 import run_lib
 from configs.toy_gmm import get_config
-from sde_diffusion import losses
+from sde_diffusion.training import optim
 from sde_diffusion.ema import ExponentialMovingAverage
 from sde_diffusion.jobs import builder
 from sde_diffusion.train_step import TrainStep
@@ -42,7 +42,7 @@ def run_steps(config, backend=None, loss_wrapper=None):
     torch.manual_seed(0)
     sde = builder.sde_from_config(config)
     model = builder.create_model(config)
-    optimizer = losses.make_optimizer(model.parameters(), config.optim)
+    optimizer = optim.make_optimizer(model.parameters(), config.optim)
     ema = ExponentialMovingAverage(model.parameters(), decay=0.9)
     loss_fn = builder.make_loss_fn(config, sde)
     step_fn = TrainStep(model, optimizer, ema, loss_wrapper(loss_fn) if loss_wrapper else loss_fn, config.optim,

@@ -166,12 +166,13 @@ def make_ema(config, model: nn.Module) -> ExponentialMovingAverage:
 
 
 def make_loss_fn(config, sde: SDE) -> Callable:
-    """The training loss of config.training."""
+    """The training objective of config.training (losses.Objective)."""
     t = config.training
     return losses.get_loss_fn(sde, continuous=t.continuous, reduce_mean=t.reduce_mean,
                               likelihood_weighting=t.likelihood_weighting, eps=t.eps,
                               importance_sampling=t.importance_sampling, loss=t.loss,
-                              sigma_data=config.model.sigma_data)
+                              sigma_data=config.model.sigma_data, time_sampling=t.time_sampling,
+                              weighting=t.weighting)
 
 
 def labelled_score_fn(config, sde: SDE, model: nn.Module) -> Callable:

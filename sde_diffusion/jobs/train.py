@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from ..progress import Progress
 
-from .. import distributed, guidance, losses
+from .. import distributed, guidance
+from ..training import optim
 from ..checkpoints import (TrainState, atomic_write, load_checkpoint, newest_good_checkpoint, prune_step_checkpoints,
                            remove_stale_temporaries, rng_state, save_checkpoint, step_checkpoint, step_checkpoints,
                            write_json)
@@ -106,7 +107,7 @@ def setup(config, workdir: Path, world: distributed.World, device: torch.device)
     builder.seed_everything(config.seed)
     sde, dataset, model = builder.build(config, device, *world.shard, workdir=workdir)
     builder.place_training_data(config, dataset, device)
-    optimizer = losses.make_optimizer(model.parameters(), config.optim)
+    optimizer = optim.make_optimizer(model.parameters(), config.optim)
     ema = builder.make_ema(config, model)
     noise = torch.Generator(device=device).manual_seed(config.seed)  # the loss's t and z: identical on all ranks
     loss_fn = builder.make_loss_fn(config, sde)
