@@ -238,6 +238,7 @@ class TrainState:
     scaler: Any = None  # torch.amp.GradScaler for fp16 training
     step: int = 0
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (training.on_nonfinite='skip')
+    parts: Optional[Dict[str, str]] = None  # the registered names it was trained with (config key → spec)
 
     def state_dict(self, rng_states: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
         """rng_states: one entry per rank (default: this process's only)."""
@@ -245,7 +246,7 @@ class TrainState:
                 "ema": self.ema.state_dict(), "data": self.dataset.state_dict(), "step": self.step,
                 "skipped_steps": self.skipped_steps, "rng": rng_states or [rng_state()],
                 "noise": None if self.noise is None else self.noise.get_state(),
-                "scaler": None if self.scaler is None else self.scaler.state_dict()}
+                "scaler": None if self.scaler is None else self.scaler.state_dict(), "parts": self.parts}
 
     def load_state_dict(self, state: Dict[str, Any], path="checkpoint", rank: int = 0) -> None:
         try:

@@ -106,13 +106,14 @@ def flag_value(argv: List[str], name: str) -> str:
 
 def load_config_file(value: str) -> ConfigDict:
     """get_config() of the config file `value` (`path` or `path:argument`, as ml_collections reads it), loaded with
-    the folder above it importable (configs import each other as `configs.<name>`)."""
+    the folder above it importable (configs import each other as `configs.<name>`) and its own folder too (a config
+    imports the user's modules beside it: their registered SDEs, objectives, samplers)."""
     path = Path(value.split(":", 1)[0])
     if not path.is_file():
         raise UsageError(f"--config {path}: no such file{_similar_files(path)}")
-    root = str(path.resolve().parent.parent)
-    if root not in sys.path:  # kept for absl's own load of the file, and for the job
-        sys.path.append(root)
+    for folder in (str(path.resolve().parent.parent), str(path.resolve().parent)):
+        if folder not in sys.path:  # kept for absl's own load of the file, and for the job
+            sys.path.append(folder)
     try:
         spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)

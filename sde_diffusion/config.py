@@ -18,6 +18,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     config.training = training = ml_collections.ConfigDict()
     training.sde = "vpsde"  # vpsde | subvpsde | vesde | edm (Karras et al.: σ(t) = t on [sigma_min, sigma_max])
+    # options of an SDE of your own (@sdes.register_sde), 'k=v,...' (its __init__ keywords); the built-ins take model.*
+    training.sde_options = ""
     training.continuous = True  # False: DDPM (VP) / SMLD (VE) discrete-time loss and network labels
     training.reduce_mean = False  # mean (True) or sum (False) of the per-example loss over dimensions
     training.likelihood_weighting = False

@@ -32,7 +32,7 @@ import torch
 
 from . import discrete
 from .errors import ConfigError
-from .sdes import SDE, SDES, EDMSDE, SubVPSDE, VESDE, VPSDE, batch_time, per_sample
+from .sdes import SDE, EDMSDE, SubVPSDE, VESDE, VPSDE, batch_time, per_sample, sde_class
 
 Tensor = torch.Tensor
 Network = Callable[[Tensor, Tensor], Tensor]  # (network input, noise condition) -> output
@@ -356,7 +356,7 @@ def from_config(config, sde: SDE) -> Parameterization:
 def resolved_names(config) -> Tuple[str, str]:
     """(parameterization, conditioning) that config.model's keys mean for config.training.sde."""
     m, continuous = config.model, config.training.continuous
-    name, conditioning = _auto_names(SDES[config.training.sde.lower()], continuous, m.parameterization,
+    name, conditioning = _auto_names(sde_class(config.training.sde), continuous, m.parameterization,
                                      m.noise_conditioning)
     if conditioning == AUTO:
         conditioning = PARAMETERIZATIONS[name].default_conditioning if continuous else "step"
@@ -375,18 +375,21 @@ def check_config(config) -> None:
                           f"{sorted(CONDITIONINGS) + [AUTO]}")
     if not m.sigma_data > 0:
         raise ConfigError(f"model.sigma_data must be > 0, got {m.sigma_data}")
-    sde_class = SDES.get(t.sde.lower())
-    if sde_class is None:
+    sde_type = sde_class(t.sde)
+    if sde_type is None:
         return  # sdes.check_config names the unknown training.sde
-    has_chain = discrete.chain_class(sde_class) is not None
+    has_chain = discrete.chain_class(sde_type) is not None
     if not t.continuous and not has_chain:
         raise ConfigError(f"training.sde={t.sde!r} has no discrete chain, so training.continuous=False (DDPM/SMLD "
                           "loss) is impossible: set training.continuous=True")
-    name, conditioning = resolved_names(config)
+    try:
+        name, conditioning = resolved_names(config)
+    except ValueError as err:
+        raise ConfigError(f"model.parameterization={m.parameterization!r}: {err}") from None
     if conditioning == "step" and not has_chain:
         raise ConfigError(f"model.noise_conditioning='step' labels the levels of a discrete chain, and "
                           f"training.sde={t.sde!r} has none: use time, sigma or log_sigma")
-    if name == "score_table" and not issubclass(sde_class, VESDE):
+    if name == "score_table" and not issubclass(sde_type, VESDE):
         raise ConfigError(f"model.parameterization='score_table' indexes the SMLD levels of training.sde='vesde', "
                           f"not {t.sde!r}")
     if PARAMETERIZATIONS[name].continuous_only and not t.continuous:

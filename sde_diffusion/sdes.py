@@ -5,7 +5,9 @@ holds the process only: α(t), σ(t), drift and diffusion, the prior, the log-SN
 kernels and the reverse-time process. What a network predicts lives in `parameterization`; the DDPM/SMLD discrete
 chains in `discrete`. Samplers, losses and likelihoods see only an `SDE` and a score function.
 
-A new SDE subclasses `SDE` and defines `T`, `alpha(t)` and `sigma(t)`; the rest is derived from them:
+A new SDE subclasses `SDE` and defines `T`, `alpha(t)` and `sigma(t)`; `@register_sde("name")` makes
+`training.sde="name"` work in every mode, its `__init__` keywords (with defaults) being its options
+(`training.sde_options="k=v,..."`). The rest is derived from α and σ:
 f = d log α/dt,  g² = dσ²/dt − 2f·σ²  (by float64 autograd), the prior N(0, (α(T)² + σ(T)²)·I), λ = log(α/σ) and
 its inverse by bisection. The built-in SDEs override these with closed forms.
 
@@ -16,11 +18,12 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple, Type
 
 import torch
 
-from .errors import ConfigError, choice
+from .errors import ConfigError
+from .options import Registry, did_you_mean, parse_options
 
 Tensor = torch.Tensor
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -251,6 +254,24 @@ def make_beta_schedule(name: str, beta_min: float, beta_max: float, N: int = 100
 # --------------------------------------------------------------------------------------------------
 # The SDE base class: a process given by its kernel x_t = α(t)·x_0 + σ(t)·z
 # --------------------------------------------------------------------------------------------------
+SDE_REGISTRY = Registry("SDE", leading=(), passed=(), how="@sdes.register_sde('name')")
+SDES: Dict[str, Type["SDE"]] = {}  # training.sde names → classes: the built-ins and every register_sde
+
+
+def register_sde(name: str, *, replace: bool = False) -> Callable[[type], type]:
+    """Class decorator: make an `SDE` subclass `training.sde="name"` in every mode (train, eval, sample, compare,
+    tune_grid). Its `__init__` keyword parameters with defaults are its options (`training.sde_options`); a
+    parameter `N` takes model.num_scales unless the options set it. Returns the class unchanged."""
+    def decorate(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, SDE)):
+            raise TypeError(f"register_sde({name!r}) decorates a subclass of sdes.SDE, got {cls!r}")
+        SDE_REGISTRY.register(name, replace=replace)(cls)
+        SDES[name] = cls
+        return cls
+
+    return decorate
+
+
 # A generic SDE's default_eps as a fraction of T (VP's 1e-3 at T = 1).
 DEFAULT_EPS_FRACTION = 1e-3
 
@@ -445,6 +466,7 @@ class BetaScheduleSDE(SDE):
         return 1.0
 
 
+@register_sde("vpsde")
 class VPSDE(BetaScheduleSDE):
     """Variance preserving:  dx = −½β(t)x dt + √β(t) dw  (the continuous limit of DDPM).
 
@@ -480,6 +502,7 @@ class VPSDE(BetaScheduleSDE):
         return self.transition(t, s)[1]
 
 
+@register_sde("subvpsde")
 class SubVPSDE(BetaScheduleSDE):
     """Sub-VP:  dx = −½β(t)x dt + √(β(t)(1 − exp(−2B(t)))) dw.
 
@@ -502,6 +525,7 @@ class SubVPSDE(BetaScheduleSDE):
         return self.schedule.inverse_integral(B)
 
 
+@register_sde("vesde")
 class VESDE(SDE):
     """Variance exploding:  dx = σ(t)·√(2 log(σ_max/σ_min)) dw,  σ(t) = σ_min (σ_max/σ_min)^t  (SMLD / NCSN).
 
@@ -552,6 +576,7 @@ class VESDE(SDE):
         return torch.zeros_like(x), torch.sqrt(sigma**2 - prev**2).to(x)
 
 
+@register_sde("edm")
 class EDMSDE(SDE):
     """EDM's process (Karras et al. 2022):  dx = √(2t) dw,  α(t) = 1,  σ(t) = t  on t ∈ [0, σ_max].
 
@@ -628,34 +653,65 @@ class RectifiedFlowSDE(SDE):
         return torch.sigmoid(-torch.as_tensor(lam, dtype=torch.float64))
 
 
-SDES = {"vpsde": VPSDE, "subvpsde": SubVPSDE, "vesde": VESDE, "edm": EDMSDE}
+BUILTIN_KEYS = {VPSDE: ("beta_min", "beta_max", "beta_schedule"), SubVPSDE: ("beta_min", "beta_max", "beta_schedule"),
+                VESDE: ("sigma_min", "sigma_max"), EDMSDE: ("sigma_min", "sigma_max")}
 
 
 def sde_from_config(config) -> SDE:
-    """Build the SDE named by `config.training.sde` from the score_sde-style keys in `config.model`
-    (VP, sub-VP: beta_min, beta_max, beta_schedule; VE and EDM: sigma_min, sigma_max; all: num_scales = N)."""
-    name = config.training.sde.lower()
-    m = config.model
-    if name in ("vpsde", "subvpsde"):
-        return SDES[name](beta_min=m.beta_min, beta_max=m.beta_max, N=m.num_scales, schedule=m.beta_schedule)
-    if name in ("vesde", "edm"):
-        return SDES[name](sigma_min=m.sigma_min, sigma_max=m.sigma_max, N=m.num_scales)
-    raise ValueError(f"training.sde={config.training.sde!r} is not one of {sorted(SDES)}")
+    """Build the SDE named by `config.training.sde`: the built-ins from score_sde's keys in `config.model` (VP, sub-VP:
+    beta_min, beta_max, beta_schedule; VE and EDM: sigma_min, sigma_max; all: num_scales = N), a registered one
+    from `training.sde_options` (N defaults to model.num_scales)."""
+    cls, m = sde_class(config.training.sde), config.model
+    if cls is None:
+        raise ValueError(f"training.sde={config.training.sde!r} is not one of {sorted(SDES)}")
+    if cls in BUILTIN_KEYS:
+        keys = {k: m[k] for k in BUILTIN_KEYS[cls]}
+        if "beta_schedule" in keys:
+            keys["schedule"] = keys.pop("beta_schedule")
+        return cls(N=m.num_scales, **keys)
+    part = SDE_REGISTRY.get(_registered_name(cls))
+    options = part.check_options(parse_options(config.training.get("sde_options") or "", "training.sde_options"))
+    if "N" in part.options and "N" not in options:
+        options["N"] = m.num_scales
+    return cls(**options)
+
+
+def sde_class(name: str) -> Optional[Type[SDE]]:
+    """The SDE class registered as `name` (built-in names also in any case), or None."""
+    return SDES.get(name, SDES.get(str(name).lower()))
+
+
+def _registered_name(cls: Type[SDE]) -> str:
+    return next(name for name, c in SDES.items() if c is cls)
 
 
 def check_config(config) -> None:
     """The SDE's keys: training.sde, model.beta_schedule/beta_min/beta_max (VP, sub-VP), model.sigma_min/sigma_max
-    (VE, EDM), model.num_scales. Raises ConfigError naming the key."""
-    name, m = config.training.sde.lower(), config.model
-    choice("training.sde", name, SDES)
+    (VE, EDM), model.num_scales, training.sde_options (registered SDEs). Raises ConfigError naming the key."""
+    m, t = config.model, config.training
+    cls = sde_class(t.sde)
+    if cls is None:
+        raise ConfigError(f"training.sde={t.sde!r} is not one of {sorted(SDES)}{did_you_mean(t.sde, list(SDES))} "
+                          "(an SDE of your own is registered with @sdes.register_sde('name'); import its module in "
+                          "your config file)")
     if m.num_scales < 2:
         raise ConfigError(f"model.num_scales (the SDE's N) must be ≥ 2, got {m.num_scales}")
-    if name in ("vpsde", "subvpsde"):
+    options = t.get("sde_options") or ""
+    if cls in BUILTIN_KEYS and options:
+        raise ConfigError(f"training.sde_options={options!r}: the built-in training.sde={t.sde!r} takes score_sde's "
+                          f"keys model.{', model.'.join(BUILTIN_KEYS[cls])} and model.num_scales: leave "
+                          "training.sde_options empty")
+    if issubclass(cls, BetaScheduleSDE) and cls in BUILTIN_KEYS:
         if m.beta_schedule not in BETA_SCHEDULES:
             raise ConfigError(f"model.beta_schedule={m.beta_schedule!r} is not one of {sorted(BETA_SCHEDULES)}")
         if m.beta_schedule != "cosine" and not 0.0 < m.beta_min < m.beta_max:
             raise ConfigError(f"model.beta_min={m.beta_min} and model.beta_max={m.beta_max} must satisfy "
                               "0 < beta_min < beta_max")
-    elif not 0.0 < m.sigma_min < m.sigma_max:
+    elif cls in BUILTIN_KEYS and not 0.0 < m.sigma_min < m.sigma_max:
         raise ConfigError(f"model.sigma_min={m.sigma_min} and model.sigma_max={m.sigma_max} must satisfy "
-                          f"0 < sigma_min < sigma_max for training.sde={name!r}")
+                          f"0 < sigma_min < sigma_max for training.sde={t.sde!r}")
+    if cls not in BUILTIN_KEYS:
+        try:
+            sde_from_config(config)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"training.sde={t.sde!r} with training.sde_options={options!r}: {err}") from None

@@ -24,7 +24,7 @@ from ..ema import ExponentialMovingAverage
 from ..errors import CheckpointError, ConfigError, UsageError, WorkdirBusyError
 from ..models import create_model, get_score_fn
 from ..models.text_conditioning import dataset_captions
-from ..sdes import SDE, sde_from_config
+from ..sdes import SDE, sde_class, sde_from_config
 
 log = logging.getLogger("sde_diffusion")
 
@@ -231,10 +231,46 @@ def sampler_settings(config, sde: SDE) -> Dict:
 
 
 # --------------------------------------------------------------------------------------------------
-def load_weights(path, model: nn.Module, dataset, device) -> Dict:
+def recorded_parts(config) -> Dict[str, str]:
+    """The registered names a run trains with (config key → spec), recorded in its checkpoints."""
+    t = config.training
+    sampling_spec, weighting_spec = losses.legacy_parts(continuous=t.continuous,
+                                                        likelihood_weighting=t.likelihood_weighting,
+                                                        importance_sampling=t.importance_sampling, loss=t.loss,
+                                                        sigma_data=config.model.sigma_data)
+    return {"training.sde": t.sde, "training.time_sampling": t.time_sampling or sampling_spec,
+            "training.weighting": t.weighting or weighting_spec,
+            "model.parameterization": parameterization.resolved_names(config)[0]}
+
+
+REGISTRIES = {"training.sde": lambda name: sde_class(name) is not None,
+              "training.time_sampling": lambda name: name in losses.TIME_SAMPLINGS,
+              "training.weighting": lambda name: name in losses.WEIGHTINGS,
+              "model.parameterization": lambda name: name in parameterization.PARAMETERIZATIONS}
+
+
+def check_recorded_parts(checkpoint: Dict, path, expected: Optional[Dict[str, str]] = None) -> None:
+    """The names a checkpoint was trained with are registered here (a user's part: the config must import the module
+    that defines it) and its SDE is the config's; CheckpointError naming the key otherwise."""
+    recorded = checkpoint.get("parts") or {}
+    for key, spec in recorded.items():
+        name = str(spec).partition(":")[0]
+        if key in REGISTRIES and not REGISTRIES[key](name):
+            raise CheckpointError(f"{path} was trained with {key}={spec!r}, which is not registered in this process: "
+                                  f"the config must import the module that defines {name!r} (as it did in training)")
+    if expected and "training.sde" in recorded and sde_class(recorded["training.sde"]) is not \
+            sde_class(expected["training.sde"]):
+        raise CheckpointError(f"{path} was trained with training.sde={recorded['training.sde']!r}, and the config "
+                              f"says {expected['training.sde']!r}: set training.sde as in training")
+
+
+def load_weights(path, model: nn.Module, dataset, device, config=None) -> Dict:
     """A numbered checkpoint's EMA weights into model (eval and sampling jobs); a latent dataset takes the latent
-    scale the checkpoint recorded. Returns the checkpoint."""
+    scale the checkpoint recorded. With `config`, the names it was trained with are checked
+    (`check_recorded_parts`). Returns the checkpoint."""
     checkpoint = load_model_weights(path, model, use_ema=True, map_location=device)
+    if config is not None:
+        check_recorded_parts(checkpoint, path, recorded_parts(config))
     if isinstance(dataset, latent.LatentDataset):
         try:
             dataset.restore(checkpoint)

@@ -89,7 +89,7 @@ def compare(config, workdir: Path, eval_folder: str, runs: List[Run], world: dis
     metrics = None
     if dataset.is_image and config.eval.enable_fid:
         metrics = image_metrics(config, dataset, device, world)
-    builder.load_weights(path, model, dataset, device)
+    builder.load_weights(path, model, dataset, device, config)
     model.eval()
     conditioning = make_conditioning(config, sde, model, dataset, workdir, device)
     num = config.compare.num_samples or config.eval.num_samples

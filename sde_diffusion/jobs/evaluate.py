@@ -67,7 +67,7 @@ def evaluate(config, workdir: Path, eval_folder: str, world: distributed.World, 
     noising_picture = dataset.is_image and world.is_main
     for k, path in checkpoints:
         start = time.time()
-        ckpt = builder.load_weights(path, model, dataset, device)
+        ckpt = builder.load_weights(path, model, dataset, device, config)
         model.eval()
         if noising_picture:  # once, after the first load (a latent model's scale comes from its checkpoint)
             save_forward_noising_picture(config, sde, dataset, out / "forward_noising.png")

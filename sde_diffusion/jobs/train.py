@@ -115,7 +115,7 @@ def setup(config, workdir: Path, world: distributed.World, device: torch.device)
     step_fn = TrainStep(model, optimizer, ema, loss_fn, config.optim, precision=t.precision, device=device,
                         on_nonfinite=t.on_nonfinite, noise=noise, world=world,
                         compile_backend=t.compile_backend if t.compile else None)
-    state = TrainState(model, optimizer, ema, dataset, noise, step_fn.scaler)
+    state = TrainState(model, optimizer, ema, dataset, noise, step_fn.scaler, parts=builder.recorded_parts(config))
     builder.seed_everything(builder.round_seed(config.seed, world.rank))  # per-rank streams; a resume restores them
     resume(state, workdir, world, device)
     if config.model.latent and dataset.scale is None:  # a fresh run; a resumed one restored it
@@ -147,6 +147,7 @@ def resume(state: TrainState, workdir: Path, world: distributed.World, device) -
     if path is None:
         return
     checkpoint = found[1] if world.is_main else load_checkpoint(path, device)
+    builder.check_recorded_parts(checkpoint, path, state.parts)
     state.load_state_dict(checkpoint, path, rank=world.rank)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restarts and world.is_main:  # torchrun restarted the group after a rank failed (it logs which one)
