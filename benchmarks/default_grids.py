@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from sde_diffusion import sampling  # noqa: E402
 from sde_diffusion.metrics_toy import cross_entropy_gap, mixture_entropy  # noqa: E402
-from sde_diffusion.sdes import EDMSDE, SubVPSDE, VESDE, VPSDE  # noqa: E402
+from sde_diffusion.sdes import EDMSDE, RectifiedFlowSDE, SubVPSDE, VESDE, VPSDE  # noqa: E402
 from sde_diffusion.toy import (FAMILY_SELECTION_SEEDS, FAMILY_VERIFICATION_SEEDS, describe_mixture,  # noqa: E402
                                random_mixture)
 
@@ -46,6 +46,9 @@ SDES = {
     "ve": VESDE,
     "edm": EDMSDE,
 }
+# Processes checked beside the selection's (--sdes): their defaults were not selected on them
+EXTRA_SDES = {"rectified_flow": RectifiedFlowSDE}
+ALL_SDES = {**SDES, **EXTRA_SDES}
 # variant → (method, options): the fixed-step samplers at their default options (dpm_solver also at order 2)
 VARIANTS = {
     "ddim": ("ddim", {}),
@@ -113,7 +116,7 @@ def draw_std(seed: int) -> float:
 def truncation_bias(seed: int, sde_name: str, n: int = 100_000) -> float:
     """The gap of an exact sampler: exact draws of p_eps followed by the final denoising step (negative: the
     denoiser shrinks modes narrower than about 10 σ(eps))."""
-    mixture, sde = random_mixture(seed), SDES[sde_name]()
+    mixture, sde = random_mixture(seed), ALL_SDES[sde_name]()
     eps = torch.tensor(sde.default_eps, dtype=torch.float64)
     g = torch.Generator().manual_seed(11)
     x0 = mixture.sample(n, g)[0].double()
@@ -123,7 +126,7 @@ def truncation_bias(seed: int, sde_name: str, n: int = 100_000) -> float:
 
 
 def _gaps(seed: int, sde_name: str, method: str, options: dict, spacing, steps) -> List[float]:
-    mixture, sde = random_mixture(seed), SDES[sde_name]()
+    mixture, sde = random_mixture(seed), ALL_SDES[sde_name]()
     score_fn = mixture.marginal_score_fn(sde)
     gaps = []
     for draw in range(DRAWS):
@@ -222,7 +225,7 @@ def select(args, cache, pool) -> Dict:
     results = {}
     for variant in args.variants:
         for spacing in args.spacings:
-            steps, case = fewest_steps(variant, spacing, SELECTION_SEEDS[:args.members], list(SDES), cache, pool)
+            steps, case = fewest_steps(variant, spacing, SELECTION_SEEDS[:args.members], args.sdes, cache, pool)
             results[f"{variant}|{spacing}"] = dict(steps=steps, worst_case=list(case) if case else None)
             print(f"{variant:15s} {spacing:9s} fewest steps {steps:5d}   worst {case}", flush=True)
     return results
@@ -237,10 +240,10 @@ def verify(args, cache, pool) -> Dict:
         documented = sampling.SAMPLERS[method].steps  # None: the SDE's N (pc, ancestral), not scaled
         steps = None if documented is None else max(1, round(documented * args.steps_scale))
         sampler = sampling.SAMPLERS[method]
-        sdes = {e: make() for e, make in SDES.items()}
+        sdes = {e: ALL_SDES[e]() for e in args.sdes}
         grids = {e: sampler.grid_for(sde.N if steps is None else steps, sde) for e, sde in sdes.items()}
         grid = "/".join(dict.fromkeys(grids.values()))
-        cases = [(s, e, variant, grids[e], steps) for s in VERIFICATION_SEEDS[:args.members] for e in SDES]
+        cases = [(s, e, variant, grids[e], steps) for s in VERIFICATION_SEEDS[:args.members] for e in args.sdes]
         found = cache.run(cases, pool)
         fails = sum(badness(c, r, margin=False) > 1 for c, r in zip(cases, found))
         _, case = worst(cases, found, margin=False)
@@ -262,13 +265,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("mode", choices=("select", "verify"))
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--spacings", default=",".join(SPACINGS))
+    parser.add_argument("--sdes", default=",".join(SDES), help=f"of {list(ALL_SDES)}")
     parser.add_argument("--members", type=int, default=24, help="family members (seeds) to use")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="verify at this fraction of each count")
     parser.add_argument("--cache", type=Path, default=Path("default_grids_cache.json"))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
-    args.variants, args.spacings = args.variants.split(","), args.spacings.split(",")
+    args.variants, args.spacings, args.sdes = args.variants.split(","), args.spacings.split(","), args.sdes.split(",")
     cache = Cache(args.cache)
     with ProcessPoolExecutor(args.workers) as pool:
         results = (select if args.mode == "select" else verify)(args, cache, pool)

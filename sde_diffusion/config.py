@@ -17,7 +17,9 @@ def default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     config.training = training = ml_collections.ConfigDict()
-    training.sde = "vpsde"  # vpsde | subvpsde | vesde | edm (Karras et al.: σ(t) = t on [sigma_min, sigma_max])
+    # vpsde | subvpsde | vesde | edm (Karras et al.: σ(t) = t on [sigma_min, sigma_max]) | rectified_flow (α = 1 − t,
+    # σ = t) | an SDE of your own (@sdes.register_sde)
+    training.sde = "vpsde"
     # options of an SDE of your own (@sdes.register_sde), 'k=v,...' (its __init__ keywords); the built-ins take model.*
     training.sde_options = ""
     training.continuous = True  # False: DDPM (VP) / SMLD (VE) discrete-time loss and network labels

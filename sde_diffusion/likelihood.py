@@ -40,8 +40,8 @@ AFFINE_TOLERANCE = 1e-6
 
 
 def _check_eps(sde: SDE, eps: float) -> None:
-    if not 0.0 < eps < sde.T:
-        raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps}")
+    if not 0.0 < eps < sde.t_max:
+        raise ValueError(f"eps must lie in (0, T={sde.t_max}), got {eps}")
 
 
 def num_dims(x: Tensor) -> int:
@@ -145,7 +145,7 @@ def log_likelihood(score_fn: ScoreFn, sde: SDE, x: Tensor, *, divergence: str = 
     fn = augmented_dynamics(counted, sde, x.shape, probe)
     state0 = pack(x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
     with torch.no_grad():
-        state = ODE_SOLVERS[backend](fn, state0, float(eps), float(sde.T), rtol=rtol, atol=atol)
+        state = ODE_SOLVERS[backend](fn, state0, float(eps), sde.t_max, rtol=rtol, atol=atol)
     z, delta_logp = unpack(state, x.shape)
     return sde.prior_logp(z) + delta_logp, z, counted.calls
 
@@ -512,7 +512,7 @@ def time_of_noise_to_signal(sde: SDE, u: Tensor, eps: float) -> Tensor:
     """The t with u(t) = u: since u = α_eps²·(e^{−2λ(t)} − e^{−2λ(eps)}), λ(t) = −½ log(u/α_eps² + e^{−2λ(eps)})."""
     eps_t = torch.tensor(eps, dtype=torch.float64)
     lam = -0.5 * torch.log(u / sde.alpha(eps_t) ** 2 + torch.exp(-2 * sde.log_snr(eps_t)))
-    return sde.t_from_log_snr(lam).clamp(min=eps, max=sde.T)
+    return sde.t_from_log_snr(lam).clamp(min=eps, max=sde.t_max)
 
 
 def importance_density(u: Tensor, u_T: float) -> Tensor:
@@ -541,14 +541,14 @@ def sample_elbo_times(sde: SDE, n: int, eps: float, importance_sampling: bool = 
     Importance sampling: u ~ `importance_density`, t = the time of u, weight 1/(u·q_u(u)). Uniform: t ~ U(eps, T],
     weight (T − eps)·g²/σ_{t|eps}² (for comparison: its variance is much larger).
     """
-    u_T = noise_to_signal(sde, torch.tensor([sde.T], dtype=torch.float64), eps).item()
+    u_T = noise_to_signal(sde, torch.tensor([sde.t_max], dtype=torch.float64), eps).item()
     if importance_sampling:
         t = time_of_noise_to_signal(sde, sample_noise_to_signal(n, u_T, generator), eps)
         u = noise_to_signal(sde, t, eps)
         return t, 1.0 / (u * importance_density(u, u_T))
     device = generator.device if generator is not None else None
-    t = eps + torch.rand(n, generator=generator, device=device, dtype=torch.float64).cpu() * (sde.T - eps)
-    return t, (sde.T - eps) * diffusion_squared(sde, t) / kernel_from(sde, t, eps)[1] ** 2
+    t = eps + torch.rand(n, generator=generator, device=device, dtype=torch.float64).cpu() * (sde.t_max - eps)
+    return t, (sde.t_max - eps) * diffusion_squared(sde, t) / kernel_from(sde, t, eps)[1] ** 2
 
 
 def diffusion_squared(sde: SDE, t: Tensor) -> Tensor:
@@ -595,7 +595,7 @@ def elbo(score_fn: ScoreFn, sde: SDE, x: Tensor, *, eps: float = DEFAULT_EPS, nu
     """
     _check_eps(sde, eps)
     d, b = num_dims(x), x.shape[0]
-    a_T, s_T = (v.item() for v in kernel_from(sde, torch.tensor([sde.T], dtype=torch.float64), eps))
+    a_T, s_T = (v.item() for v in kernel_from(sde, torch.tensor([sde.t_max], dtype=torch.float64), eps))
     draws = []
     with torch.no_grad():
         for _ in range(num_times):

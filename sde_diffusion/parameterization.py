@@ -32,7 +32,7 @@ import torch
 
 from . import discrete
 from .errors import ConfigError
-from .sdes import SDE, EDMSDE, SubVPSDE, VESDE, VPSDE, batch_time, per_sample, sde_class
+from .sdes import SDE, EDMSDE, RectifiedFlowSDE, SubVPSDE, VESDE, VPSDE, batch_time, per_sample, sde_class
 
 Tensor = torch.Tensor
 Network = Callable[[Tensor, Tensor], Tensor]  # (network input, noise condition) -> output
@@ -315,6 +315,7 @@ AUTO_TABLE: Dict[Type[SDE], Tuple[str, str]] = {
     SubVPSDE: ("eps", "time"),
     VESDE: ("score", "sigma"),
     EDMSDE: ("edm", "log_sigma"),
+    RectifiedFlowSDE: ("velocity", "time"),
 }
 
 

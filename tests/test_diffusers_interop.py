@@ -68,9 +68,9 @@ def random_unet(layout: str, seed: int = 0):
     return unet.eval()
 
 
-def save_pipeline(unet, folder: Path, layout: str) -> Path:
+def save_pipeline(unet, folder: Path, layout: str, **scheduler) -> Path:
     if layout.startswith("ddpm"):
-        pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**DDPM_SCHEDULER))
+        pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**DDPM_SCHEDULER, **scheduler))
     else:
         pipe = diffusers.ScoreSdeVePipeline(unet=unet, scheduler=diffusers.ScoreSdeVeScheduler(**VE_SCHEDULER))
     pipe.save_pretrained(folder)
@@ -238,6 +238,45 @@ def test_ancestral_sampler_matches_diffusers_ddpm_scheduler(tmp_path):
                               noise_last=True, generator=torch.Generator().manual_seed(21))
     error = per_sample_error(ours, x)
     assert error.max() <= 1e-4, error.tolist()
+
+
+# diffusers' multistep solvers take their lower-order last step to σ = 0, which is our final denoising step: our last
+# grid interval keeps the full order
+SOLVERS = {"DDIMScheduler": ("ddim", {}),
+           "DPMSolverMultistepScheduler": ("dpm_solver", dict(order=2, lower_order_final=False)),
+           "UniPCMultistepScheduler": ("unipc", dict(order=2, lower_order_final=False))}
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+def test_other_prediction_types_load_and_follow_diffusers_solvers(prediction, tmp_path):
+    """A DDPM unet saved with prediction_type v_prediction (or sample) loads as our 'v' ('x0') parameterization, and
+    our DDIM, DPM-Solver++(2M) and UniPC (bh2, order 2) on the scheduler's 10 levels follow diffusers' schedulers
+    run with that prediction_type from the same noise (their last step to σ = 0 is our final denoising step).
+    Loaded as ε-prediction instead, the same network lands far away."""
+    unet = random_unet("ddpm_cifar10", seed=13)
+    model, config = load_diffusers(save_pipeline(unet, tmp_path / "pipe", "ddpm_cifar10", prediction_type=prediction))
+    assert config.model.parameterization == {"v_prediction": "v", "sample": "x0"}[prediction]
+    sde = sdes.sde_from_config(config)
+    score_fn = get_score_fn(sde, model, continuous=False, parameterization=config.model.parameterization)
+    as_eps = get_score_fn(sde, model, continuous=False, parameterization="eps")
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    base = {k: v for k, v in DDPM_SCHEDULER.items() if k not in ("variance_type", "clip_sample")}
+    for name, (method, options) in SOLVERS.items():
+        scheduler = getattr(diffusers, name)(**base, prediction_type=prediction,
+                                             **({"clip_sample": False} if name == "DDIMScheduler" else {}))
+        scheduler.set_timesteps(10)
+        x = x_T.clone()
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+        grid = scheduler.timesteps.double() / (sde.N - 1)
+        ours, nfe = sampling.sample(score_fn, sde, x_T.shape, method, grid=grid, x_T=x_T, **options)
+        assert nfe == 10 and per_sample_error(ours, x).max() <= 1e-4, (name, per_sample_error(ours, x).tolist())
+        wrong, _ = sampling.sample(as_eps, sde, x_T.shape, method, grid=grid, x_T=x_T, **options)
+        assert per_sample_error(wrong, x).min() > 100 * 1e-4, name
+    save_diffusers(model, config, tmp_path / "back")
+    written = json.loads((tmp_path / "back" / "scheduler" / "scheduler_config.json").read_text())
+    assert written["prediction_type"] == prediction
 
 
 def test_command_line_converts_a_diffusers_folder_for_main(tmp_path):

@@ -285,16 +285,24 @@ def config_from_diffusers(unet: Mapping[str, Any], scheduler: Optional[Mapping[s
     return config
 
 
+# diffusers' prediction_type → our model.parameterization (DDPM family)
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
 def _vp_from_scheduler(config, scheduler: Mapping[str, Any]) -> None:
     name = scheduler.get("_class_name")
     if name not in DDPM_SCHEDULERS:
         raise DiffusersFormatError(f"scheduler _class_name={name!r}: a DDPM unet loads with {list(DDPM_SCHEDULERS)}")
-    for key, value in (("beta_schedule", "linear"), ("trained_betas", None), ("prediction_type", "epsilon"),
-                       ("rescale_betas_zero_snr", False)):
+    for key, value in (("beta_schedule", "linear"), ("trained_betas", None), ("rescale_betas_zero_snr", False)):
         if scheduler.get(key, value) != value:
             raise DiffusersFormatError(f"scheduler {key}={scheduler[key]!r}: only {value!r} maps onto our VP SDE")
+    prediction = scheduler.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise DiffusersFormatError(f"scheduler prediction_type={prediction!r}: one of {list(PREDICTION_TYPES)} maps "
+                                   "onto our parameterizations")
     N = int(scheduler.get("num_train_timesteps", 1000))
     m = config.model
+    m.parameterization = PREDICTION_TYPES[prediction]
     config.training.sde, m.num_scales, m.beta_schedule = "vpsde", N, "linear_chain"
     m.beta_min = float(scheduler.get("beta_start", 0.0001)) * N
     m.beta_max = float(scheduler.get("beta_end", 0.02)) * N
@@ -338,7 +346,8 @@ def diffusers_configs(config) -> Tuple[Dict[str, Any], Dict[str, Any], str]:
     parameterization, conditioning = resolved_names(config)
     # diffusers' DDPM pipelines give the step index i ∈ 0..N−1, which a continuous VP network's 999·t equals at
     # the grid times only for N = 1000
-    allowed = ([("eps", "step")] + ([("eps", "time")] if m.num_scales == 1000 else []) if family == "ddpm"
+    allowed = ([(p, c) for p in PREDICTION_TYPES.values() for c in ("step",) + (("time",) if m.num_scales == 1000
+                                                                              else ())] if family == "ddpm"
                else [("score", "sigma")])
     if (parameterization, conditioning) not in allowed:
         raise DiffusersFormatError(f"model.parameterization / noise_conditioning resolve to {parameterization!r} / "
@@ -368,7 +377,8 @@ def diffusers_configs(config) -> Tuple[Dict[str, Any], Dict[str, Any], str]:
         N = m.num_scales
         scheduler = {"_class_name": "DDPMScheduler", "_diffusers_version": WRITTEN_BY_VERSION,
                      "num_train_timesteps": N, "beta_start": m.beta_min / N, "beta_end": m.beta_max / N,
-                     "beta_schedule": "linear", "prediction_type": "epsilon", "variance_type": "fixed_small",
+                     "beta_schedule": "linear", "variance_type": "fixed_small",
+                     "prediction_type": next(k for k, v in PREDICTION_TYPES.items() if v == parameterization),
                      "clip_sample": True}
     return unet, scheduler, PIPELINES[family][0]
 

@@ -52,10 +52,10 @@ _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def denoiser_motion(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, eps: float, steps: int = AUTO_PROBE_STEPS):
     """(λ, m): the first `steps` of steps + 1 λ-uniform nodes T → eps (float64) and, for k < steps − 1, D's weighted
     motion m_k = RMS(D(λ_{k+1}) − D(λ_k)) · S/√(S² + σ̃_k²) along DPM-Solver++(2M) paths from x (module docstring)."""
-    lam = torch.linspace(float(sde.log_snr(torch.tensor(sde.T, dtype=torch.float64))),
+    lam = torch.linspace(float(sde.log_snr(torch.tensor(sde.t_max, dtype=torch.float64))),
                          float(sde.log_snr(torch.tensor(eps, dtype=torch.float64))), steps + 1, dtype=torch.float64)
     times = sde.t_from_log_snr(lam)
-    times[0], times[-1] = sde.T, eps
+    times[0], times[-1] = sde.t_max, eps
     alpha, sigma = sde.alpha(times).numpy(), sde.sigma(times).numpy()  # host floats: no device reads per step
     decay = -float(np.expm1(-(lam[1] - lam[0]).numpy()))  # 1 − e^{−h}
     device_times = times.to(x.device, x.dtype)

@@ -178,8 +178,8 @@ def _timesteps(sde: SDE, sampler: Sampler, steps: Optional[int], eps: Optional[f
     if steps < 1:
         raise ValueError(f"steps must be ≥ 1, got {steps}")
     eps = sde.default_eps if eps is None else float(eps)
-    if not (0.0 <= eps < sde.T and sde.sigma(torch.tensor(eps, dtype=torch.float64)).item() > 0):
-        raise ValueError(f"eps must lie in [0, T={sde.T}) where σ(eps) > 0 (so eps > 0 unless the process is noisy "
+    if not (0.0 <= eps < sde.t_max and sde.sigma(torch.tensor(eps, dtype=torch.float64)).item() > 0):
+        raise ValueError(f"eps must lie in [0, T={sde.t_max}) where σ(eps) > 0 (so eps > 0 unless the process is noisy "
                          f"at 0, as the 'linear_chain' VP), got {eps}")
     spacing = sampler.grid_for(steps, sde) if grid is None else grid
     if sampler.adaptive and spacing == "auto":

@@ -121,7 +121,7 @@ def heun_segment(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, times: torch.Tens
     continues from the states the score saw, so a constraint applied there carries over.
     """
     sig = torch.exp(-sde.log_snr(times))
-    sig_top = torch.exp(-sde.log_snr(torch.tensor(sde.T, dtype=torch.float64, device=times.device)))
+    sig_top = torch.exp(-sde.log_snr(torch.tensor(sde.t_max, dtype=torch.float64, device=times.device)))
     n = len(times) - 1
     gamma = min(churn / n, math.sqrt(2.0) - 1.0) if churn > 0 else 0.0
     # which steps churn is decided on host copies of σ̃: one read for the whole segment, none per step

@@ -66,7 +66,7 @@ def ode_encode(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, *, eps: Optional[fl
     eps = sde.default_eps if eps is None else float(eps)
     counted = CountingScore(score_fn)
     with torch.no_grad():
-        z = integrate_pf_ode(counted, sde, x, eps, sde.T, rtol=rtol, atol=atol, backend=backend)
+        z = integrate_pf_ode(counted, sde, x, eps, sde.t_max, rtol=rtol, atol=atol, backend=backend)
     return z, counted.calls
 
 
@@ -78,5 +78,5 @@ def ode_decode(score_fn: ScoreFn, sde: SDE, z: torch.Tensor, *, eps: Optional[fl
     eps = sde.default_eps if eps is None else float(eps)
     counted = CountingScore(score_fn)
     with torch.no_grad():
-        x = integrate_pf_ode(counted, sde, z, sde.T, eps, rtol=rtol, atol=atol, backend=backend)
+        x = integrate_pf_ode(counted, sde, z, sde.t_max, eps, rtol=rtol, atol=atol, backend=backend)
     return x, counted.calls

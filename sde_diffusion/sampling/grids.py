@@ -67,8 +67,8 @@ GRID_FILE_VERSION = 1
 
 
 def time_grid(sde: SDE, steps: int, eps: float, device=None) -> torch.Tensor:
-    """steps + 1 times, uniform from T down to eps."""
-    return torch.linspace(sde.T, eps, steps + 1, dtype=torch.float64, device=device)
+    """steps + 1 times, uniform from T (sde.t_max) down to eps."""
+    return torch.linspace(sde.t_max, eps, steps + 1, dtype=torch.float64, device=device)
 
 
 def solver_grid(sde: SDE, timesteps: torch.Tensor, grid: str = "time", rho: float = EDM_RHO,
@@ -141,8 +141,8 @@ def explicit_grid(sde: SDE, times, steps: Optional[int], device=None) -> torch.T
                          f"{tuple(ts.shape)}")
     if not bool((ts[1:] < ts[:-1]).all()):
         raise ValueError("grid times must decrease strictly (from T down to eps)")
-    if not (0.0 <= ts[-1].item() and ts[0].item() <= sde.T) or not sde.sigma(ts[-1]).item() > 0:
-        raise ValueError(f"grid times must lie in [0, T={sde.T}] and end where σ(t) > 0 (t > 0 unless the process "
+    if not (0.0 <= ts[-1].item() and ts[0].item() <= sde.t_max) or not sde.sigma(ts[-1]).item() > 0:
+        raise ValueError(f"grid times must lie in [0, T={sde.t_max}] and end where σ(t) > 0 (t > 0 unless the process "
                          f"is noisy at 0), got {ts[-1].item()} … {ts[0].item()}")
     if steps is not None and steps != len(ts) - 1:
         raise ValueError(f"steps={steps} disagrees with the given grid of {len(ts)} times ({len(ts) - 1} steps): "

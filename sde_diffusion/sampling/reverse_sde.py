@@ -98,8 +98,10 @@ def torchsde_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: to
     entropy = None
     if generator is not None:
         entropy = int(torch.randint(2**62, (1,), generator=generator, device=generator.device).item())
+    # dt: the mean step sizes the Brownian tree (left to torchsde, a grid that starts with tiny steps, as λ-uniform
+    # ones on rectified flow, builds one too deep to walk)
     bm = torchsde.BrownianInterval(t0=s_grid[0], t1=s_grid[-1], size=tuple(y.shape), dtype=x.dtype, device=x.device,
-                                   entropy=entropy,
+                                   entropy=entropy, dt=(s_grid[-1] - s_grid[0]) / (len(s_grid) - 1),
                                    levy_area_approximation="space-time" if sde_method == "srk" else "none")
     flipped = _FlippedReverseSDE(score_fn, sde, x.shape, dict(zip(s_grid, timesteps)), timesteps[0])
     options = {"grad_free": True} if sde_method == "milstein" else {}

@@ -91,7 +91,7 @@ def restart_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: tor
         return heun_segment(score_fn, sde, x, timesteps, euler_last=True)
     k, n = below[0], len(timesteps) - 1
     x = heun_segment(score_fn, sde, x, timesteps[:k + 1], euler_last=k == n)
-    sig_top = torch.exp(-sde.log_snr(torch.tensor(sde.T, dtype=torch.float64, device=timesteps.device)))
+    sig_top = torch.exp(-sde.log_snr(torch.tensor(sde.t_max, dtype=torch.float64, device=timesteps.device)))
     sig_max = torch.clamp(torch.tensor(restart_max, dtype=torch.float64, device=timesteps.device), max=sig_top)
     if restart_steps is None:
         top = float(sig_max)  # one read per call

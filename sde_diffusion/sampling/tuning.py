@@ -87,7 +87,7 @@ def tune_grid(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str, nf
     coordinate = np.linspace(0.0, 1.0, TABLE_POINTS + 1)
     z = sde.prior_sampling(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=dtype)
     z = z.to(device) if device is not None else z
-    target = _reference(score_fn, sde, z, sde.T, eps, reference_rtol)
+    target = _reference(score_fn, sde, z, sde.t_max, eps, reference_rtol)
     free = steps - 1
 
     def times_of(theta: np.ndarray) -> torch.Tensor:
