@@ -40,8 +40,8 @@ AFFINE_TOLERANCE = 1e-6
 
 
 def _check_eps(sde: SDE, eps: float) -> None:
-    if not 0.0 < eps < sde.t_max:
-        raise ValueError(f"eps must lie in (0, T={sde.t_max}), got {eps}")
+    if not 0.0 < eps < sde.likelihood_t_max:
+        raise ValueError(f"eps must lie in (0, T={sde.likelihood_t_max}), got {eps}")
 
 
 def num_dims(x: Tensor) -> int:
@@ -145,9 +145,23 @@ def log_likelihood(score_fn: ScoreFn, sde: SDE, x: Tensor, *, divergence: str = 
     fn = augmented_dynamics(counted, sde, x.shape, probe)
     state0 = pack(x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
     with torch.no_grad():
-        state = ODE_SOLVERS[backend](fn, state0, float(eps), sde.t_max, rtol=rtol, atol=atol)
+        state = ODE_SOLVERS[backend](fn, state0, float(eps), sde.likelihood_t_max, rtol=rtol, atol=atol)
     z, delta_logp = unpack(state, x.shape)
-    return sde.prior_logp(z) + delta_logp, z, counted.calls
+    return prior_logp(sde, z) + delta_logp, z, counted.calls
+
+
+def prior_std(sde: SDE) -> float:
+    """The prior's std where likelihoods end: sde.prior_std, or where α(T) = 0 the prior carried to
+    sde.likelihood_t_max (the samplers' prior is carried to sde.t_max)."""
+    return sde.marginal_std(sde.likelihood_t_max) if sde.singular_end else sde.prior_std
+
+
+def prior_logp(sde: SDE, z: Tensor) -> Tensor:
+    """log N(z; 0, prior_std(sde)² I) in nats, (batch,)."""
+    if not sde.singular_end:
+        return sde.prior_logp(z)
+    s2, d = prior_std(sde) ** 2, z[0].numel()
+    return -0.5 * d * math.log(2 * math.pi * s2) - z.flatten(1).pow(2).sum(1) / (2 * s2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -414,7 +428,7 @@ class VLBTerms(NamedTuple):
 
 def prior_kl(sde: SDE, x0: Tensor, alpha: float, sigma: float) -> Tensor:
     """L_T = KL(N(α x_0, σ² I) ‖ π) in nats for the prior π = N(0, prior_std² I): (batch,)."""
-    var_p = sde.prior_std**2
+    var_p = prior_std(sde) ** 2
     per_dim = 0.5 * ((sigma**2 + alpha**2 * x0**2) / var_p - 1.0 - math.log(sigma**2 / var_p))
     return per_dim.flatten(1).sum(1)
 
@@ -512,7 +526,7 @@ def time_of_noise_to_signal(sde: SDE, u: Tensor, eps: float) -> Tensor:
     """The t with u(t) = u: since u = α_eps²·(e^{−2λ(t)} − e^{−2λ(eps)}), λ(t) = −½ log(u/α_eps² + e^{−2λ(eps)})."""
     eps_t = torch.tensor(eps, dtype=torch.float64)
     lam = -0.5 * torch.log(u / sde.alpha(eps_t) ** 2 + torch.exp(-2 * sde.log_snr(eps_t)))
-    return sde.t_from_log_snr(lam).clamp(min=eps, max=sde.t_max)
+    return sde.t_from_log_snr(lam).clamp(min=eps, max=sde.likelihood_t_max)
 
 
 def importance_density(u: Tensor, u_T: float) -> Tensor:
@@ -541,14 +555,14 @@ def sample_elbo_times(sde: SDE, n: int, eps: float, importance_sampling: bool = 
     Importance sampling: u ~ `importance_density`, t = the time of u, weight 1/(u·q_u(u)). Uniform: t ~ U(eps, T],
     weight (T − eps)·g²/σ_{t|eps}² (for comparison: its variance is much larger).
     """
-    u_T = noise_to_signal(sde, torch.tensor([sde.t_max], dtype=torch.float64), eps).item()
+    u_T = noise_to_signal(sde, torch.tensor([sde.likelihood_t_max], dtype=torch.float64), eps).item()
     if importance_sampling:
         t = time_of_noise_to_signal(sde, sample_noise_to_signal(n, u_T, generator), eps)
         u = noise_to_signal(sde, t, eps)
         return t, 1.0 / (u * importance_density(u, u_T))
     device = generator.device if generator is not None else None
-    t = eps + torch.rand(n, generator=generator, device=device, dtype=torch.float64).cpu() * (sde.t_max - eps)
-    return t, (sde.t_max - eps) * diffusion_squared(sde, t) / kernel_from(sde, t, eps)[1] ** 2
+    t = eps + torch.rand(n, generator=generator, device=device, dtype=torch.float64).cpu() * (sde.likelihood_t_max - eps)
+    return t, (sde.likelihood_t_max - eps) * diffusion_squared(sde, t) / kernel_from(sde, t, eps)[1] ** 2
 
 
 def diffusion_squared(sde: SDE, t: Tensor) -> Tensor:
@@ -570,7 +584,7 @@ def control_variate_integral(u_T: float) -> float:
 
 def expected_prior_logp(sde: SDE, x: Tensor, a_T: float, s_T: float) -> Tensor:
     """E[log π(x_T)] in nats for x_T = a_T·x + s_T·z and π = N(0, prior_std² I): (batch,)."""
-    d, var_p = num_dims(x), sde.prior_std**2
+    d, var_p = num_dims(x), prior_std(sde) ** 2
     return -0.5 * d * math.log(2 * math.pi * var_p) - (a_T**2 * x.flatten(1).pow(2).sum(1) + s_T**2 * d) / (2 * var_p)
 
 
@@ -595,7 +609,7 @@ def elbo(score_fn: ScoreFn, sde: SDE, x: Tensor, *, eps: float = DEFAULT_EPS, nu
     """
     _check_eps(sde, eps)
     d, b = num_dims(x), x.shape[0]
-    a_T, s_T = (v.item() for v in kernel_from(sde, torch.tensor([sde.t_max], dtype=torch.float64), eps))
+    a_T, s_T = (v.item() for v in kernel_from(sde, torch.tensor([sde.likelihood_t_max], dtype=torch.float64), eps))
     draws = []
     with torch.no_grad():
         for _ in range(num_times):

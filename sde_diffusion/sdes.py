@@ -272,8 +272,10 @@ def register_sde(name: str, *, replace: bool = False) -> Callable[[type], type]:
     return decorate
 
 
-# Where α(T) = 0 (λ(T) = −∞: rectified flow), samplers start and likelihoods end this fraction of T below T.
+# Where α(T) = 0 (λ(T) = −∞: rectified flow), samplers start at the time of this log-SNR (below VP's λ(1) = −5.0),
+# with the prior carried there (SDE.prior_std), and likelihoods end this fraction of T below T.
 SINGULAR_END_GAP = 1e-5
+SINGULAR_END_LOG_SNR = -6.0
 # A generic SDE's default_eps as a fraction of T (VP's 1e-3 at T = 1).
 DEFAULT_EPS_FRACTION = 1e-3
 
@@ -306,12 +308,27 @@ class SDE(abc.ABC):
 
     @property
     def t_max(self) -> float:
-        """The time samplers start from (with a prior draw) and likelihoods integrate to: T, or (1 −
-        SINGULAR_END_GAP)·T where α(T) = 0. There λ = −∞ and the score (−x/σ² for any data) carries nothing of
-        x₀, so x̂₀ = (x + σ²s)/α is 0/0; a step below T the marginal is the prior to within ~SINGULAR_END_GAP per
-        dimension and every quantity is finite."""
-        alpha_T = float(self.alpha(torch.tensor(float(self.T), dtype=torch.float64)))
-        return float(self.T) if alpha_T > 0 else (1.0 - SINGULAR_END_GAP) * float(self.T)
+        """The time samplers start from (with a prior draw) and likelihoods integrate to: T, or where α(T) = 0 the
+        time of λ = SINGULAR_END_LOG_SNR. At T, λ = −∞ and the score (−x/σ² for any data) carries nothing of x₀,
+        so x̂₀ = (x + σ²s)/α is 0/0; at t_max (where the prior is drawn: `prior_std`) every quantity is finite and
+        the marginal differs from the prior by ~e^{2λ} ≈ 6e-6 in variance for unit-variance data."""
+        return float(self.T) if not self.singular_end else float(self.t_from_log_snr(SINGULAR_END_LOG_SNR))
+
+    @property
+    def singular_end(self) -> bool:
+        """α(T) = 0: λ(T) = −∞ (rectified flow)."""
+        return not float(self.alpha(torch.tensor(float(self.T), dtype=torch.float64))) > 0
+
+    @property
+    def likelihood_t_max(self) -> float:
+        """The time likelihoods integrate to: T, or (1 − SINGULAR_END_GAP)·T where α(T) = 0 (the prior carried
+        there is the marginal to ~1e-5 per dimension, where the samplers' t_max would leave O(α(t_max)) per point)."""
+        return float(self.T) if not self.singular_end else (1.0 - SINGULAR_END_GAP) * float(self.T)
+
+    def marginal_std(self, t: float) -> float:
+        """√(α(t)² + σ(t)²): the std at t of the marginal of data with unit variance per dimension."""
+        t = torch.tensor(float(t), dtype=torch.float64)
+        return math.sqrt(float(self.alpha(t)) ** 2 + float(self.sigma(t)) ** 2)
 
     # --- the process ------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -340,10 +357,9 @@ class SDE(abc.ABC):
 
     @property
     def prior_std(self) -> float:
-        """The prior p_T is N(0, prior_std² I). Default √(α(T)² + σ(T)²): the std of the marginal at T of data with
-        unit variance per dimension (1 for VP, ≈ σ(T) when σ(T) ≫ α(T))."""
-        T = torch.tensor(float(self.T), dtype=torch.float64)
-        return math.sqrt(float(self.alpha(T)) ** 2 + float(self.sigma(T)) ** 2)
+        """The prior, drawn at t_max (T unless α(T) = 0), is N(0, prior_std² I). Default √(α² + σ²) at t_max: the std
+        there of the marginal of data with unit variance per dimension (1 for VP, ≈ σ(T) when σ(T) ≫ α(T))."""
+        return self.marginal_std(self.t_max)
 
     def marginal_prob(self, x: Tensor, t) -> Tuple[Tensor, Tensor]:
         """Mean (like x) and std (batch,) of p(x_t | x_0 = x)."""
@@ -639,8 +655,10 @@ class RectifiedFlowSDE(SDE):
     """Rectified flow / flow matching (Liu et al. 2023; Lipman et al. 2023; Esser et al. 2024):  x_t = (1 − t)·x_0
     + t·ε on t ∈ [0, 1], prior N(0, I) exactly (α(1) = 0). Its probability-flow ODE is the flow-matching ODE
     dx/dt = E[ε − x_0 | x_t]; f = −1/(1 − t) and g² = 2t/(1 − t) are singular at T = 1 (λ = −∞ there), so samplers
-    start and likelihoods end at `t_max` = (1 − 10⁻⁵), where the marginal is the prior to within 10⁻⁵ per
-    dimension. The SDE chains step uniformly in λ (uniform t would put an Euler step of the stiff drift at t_max).
+    start and likelihoods end at `t_max` = sigmoid(6) ≈ 0.9975 (λ = −6, below VP's λ(1) = −5) with the prior
+    carried there, N(0, (α² + σ²)·I) = N(0, 0.9975²·I), which is the marginal to within α² ≈ 6e-6 in variance for
+    unit-variance data. The SDE chains step uniformly in λ (uniform
+    t would put an Euler step of the stiff drift, f = −1/(1 − t), at t_max).
     """
 
     sampling_clock = "logsnr"
@@ -660,10 +678,6 @@ class RectifiedFlowSDE(SDE):
     def diffusion_squared(self, t):
         t = as_time(t)
         return 2 * t / (1.0 - t)
-
-    @property
-    def prior_std(self):
-        return 1.0
 
     def t_from_log_snr(self, lam):
         """(1 − t)/t = e^λ ⇒ t = sigmoid(−λ)."""

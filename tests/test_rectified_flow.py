@@ -19,8 +19,10 @@ def test_closed_forms_agree_with_the_generic_ones():
     torch.testing.assert_close(SDE.drift_coefficient(t), sdes.SDE.drift_coefficient(SDE, t))
     torch.testing.assert_close(SDE.diffusion_squared(t), sdes.SDE.diffusion_squared(SDE, t))
     torch.testing.assert_close(SDE.t_from_log_snr(SDE.log_snr(t)), t)
-    assert SDE.T == 1.0 and SDE.prior_std == 1.0 and SDE.alpha(torch.tensor(1.0)).item() == 0.0
-    assert SDE.t_max == 1.0 - sdes.SINGULAR_END_GAP and sdes.VPSDE().t_max == 1.0
+    assert SDE.T == 1.0 and SDE.alpha(torch.tensor(1.0)).item() == 0.0 and SDE.sigma(torch.tensor(1.0)).item() == 1.0
+    t_max = torch.tensor(SDE.t_max, dtype=torch.float64)
+    assert SDE.prior_std == pytest.approx(math.hypot(SDE.alpha(t_max).item(), SDE.sigma(t_max).item()), rel=1e-12)
+    assert SDE.t_max == pytest.approx(1 / (1 + math.exp(sdes.SINGULAR_END_LOG_SNR))) and sdes.VPSDE().t_max == 1.0
     assert math.isfinite(SDE.log_snr(torch.tensor(SDE.t_max, dtype=torch.float64)).item())
     # the probability-flow ODE's drift is the flow-matching velocity E[ε − x0 | x_t]: for Gaussian data exactly
     mixture = random_mixture(1000)
@@ -48,7 +50,7 @@ def test_every_sampler_runs_from_the_prior(method):
 
 def test_likelihood_is_the_exact_density():
     """The probability-flow log-likelihood of the exact score against the mixture's log p_eps: within 2e-4 bits/dim
-    on average (the prior at t_max differs from p_{t_max} by ~1e-5 nats/dim)."""
+    on average (the prior drawn at t_max differs from p_{t_max} by ~e^{−12} in variance)."""
     mixture = random_mixture(1006)
     x = mixture.sample(64, torch.Generator().manual_seed(1))[0].double()
     eps = likelihood.DEFAULT_EPS
