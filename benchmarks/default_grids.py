@@ -241,9 +241,10 @@ def verify(args, cache, pool) -> Dict:
         steps = None if documented is None else max(1, round(documented * args.steps_scale))
         sampler = sampling.SAMPLERS[method]
         sdes = {e: ALL_SDES[e]() for e in args.sdes}
-        grids = {e: sampler.grid_for(sde.N if steps is None else steps, sde) for e, sde in sdes.items()}
+        grids = {e: args.grid or sampler.grid_for(sde.N if steps is None else steps, sde) for e, sde in sdes.items()}
         grid = "/".join(dict.fromkeys(grids.values()))
-        cases = [(s, e, variant, grids[e], steps) for s in VERIFICATION_SEEDS[:args.members] for e in args.sdes]
+        seeds = SELECTION_SEEDS if args.family == "selection" else VERIFICATION_SEEDS
+        cases = [(s, e, variant, grids[e], steps) for s in seeds[:args.members] for e in args.sdes]
         found = cache.run(cases, pool)
         fails = sum(badness(c, r, margin=False) > 1 for c, r in zip(cases, found))
         _, case = worst(cases, found, margin=False)
@@ -266,6 +267,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--spacings", default=",".join(SPACINGS))
     parser.add_argument("--sdes", default=",".join(SDES), help=f"of {list(ALL_SDES)}")
+    parser.add_argument("--family", choices=("verification", "selection"), default="verification",
+                        help="verify: the members to run (selection: to choose a default by the worst case)")
+    parser.add_argument("--grid", help="verify: this spacing instead of each sampler's default")
     parser.add_argument("--members", type=int, default=24, help="family members (seeds) to use")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="verify at this fraction of each count")
     parser.add_argument("--cache", type=Path, default=Path("default_grids_cache.json"))
