@@ -37,11 +37,11 @@ sys.path.insert(0, str(ROOT))
 from sde_diffusion import distributed, likelihood, parameterization, sampling  # noqa: E402
 from sde_diffusion.training import optim  # noqa: E402
 from sde_diffusion.config import load_config_file  # noqa: E402
-from sde_diffusion.ema import ExponentialMovingAverage  # noqa: E402
+from sde_diffusion.training.ema import ExponentialMovingAverage  # noqa: E402
 from sde_diffusion.jobs import builder  # noqa: E402
 from sde_diffusion.models import create_model, get_score_fn  # noqa: E402
 from sde_diffusion.sdes import sde_from_config  # noqa: E402
-from sde_diffusion.train_step import TrainStep  # noqa: E402
+from sde_diffusion.training.step import TrainStep  # noqa: E402
 
 # Dense peak TFLOP/s by device name fragment and precision (NVIDIA data sheets, SXM parts, without sparsity).
 PEAK_TFLOPS = {"H200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4},

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from sde_diffusion import guidance, sampling  # noqa: E402
 from sde_diffusion.checkpoints import write_json  # noqa: E402
 from sde_diffusion.config import load_config_file  # noqa: E402
-from sde_diffusion.datasets import load_digits_uint8, DIGITS_LEVELS  # noqa: E402
+from sde_diffusion.data.datasets import load_digits_uint8, DIGITS_LEVELS  # noqa: E402
 from sde_diffusion.jobs import builder  # noqa: E402
 from sde_diffusion.text import DIGIT_PHRASINGS  # noqa: E402
 from sde_diffusion.visualize import save_image_grid  # noqa: E402

@@ -4,7 +4,7 @@
 
 data.root is a folder of .png/.jpg/.jpeg/.webp images (any depth), a .zip of one, or a uint8 array
 (N, 64-or-more, 64-or-more, 3) in a .npy/.npz; images are center-cropped and resized to 64×64 once and cached
-(see sde_diffusion/image_folder.py). The data, training and evaluation settings are score_sde's CelebA 64×64
+(see sde_diffusion/data/image_folder.py). The data, training and evaluation settings are score_sde's CelebA 64×64
 defaults (configs/default_celeba_configs.py: batch 128, random flips, 1.3M steps, 50k samples for FID); the network
 is configs/vp_cifar.py's DDPM++ with the layout score_sde uses for CelebA 64×64 (configs/ncsnpp/celeba.py:
 ch_mult (1, 2, 2, 2) → resolutions 64, 32, 16, 8, four residual blocks each, attention at 16×16).

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .ema import ExponentialMovingAverage
+from .training.ema import ExponentialMovingAverage
 from .errors import CheckpointError, CorruptCheckpointError, StorageError  # noqa: F401  (importable from here too)
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .datasets import declared_classes, is_image_data
+from .data.datasets import declared_classes, is_image_data
 from .errors import ConfigError, positive
 from .models import layers
 from .models.layerspp import group_norm, ncsnpp_groups

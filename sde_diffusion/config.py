@@ -172,7 +172,7 @@ def default_config() -> ml_collections.ConfigDict:
     # image training data held on the training device (batches, flips, dequantization built there, bit-identical to
     # the host's): "auto" (on CUDA when the uint8 set takes under DEVICE_DATA_FRACTION of free memory), True, False
     data.on_device = ml_collections.FieldReference("auto", field_type=object)
-    # data.dataset='folder' (sde_diffusion/image_folder.py): data.root is a folder tree of .png/.jpg/.jpeg/.webp
+    # data.dataset='folder' (sde_diffusion/data/image_folder.py): data.root is a folder tree of .png/.jpg/.jpeg/.webp
     # images (any depth), a .zip of them, or a uint8 array (N, H, W, C) in a .npy / single-array .npz; each image
     # is center-cropped to a square and resized to data.image_size once, then cached as a uint8 array
     data.resize_filter = "lanczos"  # Pillow filter of the one resize: box | bilinear | bicubic | lanczos
@@ -216,6 +216,8 @@ def default_config() -> ml_collections.ConfigDict:
     model.beta_max = 20.0
     model.beta_schedule = "linear"  # linear | cosine | quadratic | linear_chain (DDPM's N-step chain exactly; VP, sub-VP)
     model.num_scales = 1000
+    # VP only: rescale the schedule to zero terminal SNR (Lin et al. 2024; α(T) = 0): needs a 'v' or 'velocity' target
+    model.zero_terminal_snr = False
     model.sigma_min = 0.01
     model.sigma_max = 50.0
     # NCSN++ / DDPM++ (model.name='ncsnpp'), with score_sde's names and meanings

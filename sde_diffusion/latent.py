@@ -152,7 +152,7 @@ def network_config(config):
 def check_config(config) -> None:
     """model.latent and model.autoencoder: image data, the autoencoder's keys, an existing pretrained path, and the
     measures a latent model cannot report (bits/dim of pixels, pixel-space inpainting). Raises ConfigError."""
-    from .datasets import is_image_data
+    from .data.datasets import is_image_data
     from .models.autoencoder import check_config as check_autoencoder
     m, e, s = config.model, config.eval, config.sampling
     try:

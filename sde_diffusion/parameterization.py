@@ -393,6 +393,10 @@ def check_config(config) -> None:
     if name == "score_table" and not issubclass(sde_type, VESDE):
         raise ConfigError(f"model.parameterization='score_table' indexes the SMLD levels of training.sde='vesde', "
                           f"not {t.sde!r}")
+    if m.zero_terminal_snr and name not in ("v", "velocity"):
+        raise ConfigError(f"model.zero_terminal_snr=True makes α(T) = 0, where x_T is pure noise: a {name!r} network "
+                          "cannot tell x̂₀ there (ε̂ = x_T carries nothing of it), so set model.parameterization='v' "
+                          "(or 'velocity')")
     if PARAMETERIZATIONS[name].continuous_only and not t.continuous:
         raise ConfigError(f"model.parameterization={name!r}: {continuous_only_message(name)}")
     if m.scale_by_sigma and name not in SCALED_BY_SIGMA:

@@ -240,15 +240,51 @@ BETA_SCHEDULES = {"linear": LinearSchedule, "quadratic": QuadraticSchedule, "cos
                   LINEAR_CHAIN: LinearChainSchedule}
 
 
-def make_beta_schedule(name: str, beta_min: float, beta_max: float, N: int = 1000) -> BetaSchedule:
-    """The schedule `name` (a key of BETA_SCHEDULES); N is used by the chain schedule only."""
+class ZeroTerminalSNR(BetaSchedule):
+    """`base` rescaled to zero terminal SNR (Lin et al. 2024): √ᾱ shifted and stretched so that it is unchanged at
+    0 and exactly 0 at the end. Continuous: α(t) = (α_b(t) − α_b(1))/(1 − α_b(1)), B = −2 log α, β = β_b·α_b/(α_b −
+    α_b(1)) (B(1) = ∞). Discrete: √ᾱ_i = (√ᾱ_b,i − √ᾱ_b,N−1)·√ᾱ_b,0/(√ᾱ_b,0 − √ᾱ_b,N−1), whose last β is 1."""
+
+    def __init__(self, base: BetaSchedule):
+        self.base = base
+        self.alpha_end = math.exp(-0.5 * float(base.integral(torch.tensor(1.0, dtype=torch.float64))))
+
+    def _base_alpha(self, t):
+        return torch.exp(-0.5 * self.base.integral(t))
+
+    def beta(self, t):
+        alpha = self._base_alpha(t)
+        return self.base.beta(t) * alpha / (alpha - self.alpha_end)
+
+    def integral(self, t):
+        return -2.0 * torch.log((self._base_alpha(t) - self.alpha_end).clamp(min=0.0) / (1.0 - self.alpha_end))
+
+    def inverse_integral(self, B):
+        """α = e^{−B/2} ⇒ α_b = α_b(1) + (1 − α_b(1))·α, then t = B_b⁻¹(−2 log α_b)."""
+        B = torch.as_tensor(B, dtype=torch.float64)
+        alpha_base = self.alpha_end + (1.0 - self.alpha_end) * torch.exp(-0.5 * B)
+        return self.base.inverse_integral(-2.0 * torch.log(alpha_base))
+
+    def discrete_betas(self, N):
+        root = torch.sqrt(torch.cumprod(1.0 - self.base.discrete_betas(N), 0))
+        root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+        alphas_cumprod = root**2
+        return 1.0 - alphas_cumprod / torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+
+
+def make_beta_schedule(name: str, beta_min: float, beta_max: float, N: int = 1000,
+                       zero_terminal_snr: bool = False) -> BetaSchedule:
+    """The schedule `name` (a key of BETA_SCHEDULES; N is used by the chain schedule only), rescaled to zero terminal
+    SNR when asked (`ZeroTerminalSNR`)."""
     if name == "cosine":
-        return CosineSchedule()
-    if name == LINEAR_CHAIN:
-        return LinearChainSchedule(beta_min, beta_max, N)
-    if name not in BETA_SCHEDULES:
+        schedule = CosineSchedule()
+    elif name == LINEAR_CHAIN:
+        schedule = LinearChainSchedule(beta_min, beta_max, N)
+    elif name not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta schedule {name!r}: choose one of {sorted(BETA_SCHEDULES)}")
-    return BETA_SCHEDULES[name](beta_min, beta_max)
+    else:
+        schedule = BETA_SCHEDULES[name](beta_min, beta_max)
+    return ZeroTerminalSNR(schedule) if zero_terminal_snr else schedule
 
 
 # --------------------------------------------------------------------------------------------------
@@ -474,10 +510,12 @@ class BetaScheduleSDE(SDE):
     `schedule`: "linear" and "quadratic" use beta_min/beta_max; "cosine" (Nichol & Dhariwal) ignores them.
     """
 
-    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000, schedule: str = "linear"):
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000, schedule: str = "linear",
+                 zero_terminal_snr: bool = False):
         super().__init__(N)
         self.beta_min, self.beta_max, self.schedule_name = beta_min, beta_max, schedule
-        self.schedule = make_beta_schedule(schedule, beta_min, beta_max, N)
+        self.zero_terminal_snr = zero_terminal_snr
+        self.schedule = make_beta_schedule(schedule, beta_min, beta_max, N, zero_terminal_snr)
 
     default_eps = 1e-3
 
@@ -684,7 +722,7 @@ class RectifiedFlowSDE(SDE):
         return torch.sigmoid(-torch.as_tensor(lam, dtype=torch.float64))
 
 
-BUILTIN_KEYS = {VPSDE: ("beta_min", "beta_max", "beta_schedule"), SubVPSDE: ("beta_min", "beta_max", "beta_schedule"),
+BUILTIN_KEYS = {VPSDE: ("beta_min", "beta_max", "beta_schedule", "zero_terminal_snr"), SubVPSDE: ("beta_min", "beta_max", "beta_schedule"),
                 VESDE: ("sigma_min", "sigma_max"), EDMSDE: ("sigma_min", "sigma_max"), RectifiedFlowSDE: ()}
 
 
@@ -732,6 +770,9 @@ def check_config(config) -> None:
         raise ConfigError(f"training.sde_options={options!r}: the built-in training.sde={t.sde!r} takes score_sde's "
                           f"keys {''.join(f'model.{k}, ' for k in BUILTIN_KEYS[cls])}model.num_scales: leave "
                           "training.sde_options empty")
+    if m.zero_terminal_snr and cls is not VPSDE:
+        raise ConfigError(f"model.zero_terminal_snr=True rescales a VP schedule (training.sde='vpsde'), not "
+                          f"training.sde={t.sde!r}")
     if issubclass(cls, BetaScheduleSDE) and cls in BUILTIN_KEYS:
         if m.beta_schedule not in BETA_SCHEDULES:
             raise ConfigError(f"model.beta_schedule={m.beta_schedule!r} is not one of {sorted(BETA_SCHEDULES)}")

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from evaluation import compare
 
-from . import (classifier, controllable, datasets, guidance, latent, likelihood, losses, models, parameterization,
-               sampling, sdes, train_step)
+from . import classifier, controllable, guidance, latent, likelihood, losses, models, parameterization, sampling, sdes
+from .data import datasets
+from .training import step as train_step
 from .models import text_conditioning
 from .errors import ConfigError, positive
 

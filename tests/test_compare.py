@@ -221,7 +221,7 @@ def test_kid_is_clean_fids_and_its_standard_error_matches_the_spread():
 # --- toy data ---------------------------------------------------------------------------------------------
 def test_toy_scores_standard_errors():
     from evaluation.sample_quality import toy_scores
-    from sde_diffusion.datasets import get_dataset
+    from sde_diffusion.data.datasets import get_dataset
     config = toy_gmm.get_config()
     dataset = get_dataset(config)
     samples = dataset.test[torch.randperm(len(dataset.test), generator=torch.Generator().manual_seed(0))] * 1.1

@@ -9,9 +9,9 @@ import torch
 import run_lib
 from configs.toy_gmm import get_config
 from sde_diffusion.training import optim
-from sde_diffusion.ema import ExponentialMovingAverage
+from sde_diffusion.training.ema import ExponentialMovingAverage
 from sde_diffusion.jobs import builder
-from sde_diffusion.train_step import TrainStep
+from sde_diffusion.training.step import TrainStep
 from tests.test_crash_safety import NaNAt
 
 STEPS = 4

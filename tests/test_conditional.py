@@ -17,7 +17,7 @@ from sde_diffusion import classifier as noisy_classifier
 from sde_diffusion import guidance
 from sde_diffusion.checkpoints import CheckpointError
 from sde_diffusion.config import ConfigError, default_config, validate_config
-from sde_diffusion.datasets import DatasetError, ToyDataset, get_dataset
+from sde_diffusion.data.datasets import DatasetError, ToyDataset, get_dataset
 from sde_diffusion.interop import ReferenceCheckpointError, convert_checkpoint
 from sde_diffusion.models import create_model, get_score_fn
 from sde_diffusion.sampling import sample

@@ -4,8 +4,10 @@ import pytest
 
 from configs import toy_gmm, vp_digits
 from evaluation import compare
-from sde_diffusion import (classifier, controllable, datasets, guidance, likelihood, losses, models, parameterization,
-                           sampling, sdes, train_step)
+from sde_diffusion import (classifier, controllable, guidance, likelihood, losses, models, parameterization, sampling,
+                           sdes)
+from sde_diffusion.data import datasets
+from sde_diffusion.training import step as train_step
 from sde_diffusion.config import ConfigError, default_config, validate_config
 
 

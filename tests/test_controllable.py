@@ -19,7 +19,7 @@ import run_lib
 from sde_diffusion import controllable
 from sde_diffusion.checkpoints import save_checkpoint
 from sde_diffusion.config import ConfigError, default_config, validate_config
-from sde_diffusion.ema import ExponentialMovingAverage
+from sde_diffusion.training.ema import ExponentialMovingAverage
 from sde_diffusion.metrics_toy import gaussian_moment_errors
 from sde_diffusion.models import create_model
 from sde_diffusion.sampling import auto_centre, sample
@@ -307,7 +307,7 @@ def test_sample_mode_inpaints_test_images_and_writes_the_grid(tmp_path):
 
 def _write_fake_cifar(root, n=3):
     import pickle
-    from sde_diffusion import datasets
+    from sde_diffusion.data import datasets
     folder = root / datasets.CIFAR10_DIR
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)

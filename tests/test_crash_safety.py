@@ -20,7 +20,7 @@ import run_lib
 from configs.toy_gmm import get_config
 from sde_diffusion.checkpoints import (CorruptCheckpointError, digest_path, load_checkpoint, newest_good_checkpoint,
                                        save_checkpoint, step_checkpoints)
-from sde_diffusion.train_step import NonFiniteError
+from sde_diffusion.training.step import NonFiniteError
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 240

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import run_lib
-from sde_diffusion.image_dataset import hashed_uniform
+from sde_diffusion.data.image_dataset import hashed_uniform
 from tests.test_host_sync import CountedSteps
 
 pytestmark = pytest.mark.cuda
@@ -34,7 +34,7 @@ def test_gpu_training_steps_make_no_host_synchronisation(tmp_path, monkeypatch, 
 
 def test_gpu_batches_equal_the_hosts(tmp_path):
     from configs.vp_digits import get_config
-    from sde_diffusion.datasets import get_dataset
+    from sde_diffusion.data.datasets import get_dataset
     config = get_config()
     config.data.random_flip = config.data.uniform_dequantization = True
     host, device = get_dataset(config), get_dataset(config).to_device("cuda")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from sde_diffusion import datasets
+from sde_diffusion.data import datasets
 from sde_diffusion.config import default_config
-from sde_diffusion.datasets import DatasetError, ImageDataset, ShuffledBatches, load_digits_uint8, read_cifar10
+from sde_diffusion.data.datasets import DatasetError, ImageDataset, ShuffledBatches, load_digits_uint8, read_cifar10
 
 
 def test_digits_split_is_fixed_and_disjoint():

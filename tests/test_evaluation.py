@@ -112,7 +112,7 @@ def inception():
 @pytest.fixture(scope="module")
 def digit_pixels():
     from evaluation.inception import to_uint8_rgb
-    from sde_diffusion.datasets import load_digits_uint8
+    from sde_diffusion.data.datasets import load_digits_uint8
     train = load_digits_uint8()[0][:24]
     return to_uint8_rgb(train.float() / 16)
 

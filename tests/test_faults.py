@@ -157,7 +157,7 @@ def flip_byte(path: Path, offset_fraction: float = 0.6) -> None:
 
 def test_corrupt_reference_statistics_are_reported_and_computed_again(tmp_path, caplog):
     from evaluation.reference import reference_statistics
-    from sde_diffusion.datasets import get_dataset
+    from sde_diffusion.data.datasets import get_dataset
     dataset, network = get_dataset(toy_config(**{"data.dataset": "digits", "model.name": "ddpm"})), CountingInception()
     first = reference_statistics(dataset, "digits", "test", network, tmp_path, limit=40)
     [path] = tmp_path.glob("digits_test_*.npz")
@@ -179,7 +179,7 @@ def test_corrupt_reference_statistics_are_reported_and_computed_again(tmp_path, 
 def test_an_altered_preprocessed_image_cache_is_rebuilt_not_used(tmp_path, caplog):
     from PIL import Image
     from configs.vp_folder_64 import get_config
-    from sde_diffusion.image_folder import load_images
+    from sde_diffusion.data.image_folder import load_images
     root = tmp_path / "images"
     root.mkdir()
     rng = np.random.default_rng(0)

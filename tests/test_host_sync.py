@@ -16,7 +16,7 @@ from configs.toy_gmm import get_config
 from sde_diffusion.errors import NonFiniteError
 from sde_diffusion.host_sync import HostSyncCounter
 from sde_diffusion.jobs import train as train_job
-from sde_diffusion.train_step import LossScale
+from sde_diffusion.training.step import LossScale
 from tests.test_crash_safety import NaNAt
 
 STEPS = 6
@@ -200,7 +200,7 @@ def _splitmix64_reference(z: int) -> int:
 def test_augmentation_noise_is_the_same_bits_on_every_device():
     """Flips and dequantization noise come from integer hashing (wrapping int64 arithmetic, the same on CPU and
     CUDA), so a batch built on the device equals the host's bit for bit; here: exact against Python integers."""
-    from sde_diffusion.image_dataset import hashed_uniform, splitmix64
+    from sde_diffusion.data.image_dataset import hashed_uniform, splitmix64
     inputs = [0, 1, 2**40 + 7, -1, -(2**63)]
     mask = (1 << 64) - 1
     assert [v & mask for v in splitmix64(torch.tensor(inputs)).tolist()] == \
@@ -238,7 +238,7 @@ def test_image_batches_on_the_device_are_the_hosts_and_cost_no_synchronisation(t
         take_step(run, step)
     monkeypatch.setattr(train_job, "take_step", counted)
     run_lib.train(config, tmp_path)
-    from sde_diffusion.datasets import get_dataset
+    from sde_diffusion.data.datasets import get_dataset
     host = get_dataset(config)
     for step in range(1, 4):
         expected = host.train_batch(with_labels=labels)
@@ -250,7 +250,7 @@ def test_image_batches_on_the_device_are_the_hosts_and_cost_no_synchronisation(t
 
 
 def test_data_on_device_setting_is_checked():
-    from sde_diffusion.datasets import check_config
+    from sde_diffusion.data.datasets import check_config
     from sde_diffusion.errors import ConfigError
     config = small_config()
     config.data.on_device = "yes"

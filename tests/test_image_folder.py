@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sde_diffusion import image_folder
+from sde_diffusion.data import image_folder
 from sde_diffusion.config import ConfigError, default_config, validate_config
-from sde_diffusion.datasets import DatasetError, ImageDataset, ShuffledBatches, dataset_classes, get_dataset
-from sde_diffusion.image_folder import load_images, preprocess_image, split_indices
+from sde_diffusion.data.datasets import DatasetError, ImageDataset, ShuffledBatches, dataset_classes, get_dataset
+from sde_diffusion.data.image_folder import load_images, preprocess_image, split_indices
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

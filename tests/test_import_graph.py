@@ -76,7 +76,7 @@ def test_the_cycle_finder_finds_cycles():
 def test_the_graph_sees_imports_inside_functions_and_relative_imports():
     graph = import_graph()
     assert "sde_diffusion.validation" in graph["sde_diffusion.config"]  # inside validate_config
-    assert "sde_diffusion.image_folder" in graph["sde_diffusion.datasets"]  # inside check_config / get_dataset
+    assert "sde_diffusion.data.image_folder" in graph["sde_diffusion.data.datasets"]  # inside get_dataset
     assert "sde_diffusion.models.registry" in graph["sde_diffusion.models"]  # from .registry import ...
     assert "sde_diffusion.sdes" in graph["sde_diffusion.models.score_fn"]  # from ..sdes import ...
     assert "sde_diffusion.jobs.train" in graph["run_lib"]
@@ -97,7 +97,8 @@ def test_importing_the_config_loads_no_networks_and_no_data_code():
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     modules = set(ast.literal_eval(loaded.stdout.strip()))
     assert "sde_diffusion.config" in modules
-    data_code = {f"sde_diffusion.{name}" for name in ("datasets", "image_dataset", "image_folder", "toy")}
+    data_code = {m for m in modules if m == "sde_diffusion.data" or m.startswith("sde_diffusion.data.")}
+    data_code |= {"sde_diffusion.toy"} & modules
     networks = {m for m in modules if m == "sde_diffusion.models" or m.startswith("sde_diffusion.models.")}
     assert not networks and not modules & data_code, sorted(modules)
 

@@ -221,7 +221,7 @@ def autoencoder_runs(tmp_path_factory):
 
 def test_train_autoencoder_resumes_exactly_and_reports_psnr(autoencoder_runs):
     from sde_diffusion.checkpoints import load_checkpoint
-    from sde_diffusion.datasets import get_dataset
+    from sde_diffusion.data.datasets import get_dataset
     from sde_diffusion.jobs.train_autoencoder import reconstructions
     from sde_diffusion.models.autoencoder import KLAutoencoder, options_from_config
     straight, resumed, report = autoencoder_runs

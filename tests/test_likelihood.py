@@ -14,7 +14,7 @@ import torch
 from sde_diffusion import likelihood as L
 from sde_diffusion import losses
 from sde_diffusion.config import ConfigError, default_config, validate_config
-from sde_diffusion.datasets import ImageDataset
+from sde_diffusion.data.datasets import ImageDataset
 from sde_diffusion.discrete import chain_for
 from sde_diffusion.sdes import SubVPSDE, VESDE, VPSDE
 from sde_diffusion.toy import GaussianMixture, default_mixture, high_dim_mixture

@@ -10,7 +10,7 @@ import torch
 
 from sde_diffusion import losses
 from sde_diffusion.discrete import chain_for
-from sde_diffusion.ema import ExponentialMovingAverage
+from sde_diffusion.training.ema import ExponentialMovingAverage
 from sde_diffusion.training import optim
 from sde_diffusion.sdes import SubVPSDE, VESDE, VPSDE
 

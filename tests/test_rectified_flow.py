@@ -61,6 +61,12 @@ def test_likelihood_is_the_exact_density():
 
 
 def test_trains_from_a_config():
+    from sde_diffusion.cli import load_config_file
+    from sde_diffusion.config import validate_config
+    digits = load_config_file("configs/rf_digits.py")
+    validate_config(digits)
+    assert (digits.training.sde, digits.training.weighting, digits.model.parameterization) == \
+        ("rectified_flow", "velocity", "velocity")
     from configs import toy_gmm
     config = toy_gmm.get_config()
     config.training.sde = "rectified_flow"
@@ -75,3 +81,47 @@ def test_trains_from_a_config():
     config.training.continuous, config.training.sde_options = True, "N=10"
     with pytest.raises(ConfigError, match="leave training.sde_options empty"):
         sdes.check_config(config)
+
+
+# --------------------------------------------------------------------------------------------------
+# VP rescaled to zero terminal SNR: the other process with α(T) = 0
+# --------------------------------------------------------------------------------------------------
+def test_zero_terminal_snr_schedule_is_lin_et_als():
+    """The continuous α(t) = (α_b(t) − α_b(1))/(1 − α_b(1)) with closed-form f, g², λ⁻¹ against the generic ones, and
+    the discrete chain against diffusers' rescale_zero_terminal_snr of the same β (when diffusers is installed)."""
+    sde = sdes.VPSDE(zero_terminal_snr=True)
+    base = sdes.VPSDE()
+    t = torch.tensor([1e-3, 0.2, 0.5, 0.9, 0.99], dtype=torch.float64)
+    alpha_end = base.alpha(torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(sde.alpha(t), (base.alpha(t) - alpha_end) / (1 - alpha_end))
+    torch.testing.assert_close(sde.alpha(t) ** 2 + sde.sigma(t) ** 2, torch.ones_like(t))
+    torch.testing.assert_close(sde.drift_coefficient(t), sdes.SDE.drift_coefficient(sde, t))
+    torch.testing.assert_close(sde.diffusion_squared(t), sdes.SDE.diffusion_squared(sde, t))
+    torch.testing.assert_close(sde.t_from_log_snr(sde.log_snr(t)), t)
+    assert sde.alpha(torch.tensor(1.0)).item() == 0.0 and sde.sigma(torch.tensor(1.0)).item() == 1.0
+    assert sde.singular_end and sde.t_max < 1.0 and sde.prior_std == 1.0
+    betas = sde.schedule.discrete_betas(sde.N)
+    assert betas[-1].item() == pytest.approx(1.0) and betas[0].item() == pytest.approx(1e-4)
+    ddim = pytest.importorskip("diffusers.schedulers.scheduling_ddim")
+    theirs = ddim.rescale_zero_terminal_snr(base.schedule.discrete_betas(sde.N))  # float64 in, float64 out
+    torch.testing.assert_close(betas, theirs, rtol=1e-9, atol=1e-12)
+
+
+def test_zero_terminal_snr_needs_a_v_target_and_samples():
+    from configs import vp_digits
+    config = vp_digits.get_config()
+    config.model.zero_terminal_snr = True
+    with pytest.raises(ConfigError, match="zero_terminal_snr=True makes α.T. = 0.*set model.parameterization='v'"):
+        parameterization.check_config(config)
+    config.model.parameterization = "v"
+    parameterization.check_config(config)
+    sde = sdes.sde_from_config(config)
+    assert isinstance(sde, sdes.VPSDE) and sde.zero_terminal_snr
+    config.training.sde = "vesde"
+    with pytest.raises(ConfigError, match="rescales a VP schedule"):
+        sdes.check_config(config)
+    mixture = random_mixture(1006)
+    for method in ("dpm_solver", "heun", "ancestral"):
+        x, _ = sampling.sample(mixture.marginal_score_fn(sde), sde, (1000, mixture.dim), method,
+                               generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(x).all() and mixture.log_prob(x.double()).mean().item() > -3 * mixture.dim, method

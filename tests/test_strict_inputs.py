@@ -13,7 +13,7 @@ import run_lib
 from configs import toy_gmm, vp_digits
 from sde_diffusion.checkpoints import CheckpointError
 from sde_diffusion.config import ConfigError, validate_config
-from sde_diffusion.datasets import DatasetError, get_dataset
+from sde_diffusion.data.datasets import DatasetError, get_dataset
 from sde_diffusion.errors import UsageError
 
 

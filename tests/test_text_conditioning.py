@@ -252,7 +252,7 @@ def captioned_folder(tmp_path):
 
 def test_a_captions_file_captions_each_image_of_a_folder_in_training_and_sampling(tmp_path):
     from configs.vp_folder_64 import get_config
-    from sde_diffusion.datasets import get_dataset
+    from sde_diffusion.data.datasets import get_dataset
     from sde_diffusion.jobs import sample as sample_job
     from sde_diffusion.jobs import train as train_job
     from sde_diffusion.models.text_conditioning import dataset_captions

@@ -19,8 +19,8 @@ from torch import nn
 
 from .. import distributed, latent, losses, parameterization, sampling, workdir_lock
 from ..checkpoints import load_model_weights, step_checkpoint, step_checkpoints
-from ..datasets import get_dataset
-from ..ema import ExponentialMovingAverage
+from ..data.datasets import get_dataset
+from ..training.ema import ExponentialMovingAverage
 from ..errors import CheckpointError, ConfigError, UsageError, WorkdirBusyError
 from ..models import create_model, get_score_fn
 from ..models.text_conditioning import dataset_captions

@@ -13,7 +13,7 @@ import torch
 from .. import classifier as noisy_classifier
 from .. import distributed, guidance, parameterization, sampling
 from ..checkpoints import load_checkpoint
-from ..datasets import dataset_classes
+from ..data.datasets import dataset_classes
 from ..errors import CheckpointError
 from ..models.text_conditioning import dataset_captions
 from ..visualize import save_image_grid, save_scatter

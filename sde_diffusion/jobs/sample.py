@@ -17,7 +17,7 @@ import torch
 
 from .. import controllable, parameterization, sampling
 from ..checkpoints import save_npz
-from ..datasets import dataset_classes
+from ..data.datasets import dataset_classes
 from ..guidance import PER_CLASS, sample_label_rows
 from ..errors import ConfigError
 from ..models import get_score_fn

@@ -24,11 +24,11 @@ from ..training import optim
 from ..checkpoints import (TrainState, atomic_write, load_checkpoint, newest_good_checkpoint, prune_step_checkpoints,
                            remove_stale_temporaries, rng_state, save_checkpoint, step_checkpoint, step_checkpoints,
                            write_json)
-from ..ema import ExponentialMovingAverage
+from ..training.ema import ExponentialMovingAverage
 from ..errors import DatasetError
 from ..models.score_fn import null_condition
 from ..models.text_conditioning import dataset_captions
-from ..train_step import StepFailure, StepReport, TrainStep
+from ..training.step import StepFailure, StepReport, TrainStep
 from ..validation import validate_config
 from . import builder
 from .generation import Conditioning, draw_samples, save_samples_picture

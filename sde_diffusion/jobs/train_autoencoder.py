@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoints import (newest_good_checkpoint, prune_step_checkpoints,
                            remove_stale_temporaries, save_checkpoint, step_checkpoint, write_json)
-from ..datasets import get_dataset, is_image_data
+from ..data.datasets import get_dataset, is_image_data
 from ..errors import ConfigError
 from ..latent import AUTOENCODER_FILE, AUTOENCODER_FOLDER
 from ..models.autoencoder import KLAutoencoder, autoencoder_loss, options_from_config

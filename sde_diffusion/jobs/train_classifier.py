@@ -17,7 +17,7 @@ from ..progress import Progress
 from .. import classifier as noisy_classifier
 from .. import latent
 from ..checkpoints import save_checkpoint, write_json
-from ..datasets import NUM_CLASSES, dataset_classes, get_dataset
+from ..data.datasets import NUM_CLASSES, dataset_classes, get_dataset
 from ..sdes import sde_from_config
 from ..errors import ConfigError
 from ..validation import validate_config

@@ -1,4 +1,5 @@
-"""Training: the objective's parts (weightings.py, noise_levels.py, objectives.py) and the optimizer (optim.py).
+"""Training: the objective's parts (noise_levels.py, weightings.py, objectives.py), the optimizer and learning-rate
+schedule (optim.py), one optimization step (step.py: precision, clipping, non-finite checks) and the EMA (ema.py).
 
 `sde_diffusion.losses` is the public face of the objective: it re-exports what these modules define.
 """

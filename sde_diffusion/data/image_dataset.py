@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from .distributed import global_rows
-from .errors import DatasetError
+from ..distributed import global_rows
+from ..errors import DatasetError
 
 # --------------------------------------------------------------------------------------------------
 # Augmentation noise: a counter-based hash, the same bits on every device
@@ -294,6 +294,6 @@ def require_labels(labels: Optional[torch.Tensor], split: str) -> torch.Tensor:
     """labels, or a DatasetError when the split has none."""
     if labels is None:
         raise DatasetError(f"this dataset has no class labels for its {split} split: class-conditional training "
-                           "and classifiers need a labelled dataset (sde_diffusion.datasets.NUM_CLASSES), or "
+                           "and classifiers need a labelled dataset (sde_diffusion.data.datasets.NUM_CLASSES), or "
                            "folder data with data.labels ('folders' or a labels file)")
     return labels

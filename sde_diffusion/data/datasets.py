@@ -4,7 +4,8 @@ Image datasets keep their uint8 pixels (K grey levels per channel) in memory, sh
 Training batches are float images in [0, 1] (k/(K−1), or (k + u)/K with uniform dequantization),
 optionally flipped, then mapped to the network's input scale by `to_model` ([−1, 1] when
 `data.centered`, else [0, 1]); `from_model` inverts that map. Toy datasets are already in model space.
-Batching (shuffled, sharded, resumable) is sde_diffusion/image_dataset.py's; your own images (data.dataset='folder') are read by sde_diffusion/image_folder.py.
+Batching (shuffled, sharded, resumable) is image_dataset.py's; your own images (data.dataset='folder') are read by
+image_folder.py.
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from typing import Dict, Iterator, Optional, Tuple
 import numpy as np
 import torch
 
-from . import toy
-from .distributed import global_rows
-from .errors import ConfigError, DatasetError, choice
+from .. import toy
+from ..distributed import global_rows
+from ..errors import ConfigError, DatasetError, choice
 from .image_dataset import (BatchMaker, BatchPlan, ImageDataset, PERMUTATION_SEED_STRIDE,  # noqa: F401
                             ShuffledBatches, batch_seed, require_labels)
 
@@ -205,7 +206,7 @@ class ToyDataset:
 
 
 # --------------------------------------------------------------------------------------------------
-FOLDER = "folder"  # your own images (sde_diffusion/image_folder.py): channels and size come from the config
+FOLDER = "folder"  # your own images (sde_diffusion/data/image_folder.py): channels and size come from the config
 IMAGE_DATASETS = {"digits": (1, 8, DIGITS_LEVELS), "cifar10": (3, 32, 256),
                   FOLDER: (None, None, 256)}  # channels, size, levels
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "gmm": 4}  # datasets with class labels 0..n−1 (folder: data.labels)

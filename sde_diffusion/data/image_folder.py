@@ -50,11 +50,11 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from .progress import Progress
+from ..progress import Progress
 
-from .checkpoints import load_verified_npz, save_verified_npz
+from ..checkpoints import load_verified_npz, save_verified_npz
 from .image_dataset import ImageDataset
-from .errors import ConfigError, DatasetError, choice, positive
+from ..errors import ConfigError, DatasetError, choice, positive
 
 log = logging.getLogger("sde_diffusion")
 

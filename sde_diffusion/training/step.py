@@ -19,9 +19,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from . import distributed
-from .errors import NonFiniteError, choice, positive
-from .training.optim import learning_rate
+from .. import distributed
+from ..errors import NonFiniteError, choice, positive
+from ..training.optim import learning_rate
 
 PRECISIONS: Dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NONFINITE_POLICIES = ("stop", "skip")
