@@ -4,16 +4,11 @@ velocity ε − x_0 (plain MSE on it), training times t = sigmoid(u), u ~ N(0, 1
 probability-flow ODE by DPM-Solver++ on the λ-uniform grid.
     python main.py --config configs/rf_digits.py --mode train && python main.py --config configs/rf_digits.py --mode eval
 """
-import importlib.util
-from pathlib import Path
-
-_spec = importlib.util.spec_from_file_location("vp_digits", Path(__file__).with_name("vp_digits.py"))
-_vp_digits = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_vp_digits)
+from configs import vp_digits
 
 
 def get_config():
-    config = _vp_digits.get_config()
+    config = vp_digits.get_config()
     training = config.training
     training.sde = "rectified_flow"
     training.time_sampling = "logit_normal:mean=0,std=1"

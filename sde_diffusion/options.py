@@ -108,6 +108,23 @@ def did_you_mean(value: str, names: Sequence[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def check_option(kind: str, name: str, options: Dict[str, Option], key: str, value: Any, hint: str = "") -> Any:
+    """`value` of option `key` of the part `name` (a `kind`) converted to its default's type; ValueError naming the
+    option and the valid ones (and `hint` for an unknown key)."""
+    valid = ", ".join(o.describe() for o in options.values()) or "none"
+    if key not in options:
+        raise ValueError(f"{kind} {name!r} has no option {key!r}{did_you_mean(key, list(options))}; its options: "
+                         f"{valid}{hint}")
+    option = options[key]
+    try:
+        value = coerce(value, option.default)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{kind} {name!r}: option {key}={value!r} {err}; its options: {valid}") from None
+    if option.choices is not None and value not in option.choices:
+        raise ValueError(f"{kind} {name!r}: option {key}={value!r} is not one of {list(option.choices)}")
+    return value
+
+
 @dataclass(frozen=True)
 class Part:
     """A registered part: `kind` ('weighting', …), `name`, the function or class, its options and the framework
@@ -121,22 +138,7 @@ class Part:
 
     def check_options(self, options: Dict[str, Any]) -> Dict[str, Any]:
         """options with text converted; ValueError naming the part, the option and the valid ones."""
-        checked = {}
-        for key, value in options.items():
-            if key not in self.options:
-                raise ValueError(f"{self.kind} {self.name!r} has no option {key!r}"
-                                 f"{did_you_mean(key, list(self.options))}; its options: {self.describe_options()}")
-            option = self.options[key]
-            try:
-                value = coerce(value, option.default)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"{self.kind} {self.name!r}: option {key}={value!r} {err}; its options: "
-                                 f"{self.describe_options()}") from None
-            if option.choices is not None and value not in option.choices:
-                raise ValueError(f"{self.kind} {self.name!r}: option {key}={value!r} is not one of "
-                                 f"{list(option.choices)}")
-            checked[key] = value
-        return checked
+        return {key: check_option(self.kind, self.name, self.options, key, value) for key, value in options.items()}
 
     def describe_options(self) -> str:
         return ", ".join(o.describe() for o in self.options.values()) or "none"

@@ -16,7 +16,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from ..options import Option, literal_choices, type_hints
+from ..options import Option, check_option, literal_choices, type_hints
 from ..options import coerce as _coerce
 from ..options import parse_options as _parse_options
 from ..sdes import SDE
@@ -67,18 +67,8 @@ class Sampler:
         return {key: self.check_option(key, value) for key, value in options.items()}
 
     def check_option(self, key: str, value: Any) -> Any:
-        if key not in self.options:
-            raise ValueError(f"sampler {self.name!r} has no option {key!r}; its options: {self.describe_options()}"
-                             + (f" (and sample's {list(SPEC_KEYWORDS)} in text specs)" if key in RESERVED else ""))
-        option = self.options[key]
-        try:
-            value = _coerce(value, option.default)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"sampler {self.name!r}: option {key}={value!r} {err}; its options: "
-                             f"{self.describe_options()}") from None
-        if option.choices is not None and value not in option.choices:
-            raise ValueError(f"sampler {self.name!r}: option {key}={value!r} is not one of {list(option.choices)}")
-        return value
+        hint = f" (and sample's {list(SPEC_KEYWORDS)} in text specs)" if key in RESERVED else ""
+        return check_option("sampler", self.name, self.options, key, value, hint)
 
     def describe_options(self) -> str:
         return ", ".join(o.describe() for o in self.options.values()) or "none"
