@@ -221,6 +221,10 @@ def test_unknown_parts_and_impossible_combinations_are_named():
     with pytest.raises(ConfigError, match="set the objective by training.time_sampling and training.weighting"):
         losses.check_config(config)
     config.training.likelihood_weighting = False
+    config.training.time_sampling = "discrete"  # the parts together are checked on the process
+    with pytest.raises(ConfigError, match="training.time_sampling='discrete' draws the chain's steps"):
+        losses.check_config(config)
+    config.training.time_sampling = None
     config.training.weighting = "min_snr:gama=5"
     with pytest.raises(ConfigError, match=r"training.weighting='min_snr:gama=5': .*did you mean 'gamma'"):
         losses.check_config(config)

@@ -23,7 +23,7 @@ from .. import discrete
 from ..distributed import global_rows
 from ..errors import ConfigError
 from ..parameterization import EDM_SIGMA_DATA
-from ..sdes import SDE, ScoreFn, per_sample
+from ..sdes import SDE, ScoreFn, per_sample, sde_class, sde_from_config
 from .noise_levels import EDM_P_MEAN, EDM_P_STD, TIME_SAMPLINGS, log_snr_range
 from .weightings import WEIGHTINGS
 
@@ -233,6 +233,12 @@ def check_config(config) -> None:
                 registry.parse(t[key], f"training.{key}")
             except ValueError as err:
                 raise ConfigError(str(err)) from None
+    if named and sde_class(t.sde) is not None:  # the parts together, on the process: draws in (0, T], weights ≥ 0
+        try:
+            get_loss_fn(sde_from_config(config), continuous=t.continuous, eps=t.eps, time_sampling=t.time_sampling,
+                        weighting=t.weighting, sigma_data=config.model.sigma_data)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 # --------------------------------------------------------------------------------------------------
