@@ -164,6 +164,14 @@ def test_effective_weighting_closed_forms():
     t = sde.t_from_log_snr(lam)
     expected = 2 * sde.sigma(t) ** 2 / ((1 - eps) * sde.diffusion_squared(t))
     torch.testing.assert_close(w, expected, rtol=0.06, atol=0)
+    # the same from an SDE and specs, and from a config
+    _, from_specs = losses.effective_weighting(sde, lam, time_sampling="uniform", weighting="eps", eps=eps)
+    torch.testing.assert_close(from_specs, w)
+    from configs import vp_digits
+    config = vp_digits.get_config()
+    config.training.likelihood_weighting, config.training.eps = True, eps
+    _, from_config = losses.effective_weighting(config, lam)
+    torch.testing.assert_close(from_config, torch.full_like(w, 2 / (1 - eps)), rtol=0.04, atol=0)
     # EDM: λ = −ln σ ~ N(1.2, 1.2²) times (e^{−2λ} + σ_d²)/σ_d²
     _, w = losses.effective_weighting(losses.Objective(EDMSDE(), time_sampling="log_normal", weighting="edm"),
                                       torch.linspace(-2.0, 4.0, 13, dtype=torch.float64))

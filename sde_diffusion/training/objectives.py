@@ -139,12 +139,24 @@ class Objective:
                              f"that is negative or not finite (at t = {bad:.4g}): weights must be finite and ≥ 0")
 
 
-def effective_weighting(objective: Objective, log_snr: Optional[torch.Tensor] = None, *, draws: int = 400_000,
-                        seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+def effective_weighting(what, log_snr: Optional[torch.Tensor] = None, *, time_sampling: Optional[str] = None,
+                        weighting: Optional[str] = None, continuous: bool = True, eps: float = 1e-5,
+                        draws: int = 400_000, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Kingma & Gao's w(λ) of an objective (up to their ½): the weight per unit log-SNR on E‖ε̂ − ε‖², so that the
-    loss is ∫ W(λ)·E‖ε̂ − ε‖²|_λ dλ. Estimated from `draws` times of its noise-level distribution (any registered
-    one), as a histogram of λ weighted by each draw's r·w(λ) on 100 bins (or at the centres `log_snr`, 1-D
-    increasing, equally spaced). Returns (λ at the bin centres, W there), float64."""
+    loss is ∫ W(λ)·E‖ε̂ − ε‖²|_λ dλ. `what`: an `Objective`; an SDE with the specs time_sampling and weighting
+    (default uniform, eps), continuous and eps; or a config (its training objective). Estimated from `draws` times
+    of the noise-level distribution (any registered one), as a histogram of λ weighted by each draw's r·w(λ) on
+    100 bins (or at the centres `log_snr`, 1-D increasing, equally spaced). Returns (λ at the bin centres, W
+    there), float64."""
+    if isinstance(what, SDE):
+        what = Objective(what, time_sampling=time_sampling or "uniform", weighting=weighting or "eps",
+                         continuous=continuous, eps=eps)
+    elif not isinstance(what, Objective):  # a config
+        t = what.training
+        what = get_loss_fn(sde_from_config(what), continuous=t.continuous, likelihood_weighting=t.likelihood_weighting,
+                           eps=t.eps, importance_sampling=t.importance_sampling, loss=t.loss,
+                           sigma_data=what.model.sigma_data, time_sampling=t.time_sampling, weighting=t.weighting)
+    objective = what
     t, ratio = objective.times(draws, torch.Generator().manual_seed(seed), dtype=torch.float64)
     alpha, sigma = objective.alpha_sigma(t)
     lam = torch.log(alpha) - torch.log(sigma)
