@@ -204,7 +204,7 @@ def default_config() -> ml_collections.ConfigDict:
     model.ema_rate = 0.9999
     model.num_classes = 0  # > 0: class-conditional, a label embedding (+ a null label) added to the noise embedding
     # what the network predicts (sde_diffusion/parameterization.py): auto (score_sde's: eps for VP/sub-VP, score for
-    # VE, edm for EDM) | eps | score (σ·score) | x0 | v (α·ε − σ·x0) | velocity (dx_t/dt, continuous time) | edm
+    # VE, edm for EDM) | eps | score (σ·score) | x0 | v (α·ε − σ·x0) | velocity (dx_t/dt) | edm
     # (EDM's preconditioned denoiser, any SDE)
     model.parameterization = "auto"
     # the network's noise input: auto (the parameterization's; discrete step labels with training.continuous=False)

@@ -86,13 +86,10 @@ class Parameterization(abc.ABC):
 
     name: str = ""
     default_conditioning: str = "time"
-    continuous_only: bool = False  # uses time derivatives of α(t), σ(t): no discrete-time (chain) networks
 
     def __init__(self, sde: SDE, *, continuous: bool = True, conditioning: str = AUTO,
                  sigma_data: float = EDM_SIGMA_DATA):
         self.sde, self.continuous, self.sigma_data = sde, continuous, sigma_data
-        if self.continuous_only and not continuous:
-            raise ValueError(continuous_only_message(self.name))
         self.chain = None if continuous else discrete.require_chain(sde, "a discrete-time network (continuous=False)")
         if conditioning == AUTO:
             conditioning = self.default_conditioning if continuous else "step"
@@ -139,12 +136,6 @@ class Parameterization(abc.ABC):
 
 
 PARAMETERIZATIONS: Dict[str, Type[Parameterization]] = {}
-
-
-def continuous_only_message(name: str) -> str:
-    return (f"the {name!r} parameterization takes time derivatives of α(t) and σ(t), so it needs continuous time; a "
-            f"discrete-time network (training.continuous=False) has none: set training.continuous=True or use "
-            f"'v', 'eps' or 'x0'")
 
 
 def register_parameterization(name: str):
@@ -248,16 +239,15 @@ class VPrediction(Parameterization):
 class VelocityPrediction(Parameterization):
     """The network predicts the flow-matching velocity u = dx_t/dt = α′·x_0 + σ′·ε (ε − x_0 for α = 1 − t, σ = t).
     From the SDE's drift f = α′/α and g² = dσ²/dt − 2f·σ²: α′ = f·α, σ′ = (g² + 2f·σ²)/(2σ). With d = α·σ′ − σ·α′
-    (> 0: σ/α grows with t): x̂_0 = (σ′·x − σ·u)/d, ε̂ = (α·u − α′·x)/d and score = −ε̂/σ. Continuous time only
-    (a discrete chain has no time derivative)."""
-
-    continuous_only = True
+    (> 0: σ/α grows with t): x̂_0 = (σ′·x − σ·u)/d, ε̂ = (α·u − α′·x)/d and score = −ε̂/σ. On a discrete chain α, σ
+    are the chain's α_i, σ_i and α′, σ′ those of the SDE it discretizes, at the level's time."""
 
     def _derivatives(self, x: Tensor, t: Tensor):
         alpha, sigma = (per_sample(v, x) for v in self.alpha_sigma(t))
+        alpha_t, sigma_t = (per_sample(v, x) for v in (self.sde.alpha(t), self.sde.sigma(t)))
         f = per_sample(self.sde.drift_coefficient(t), x)
         g2 = per_sample(self.sde.diffusion_squared(t), x)
-        return alpha, sigma, f * alpha, (g2 + 2 * f * sigma**2) / (2 * sigma)
+        return alpha, sigma, f * alpha_t, (g2 + 2 * f * sigma_t**2) / (2 * sigma_t)
 
     def score(self, output, x, t):
         alpha, sigma, d_alpha, d_sigma = self._derivatives(x, t)
@@ -397,8 +387,6 @@ def check_config(config) -> None:
         raise ConfigError(f"model.zero_terminal_snr=True makes α(T) = 0, where x_T is pure noise: a {name!r} network "
                           "cannot tell x̂₀ there (ε̂ = x_T carries nothing of it), so set model.parameterization='v' "
                           "(or 'velocity')")
-    if PARAMETERIZATIONS[name].continuous_only and not t.continuous:
-        raise ConfigError(f"model.parameterization={name!r}: {continuous_only_message(name)}")
     if m.scale_by_sigma and name not in SCALED_BY_SIGMA:
         raise ConfigError(f"model.scale_by_sigma=True means the network output divided by σ is the score, which is "
                           f"the 'score' parameterization; model.parameterization={m.parameterization!r} resolves to "

@@ -41,10 +41,6 @@ def test_every_parameterization_round_trips(name, sde_name, continuous):
         with pytest.raises(ValueError, match="has none"):
             P.resolve(sde, continuous, name)
         return
-    if name == "velocity" and not continuous:
-        with pytest.raises(ValueError, match="continuous time"):
-            P.resolve(sde, continuous, name)
-        return
     if name == "score_table" and sde_name != "ve":
         with pytest.raises(ValueError, match="VE SDE"):
             P.resolve(sde, continuous, name)
@@ -79,6 +75,13 @@ def test_v_and_velocity_targets_are_the_papers_definitions(sde_name):
     torch.testing.assert_close(velocity.output(score, x, t), d_alpha * x0 + d_sigma * eps, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(v.score(alpha * eps - sigma * x0, x, t), score, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(velocity.score(d_alpha * x0 + d_sigma * eps, x, t), score, rtol=1e-7, atol=1e-9)
+    if sde_name in ("vp", "ve"):  # on the discrete chain: its α_i, σ_i, and the SDE's α′, σ′ at the level's time
+        t = torch.tensor([0.9, 0.5, 0.1], dtype=torch.float64) * sde.T
+        chain_v, chain_u = P.resolve(sde, False, "v"), P.resolve(sde, False, "velocity")
+        alpha, sigma = (c[:, None] for c in chain_v.alpha_sigma(t))
+        x, score = alpha * x0[:3] + sigma * eps[:3], -eps[:3] / sigma
+        torch.testing.assert_close(chain_v.output(score, x, t), alpha * eps[:3] - sigma * x0[:3])
+        torch.testing.assert_close(chain_u.output(score, x, t), d_alpha[:3] * x0[:3] + d_sigma[:3] * eps[:3])
 
 
 def test_auto_reproduces_score_sdes_conventions():
@@ -211,7 +214,6 @@ def test_config_keys_are_validated_by_their_owners():
     edm = P.from_config(load_config_file("configs/edm_digits.py"), EDMSDE())
     assert isinstance(edm, P.EDMPreconditioning) and edm.conditioning == "log_sigma"
     bad = [(dict(model__parameterization="vee"), "model.parameterization"),
-           (dict(model__parameterization="velocity", training__continuous=False), "continuous time"),
            (dict(model__noise_conditioning="t"), "model.noise_conditioning"),
            (dict(model__sigma_data=0.0), "model.sigma_data"),
            (dict(model__scale_by_sigma=True), "scale_by_sigma"),  # VP's auto parameterization is ε
