@@ -31,7 +31,7 @@ from typing import Callable, Dict, Tuple, Type, Union
 import torch
 
 from . import discrete
-from .errors import ConfigError
+from .errors import ConfigError, choice
 from .sdes import SDE, EDMSDE, RectifiedFlowSDE, SubVPSDE, VESDE, VPSDE, batch_time, per_sample, sde_class
 
 Tensor = torch.Tensor
@@ -358,9 +358,7 @@ def check_config(config) -> None:
     """model.parameterization, model.noise_conditioning, model.sigma_data, model.scale_by_sigma, and discrete-time
     training (training.continuous=False needs the SDE's chain). Raises ConfigError naming the key."""
     m, t = config.model, config.training
-    if m.parameterization != AUTO and m.parameterization not in PARAMETERIZATIONS:
-        raise ConfigError(f"model.parameterization={m.parameterization!r} is not one of "
-                          f"{sorted(PARAMETERIZATIONS) + [AUTO]}")
+    choice("model.parameterization", m.parameterization, [*PARAMETERIZATIONS, AUTO])
     if m.noise_conditioning != AUTO and m.noise_conditioning not in CONDITIONINGS:
         raise ConfigError(f"model.noise_conditioning={m.noise_conditioning!r} is not one of "
                           f"{sorted(CONDITIONINGS) + [AUTO]}")
