@@ -14,7 +14,6 @@ Inception Score needs.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import platform
@@ -26,6 +25,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from sde_diffusion.checkpoints import sha256_of
 from sde_diffusion.progress import Progress
 
 log = logging.getLogger("sde_diffusion")
@@ -52,12 +52,7 @@ class InceptionWeights:
         return {"path": str(self.path), "source": self.source, "sha256": self.sha256, "has_logits": self.has_logits}
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+
 
 
 def cleanfid_cache_dir() -> Path:

@@ -100,11 +100,8 @@ def save_npz(path, **arrays) -> None:
 
 
 def sha256_of(path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def files_sha256(paths) -> str:

@@ -63,11 +63,8 @@ def upsample_levels(images: torch.Tensor, levels: int, size: int) -> torch.Tenso
 
 # --- CIFAR-10 -----------------------------------------------------------------------------------------
 def _md5(path: Path) -> str:
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def _missing_cifar_message(root: Path, reason: str) -> str:
