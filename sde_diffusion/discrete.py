@@ -1,7 +1,7 @@
 """Discrete-time chains over an SDE: DDPM's for VP (Ho et al. 2020) and SMLD's for VE (Song & Ermon 2019).
 
 A chain has N levels x_i = α_i·x_0 + σ_i·z, i = 0..N−1, placed at the SDE's grid times t_i = i/(N−1)·T. The
-discrete losses (losses.discrete_dsm_loss), the DDPM variational bound on the chain (likelihood.noise_chain),
+discrete losses (training.continuous=False), the DDPM variational bound on the chain (likelihood.noise_chain),
 discrete network labels (parameterization) and the Langevin corrector's step scale read it from here.
 
 `chain_for(sde)` looks the chain up by the SDE's class (through its base classes); SDEs without one give None.

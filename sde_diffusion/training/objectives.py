@@ -9,9 +9,6 @@ the score s), p and r come from the noise-level distribution (`training.time_sam
 from the weighting (`training.weighting`, weightings.py). As a density over λ, L = ∫ W(λ)·E‖ε̂ − ε‖²|_λ dλ with
 W(λ) = p(λ)·r·w(λ), `effective_weighting`: Kingma & Gao's w(λ) up to their factor ½. With
 training.continuous=False the times are the SDE's discrete chain's (DDPM, SMLD) and so are α and σ.
-
-Also here, each as its paper writes it: score_sde's DSM (`dsm_loss`, likelihood weighting, importance sampling),
-DDPM/SMLD's discrete loss (`discrete_dsm_loss`) and EDM's (`edm_loss`).
 """
 from __future__ import annotations
 
@@ -24,7 +21,7 @@ from ..distributed import global_rows
 from ..errors import ConfigError
 from ..parameterization import EDM_SIGMA_DATA
 from ..sdes import SDE, ScoreFn, per_sample, sde_class, sde_from_config
-from .noise_levels import EDM_P_MEAN, EDM_P_STD, TIME_SAMPLINGS, log_snr_range
+from .noise_levels import EDM_P_MEAN, EDM_P_STD, TIME_SAMPLINGS
 from .weightings import WEIGHTINGS
 
 LOSSES = ("dsm", "edm")  # training.loss: today's two names, each a (time sampling, weighting) pair
@@ -185,17 +182,18 @@ def legacy_parts(*, continuous: bool = True, likelihood_weighting: bool = False,
         raise ValueError(f"unknown loss {loss!r}; available: {list(LOSSES)}")
     if loss == "edm":
         if not continuous or likelihood_weighting or importance_sampling:
-            raise ValueError("the EDM loss has its own weighting and noise distribution: use it with "
-                             "training.continuous=True, likelihood_weighting=False and importance_sampling=False")
+            raise ValueError("training.loss='edm' has its own weighting λ(σ) and log-normal noise levels: set "
+                             "training.continuous=True, training.likelihood_weighting=False and "
+                             "training.importance_sampling=False")
         return f"log_normal:p_mean={EDM_P_MEAN},p_std={EDM_P_STD}", f"edm:sigma_data={sigma_data}"
     if importance_sampling and not (continuous and likelihood_weighting):
-        raise ValueError("importance sampling of t applies to the likelihood-weighted continuous loss: set "
-                         "training.likelihood_weighting=True and training.continuous=True, or "
+        raise ValueError("training.importance_sampling=True samples t for the likelihood-weighted continuous loss: "
+                         "set training.likelihood_weighting=True and training.continuous=True, or "
                          "training.importance_sampling=False")
     if not continuous:
         if likelihood_weighting:
-            raise ValueError("likelihood weighting applies to the continuous loss only: set training.continuous="
-                             "True or training.likelihood_weighting=False")
+            raise ValueError("training.likelihood_weighting=True (likelihood weighting) applies to the continuous "
+                             "loss only: set training.continuous=True or training.likelihood_weighting=False")
         return "discrete", "eps"
     return ("importance" if importance_sampling else "uniform"), ("elbo" if likelihood_weighting else "eps")
 
@@ -221,15 +219,11 @@ def check_config(config) -> None:
         raise ConfigError(f"training.loss={t.loss!r} is not one of {list(LOSSES)}")
     if not 0.0 < t.eps < 1.0:
         raise ConfigError(f"training.eps must lie in (0, 1), got {t.eps}")
-    if not t.continuous and t.likelihood_weighting:
-        raise ConfigError("training.likelihood_weighting=True needs training.continuous=True")
-    if t.importance_sampling and not t.likelihood_weighting:
-        raise ConfigError("training.importance_sampling=True samples t for the likelihood-weighted loss: set "
-                          "training.likelihood_weighting=True")
-    if t.loss == "edm" and (not t.continuous or t.likelihood_weighting or t.importance_sampling):
-        raise ConfigError("training.loss='edm' has its own weighting λ(σ) and log-normal noise levels: set "
-                          "training.continuous=True, training.likelihood_weighting=False and "
-                          "training.importance_sampling=False")
+    try:
+        legacy_parts(continuous=t.continuous, likelihood_weighting=t.likelihood_weighting,
+                     importance_sampling=t.importance_sampling, loss=t.loss)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     named = [k for k in ("time_sampling", "weighting") if t.get(k)]
     legacy = [k for k, on in (("likelihood_weighting", t.likelihood_weighting),
                               ("importance_sampling", t.importance_sampling), ("loss", t.loss != "dsm")) if on]
@@ -251,89 +245,3 @@ def check_config(config) -> None:
                         weighting=t.weighting, sigma_data=config.model.sigma_data)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-
-
-# --------------------------------------------------------------------------------------------------
-# The papers' losses, as each writes it
-# --------------------------------------------------------------------------------------------------
-def dsm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, eps: float = 1e-5, reduce_mean: bool = True,
-             likelihood_weighting: bool = False, generator: Optional[torch.Generator] = None,
-             shard: Shard = SINGLE) -> torch.Tensor:
-    """score_sde's continuous-time denoising score matching, t ~ U(eps, T); returns the batch mean (a scalar).
-
-    Unweighted: ‖σ(t)·s(x_t, t) + z‖². With likelihood weighting: g(t)²·‖s(x_t, t) + z/σ(t)‖², i.e. the
-    unweighted term multiplied by g(t)²/σ(t)², which makes the loss an upper bound on the negative ELBO.
-    """
-    total, mine = global_rows(x0.shape[0], *shard)
-    t = torch.rand(total, generator=generator, device=x0.device, dtype=x0.dtype)[mine] * (sde.T - eps) + eps
-    z = _gaussian(x0, generator, total, mine)
-    mean, std = sde.marginal_prob(x0, t)
-    score = score_fn(mean + per_sample(std, x0) * z, t)
-    losses = _reduce((per_sample(std, x0) * score + z) ** 2, reduce_mean)
-    if likelihood_weighting:
-        g2 = sde.sde(torch.zeros_like(x0), t)[1] ** 2
-        losses = losses * g2 / std**2
-    return losses.mean()
-
-
-def importance_normalizer(sde: SDE, eps: float) -> float:
-    """Z = ∫_eps^T g²/σ² dt = 2(λ(eps) − λ(T)), λ the log-SNR."""
-    lam_eps, lam_T = log_snr_range(sde, eps)
-    return 2.0 * (lam_eps - lam_T)
-
-
-def importance_sampled_dsm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, eps: float = 1e-5,
-                                reduce_mean: bool = True, generator: Optional[torch.Generator] = None,
-                                shard: Shard = SINGLE) -> torch.Tensor:
-    """Likelihood-weighted DSM with t ~ q ∝ g²/σ² (λ uniform) instead of uniform t (Song et al. 2021b); returns the
-    batch mean. Per example Z/(T − eps)·‖σ(t)·s(x_t, t) + z‖²: the same expectation as
-    `dsm_loss(..., likelihood_weighting=True)` with the weight g²/σ², which spans orders of magnitude, moved into
-    the sampling of t."""
-    lam_eps, lam_T = log_snr_range(sde, eps)
-    total, mine = global_rows(x0.shape[0], *shard)
-    u = torch.rand(total, generator=generator, device=x0.device, dtype=torch.float64)[mine]
-    t = sde.t_from_log_snr(lam_eps + u * (lam_T - lam_eps)).clamp(min=eps, max=sde.T).to(x0.dtype)
-    z = _gaussian(x0, generator, total, mine)
-    mean, std = sde.marginal_prob(x0, t)
-    score = score_fn(mean + per_sample(std, x0) * z, t)
-    losses = _reduce((per_sample(std, x0) * score + z) ** 2, reduce_mean)
-    return losses.mean() * importance_normalizer(sde, eps) / (sde.T - eps)
-
-
-def discrete_dsm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, reduce_mean: bool = True,
-                      generator: Optional[torch.Generator] = None, shard: Shard = SINGLE) -> torch.Tensor:
-    """DDPM (VP) / SMLD (VE) loss on the SDE's N-step discrete chain; returns the batch mean (a scalar). Step
-    i ~ U{0..N−1} is evaluated at its grid time t_i = i/(N−1)·T with the chain's α_i, σ_i: for VP this is
-    DDPM's L_simple ‖ε̂ − ε‖² (ε̂ = −σ_i·s), for VE the SMLD loss σ_i²‖s + z/σ_i‖²."""
-    chain = discrete.require_chain(sde, "the DDPM/SMLD loss (training.continuous=False)")
-    total, mine = global_rows(x0.shape[0], *shard)
-    i = torch.randint(0, sde.N, (total,), generator=generator, device=x0.device)[mine]
-    t = i.to(x0.dtype) / (sde.N - 1) * sde.T
-    z = _gaussian(x0, generator, total, mine)
-    alpha, sigma = chain.alpha_sigma(t)
-    score = score_fn(per_sample(alpha, x0) * x0 + per_sample(sigma, x0) * z, t)
-    return _reduce((per_sample(sigma, x0) * score + z) ** 2, reduce_mean).mean()
-
-
-def edm_weight(sigma_tilde: torch.Tensor, sigma_data: float = EDM_SIGMA_DATA) -> torch.Tensor:
-    """EDM's loss weighting λ(σ̃) = (σ̃² + σ_d²)/(σ̃·σ_d)², which makes the loss of the preconditioned network's raw
-    output F unit-weighted (λ·c_out² = 1)."""
-    return (sigma_tilde**2 + sigma_data**2) / (sigma_tilde * sigma_data) ** 2
-
-
-def edm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, sigma_data: float = EDM_SIGMA_DATA,
-             p_mean: float = EDM_P_MEAN, p_std: float = EDM_P_STD, eps: float = 1e-5, reduce_mean: bool = True,
-             generator: Optional[torch.Generator] = None, shard: Shard = SINGLE) -> torch.Tensor:
-    """EDM's loss (Karras et al. 2022, eq. 2 with Table 1) for any SDE; returns the batch mean (a scalar).
-
-    ln σ̃ ~ N(p_mean, p_std²) gives the time t = λ⁻¹(−ln σ̃) (clamped to [eps, T]); with σ̃ = σ(t)/α(t) there,
-    x_t = α(t)·x0 + σ(t)·z and the denoiser D = (x_t + σ(t)²·s(x_t, t))/α(t), the loss is λ(σ̃)·‖D − x0‖².
-    """
-    total, mine = global_rows(x0.shape[0], *shard)
-    log_sigma = torch.randn(total, generator=generator, device=x0.device, dtype=x0.dtype)[mine] * p_std + p_mean
-    t = sde.t_from_log_snr(-log_sigma.double()).clamp(min=eps, max=sde.T).to(x0.dtype)
-    z = _gaussian(x0, generator, total, mine)
-    alpha, sigma = sde.alpha(t), sde.sigma(t)
-    x_t = per_sample(alpha, x0) * x0 + per_sample(sigma, x0) * z
-    denoised = (x_t + per_sample(sigma**2, x0) * score_fn(x_t, t)) / per_sample(alpha, x0)
-    return (edm_weight(sigma / alpha, sigma_data) * _reduce((denoised - x0) ** 2, reduce_mean)).mean()
