@@ -1,5 +1,6 @@
-"""The jobs behind `main.py --mode`: train, eval, sample, compare, train_classifier, tune_grid, train_autoencoder
-(sde_diffusion/jobs/, one module each over one builder). Orchestration only: the math lives in sde_diffusion/.
+"""The jobs behind `main.py --mode`: train, eval, sample, compare, ema_sweep, train_classifier, tune_grid,
+train_autoencoder (sde_diffusion/jobs/, one module each over one builder). Orchestration only: the math lives in
+sde_diffusion/.
 
 Workdir layout:
     config.json                     the resolved config of the last run
@@ -10,6 +11,8 @@ Workdir layout:
     samples/iter_<step>.png         sample grids (EMA weights) taken at numbered checkpoints
     tensorboard/                    scalars (loss, learning rate, gradient norm, eval loss)
     <eval_folder>/report_<k>.json   evaluation reports, with samples_<k>.png and samples_<k>.npz
+    post_hoc_ema/phema_<step>.pth   post-hoc EMA snapshots (training.post_hoc_ema), each with a .sha256 sidecar
+    ema_sweep/ema_sweep.md          `ema_sweep`: metrics against σ_rel of the post-hoc EMA (.csv, .json, .png)
     grids/<method>_nfe<n>.json      time grids of `tune_grid` (name one in sampling.grid)
     classifier/checkpoint.pth       the noise-conditional classifier of `train_classifier` (classifier guidance),
                                     with classifier/report.json (its test accuracy at several t)
@@ -24,6 +27,7 @@ from typing import Callable, Dict
 from sde_diffusion import losses, sampling  # noqa: F401  (the modules the jobs call, for tests that patch them)
 from sde_diffusion.checkpoints import TrainState
 from sde_diffusion.jobs import compare as compare_job
+from sde_diffusion.jobs import ema_sweep as ema_sweep_job
 from sde_diffusion.jobs import evaluate as evaluate_job
 from sde_diffusion.jobs import sample as sample_job
 from sde_diffusion.jobs import train as train_job
@@ -53,6 +57,12 @@ def sample(config, workdir, eval_folder: str = "samples") -> None:
 def compare(config, workdir, eval_folder: str = "compare") -> None:
     """The samplers of config.compare.samplers on one checkpoint, tabulated in workdir/<eval_folder>."""
     compare_job.run(config, workdir, eval_folder)
+
+
+def ema_sweep(config, workdir, eval_folder: str = "ema_sweep") -> None:
+    """The post-hoc EMA of each σ_rel in eval.ema_sweep on one checkpoint, tabulated and plotted in
+    workdir/<eval_folder>."""
+    ema_sweep_job.run(config, workdir, eval_folder)
 
 
 def train_classifier(config, workdir) -> None:

@@ -188,14 +188,15 @@ def verify_checkpoint(path) -> None:
                                      f"records {expected[:16]}… (truncated or altered after it was written)")
 
 
-def load_checkpoint(path, map_location="cpu") -> Dict[str, Any]:
-    """Verify (see `verify_checkpoint`) and load a checkpoint with torch.load(weights_only=True)."""
+def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> Dict[str, Any]:
+    """Verify (see `verify_checkpoint`) and load a checkpoint with torch.load(weights_only=True); mmap: tensors are
+    mapped from the file, read when used."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     verify_checkpoint(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - truncated zip, bad pickle, foreign objects
         raise CorruptCheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); it may be "
                                      "truncated or not written by sde_diffusion") from err
@@ -236,6 +237,7 @@ class TrainState:
     step: int = 0
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (training.on_nonfinite='skip')
     parts: Optional[Dict[str, str]] = None  # the registered names it was trained with (config key → spec)
+    post_hoc_ema: Any = None  # phema.PowerEMA: the tracked power-function EMA profiles (training.post_hoc_ema)
 
     def state_dict(self, rng_states: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
         """rng_states: one entry per rank (default: this process's only)."""
@@ -243,7 +245,8 @@ class TrainState:
                 "ema": self.ema.state_dict(), "data": self.dataset.state_dict(), "step": self.step,
                 "skipped_steps": self.skipped_steps, "rng": rng_states or [rng_state()],
                 "noise": None if self.noise is None else self.noise.get_state(),
-                "scaler": None if self.scaler is None else self.scaler.state_dict(), "parts": self.parts}
+                "scaler": None if self.scaler is None else self.scaler.state_dict(), "parts": self.parts,
+                "post_hoc_ema": None if self.post_hoc_ema is None else self.post_hoc_ema.state_dict()}
 
     def load_state_dict(self, state: Dict[str, Any], path="checkpoint", rank: int = 0) -> None:
         try:
@@ -252,6 +255,12 @@ class TrainState:
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"{path} does not fit the model built from this config: {err}") from err
+        if self.post_hoc_ema is not None:
+            if state.get("post_hoc_ema") is None:
+                raise CheckpointError(f"{path} was written without post-hoc EMA profiles, and the config tracks "
+                                      "training.post_hoc_ema: a profile averages the whole run, so it cannot start "
+                                      "midway; train in a new workdir, or set training.post_hoc_ema = () to resume")
+            self.post_hoc_ema.load_state_dict(state["post_hoc_ema"], path)
         self.dataset.load_state_dict(state["data"])
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))

@@ -54,6 +54,12 @@ def default_config() -> ml_collections.ConfigDict:
     training.label_dropout = 0.0
     # text-conditioned models: probability that a training caption is replaced by the empty caption
     training.caption_dropout = 0.1
+    # post-hoc EMA (EDM2, Karras et al. 2024; sde_diffusion/phema.py): the σ_rel of power-function EMA profiles tracked
+    # every step, e.g. (0.05, 0.10); () → off. Each is snapshotted every post_hoc_ema_freq steps into
+    # workdir/post_hoc_ema/, from which phema.reconstruct (eval.ema_sigma_rel) builds the EMA of any other σ_rel
+    training.post_hoc_ema = ()
+    training.post_hoc_ema_freq = 1000
+    training.post_hoc_ema_precision = "fp32"  # dtype of the stored snapshots: fp32 | fp16 | bf16 (half the disk)
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.method = "pc"
@@ -133,6 +139,11 @@ def default_config() -> ml_collections.ConfigDict:
     # latent models (model.latent): bits/dim is undefined (the decoder is no likelihood model); this reports the
     # probability-flow NLL of the encoded test latents instead, in nats and bits per latent dimension
     evaluate.enable_latent_nll = False
+    # post-hoc EMA (training.post_hoc_ema): eval, sample and compare use the EMA of this σ_rel reconstructed from
+    # workdir/post_hoc_ema/ at the evaluated checkpoint's step; 0 → the regular EMA (model.ema_rate)
+    evaluate.ema_sigma_rel = 0.0
+    # --mode ema_sweep: the σ_rel values evaluated (a table and a metric-versus-σ_rel plot in workdir/ema_sweep/)
+    evaluate.ema_sweep = (0.025, 0.05, 0.075, 0.1, 0.15, 0.2)
 
     # --mode compare: one table row per sampler entry "method[:option=value,...]@steps", e.g. "dpm_solver:order=2@20",
     # or per step count of "method[:option=value,...]@steps,steps,...", e.g. "ddim@5,10,20" (a curve in the plot).
@@ -243,6 +254,8 @@ def default_config() -> ml_collections.ConfigDict:
     text.max_length = 16
     model.cross_attn_resolutions = placeholder(tuple)  # U-Nets: resolutions with cross-attention; None → attn_resolutions
     model.cross_attn_heads = 1
+    # self-attention head width in channels (every network with attention); 0 → one head as wide as the layer
+    model.attention_head_dim = 0
 
     # latent score-based model (sde_diffusion/latent.py): the SDE, loss, network and sampler work on the latents of
     # a frozen first-stage autoencoder (model.autoencoder), scaled to unit variance; samples are decoded to pixels
@@ -294,6 +307,9 @@ def default_config() -> ml_collections.ConfigDict:
     optim.weight_decay = 0.0
     optim.warmup = 5000
     optim.grad_clip = 1.0  # max gradient norm; negative disables clipping
+    # after warm-up: constant | inverse_sqrt (EDM2: lr / √max(step / optim.ref_steps, 1))
+    optim.schedule = "constant"
+    optim.ref_steps = 10000  # inverse_sqrt: the step where the decay starts
 
     config.seed = 42
     config.device = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N

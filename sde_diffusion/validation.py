@@ -3,7 +3,7 @@
 Each section is checked by the code that owns it: data.* by `datasets` (and `image_folder`), the SDE keys by
 `sdes`, what the network predicts by `parameterization`, the loss keys by `losses`, model.* by the model registry and each network's `check_config`, sampling.* by `sampling`,
 `controllable` (inpainting, colorization) and `guidance` (class labels, guidance scales), the training step's
-keys by `train_step`, eval.bpd_* by `likelihood`, classifier.* by `classifier`, compare.* by `evaluation.compare`.
+keys by `train_step`, the post-hoc EMA keys by `phema`, eval.bpd_* by `likelihood`, classifier.* by `classifier`, compare.* by `evaluation.compare`.
 This module calls them in turn and owns what none of them can see alone: the rules that join two sections (a
 network for the data's kind, classes of the model against those of the data), and the keys only the jobs read
 (loop lengths, frequencies, eval range).
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from evaluation import compare
 
-from . import classifier, controllable, guidance, latent, likelihood, losses, models, parameterization, sampling, sdes
+from . import (classifier, controllable, guidance, latent, likelihood, losses, models, parameterization, phema, sampling,
+               sdes)
 from .data import datasets
 from .training import step as train_step
 from .models import text_conditioning
@@ -35,6 +36,7 @@ def validate_config(config) -> None:
     check_latent_network(config)
     sampling.check_config(config)
     train_step.check_config(config)
+    phema.check_config(config)
     likelihood.check_config(config)
     check_bpd_data(config)
     check_conditional_task_data(config)

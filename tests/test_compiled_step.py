@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import run_lib
+from configs.edm_digits import get_config as edm_digits_config
 from configs.toy_gmm import get_config
 from sde_diffusion.training import optim
 from sde_diffusion.training.ema import ExponentialMovingAverage
@@ -80,6 +81,35 @@ def test_compiled_step_is_three_whole_graphs_compiled_once_and_equals_eager(prec
     assert compiled[0].report() == eager[0].report()  # fp16: the same overflows skipped, the same loss scale
     if precision == "fp16":
         assert torch.equal(compiled[0].scaler.scale, eager[0].scaler.scale)
+
+
+def test_edm2_loss_is_one_graph_and_equals_eager():
+    """EDM2's forced weight normalization (an in-place update of every weight in a training forward) and its learned
+    uncertainty's loss term trace into one whole graph (the compiled step's loss), which gives eager's losses,
+    gradients and weights over two calls. A minimal class-conditional EDM2 U-Net: one level, three blocks."""
+    config = edm_digits_config()
+    m = config.model
+    m.name, m.nf, m.ch_mult, m.num_res_blocks, m.attn_resolutions, m.num_classes = "edm2", 8, (1,), 0, (), 10
+    sde = builder.sde_from_config(config)
+    loss_fn = builder.make_loss_fn(config, sde)
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    noise = loss_fn.draw(x, torch.Generator().manual_seed(1))
+    runs = []
+    for backend in (None, GraphCounter()):
+        torch.manual_seed(0)
+        model = builder.create_model(config).train()
+        score_fn = builder.labelled_score_fn(config, sde, model)(torch.arange(8))
+        loss = lambda: loss_fn(score_fn, x, noise=noise)  # noqa: E731
+        if backend is not None:
+            loss = torch.compile(loss, backend=backend, fullgraph=True)
+        values = [loss() for _ in range(2)]
+        sum(values).backward()
+        runs.append((torch.stack(values).detach(), [p.grad for p in model.parameters()],
+                     [p.detach() for p in model.parameters()]))
+    assert backend.graphs == 1
+    for eager, compiled in zip(*runs):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
 
 
 def test_aot_autograd_backward_matches_eager():

@@ -44,8 +44,10 @@ def network_config(name: str, num_classes: int):
     return config
 
 
-# width of the embedding the labels are added to, per network: 4·nf (U-Nets), 2·nf (MLP), nf (DiT)
-EMBEDDING_WIDTH = {"ddpm": 128, "ncsnpp": 128, "mlp": 64, "dit": 32}
+# width of the embedding the labels are added to, per network: 4·nf (U-Nets), 2·nf (MLP), nf (DiT), nf·max(ch_mult)
+# (EDM2)
+EMBEDDING_WIDTH = {"ddpm": 128, "ncsnpp": 128, "mlp": 64, "dit": 32, "edm2": 64}
+ONE_HOT = ("edm2",)  # labels embedded as one-hot vectors, the null label as the zero vector: no null-label row
 
 
 @pytest.mark.parametrize("name", sorted(EMBEDDING_WIDTH))
@@ -57,7 +59,8 @@ def test_label_embedding_conditions_the_output_and_none_is_the_null_label(name):
     model = create_model(config).eval()
     unconditional = create_model(network_config(name, 0))
     count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
-    assert count(model) == count(unconditional) + (classes + 1) * EMBEDDING_WIDTH[name]
+    rows = classes if name in ONE_HOT else classes + 1
+    assert count(model) == count(unconditional) + rows * EMBEDDING_WIDTH[name]
     assert not any("label" in key for key in unconditional.state_dict())  # unconditional layout unchanged
     with torch.no_grad():
         for p in model.parameters():  # random weights everywhere (DiT and the output layers start at zero)

@@ -2,7 +2,7 @@
 
 The SIGKILL test trains the 2-D mixture through `python main.py` and kills the process repeatedly; every restart
 resumes from the newest checkpoint that verifies. The logged loss sequence (train_log.jsonl, rewritten on resume to
-read as one run) and the final weights must be bit-identical to an uninterrupted run's.
+read as one run), the final weights and the post-hoc EMA snapshots must be bit-identical to an uninterrupted run's.
 """
 import json
 import os
@@ -27,7 +27,8 @@ STEPS = 240
 FLAGS = [f"--config.training.n_iters={STEPS}", "--config.training.batch_size=128", "--config.training.log_freq=1",
          "--config.training.eval_freq=100000", "--config.training.snapshot_freq_for_preemption=8",
          f"--config.training.snapshot_freq={STEPS}", "--config.training.snapshot_sampling=False",
-         "--config.model.nf=128", "--config.device=cpu"]
+         "--config.model.nf=128", "--config.device=cpu",
+         "--config.training.post_hoc_ema=(0.05, 0.1)", "--config.training.post_hoc_ema_freq=20"]
 
 
 def train_process(workdir: Path) -> subprocess.Popen:
@@ -99,6 +100,12 @@ def test_sigkill_at_random_moments_resumes_bit_identically(tmp_path):
         for key in final_a[part] if part == "model" else ["shadow_params"]:
             x, y = final_a[part][key], final_b[part][key]
             assert all(torch.equal(u, v) for u, v in zip(x, y)) if isinstance(x, list) else torch.equal(x, y)
+    # the post-hoc EMA snapshots too, every one of them (some were written by runs killed later)
+    snapshots = [p.name for p in sorted((straight / "post_hoc_ema").glob("phema_*.pth"))]
+    assert len(snapshots) == STEPS // 20
+    for name in snapshots:
+        x, y = (torch.load(w / "post_hoc_ema" / name, weights_only=True) for w in (straight, killed))
+        assert x["step"] == y["step"] and all(torch.equal(u, v) for u, v in zip(x["profiles"], y["profiles"]))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """diffusers-format models both ways: tiny random UNet2DModels in the block layouts of the released models (DDPM
-CIFAR-10, DDPM 256×256, score_sde's NCSN++ VE), saved with save_pretrained in a temporary folder, loaded by us
-with the same function; ours → diffusers → ours exactly; our samplers on a loaded DDPM model follow diffusers'
-DDIM and DDPM schedulers from the same noise. Nothing touches the network."""
+CIFAR-10, DDPM 256×256, score_sde's NCSN++ VE), with one attention head per layer or heads of attention_head_dim
+channels, saved with save_pretrained in a temporary folder, loaded by us with the same function; ours → diffusers →
+ours exactly; our samplers on a loaded DDPM model follow diffusers' DDIM and DDPM schedulers from the same noise.
+Nothing touches the network."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -57,10 +59,11 @@ def per_sample_error(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
     return (ours - theirs).abs().flatten(1).amax(1) / theirs.abs().flatten(1).amax(1)
 
 
-def random_unet(layout: str, seed: int = 0):
-    """A UNet2DModel of the layout with every parameter perturbed (zero-initialized layers would hide mistakes)."""
+def random_unet(layout: str, seed: int = 0, attention_head_dim: Optional[int] = None):
+    """A UNet2DModel of the layout with every parameter perturbed (zero-initialized layers would hide mistakes), its
+    attention in heads of attention_head_dim channels (None: one head per layer)."""
     torch.manual_seed(seed)
-    unet = diffusers.UNet2DModel(**LAYOUTS[layout])
+    unet = diffusers.UNet2DModel(**{**LAYOUTS[layout], "attention_head_dim": attention_head_dim})
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in unet.parameters():
@@ -92,10 +95,12 @@ def ours_as_diffusers(model, config, x, t):
     return out / t[:, None, None, None] if config.model.scale_by_sigma else out
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_loaded_network_equals_diffusers_forward(layout, tmp_path):
-    unet = random_unet(layout)
+@pytest.mark.parametrize("layout, head_dim", [(layout, None) for layout in sorted(LAYOUTS)]
+                         + [("ddpm_cifar10", 8), ("ddpm_cifar10", 16)])  # 8: diffusers' training example
+def test_loaded_network_equals_diffusers_forward(layout, head_dim, tmp_path):
+    unet = random_unet(layout, attention_head_dim=head_dim)
     model, config = load_diffusers(save_pipeline(unet, tmp_path / "pipe", layout))
+    assert config.model.attention_head_dim == (head_dim or 0)
     x, t = inputs(layout)
     with torch.no_grad():
         error = per_sample_error(ours_as_diffusers(model, config, x, t), unet(x, t).sample)
@@ -129,10 +134,13 @@ def test_ddpm_family_loads_a_bare_unet_folder_with_the_ddpm_defaults(tmp_path):
         assert per_sample_error(model(x, t.float()), unet(x, t).sample).max() <= RTOL
 
 
-@pytest.mark.parametrize("layout", ["ddpm_cifar10", "ncsnpp_ve"])
-def test_round_trip_ours_to_diffusers_to_ours_is_exact(layout, tmp_path):
-    model, config = load_diffusers(save_pipeline(random_unet(layout, seed=7), tmp_path / "first", layout))
+@pytest.mark.parametrize("layout, head_dim", [("ddpm_cifar10", None), ("ddpm_cifar10", 8), ("ncsnpp_ve", 8)])
+def test_round_trip_ours_to_diffusers_to_ours_is_exact(layout, head_dim, tmp_path):
+    original = random_unet(layout, seed=7, attention_head_dim=head_dim)
+    model, config = load_diffusers(save_pipeline(original, tmp_path / "first", layout))
     save_diffusers(model, config, tmp_path / "exported")
+    written = json.loads((tmp_path / "exported" / "unet" / "config.json").read_text())
+    assert written["attention_head_dim"] == head_dim
     again, config_again = load_diffusers(tmp_path / "exported")
     assert config_again.to_dict() == config.to_dict()
     for key, value in model.state_dict().items():
@@ -143,7 +151,9 @@ def test_round_trip_ours_to_diffusers_to_ours_is_exact(layout, tmp_path):
     assert isinstance(pipeline_class.from_pretrained(tmp_path / "exported").unet, diffusers.UNet2DModel)
     x, t = inputs(layout)
     with torch.no_grad():
-        assert per_sample_error(ours_as_diffusers(model, config, x, t), unet(x, t).sample).max() <= RTOL
+        ours = ours_as_diffusers(model, config, x, t)
+        assert per_sample_error(ours, unet(x, t).sample).max() <= RTOL
+        assert per_sample_error(ours, original(x, t).sample).max() <= RTOL
 
 
 def test_a_network_we_trained_exports(tmp_path):
@@ -168,7 +178,8 @@ def test_a_network_we_trained_exports(tmp_path):
 def test_what_does_not_map_is_named(tmp_path):
     base = {"_class_name": "UNet2DModel", **LAYOUTS["ddpm_cifar10"]}
     for key, value, match in (("downsample_padding", 1, "downsample_padding=1"),
-                              ("attention_head_dim", 8, "attention_head_dim=8"),
+                              ("attention_head_dim", 48, r"attention_head_dim=48: .* block_out_channels\[1\]=64"),
+                              ("attention_head_dim", 0, "attention_head_dim=0"),
                               ("up_block_types", ("UpBlock2D",) * 4, r"up_block_types\[2\]"),
                               ("class_embed_type", "timestep", "class_embed_type"),
                               ("block_out_channels", (32, 48, 64, 64), "multiples of the first"),

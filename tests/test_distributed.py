@@ -26,6 +26,7 @@ def small_config(batch_size: int):
     t.batch_size, t.n_iters, t.log_freq, t.eval_freq = batch_size, STEPS, 1, 1000
     t.snapshot_freq = t.snapshot_freq_for_preemption = STEPS
     t.snapshot_sampling = False
+    t.post_hoc_ema, t.post_hoc_ema_freq = (0.05, 0.1), STEPS // 2  # tracked and written by rank 0
     config.model.nf, config.model.num_res_blocks = 64, 2
     config.optim.warmup = 2
     config.device = "cpu"
@@ -80,6 +81,8 @@ def test_only_rank_0_writes_one_checkpoint(runs):
         f"checkpoint_{STEPS}.pth", f"checkpoint_{STEPS}.pth.sha256"]
     state = torch.load(parallel / "checkpoints" / "checkpoint_1.pth", weights_only=True)
     assert len(state["rng"]) == 2  # both ranks' RNG states, for an exact resume
+    assert sorted(p.name for p in (parallel / "post_hoc_ema").iterdir()) == [
+        f"phema_{s}.pth{x}" for s in (STEPS, STEPS // 2) for x in ("", ".sha256")]
 
 
 def test_loss_equals_a_single_process_with_the_global_batch(runs):

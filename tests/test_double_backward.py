@@ -27,9 +27,10 @@ CASES = {
                                         progressive_input="input_skip", progressive_combine="cat"),
     "ncsnpp-256-channels": dict(name="ncsnpp", nf=128, attn_resolutions=()),  # 256 channels at 4×4
     "dit": dict(name="dit", nf=32, depth=2, num_heads=2, patch_size=2),
+    "edm2": dict(name="edm2"),  # magnitude-preserving U-Net: forced weight normalization in train mode
     "mlp": dict(name="mlp", nf=32, num_res_blocks=2),
 }
-CONV_NETS = ("ddpm", "ncsnpp")
+CONV_NETS = ("ddpm", "edm2", "ncsnpp")
 
 
 def network_config(name: str, dropout: float = 0.1, **model):
@@ -53,7 +54,7 @@ def randomized_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                scale = 0.05 if p.ndim == 1 else p[0].numel() ** -0.5
+                scale = 0.05 if p.ndim <= 1 else p[0].numel() ** -0.5
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
     return model
 
@@ -69,11 +70,19 @@ def inputs(config, dtype=torch.float32, channels_last: bool = False):
     return x, torch.tensor([3.0, 700.0], dtype=dtype)
 
 
+def network_loss(model: torch.nn.Module, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """Σ model(x)², plus Σ log_variance(cond)² for a network with a learned uncertainty (EDM2), which its loss uses."""
+    loss = model(x, cond).pow(2).sum()
+    if hasattr(model, "log_variance"):
+        loss = loss + model.log_variance(cond).pow(2).sum()
+    return loss
+
+
 def gradient_penalty_grads(model: torch.nn.Module, x: torch.Tensor, cond: torch.Tensor):
-    """∂P/∂(x, θ) of P = Σ ‖∂L/∂v‖² over v ∈ (x, θ), L = Σ model(x)²: a double backward through the network."""
+    """∂P/∂(x, θ) of P = Σ ‖∂L/∂v‖² over v ∈ (x, θ), L = `network_loss`: a double backward through the network."""
     weights = [p for p in model.parameters() if p.requires_grad]
     x = x.detach().requires_grad_(True)
-    first = torch.autograd.grad(model(x, cond).pow(2).sum(), [x] + weights, create_graph=True)
+    first = torch.autograd.grad(network_loss(model, x, cond), [x] + weights, create_graph=True)
     penalty = sum(g.pow(2).sum() for g in first)
     return torch.autograd.grad(penalty, [x] + weights)
 

@@ -1,6 +1,6 @@
 """Score networks: parameter counts of the paper's CIFAR-10 configs, FIR resampling against its definition,
 every NCSN++ option building, running and mapping to the reference layout, channels_last, bf16 autocast,
-torch.compile without graph breaks, and the DiT."""
+torch.compile without graph breaks (EDM2's U-Net too), and the DiT."""
 from __future__ import annotations
 
 import importlib.util
@@ -252,12 +252,14 @@ def test_bf16_autocast_score_is_within_1e_2_of_fp32(sde_name):
 
 def test_forward_compiles_without_graph_breaks():
     """torch.compile(fullgraph=True) needs one graph: checked with dynamo on an NCSN++ using FIR, both pyramids,
-    Fourier embedding and σ scaling, a DDPM U-Net and a DiT (backend 'eager': no code generation)."""
+    Fourier embedding and σ scaling, a DDPM U-Net, a DiT and a one-level EDM2 U-Net (backend 'eager': no code
+    generation)."""
     ncsnpp = small_config("vesde", fir=True, progressive="output_skip", progressive_input="residual", nf=8,
                           attn_resolutions=(8,), ch_mult=(1, 1))
     ddpm = small_config(nf=32, ch_mult=(1, 1), name="ddpm")
     dit = small_config(name="dit", nf=32, depth=2, num_heads=2, patch_size=4)
-    for config in (ncsnpp, ddpm, dit):
+    edm2 = small_config(name="edm2", nf=8, ch_mult=(1,), num_res_blocks=0, attn_resolutions=())
+    for config in (ncsnpp, ddpm, dit, edm2):
         model = create_model(config).eval()
         compiled = torch.compile(model, fullgraph=True, backend="eager")
         x = torch.rand(2, 3, 16, 16)

@@ -98,6 +98,10 @@ COVERED = [
      "tests/test_interop.py::test_command_line_converter_writes_our_checkpoint (reference fixture checkpoint)"),
     (r"python main\.py " + _CONFIG.format("edm_digits") + " --mode (train|eval)",
      "tests/test_main_e2e.py::test_edm_quickstart_trains_and_evaluates (2 steps, 8 samples, no FID)"),
+    # post-hoc EMA on the EDM2 digits config: main.py as written, 4 training steps, 16 samples of 4 steps
+    (r"python main\.py " + _CONFIG.format("edm2_digits") + r" --mode (train|ema_sweep|eval)"
+     r"( --config\.eval\.ema_sigma_rel=[\d.]+)?",
+     "tests/test_phema.py::test_edm2_digits_trains_sweeps_and_evaluates_through_main (4 steps, 16 samples, no FID)"),
     # your own images: a folder of 24 small JPEG crops, a 16×16 network, 4 steps
     (r"python main\.py " + _CONFIG.format("vp_folder_64") + r" --mode (train|eval) --config\.data\.root=\S+",
      "tests/test_folder_e2e.py::test_train_and_eval_on_a_folder_by_setting_data_root"),

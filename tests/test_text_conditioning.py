@@ -40,6 +40,8 @@ def digits_text_config(name="ddpm", **changes):
         config.model.nf, config.model.patch_size, config.model.depth = 32, 2, 2
     if name == "ncsnpp":
         config.model.nf = 32
+    if name == "edm2":
+        config.model.nf = 16
     return set_keys(config, changes)
 
 
@@ -51,7 +53,7 @@ def toy_text_config(**changes):
     return set_keys(config, changes)
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ncsnpp", "dit", "mlp"])
+@pytest.mark.parametrize("name", ["ddpm", "ncsnpp", "dit", "edm2", "mlp"])
 def test_every_network_follows_the_caption_and_the_empty_caption_is_its_null_condition(name):
     config = toy_text_config() if name == "mlp" else digits_text_config(name)
     validate_config(config)

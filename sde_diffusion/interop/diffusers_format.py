@@ -14,7 +14,9 @@ holds only the unet files and gets its family's default scheduler. Two families 
 | `AttnSkipUpBlock2D`, Fourier embedding              | ScoreSdeVeScheduler ↔ VE SDE ('score': diffusers divides    |
 |                                                     | the output by σ inside, as score_sde's scale_by_sigma)       |
 
-diffusers' `center_input_sample` (the network maps x to 2x − 1) is our `data.centered=False`. The tensor map
+diffusers' `center_input_sample` (the network maps x to 2x − 1) is our `data.centered=False`; its
+`attention_head_dim` (heads of that many channels; null: one head per layer) is our `model.attention_head_dim`
+(0 for null), both splitting q, k, v into heads contiguous in channels. The tensor map
 (`tensor_pairs`) is derived from the network's options, level by level; on loading, every diffusers tensor must
 find its place and every tensor of ours must be filled, with equal shapes, or a DiffusersFormatError names it.
 Older files name attention tensors query/key/value/proj_attn; they are read as to_q/to_k/to_v/to_out.0.
@@ -187,7 +189,8 @@ def _check_fixed(unet: Mapping[str, Any], family: str) -> None:
 
 
 def _attention_levels(unet: Mapping[str, Any], family: str, widths: Sequence[int]) -> List[int]:
-    """Indices of the levels with attention (down level i and up level L−1−i must agree)."""
+    """Indices of the levels with attention (down level i and up level L−1−i must agree), after checking that
+    attention_head_dim splits each of their widths, and the middle block's, into whole heads."""
     down_types, up_types = (DDPM_DOWN, DDPM_UP) if family == "ddpm" else (NCSNPP_DOWN, NCSNPP_UP)
     down, up = list(_option(unet, "down_block_types")), list(_option(unet, "up_block_types"))
     levels = []
@@ -199,10 +202,17 @@ def _attention_levels(unet: Mapping[str, Any], family: str, widths: Sequence[int
         if down_types[block]:
             levels.append(i)
     head_dim = _option(unet, "attention_head_dim")
+    if head_dim is None:
+        return levels
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+        raise DiffusersFormatError(f"unet config attention_head_dim={head_dim!r}: give a head width in channels "
+                                   "(a positive integer), or null for one head per layer")
     for i in levels + [len(widths) - 1]:  # the middle block attends too
-        if head_dim is not None and head_dim != widths[i]:
-            raise DiffusersFormatError(f"unet config attention_head_dim={head_dim}: our attention has one head "
-                                       f"(attention_head_dim null, or equal to the width {widths[i]})")
+        if widths[i] % head_dim:
+            raise DiffusersFormatError(f"unet config attention_head_dim={head_dim}: diffusers' attention at "
+                                       f"block_out_channels[{i}]={widths[i]} has {widths[i]} // {head_dim} heads of "
+                                       f"{head_dim} channels, {widths[i] // head_dim * head_dim} in all; our heads "
+                                       f"split the width exactly: choose a head width that divides {widths[i]}")
     return levels
 
 
@@ -266,6 +276,7 @@ def config_from_diffusers(unet: Mapping[str, Any], scheduler: Optional[Mapping[s
     d.centered = not _option(unet, "center_input_sample")
     m.name, m.nf, m.ch_mult, m.num_res_blocks = family, nf, tuple(w // nf for w in widths), layers
     m.attn_resolutions = tuple(size // 2**i for i in attention)
+    m.attention_head_dim = _option(unet, "attention_head_dim") or 0
     m.dropout, m.nonlinearity, m.conditional, m.num_classes = float(_option(unet, "dropout")), "swish", True, 0
     m.resamp_with_conv, m.init_scale, m.parameterization, m.noise_conditioning = True, 0.0, "auto", "auto"
     s = config.sampling
@@ -366,7 +377,7 @@ def diffusers_configs(config) -> Tuple[Dict[str, Any], Dict[str, Any], str]:
             **FIXED[family], "sample_size": d.image_size, "in_channels": d.num_channels,
             "out_channels": d.num_channels, "center_input_sample": not d.centered, "down_block_types": down,
             "up_block_types": up, "block_out_channels": widths, "layers_per_block": o.num_res_blocks,
-            "dropout": o.dropout, "act_fn": "silu", "attention_head_dim": None}
+            "dropout": o.dropout, "act_fn": "silu", "attention_head_dim": o.attention_head_dim or None}
     if family == "ncsnpp":
         _check_ncsnpp_groups(widths, attention, o.num_res_blocks)
         unet.update({"flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1})

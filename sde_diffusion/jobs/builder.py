@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import distributed, latent, losses, parameterization, sampling, workdir_lock
+from .. import distributed, latent, losses, parameterization, phema, sampling, workdir_lock
 from ..checkpoints import load_model_weights, step_checkpoint, step_checkpoints
 from ..data.datasets import get_dataset
 from ..training.ema import ExponentialMovingAverage
@@ -271,12 +271,41 @@ def load_weights(path, model: nn.Module, dataset, device, config=None) -> Dict:
     checkpoint = load_model_weights(path, model, use_ema=True, map_location=device)
     if config is not None:
         check_recorded_parts(checkpoint, path, recorded_parts(config))
+        if config.eval.ema_sigma_rel > 0:
+            checkpoint["ema_reconstruction"] = load_post_hoc_ema(path, model, config.eval.ema_sigma_rel,
+                                                                 int(checkpoint["step"]))
     if isinstance(dataset, latent.LatentDataset):
         try:
             dataset.restore(checkpoint)
         except CheckpointError as err:
             raise CheckpointError(f"{path}: {err}") from err
     return checkpoint
+
+
+def load_post_hoc_ema(path, model: nn.Module, sigma_rel: float, step: int) -> Dict:
+    """Replace model's weights by the post-hoc EMA of `sigma_rel` at `step`, reconstructed from the snapshots of
+    the workdir that holds the checkpoint `path` (eval.ema_sigma_rel); returns its provenance for reports."""
+    workdir = Path(path).parent.parent
+    rec = phema.reconstruction(workdir, sigma_rel, step)
+    phema.load_into(model, rec.state_dict, f"the post-hoc EMA reconstruction from {workdir / phema.FOLDER}")
+    log.info("post-hoc EMA σ_rel = %g at step %d from %d snapshot file(s) of %s (density error %.2g%s)", sigma_rel,
+             rec.step, len(rec.snapshots), workdir / phema.FOLDER, rec.profile_error,
+             f"; skipped corrupt {', '.join(rec.skipped)}" if rec.skipped else "")
+    return rec.report()
+
+
+def check_post_hoc_ema(config, workdir) -> None:
+    """Before any compute: eval.ema_sigma_rel > 0 needs snapshots in workdir/post_hoc_ema/ (CheckpointError naming
+    the keys otherwise)."""
+    if config.eval.ema_sigma_rel > 0:
+        phema.require_snapshots(workdir, "eval.ema_sigma_rel")
+
+
+def weights_fingerprint(path, config) -> Dict:
+    """What identifies the weights a job samples with: the checkpoint file, and the post-hoc EMA's σ_rel if any
+    (cached sample rounds of other weights are not reused)."""
+    sigma_rel = config.eval.ema_sigma_rel
+    return {"checkpoint": Path(path).name, **({"ema_sigma_rel": float(sigma_rel)} if sigma_rel else {})}
 
 
 def numbered_checkpoint(workdir: Path, k: int) -> Path:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from evaluation.compare import (Z95, SamplerEntry, metric_cells, metric_columns, parse_entries, plot_metrics,
                                 write_table)
@@ -40,6 +40,7 @@ def run(config, workdir, eval_folder: str = "compare") -> None:
     wall time and FID/KID (images) or sliced W₂/NLL (toy data) with 95 % intervals, a plot of each metric against
     NFE, a grid each."""
     validate_config(config)  # compare.samplers and compare.resamples included
+    builder.check_post_hoc_ema(config, workdir)
     runs = [(entry, entry_settings(config, entry)) for entry in parse_entries(config.compare.samplers)]
     with builder.distributed_job(config) as (world, device):  # under torchrun the ranks share each sampler's rounds
         compare(config, Path(workdir), eval_folder, runs, world, device)
@@ -89,7 +90,7 @@ def compare(config, workdir: Path, eval_folder: str, runs: List[Run], world: dis
     metrics = None
     if dataset.is_image and config.eval.enable_fid:
         metrics = image_metrics(config, dataset, device, world)
-    builder.load_weights(path, model, dataset, device, config)
+    weights = builder.load_weights(path, model, dataset, device, config).get("ema_reconstruction")
     model.eval()
     conditioning = make_conditioning(config, sde, model, dataset, workdir, device)
     num = config.compare.num_samples or config.eval.num_samples
@@ -97,7 +98,7 @@ def compare(config, workdir: Path, eval_folder: str, runs: List[Run], world: dis
     rows = []
     for entry, settings in runs:
         samples, report = generate_and_score(config, sde, conditioning, dataset, device, out / f"rounds_{entry.slug}",
-                                             (config.seed, k), settings, num, metrics, {"checkpoint": path.name},
+                                             (config.seed, k), settings, num, metrics, builder.weights_fingerprint(path, config),
                                              world, resamples=config.compare.resamples)
         if world.is_main:
             save_samples_picture(samples[:config.sampling.num_grid_samples], dataset,
@@ -105,7 +106,7 @@ def compare(config, workdir: Path, eval_folder: str, runs: List[Run], world: dis
             rows.append(table_row(entry, report, names))
             log.info("%s@%d: %s", entry.label, entry.steps, rows[-1])
     if world.is_main:
-        write_comparison(config, rows, names, out, path.name, num)
+        write_comparison(config, rows, names, out, path.name, num, weights)
 
 
 def table_row(entry: SamplerEntry, report: Dict, names: List[str]) -> Dict:
@@ -117,8 +118,10 @@ def table_row(entry: SamplerEntry, report: Dict, names: List[str]) -> Dict:
     return row
 
 
-def write_comparison(config, rows: List[Dict], names: List[str], out: Path, checkpoint: str, num: int) -> None:
-    """compare.md / .csv (the table), compare.png (metrics against NFE) and compare.json."""
+def write_comparison(config, rows: List[Dict], names: List[str], out: Path, checkpoint: str, num: int,
+                     post_hoc_ema: Optional[Dict] = None) -> None:
+    """compare.md / .csv (the table), compare.png (metrics against NFE) and compare.json (with the post-hoc EMA's
+    provenance when eval.ema_sigma_rel chose one)."""
     write_table(rows, ["sampler", "steps", "grid", "nfe", "seconds", *metric_columns(names)], out)
     if names:
         plot_metrics(rows, names, out / "compare.png",
@@ -127,6 +130,8 @@ def write_comparison(config, rows: List[Dict], names: List[str], out: Path, chec
     intervals = (f"95 % normal intervals, value ± {Z95:.2f} standard errors over the samples (reference fixed): "
                  f"FID by a delete-a-group jackknife ({resamples} groups), sliced W₂ by {resamples} bootstrap "
                  "resamples, KID and NLL in closed form" if resamples else "none (compare.resamples = 0)")
-    write_json(out / "compare.json", {"checkpoint": checkpoint, "num_samples": num, "intervals": intervals,
-                                      "rows": rows})
+    report = {"checkpoint": checkpoint, "num_samples": num, "intervals": intervals, "rows": rows}
+    if post_hoc_ema:
+        report["post_hoc_ema"] = post_hoc_ema
+    write_json(out / "compare.json", report)
     log.info("wrote %s (.md, .csv, .json, .png)", out / "compare")

@@ -48,6 +48,7 @@ def run(config, workdir, eval_folder: str = "eval") -> None:
     ranks share the sampling rounds; rank 0 alone computes the rest and writes the files (the same report as one
     process: every round is seeded by its index)."""
     validate_config(config)
+    builder.check_post_hoc_ema(config, workdir)
     with builder.distributed_job(config) as (world, device):
         evaluate(config, Path(workdir), eval_folder, world, device)
 
@@ -80,6 +81,8 @@ def evaluate(config, workdir: Path, eval_folder: str, world: distributed.World, 
             what for what, on in (("eval loss", e.enable_loss), (f"{e.num_samples} samples", e.enable_sampling),
                                   ("bits/dim", e.enable_bpd)) if on))
         report = {"checkpoint": path.name, "step": int(ckpt["step"]), "config": config.to_dict()}
+        if "ema_reconstruction" in ckpt:  # eval.ema_sigma_rel: the weights are a post-hoc EMA
+            report["post_hoc_ema"] = ckpt["ema_reconstruction"]
         if conditioning.describe():
             report["conditioning"] = conditioning.describe()
         report.update(held_out_measures(config, sde, model, dataset, loss_fn, device, k))
@@ -259,7 +262,7 @@ def evaluate_samples(config, sde, conditioning, dataset, device, out: Path, k: i
     settings = builder.sampler_settings(config, sde)
     samples, report = generate_and_score(config, sde, conditioning, dataset, device, out / f"rounds_{k}",
                                          (config.seed, k), settings, config.eval.num_samples, metrics,
-                                         {"checkpoint": path.name}, world)
+                                         builder.weights_fingerprint(path, config), world)
     if not world.is_main:
         return None
     save_npz(out / f"samples_{k}.npz", samples=samples.numpy())

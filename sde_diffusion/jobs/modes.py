@@ -12,6 +12,7 @@ MODES: Dict[str, Tuple[str, Optional[str]]] = {
     "eval": ("evaluate", "eval"),
     "sample": ("sample", "samples"),
     "compare": ("compare", "compare"),
+    "ema_sweep": ("ema_sweep", "ema_sweep"),
     "train_classifier": ("train_classifier", None),
     "tune_grid": ("tune_grid", None),
     "train_autoencoder": ("train_autoencoder", None),

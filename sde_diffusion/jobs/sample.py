@@ -4,10 +4,12 @@ config.sampling says, or inpainted / colourized test images (sampling.inpaint_ma
 Writes into workdir/<eval_folder>: <checkpoint>_<method>_nfe<N>[_labels…][_w…][_cls…].png and .npz, or
 <checkpoint>_<inpaint|colorize>_<conditioning method>_<method>_nfe<N>.png (input | sample | original) and .npz.
 Each .npz holds `samples` (float, [0, 1] images or data-space vectors) and, for images, `images`: the same as
-uint8 (N, H, W, C).
+uint8 (N, H, W, C). With eval.ema_sigma_rel > 0 the weights are that post-hoc EMA: the name ends in
+_sigma_rel<σ> and the .npz holds `post_hoc_ema`, the reconstruction's provenance as JSON.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Optional, Tuple
@@ -38,6 +40,7 @@ def run(config, workdir, eval_folder: str = "samples") -> None:
     the grid has one row per label; guidance follows sampling.guidance_scale and sampling.classifier_scale.
     """
     validate_config(config)
+    builder.check_post_hoc_ema(config, workdir)
     builder.require_one_process("sample")
     workdir = Path(workdir)
     device = builder.resolve_device(config.device)
@@ -49,7 +52,7 @@ def run(config, workdir, eval_folder: str = "samples") -> None:
     if rows:  # each label's samples side by side, one grid row per label
         per_row = max(1, num // len(rows))
         num, label_sequence = per_row * len(rows), torch.tensor(rows).repeat_interleave(per_row)
-    builder.load_weights(path, model, dataset, device, config)
+    post_hoc_ema = builder.load_weights(path, model, dataset, device, config).get("ema_reconstruction")
     prompt = prompt_tokens(config, model)
     if prompt is not None and rows:
         raise ConfigError("sampling.prompt and sampling.class_labels both choose what to draw: give one")
@@ -62,6 +65,9 @@ def run(config, workdir, eval_folder: str = "samples") -> None:
     out = builder.prepare_workdir(workdir / eval_folder)
     stem = f"{path.stem}_{config.sampling.method}_nfe{nfe}" + conditioning_suffix(config, rows)
     arrays = {"samples": samples.numpy()}
+    if post_hoc_ema:  # eval.ema_sigma_rel: which reconstruction drew them
+        stem += f"_sigma_rel{post_hoc_ema['sigma_rel']:g}"
+        arrays["post_hoc_ema"] = np.array(json.dumps(post_hoc_ema))
     if dataset.is_image:
         arrays["images"] = uint8_images(samples)
     if label_sequence is not None:

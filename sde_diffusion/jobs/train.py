@@ -3,7 +3,8 @@ every rank of torchrun (rank 0 writes all files).
 
 Writes: config.json, checkpoints/checkpoint_<k>.pth (k = step // training.snapshot_freq),
 checkpoints-meta/checkpoint_<step>.pth (with .sha256 sidecars; the newest training.keep_meta_checkpoints are
-kept), train_log.jsonl, samples/iter_<step>.png, tensorboard/, and diagnostics/ when a step is not finite.
+kept), train_log.jsonl, samples/iter_<step>.png, tensorboard/, diagnostics/ when a step is not finite, and
+post_hoc_ema/phema_<step>.pth (with .sha256) when training.post_hoc_ema tracks profiles.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from ..progress import Progress
 
-from .. import distributed, guidance
+from .. import distributed, guidance, phema
 from ..training import optim
 from ..checkpoints import (TrainState, atomic_write, load_checkpoint, newest_good_checkpoint, prune_step_checkpoints,
                            remove_stale_temporaries, rng_state, save_checkpoint, step_checkpoint, step_checkpoints,
@@ -116,6 +117,8 @@ def setup(config, workdir: Path, world: distributed.World, device: torch.device)
                         on_nonfinite=t.on_nonfinite, noise=noise, world=world,
                         compile_backend=t.compile_backend if t.compile else None)
     state = TrainState(model, optimizer, ema, dataset, noise, step_fn.scaler, parts=builder.recorded_parts(config))
+    if t.post_hoc_ema and world.is_main:  # rank 0 alone tracks and writes the profiles
+        state.post_hoc_ema = phema.PowerEMA(model, t.post_hoc_ema)
     builder.seed_everything(builder.round_seed(config.seed, world.rank))  # per-rank streams; a resume restores them
     resume(state, workdir, world, device)
     if config.model.latent and dataset.scale is None:  # a fresh run; a resumed one restored it
@@ -212,6 +215,8 @@ def take_step(run: Training, step: int) -> None:
     if config.training.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     run.step_fn(x, step, run.score_fn_for(labels))
+    if run.state.post_hoc_ema is not None:
+        run.state.post_hoc_ema.update(run.model.parameters(), step)
     run.state.step = step
 
 
@@ -253,6 +258,9 @@ def save_step(run: Training, step: int) -> None:
     """Preemption and numbered checkpoints (every rank's RNG state gathered into them), then a sample grid."""
     t, world, workdir = run.config.training, run.world, run.workdir
     numbered = step % t.snapshot_freq == 0 or step == t.n_iters
+    tracker = run.state.post_hoc_ema
+    if tracker is not None and (step % t.post_hoc_ema_freq == 0 or step == t.n_iters):
+        phema.save_snapshot(workdir, tracker, step, t.post_hoc_ema_precision)
     if not is_save_step(t, step):
         return
     checkpoint = run.state.state_dict(distributed.gather(rng_state(), world))

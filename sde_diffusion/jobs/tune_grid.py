@@ -27,6 +27,7 @@ def tuned_sampler(config):
 def run(config, workdir) -> Path:
     """Tune the grid and write it (tune.out or workdir/grids/<method>_nfe<nfe>.json); returns the file."""
     validate_config(config)
+    builder.check_post_hoc_ema(config, workdir)
     method, options = tuned_sampler(config)
     spec_keys = {k: options.pop(k) for k in list(options) if k in sampling.registry.SPEC_KEYWORDS}
     if config.tune.nfe < 1 or config.tune.batch < 1:

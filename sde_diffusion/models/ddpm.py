@@ -18,8 +18,8 @@ from .registry import register_model
 
 
 def ddpm_options(config) -> UNetOptions:
-    """config.model: nf, ch_mult, num_res_blocks, attn_resolutions, up_attn_per_block, dropout, resamp_with_conv,
-    conditional, nonlinearity, num_classes; config.data: image_size, num_channels, centered."""
+    """config.model: nf, ch_mult, num_res_blocks, attn_resolutions, up_attn_per_block, attention_head_dim, dropout,
+    resamp_with_conv, conditional, nonlinearity, num_classes; config.data: image_size, num_channels, centered."""
     m, d = config.model, config.data
     return UNetOptions(image_size=d.image_size, channels=d.num_channels, centered=d.centered, nf=m.nf,
                        ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
@@ -28,7 +28,8 @@ def ddpm_options(config) -> UNetOptions:
                        nonlinearity=m.nonlinearity, embedding_type="positional",
                        resblock_type="ddpm", fir=False, skip_rescale=False, init_scale=0.0, progressive="none",
                        progressive_input="none", groups=ddpm_groups, num_classes=m.num_classes,
-                       up_attn_per_block=m.up_attn_per_block, **text_options(config))
+                       up_attn_per_block=m.up_attn_per_block, attention_head_dim=m.attention_head_dim,
+                       **text_options(config))
 
 
 @register_model("ddpm")

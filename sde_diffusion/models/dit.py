@@ -9,9 +9,9 @@ block starts as the identity and the network's output starts at 0. It works with
 condition is whatever the parameterization gives (999·t, σ(t), ¼·ln σ or discrete labels) and `get_score_fn`
 turns the output into a score as for any other network.
 
-config.model: nf (width D), patch_size (p), depth, num_heads, mlp_ratio, embedding_type, fourier_scale,
-dropout, conditional, num_classes (> 0: a label embedding added to c); config.data: image_size, num_channels,
-centered.
+config.model: nf (width D), patch_size (p), depth, num_heads, attention_head_dim (> 0: self-attention in
+D / attention_head_dim heads instead of num_heads), mlp_ratio, embedding_type, fourier_scale, dropout, conditional,
+num_classes (> 0: a label embedding added to c); config.data: image_size, num_channels, centered.
 """
 from __future__ import annotations
 
@@ -74,13 +74,14 @@ class DiTBlock(nn.Module):
     """x ← x + gate₁ · attn(modulate(norm(x), shift₁, scale₁));  [x ← x + cross-attn(norm(x), text)];
     x ← x + gate₂ · mlp(modulate(norm(x), shift₂, scale₂)), with (shift₁, scale₁, gate₁, shift₂, scale₂, gate₂) =
     adaLN(c), zero at initialisation; the cross-attention (text-conditioned, context_dim > 0) starts as the
-    identity."""
+    identity. The self-attention has `self_heads` heads (0: num_heads), the cross-attention num_heads."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float, context_dim: int = 0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float, context_dim: int = 0,
+                 self_heads: int = 0):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.norm_1 = nn.LayerNorm(dim, elementwise_affine=False, eps=LAYER_NORM_EPS)
-        self.attn = SelfAttention(dim, num_heads)
+        self.attn = SelfAttention(dim, self_heads or num_heads)
         self.norm_2 = nn.LayerNorm(dim, elementwise_affine=False, eps=LAYER_NORM_EPS)
         self.mlp = nn.Sequential(xavier_linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
                                  xavier_linear(hidden, dim))
@@ -116,10 +117,19 @@ def check_options(config) -> None:
         raise ValueError(f"model.patch_size={m.patch_size} must divide data.image_size={d.image_size}")
     if m.num_heads < 1 or m.nf % m.num_heads:
         raise ValueError(f"model.num_heads={m.num_heads} must divide the DiT width model.nf={m.nf}")
+    if m.attention_head_dim < 0 or (m.attention_head_dim and m.nf % m.attention_head_dim):
+        raise ValueError(f"model.attention_head_dim={m.attention_head_dim} must divide the DiT width model.nf={m.nf} "
+                         "(0: model.num_heads heads)")
     if m.nf % 4:
         raise ValueError(f"the DiT width model.nf={m.nf} must be a multiple of 4 (2-D sin-cos positions)")
     if m.depth < 1 or m.mlp_ratio <= 0:
         raise ValueError(f"model.depth={m.depth} must be ≥ 1 and model.mlp_ratio={m.mlp_ratio} > 0")
+
+
+def self_attention_heads(config) -> int:
+    """The DiT's self-attention heads: model.nf / model.attention_head_dim, or model.num_heads when that is 0."""
+    m = config.model
+    return m.nf // m.attention_head_dim if m.attention_head_dim > 0 else m.num_heads
 
 
 @register_model("dit")
@@ -156,8 +166,8 @@ class DiT(nn.Module):
                             else None)
         self.text = build_text_conditioning(config, dim)
         width = context_dim(config) if self.text is not None else 0
-        self.blocks = nn.ModuleList(DiTBlock(dim, m.num_heads, m.mlp_ratio, m.dropout, width)
-                                    for _ in range(m.depth))
+        self.blocks = nn.ModuleList(DiTBlock(dim, m.num_heads, m.mlp_ratio, m.dropout, width,
+                                             self_attention_heads(config)) for _ in range(m.depth))
         self.final = FinalLayer(dim, p * p * d.num_channels)
 
     def unpatchify(self, patches: Tensor, height: int, width: int) -> Tensor:

@@ -166,14 +166,30 @@ class ResnetBlock(nn.Module):
         return residual_sum(x, h, self.skip_rescale)
 
 
-class AttnBlock(nn.Module):
-    """Single-head self-attention over the H·W positions, with a residual connection. (B, C, H, W) → same.
+def attention_heads(channels: int, head_dim: int) -> int:
+    """The number of `head_dim`-channel heads that split `channels` (head_dim 0: one head of width `channels`)."""
+    if head_dim == 0:
+        return 1
+    if head_dim < 0 or channels % head_dim:
+        raise ValueError(f"model.attention_head_dim={head_dim} does not split the attention width {channels} into "
+                         "heads: choose a head width that divides every width with attention (0: one head)")
+    return channels // head_dim
 
-        t = norm(x) as tokens (B, HW, C);  q, k, v = qkv(t);  out = residual_sum(x, proj_out(softmax(q kᵀ/√C) v))
+
+class AttnBlock(nn.Module):
+    """Multi-head self-attention over the H·W positions, with a residual connection. (B, C, H, W) → same.
+
+        t = norm(x) as tokens (B, HW, C);  q, k, v = qkv(t), each split into C/d heads of d = head_dim channels
+        (channel h·d + j is channel j of head h, as in diffusers' Attention);
+        out = residual_sum(x, proj_out(concat over heads of softmax(q_h k_hᵀ/√d) v_h))
+
+    head_dim 0 is one head of width C (score_sde's attention).
     """
 
-    def __init__(self, channels: int, groups: GroupsFn, skip_rescale: bool = False, init_scale: float = 0.0):
+    def __init__(self, channels: int, groups: GroupsFn, skip_rescale: bool = False, init_scale: float = 0.0,
+                 head_dim: int = 0):
         super().__init__()
+        self.heads = attention_heads(channels, head_dim)
         self.norm = group_norm(channels, groups)
         self.qkv = nn.Linear(channels, 3 * channels)
         for rows in self.qkv.weight.split(channels):  # q, k and v each get the reference's NIN init
@@ -185,8 +201,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        q, k, v = self.qkv(tokens).unsqueeze(1).chunk(3, dim=-1)  # each (B, 1, HW, C): one head of width C
-        h = layers.attention(q, k, v).squeeze(1)  # (B, HW, C)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # each (B, heads, HW, C / heads)
+                   for t in self.qkv(tokens).chunk(3, dim=-1))
+        h = layers.attention(q, k, v).transpose(1, 2).flatten(2)  # (B, HW, C), heads contiguous in channels
         h = self.proj_out(h).transpose(1, 2).unflatten(2, (H, W))
         return residual_sum(x, h, self.skip_rescale)
 

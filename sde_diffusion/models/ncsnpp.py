@@ -21,7 +21,7 @@ from torch import nn
 
 from . import layers
 from .layerspp import (AttnBlock, Combine, Downsample, GroupsFn, NIN_INIT_SCALE, Resample, ResnetBlock, Upsample,
-                       group_norm, ncsnpp_groups, residual_sum)
+                       attention_heads, group_norm, ncsnpp_groups, residual_sum)
 from .cross_attention import CrossAttention2d
 from .text_conditioning import build_text_conditioning
 from .registry import register_model
@@ -93,6 +93,7 @@ class UNetOptions:
     groups: GroupsFn = ncsnpp_groups  # GroupNorm group count for a channel count
     num_classes: int = 0  # > 0: a class-label embedding added to the noise embedding
     up_attn_per_block: bool = False  # up levels: attention after every block (Ho et al.), or once (score_sde)
+    attention_head_dim: int = 0  # self-attention heads of this many channels; 0: one head as wide as the layer
     # text conditioning: cross-attention to a context of this width after the (self-)attention of these resolutions
     # and in the middle block; 0: none
     context_dim: int = 0
@@ -112,7 +113,7 @@ class UNetOptions:
                    fir_kernel=tuple(m.fir_kernel), skip_rescale=m.skip_rescale, init_scale=m.init_scale,
                    progressive=m.progressive.lower(), progressive_input=m.progressive_input.lower(),
                    progressive_combine=m.progressive_combine.lower(), num_classes=m.num_classes,
-                   up_attn_per_block=m.up_attn_per_block)
+                   up_attn_per_block=m.up_attn_per_block, attention_head_dim=m.attention_head_dim)
 
     @property
     def resolutions(self) -> List[int]:
@@ -140,7 +141,7 @@ class Blocks:
                            self.shortcut_init_scale)
 
     def attn(self, channels: int) -> AttnBlock:
-        return AttnBlock(channels, self.o.groups, self.o.skip_rescale, self.o.init_scale)
+        return AttnBlock(channels, self.o.groups, self.o.skip_rescale, self.o.init_scale, self.o.attention_head_dim)
 
     def cross(self, channels: int) -> CrossAttention2d:
         return CrossAttention2d(channels, self.o.context_dim, self.o.cross_attn_heads, self.o.groups)
@@ -409,10 +410,19 @@ def check_resolutions(o: UNetOptions, section: str = "model") -> None:
                              f"(its resolutions are {o.resolutions})")
 
 
+def check_attention_heads(o: UNetOptions) -> None:
+    """Raise ValueError naming model.attention_head_dim when it does not divide a width with self-attention: nf·ch_mult
+    at the attention resolutions, and the middle block's."""
+    widths = {o.nf * mult for mult, r in zip(o.ch_mult, o.resolutions) if r in o.attn_resolutions}
+    for width in sorted(widths | {o.nf * o.ch_mult[-1]}):
+        attention_heads(width, o.attention_head_dim)
+
+
 def build_on_meta(options: UNetOptions) -> None:
-    """Check the resolutions, then construct the network without allocating memory, so that every width and group
-    count is checked."""
+    """Check the resolutions and attention heads, then construct the network without allocating memory, so that
+    every width and group count is checked."""
     check_resolutions(options)
+    check_attention_heads(options)
     with torch.device("meta"):
         UNet(options)
 

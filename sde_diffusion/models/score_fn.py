@@ -74,6 +74,9 @@ def get_score_fn(sde: SDE, model: nn.Module, continuous: bool = True, labels: Op
     every sample; the null label `model.num_classes` asks for the unconditional score. For a text-conditioned
     network: caption token ids (batch, L) or (1, L). None: the network is called without labels, which for a
     conditional network means the null label or the empty caption.
+
+    A network with a `log_variance(noise condition) -> (batch,)` method (EDM2's learned uncertainty) gives the
+    score function an attribute `log_variance(t) -> (batch,)` (float32), t a (batch,) tensor of times.
     """
     convention = getattr(unwrap(model), "score_convention", None)
     if parameterization is None and convention is not None:
@@ -84,5 +87,10 @@ def get_score_fn(sde: SDE, model: nn.Module, continuous: bool = True, labels: Op
         raise ValueError(f"labels given for {type(model).__name__} without a label embedding or text encoder: build "
                          "it with model.num_classes > 0 or model.text.encoder")
     if labels is None:
-        return param.score_fn(model)
-    return param.score_fn(lambda inputs, cond: model(inputs, cond, batch_labels(labels, inputs)))
+        score_fn = param.score_fn(model)
+    else:
+        score_fn = param.score_fn(lambda inputs, cond: model(inputs, cond, batch_labels(labels, inputs)))
+    network = unwrap(model)
+    if hasattr(network, "log_variance"):  # EDM2's learned uncertainty u, for the objective's w·L/exp(u) + u
+        score_fn.log_variance = lambda t: network.log_variance(param.condition(t)).float()
+    return score_fn

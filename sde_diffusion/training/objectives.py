@@ -51,6 +51,9 @@ class Objective:
     draws the (t, z, w) a call would draw (w: each example's weight, computed with the draw); passing them back as
     `noise` gives the same value. A compiled training step draws outside its graph (a torch.Generator cannot be
     traced) and compiles the rest whole.
+
+    A score function with a `log_variance(t) -> (batch,)` attribute (EDM2's learned uncertainty u, set by
+    `get_score_fn`) makes each example's loss w·L/exp(u) + u (reduce_mean=False: L sums D dimensions, + D·u).
     """
 
     def __init__(self, sde: SDE, *, time_sampling: str = "uniform", weighting: str = "eps", continuous: bool = True,
@@ -114,7 +117,13 @@ class Objective:
         w = rest[0] if rest else self.weight(t)
         alpha, sigma = self.alpha_sigma(t)
         score = score_fn(per_sample(alpha, x0) * x0 + per_sample(sigma, x0) * z, t)
-        return (w * _reduce((per_sample(sigma, x0) * score + z) ** 2, self.reduce_mean)).mean()
+        loss = w * _reduce((per_sample(sigma, x0) * score + z) ** 2, self.reduce_mean)  # (batch,)
+        log_variance = getattr(score_fn, "log_variance", None)
+        if log_variance is not None:  # EDM2's uncertainty u: the Gaussian NLL w·L/exp(u) + D·u (D = 1 for a mean)
+            u = log_variance(t).to(loss.dtype)
+            dims = 1 if self.reduce_mean else x0[0].numel()
+            loss = loss / torch.exp(u) + dims * u
+        return loss.mean()
 
     # --- checks --------------------------------------------------------------------------------------------
     def _check_draws(self) -> None:

@@ -1,7 +1,13 @@
 """The optimizer and its learning-rate schedule (config.optim)."""
 from __future__ import annotations
 
+import math
+
 import torch
+
+from ..errors import choice, positive
+
+SCHEDULES = ("constant", "inverse_sqrt")  # optim.schedule: the learning rate after the warm-up
 
 
 def make_optimizer(params, optim_config) -> torch.optim.Optimizer:
@@ -16,6 +22,18 @@ def make_optimizer(params, optim_config) -> torch.optim.Optimizer:
 
 
 def learning_rate(step: int, optim_config) -> float:
-    """Linear warm-up from 0 to optim.lr over optim.warmup steps, then constant."""
+    """Linear warm-up from 0 to optim.lr over optim.warmup steps, then optim.schedule: 'constant' (optim.lr) or
+    'inverse_sqrt' (EDM2: optim.lr / √max(step / optim.ref_steps, 1)); an optim config without `schedule` is
+    constant."""
     o = optim_config
-    return o.lr * min(step / o.warmup, 1.0) if o.warmup > 0 else o.lr
+    lr = o.lr * min(step / o.warmup, 1.0) if o.warmup > 0 else o.lr
+    if getattr(o, "schedule", "constant") == "inverse_sqrt":
+        lr /= math.sqrt(max(step / o.ref_steps, 1.0))
+    return lr
+
+
+def check_config(config) -> None:
+    """optim.schedule and optim.ref_steps. Raises ConfigError naming the key."""
+    o = config.optim
+    choice("optim.schedule", o.schedule, SCHEDULES)
+    positive("optim.ref_steps", o.ref_steps)

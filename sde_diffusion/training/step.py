@@ -223,12 +223,14 @@ class TrainStep:
 
 
 def check_config(config) -> None:
-    """The keys of the step: training.precision, on_nonfinite, compile_backend (when compiling) and optim.lr.
-    Raises ConfigError naming the key."""
+    """The keys of the step: training.precision, on_nonfinite, compile_backend (when compiling), optim.lr and the
+    learning-rate schedule (optim.check_config). Raises ConfigError naming the key."""
     t = config.training
     choice("training.precision", t.precision, PRECISIONS)
     choice("training.on_nonfinite", t.on_nonfinite, NONFINITE_POLICIES)
     positive("optim.lr", config.optim.lr)
+    from .optim import check_config as check_schedule
+    check_schedule(config)
     if t.compile:
         import torch._dynamo  # its backend list, only when compiling
         choice("training.compile_backend", t.compile_backend, torch._dynamo.list_backends(exclude_tags=()))
