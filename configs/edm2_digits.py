@@ -5,7 +5,7 @@ decay, and post-hoc EMA: two power-function profiles (σ_rel 0.05 and 0.10) snap
 `--mode ema_sweep` rebuilds and scores the EMA of every σ_rel in eval.ema_sweep.
     python main.py --config configs/edm2_digits.py --mode train
     python main.py --config configs/edm2_digits.py --mode ema_sweep
-    python main.py --config configs/edm2_digits.py --mode eval --config.eval.ema_sigma_rel=0.1
+    python main.py --config configs/edm2_digits.py --mode eval --config.eval.ema_sigma_rel=0.025
 """
 import importlib.util
 from pathlib import Path
@@ -19,7 +19,7 @@ def get_config():
     config = _edm_digits.get_config()
     training = config.training
     training.post_hoc_ema = (0.05, 0.10)
-    training.post_hoc_ema_freq = 50  # 25 snapshots: every σ_rel of eval.ema_sweep within 4 % of its density
+    training.post_hoc_ema_freq = 50  # 25 snapshots: each σ_rel of eval.ema_sweep within 4.5 % of its density
 
     model = config.model
     model.name = "edm2"

@@ -22,7 +22,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from sde_diffusion import sampling
 from sde_diffusion.checkpoints import atomic_write
@@ -162,22 +162,16 @@ def plot_series(rows: List[Dict], metric: str) -> List[Series]:
     return series
 
 
-def plot_metrics(rows: List[Dict], metrics: Sequence[str], path: Path, title: str = "") -> None:
-    """One panel per metric: metric versus NFE (log axis), a curve per multi-count entry and a point per
-    single-count one, each with its 95 % error bars (plot_series)."""
+def metric_panels(metrics: Sequence[str], path: Path, title: str, draw: Callable) -> None:
+    """A PNG with one panel per metric: draw(ax, metric) plots it; each panel gets the metric's label (95 %
+    intervals), a grid and a legend. Written atomically."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), dpi=100, squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        for s in plot_series(rows, metric):
-            errors = None if s.lo is None else [[v - lo for v, lo in zip(s.values, s.lo)],
-                                                [hi - v for v, hi in zip(s.values, s.hi)]]
-            ax.errorbar(s.nfe, s.values, yerr=errors, marker="o", linestyle="-" if s.curve else "none", capsize=3,
-                        label=s.label)
-        ax.set_xscale("log")
-        ax.set_xlabel("NFE (score evaluations)")
+        draw(ax, metric)
         ax.set_ylabel(f"{metric} (95 % interval)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -185,3 +179,18 @@ def plot_metrics(rows: List[Dict], metrics: Sequence[str], path: Path, title: st
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
+
+
+def plot_metrics(rows: List[Dict], metrics: Sequence[str], path: Path, title: str = "") -> None:
+    """One panel per metric: metric versus NFE (log axis), a curve per multi-count entry and a point per
+    single-count one, each with its 95 % error bars (plot_series)."""
+    def draw(ax, metric: str) -> None:
+        for s in plot_series(rows, metric):
+            errors = None if s.lo is None else [[v - lo for v, lo in zip(s.values, s.lo)],
+                                                [hi - v for v, hi in zip(s.values, s.hi)]]
+            ax.errorbar(s.nfe, s.values, yerr=errors, marker="o", linestyle="-" if s.curve else "none", capsize=3,
+                        label=s.label)
+        ax.set_xscale("log")
+        ax.set_xlabel("NFE (score evaluations)")
+
+    metric_panels(metrics, path, title, draw)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoints import load_checkpoint, save_checkpoint
+from .checkpoints import digest_path, load_checkpoint, save_checkpoint
 from .errors import CheckpointError, ConfigError, CorruptCheckpointError
 
 log = logging.getLogger("sde_diffusion")
@@ -84,6 +84,7 @@ class PowerEMA:
     def __init__(self, model: nn.Module, sigma_rels: Sequence[float]):
         self.sigma_rels = [float(s) for s in sigma_rels]
         self.gammas = [gamma_of_sigma_rel(s) for s in self.sigma_rels]
+        self.model = model
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         self.profiles: List[List[torch.Tensor]] = [
             [p.detach().clone() for p in model.parameters() if p.requires_grad] for _ in self.sigma_rels]
@@ -95,11 +96,14 @@ class PowerEMA:
             torch._foreach_lerp_(profile, params, 1.0 - ema_beta(step, gamma))
 
     def snapshot(self, step: int, dtype: torch.dtype = torch.float32) -> Dict:
-        """Every profile as one flat tensor (names and shapes say how to cut it), on the CPU in `dtype`."""
+        """Every profile as one flat tensor (names and shapes say how to cut it), on the CPU in `dtype`, and the
+        model's state that is not averaged (buffers, frozen parameters) as it is now."""
         shapes = [list(t.shape) for t in self.profiles[0]] if self.profiles else []
+        fixed = {k: v.detach().to("cpu") for k, v in self.model.state_dict().items() if k not in set(self.names)}
         return {"step": step, "sigma_rels": self.sigma_rels, "gammas": self.gammas, "names": self.names,
-                "shapes": shapes, "profiles": [torch.cat([t.detach().reshape(-1).to("cpu", dtype) for t in profile])
-                                               for profile in self.profiles]}
+                "shapes": shapes, "fixed": fixed,
+                "profiles": [torch.cat([t.detach().reshape(-1).to("cpu", dtype) for t in profile])
+                             for profile in self.profiles]}
 
     def state_dict(self) -> Dict:
         return {"sigma_rels": self.sigma_rels, "profiles": self.profiles}
@@ -133,6 +137,17 @@ def snapshot_steps(workdir) -> List[Tuple[int, Path]]:
     folder = Path(workdir) / FOLDER
     found = [(int(m.group(1)), p) for p in folder.glob("phema_*.pth") if (m := _NAME.match(p.name))]
     return sorted(found)
+
+
+def discard_after(workdir, step: int) -> List[Path]:
+    """Delete the snapshots (and sidecars) of steps after `step`; returns the deleted files."""
+    gone = []
+    for s, path in snapshot_steps(workdir):
+        if s > step:
+            path.unlink(missing_ok=True)
+            digest_path(path).unlink(missing_ok=True)
+            gone.append(path)
+    return gone
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,7 +187,8 @@ class Snapshot:
 
 def _readable(workdir, step: Optional[int]) -> Tuple[List[Snapshot], List[str], Dict]:
     """The profiles stored at steps ≤ `step` (all with None), the snapshot files that failed to verify, and the
-    layout (names, shapes) of the parameters. Each file is verified here; tensors are memory-mapped, not read."""
+    layout (names, shapes, the state that is not averaged) of the newest. Each file is verified here; its tensors
+    are memory-mapped, not read. CheckpointError when two files disagree on the layout."""
     found, corrupt, layout = [], [], {}
     for s, path in snapshot_steps(workdir):
         if step is not None and s > step:
@@ -183,7 +199,10 @@ def _readable(workdir, step: Optional[int]) -> Tuple[List[Snapshot], List[str], 
             log.warning("post-hoc EMA snapshot %s is skipped: %s", path, err)
             corrupt.append(path.name)
             continue
-        layout = {"names": meta["names"], "shapes": meta["shapes"]}
+        if layout and (meta["names"], meta["shapes"]) != (layout["names"], layout["shapes"]):
+            raise CheckpointError(f"{path} holds other parameters than the earlier snapshots of "
+                                  f"{Path(workdir) / FOLDER}: snapshots of another model are mixed in; move them away")
+        layout = {"names": meta["names"], "shapes": meta["shapes"], "fixed": meta["fixed"]}
         for i, (g, sr) in enumerate(zip(meta["gammas"], meta["sigma_rels"])):
             found.append(Snapshot(s, path, i, float(g), float(sr)))
     return found, corrupt, layout
@@ -208,22 +227,47 @@ class Reconstruction:
 def require_snapshots(workdir, asked_by: str = "eval.ema_sigma_rel") -> None:
     """CheckpointError naming the keys to set when workdir/post_hoc_ema/ holds no snapshot."""
     if not snapshot_steps(workdir):
+        regular = ", or set eval.ema_sigma_rel = 0 for the regular EMA" if asked_by == "eval.ema_sigma_rel" else ""
         raise CheckpointError(f"{Path(workdir) / FOLDER} holds no post-hoc EMA snapshots, which {asked_by} needs: "
                               "train with training.post_hoc_ema = (σ_rel, ...) (e.g. (0.05, 0.10)) and "
-                              "training.post_hoc_ema_freq, or set eval.ema_sigma_rel = 0 for the regular EMA")
+                              f"training.post_hoc_ema_freq{regular}")
 
 
-def reconstruct(workdir, sigma_rel: float, step: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """The state dict of trainable parameters averaged by the power-function EMA of `sigma_rel` at `step` (None:
-    the newest snapshot's step), from the snapshots in workdir/post_hoc_ema/ at steps ≤ step (float32, on the
-    CPU). ValueError when σ_rel is out of range or the snapshots cannot represent it; CheckpointError when there
-    are no snapshots. See `reconstruction` for the provenance too."""
-    return reconstruction(workdir, sigma_rel, step).state_dict
+@dataclass
+class Plan:
+    """The verified snapshots at steps ≤ `step` and, per σ_rel asked for, the least-squares coefficients of their
+    profiles and the relative error of the reconstructed density (`plan`; `Plan.build` applies them)."""
+
+    workdir: Path
+    step: int
+    snapshots: List[Snapshot]
+    corrupt: List[str]
+    layout: Dict
+    solutions: Dict[float, Tuple[np.ndarray, float]]
+
+    def build(self, sigma_rel: float) -> Reconstruction:
+        """The state dict of one planned σ_rel: Σ x_i θ_i over the snapshot files (float64 sums, read one file at
+        a time), with the newest file's buffers."""
+        x, error = self.solutions[float(sigma_rel)]
+        total = None
+        for path in sorted({s.path for s in self.snapshots}):  # verified by `plan`
+            profiles = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["profiles"]
+            for coefficient, snap in zip(x, self.snapshots):
+                if snap.path == path:
+                    term = profiles[snap.index].double() * float(coefficient)
+                    total = term if total is None else total.add_(term)
+        shapes = self.layout["shapes"]
+        pieces = total.float().split([math.prod(shape) for shape in shapes])
+        state = {**{k: v.clone() for k, v in self.layout["fixed"].items()},
+                 **{name: piece.reshape(shape) for name, piece, shape in zip(self.layout["names"], pieces, shapes)}}
+        return Reconstruction(state, float(sigma_rel), self.step, sorted({s.path.name for s in self.snapshots}),
+                              error, self.corrupt)
 
 
-def reconstruction(workdir, sigma_rel: float, step: Optional[int] = None) -> Reconstruction:
-    """`reconstruct` with its provenance: the files used, the density's relative error and the skipped files."""
-    gamma = gamma_of_sigma_rel(float(sigma_rel))
+def plan(workdir, sigma_rels: Sequence[float], step: Optional[int] = None) -> Plan:
+    """Verify the snapshots once and solve for every σ_rel; ValueError for a σ_rel out of range, CheckpointError
+    when there are no snapshots or they cannot represent one of them (density error over MAX_PROFILE_ERROR)."""
+    gammas = {float(s): gamma_of_sigma_rel(float(s)) for s in sigma_rels}
     folder = Path(workdir) / FOLDER
     require_snapshots(workdir)
     snaps, corrupt, layout = _readable(workdir, step)
@@ -231,42 +275,42 @@ def reconstruction(workdir, sigma_rel: float, step: Optional[int] = None) -> Rec
     if not snaps:
         raise CheckpointError(f"{folder} has no readable snapshot at step ≤ {target}"
                               + (f" ({len(corrupt)} corrupt: {', '.join(corrupt)})" if corrupt else ""))
-    x, error = solve_coefficients([s.gamma for s in snaps], [s.step for s in snaps], gamma, target)
-    if error > MAX_PROFILE_ERROR:
-        tracked = sorted({s.sigma_rel for s in snaps})
-        raise CheckpointError(f"the snapshots in {folder} cannot represent σ_rel = {sigma_rel} at step {target}: the best "
-                         f"combination of {len(snaps)} profiles (σ_rel {', '.join(f'{s:g}' for s in tracked)}, "
-                         f"steps {snaps[0].step}…{snaps[-1].step}) misses its averaging density by "
-                         f"{error:.1%} (limit {MAX_PROFILE_ERROR:.0%})"
-                         + (f", with the corrupt {', '.join(corrupt)} left out" if corrupt else "")
-                         + ": ask for a σ_rel nearer the tracked ones, or track profiles nearer it and snapshot "
-                         "more often (training.post_hoc_ema, training.post_hoc_ema_freq)")
-    total = None
-    for path in sorted({s.path for s in snaps}):  # verified above; read once more, one file at a time
-        profiles = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["profiles"]
-        for coefficient, snap in zip(x, snaps):
-            if snap.path == path:
-                term = profiles[snap.index].double() * float(coefficient)
-                total = term if total is None else total.add_(term)
-    pieces = total.float().split([math.prod(shape) for shape in layout["shapes"]])
-    state = {name: piece.reshape(shape) for name, piece, shape in zip(layout["names"], pieces, layout["shapes"])}
-    return Reconstruction(state, float(sigma_rel), int(target), sorted({s.path.name for s in snaps}), error, corrupt)
+    solutions = {}
+    for sigma_rel, gamma in gammas.items():
+        x, error = solve_coefficients([s.gamma for s in snaps], [s.step for s in snaps], gamma, target)
+        if error > MAX_PROFILE_ERROR:
+            tracked = sorted({s.sigma_rel for s in snaps})
+            raise CheckpointError(
+                f"the snapshots in {folder} cannot represent σ_rel = {sigma_rel:g} at step {target}: the best "
+                f"combination of {len(snaps)} profiles (σ_rel {', '.join(f'{s:g}' for s in tracked)}, steps "
+                f"{snaps[0].step}…{snaps[-1].step}) misses its averaging density by {error:.1%} (limit "
+                f"{MAX_PROFILE_ERROR:.0%})" + (f", with the corrupt {', '.join(corrupt)} left out" if corrupt else "")
+                + ": ask for a σ_rel nearer the tracked ones, or track profiles nearer it and snapshot more often "
+                "(training.post_hoc_ema, training.post_hoc_ema_freq)")
+        solutions[sigma_rel] = (x, error)
+    return Plan(Path(workdir), int(target), snaps, corrupt, layout, solutions)
+
+
+def reconstruct(workdir, sigma_rel: float, step: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """The model's state dict with its trainable parameters averaged by the power-function EMA of `sigma_rel` at
+    `step` (None: the newest readable snapshot's step), from the snapshots in workdir/post_hoc_ema/ at steps ≤ step
+    (float32, on the CPU; buffers as the newest of them holds them), for `model.load_state_dict`. ValueError when
+    σ_rel is out of range; CheckpointError when there are no snapshots or they cannot represent it. `reconstruction`
+    gives the provenance too."""
+    return reconstruction(workdir, sigma_rel, step).state_dict
+
+
+def reconstruction(workdir, sigma_rel: float, step: Optional[int] = None) -> Reconstruction:
+    """`reconstruct` with its provenance: the files used, the density's relative error and the skipped files."""
+    return plan(workdir, [sigma_rel], step).build(sigma_rel)
 
 
 def load_into(model: nn.Module, state: Dict[str, torch.Tensor], source="the reconstruction") -> None:
-    """Copy reconstructed trainable parameters into `model` (the rest of its state stays)."""
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-    unknown = [n for n in state if n not in params]
-    if missing or unknown:
-        raise CheckpointError(f"{source} does not fit the model built from this config (missing "
-                              f"{missing[:3]}, unknown {unknown[:3]})")
-    with torch.no_grad():
-        for name, tensor in state.items():
-            if params[name].shape != tensor.shape:
-                raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model "
-                                      f"{tuple(params[name].shape)}")
-            params[name].copy_(tensor)
+    """model.load_state_dict(state) (strict), CheckpointError naming `source` when it does not fit."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{source} does not fit the model built from this config: {err}") from err
 
 
 # --------------------------------------------------------------------------------------------------

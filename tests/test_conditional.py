@@ -41,6 +41,8 @@ def network_config(name: str, num_classes: int):
         config.data.dataset, config.data.image_size, config.data.num_channels = "digits", 8, 1
         m.nf, m.ch_mult, m.num_res_blocks, m.attn_resolutions = 32, (1, 2), 1, (4,)
         m.depth, m.num_heads, m.patch_size = 1, 2, 2
+    if name == "edm2":
+        m.noise_conditioning = "log_sigma"
     return config
 
 

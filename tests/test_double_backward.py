@@ -27,7 +27,8 @@ CASES = {
                                         progressive_input="input_skip", progressive_combine="cat"),
     "ncsnpp-256-channels": dict(name="ncsnpp", nf=128, attn_resolutions=()),  # 256 channels at 4×4
     "dit": dict(name="dit", nf=32, depth=2, num_heads=2, patch_size=2),
-    "edm2": dict(name="edm2"),  # magnitude-preserving U-Net: forced weight normalization in train mode
+    # magnitude-preserving U-Net: forced weight normalization in train mode; EDM's noise input
+    "edm2": dict(name="edm2", noise_conditioning="log_sigma"),
     "mlp": dict(name="mlp", nf=32, num_res_blocks=2),
 }
 CONV_NETS = ("ddpm", "edm2", "ncsnpp")

@@ -273,3 +273,22 @@ def test_edm2_trains_on_digits_and_samples():
         samples, nfe = sampling.sample(score_fn, sde, (4, 1, 8, 8), "heun", steps=4,
                                        generator=torch.Generator().manual_seed(3))
     assert samples.shape == (4, 1, 8, 8) and torch.isfinite(samples).all() and nfe > 0
+
+
+def test_edm2_refuses_a_noise_input_or_scale_it_was_not_built_for():
+    """The Fourier features expect ¼·ln σ, the layers unit-variance x_t: VP's default 999·t input and VE's unscaled
+    x_t are config errors naming the key."""
+    from sde_diffusion.config import default_config, validate_config
+    from sde_diffusion.errors import ConfigError
+    config = default_config()
+    m = config.model
+    m.name, m.nf, m.ch_mult, m.attn_resolutions = "edm2", 16, (1, 2), (4,)
+    with pytest.raises(ConfigError, match="noise_conditioning='log_sigma'"):
+        validate_config(config)
+    m.noise_conditioning = "log_sigma"
+    validate_config(config)  # VP with ε: x_t has unit variance
+    config.training.sde, m.parameterization = "vesde", "score"
+    with pytest.raises(ConfigError, match="parameterization='edm'"):
+        validate_config(config)
+    m.parameterization = "edm"
+    validate_config(config)

@@ -193,6 +193,10 @@ def test_mismatched_config_names_the_first_mismatched_tensor():
     config.model.scale_by_sigma = False  # the reference VE network would then output the score; ours σ·score
     with pytest.raises(ReferenceCheckpointError, match="scale_by_sigma"):
         load_score_sde_pytorch(f.path, config)
+    config, _ = config_from_score_sde(f.meta["config"])
+    config.model.attention_head_dim = 8  # the same tensors, another function: the reference attends in one head
+    with pytest.raises(ReferenceCheckpointError, match="attention_head_dim=0"):
+        load_score_sde_pytorch(f.path, config)
 
 
 def test_missing_and_misshapen_tensors_are_named(tmp_path):

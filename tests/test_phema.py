@@ -17,6 +17,7 @@ from sde_diffusion import phema
 from sde_diffusion.checkpoints import load_checkpoint
 from sde_diffusion.config import validate_config
 from sde_diffusion.errors import CheckpointError, ConfigError
+from sde_diffusion.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, FREQ = 400, 10
@@ -121,7 +122,9 @@ def test_reconstruction_matches_a_profile_another_run_tracked(runs):
     tracked = stored(runs["direct"], STEPS, 0)
     rebuilt = phema.reconstruct(runs["pair"], 0.07)
     names = list(tracked)
-    assert sorted(rebuilt) == sorted(names)
+    model = create_model(small_config())
+    model.load_state_dict(rebuilt, strict=True)  # a whole state dict: the buffers come with it
+    assert sorted(rebuilt) == sorted(model.state_dict())
     gap, scale = distance(rebuilt, tracked, names), distance(tracked, raw, names)
     assert gap <= 0.05 * scale, (gap, scale)
     # and not by accident: the stored neighbours themselves are much farther from it
@@ -206,7 +209,7 @@ def test_eval_and_sweep_use_the_reconstruction(runs):
     config.sampling.method, config.sampling.steps = "dpm_solver", 10
     config.compare.resamples = 0
     run_lib.evaluate(config, runs["pair"])
-    report = json.loads((runs["pair"] / "eval" / "report_1.json").read_text())
+    report = json.loads((runs["pair"] / "eval" / "report_1_sigma_rel0.07.json").read_text())
     assert report["post_hoc_ema"]["sigma_rel"] == 0.07 and report["post_hoc_ema"]["step"] == STEPS
     assert len(report["post_hoc_ema"]["snapshots"]) == STEPS // FREQ and report["post_hoc_ema"]["profile_error"] < 0.05
     run_lib.ema_sweep(config, runs["pair"])
@@ -226,19 +229,28 @@ def test_eval_and_sweep_use_the_reconstruction(runs):
 
 
 def test_edm2_digits_trains_sweeps_and_evaluates_through_main(tmp_path):
-    """README's three commands on configs/edm2_digits.py, shortened: 4 steps with a snapshot each, 16 samples of 4
-    steps, no FID or bits/dim."""
+    """README's three commands on configs/edm2_digits.py, shortened: 6 steps, one profile snapshotted every 2 steps
+    and at every numbered checkpoint (every 3 steps), 16 samples of 4 steps, no FID or bits/dim."""
     from sde_diffusion.config import load_config_file
     config = load_config_file(ROOT / "configs" / "edm2_digits.py")
     t, e = config.training, config.eval
-    t.n_iters, t.snapshot_freq, t.snapshot_freq_for_preemption, t.post_hoc_ema_freq, t.log_freq = 4, 4, 4, 1, 1
+    t.n_iters, t.snapshot_freq, t.snapshot_freq_for_preemption, t.log_freq = 6, 3, 3, 1
+    t.post_hoc_ema, t.post_hoc_ema_freq = (0.1,), 2
     t.batch_size, e.num_samples, e.batch_size, e.enable_fid, e.enable_bpd = 16, 16, 16, False, False
-    e.ema_sweep, config.sampling.steps, config.device = (0.05, 0.1), 4, "cpu"
+    e.ema_sweep, config.sampling.steps, config.device = (0.1,), 4, "cpu"
     run_lib.train(config, tmp_path)
-    run_lib.ema_sweep(config, tmp_path)
+    assert [s for s, _ in phema.snapshot_steps(tmp_path)] == [2, 3, 4, 6]  # 3: numbered checkpoint 1
+    run_lib.ema_sweep(config, tmp_path)  # on the newest checkpoint, step 6
     rows = json.loads((tmp_path / "ema_sweep" / "ema_sweep.json").read_text())["rows"]
-    assert [r["sigma_rel"] for r in rows] == [0.0, 0.05, 0.1] and all(r["nfe"] > 0 for r in rows)
+    assert [r["sigma_rel"] for r in rows] == [0.0, 0.1] and all(r["nfe"] > 0 for r in rows)
     e.ema_sigma_rel = 0.1
-    run_lib.evaluate(config, tmp_path)
-    report = json.loads((tmp_path / "eval" / "report_1.json").read_text())
-    assert report["post_hoc_ema"]["snapshots"] == [f"phema_{s}.pth" for s in range(1, 5)]
+    run_lib.evaluate(config, tmp_path)  # checkpoint 1, step 3
+    report = json.loads((tmp_path / "eval" / "report_1_sigma_rel0.1.json").read_text())
+    assert report["step"] == 3 and report["post_hoc_ema"]["snapshots"] == ["phema_2.pth", "phema_3.pth"]
+    assert report["post_hoc_ema"]["profile_error"] < 1e-6  # the tracked profile itself
+    # a resumed run drops the snapshots written after its checkpoint by the run it replaces
+    for step in (4, 6):
+        (tmp_path / "checkpoints-meta" / f"checkpoint_{step}.pth").unlink(missing_ok=True)
+    t.n_iters = 3
+    run_lib.train(config, tmp_path)
+    assert [s for s, _ in phema.snapshot_steps(tmp_path)] == [2, 3]

@@ -41,7 +41,7 @@ def digits_text_config(name="ddpm", **changes):
     if name == "ncsnpp":
         config.model.nf = 32
     if name == "edm2":
-        config.model.nf = 16
+        config.model.nf, config.model.noise_conditioning = 16, "log_sigma"
     return set_keys(config, changes)
 
 

@@ -222,6 +222,9 @@ def reference_layout(config) -> List[TensorMap]:
     if config.model.up_attn_per_block:
         raise ReferenceCheckpointError("score_sde_pytorch's networks attend once per up level: load them with "
                                        "model.up_attn_per_block=False")
+    if config.model.attention_head_dim:
+        raise ReferenceCheckpointError("score_sde_pytorch's attention has one head as wide as the layer: load it "
+                                       "with model.attention_head_dim=0")
     if name == "ncsnpp":
         return _unet_layout(UNetOptions.from_config(config), ddpm_model=False)
     if name == "ddpm":

@@ -282,11 +282,13 @@ def load_weights(path, model: nn.Module, dataset, device, config=None) -> Dict:
     return checkpoint
 
 
-def load_post_hoc_ema(path, model: nn.Module, sigma_rel: float, step: int) -> Dict:
+def load_post_hoc_ema(path, model: nn.Module, sigma_rel: float, step: int,
+                      plan: Optional[phema.Plan] = None) -> Dict:
     """Replace model's weights by the post-hoc EMA of `sigma_rel` at `step`, reconstructed from the snapshots of
-    the workdir that holds the checkpoint `path` (eval.ema_sigma_rel); returns its provenance for reports."""
+    the workdir that holds the checkpoint `path` (eval.ema_sigma_rel), or by `plan` (phema.plan, solved for it);
+    returns its provenance for reports."""
     workdir = Path(path).parent.parent
-    rec = phema.reconstruction(workdir, sigma_rel, step)
+    rec = (plan or phema.plan(workdir, [sigma_rel], step)).build(sigma_rel)
     phema.load_into(model, rec.state_dict, f"the post-hoc EMA reconstruction from {workdir / phema.FOLDER}")
     log.info("post-hoc EMA σ_rel = %g at step %d from %d snapshot file(s) of %s (density error %.2g%s)", sigma_rel,
              rec.step, len(rec.snapshots), workdir / phema.FOLDER, rec.profile_error,
@@ -299,6 +301,13 @@ def check_post_hoc_ema(config, workdir) -> None:
     the keys otherwise)."""
     if config.eval.ema_sigma_rel > 0:
         phema.require_snapshots(workdir, "eval.ema_sigma_rel")
+
+
+def weights_suffix(config) -> str:
+    """'' for the regular EMA, '_sigma_rel<σ>' for a post-hoc EMA (eval.ema_sigma_rel): the end of the names of
+    what a job writes from those weights."""
+    sigma_rel = config.eval.ema_sigma_rel
+    return f"_sigma_rel{sigma_rel:g}" if sigma_rel else ""
 
 
 def weights_fingerprint(path, config) -> Dict:

@@ -97,9 +97,10 @@ def compare(config, workdir: Path, eval_folder: str, runs: List[Run], world: dis
     names = metric_names(config, dataset, metrics is not None)
     rows = []
     for entry, settings in runs:
-        samples, report = generate_and_score(config, sde, conditioning, dataset, device, out / f"rounds_{entry.slug}",
-                                             (config.seed, k), settings, num, metrics, builder.weights_fingerprint(path, config),
-                                             world, resamples=config.compare.resamples)
+        rounds = out / f"rounds_{entry.slug}{builder.weights_suffix(config)}"
+        samples, report = generate_and_score(config, sde, conditioning, dataset, device, rounds, (config.seed, k),
+                                             settings, num, metrics, builder.weights_fingerprint(path, config), world,
+                                             resamples=config.compare.resamples)
         if world.is_main:
             save_samples_picture(samples[:config.sampling.num_grid_samples], dataset,
                                  out / f"samples_{entry.slug}.png", title=f"{entry.label}, NFE {report['nfe']}")

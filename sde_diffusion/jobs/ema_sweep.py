@@ -13,10 +13,10 @@ import logging
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from evaluation.compare import metric_cells, metric_columns, write_table
+from evaluation.compare import metric_cells, metric_columns, metric_panels, write_table
 
 from .. import distributed, phema
-from ..checkpoints import atomic_write, write_json
+from ..checkpoints import write_json
 from ..validation import validate_config
 from . import builder
 from .compare import metric_names
@@ -39,18 +39,17 @@ def sweep(config, workdir: Path, eval_folder: str, world: distributed.World, dev
     k, path = builder.chosen_checkpoint(workdir, config.compare.checkpoint, "compare.checkpoint")
     out = builder.prepare_workdir(workdir / eval_folder)
     regular = builder.load_weights(path, model, dataset, device)  # the regular EMA, and the run's step
+    builder.check_recorded_parts(regular, path, builder.recorded_parts(config))
     step = int(regular["step"])
     sigma_rels = [0.0, *config.eval.ema_sweep]
-    reconstructions = {}
-    for sigma_rel in sigma_rels[1:]:  # every reconstruction checked before any sampling
-        reconstructions[sigma_rel] = builder.load_post_hoc_ema(path, model, sigma_rel, step)
+    plan = phema.plan(workdir, sigma_rels[1:], step)  # every σ_rel checked before any sampling
     metrics = image_metrics(config, dataset, device, world) if dataset.is_image and config.eval.enable_fid else None
     names = metric_names(config, dataset, metrics is not None)
     settings = builder.sampler_settings(config, sde)
     rows = []
     for sigma_rel in sigma_rels:
         if sigma_rel:
-            builder.load_post_hoc_ema(path, model, sigma_rel, step)
+            builder.load_post_hoc_ema(path, model, sigma_rel, step, plan)
         else:
             builder.load_weights(path, model, dataset, device)
         model.eval()
@@ -65,7 +64,7 @@ def sweep(config, workdir: Path, eval_folder: str, world: distributed.World, dev
         save_samples_picture(samples[:config.sampling.num_grid_samples], dataset,
                              out / f"samples_sigma_rel{sigma_rel:g}.png",
                              title=f"{path.name}, " + (f"σ_rel {sigma_rel:g}" if sigma_rel else "regular EMA"))
-        error = reconstructions[sigma_rel]["profile_error"] if sigma_rel else None
+        error = plan.solutions[sigma_rel][1] if sigma_rel else None
         row = {"sigma_rel": sigma_rel, "density_error": error, "nfe": report["nfe"]}
         for metric in names:
             row.update(metric_cells(report, metric))
@@ -75,7 +74,8 @@ def sweep(config, workdir: Path, eval_folder: str, world: distributed.World, dev
         write_table(rows, ["sigma_rel", "density_error", "nfe", *metric_columns(names)], out, stem="ema_sweep")
         write_json(out / "ema_sweep.json", {"checkpoint": path.name, "step": step, "sampler": settings,
                                             "num_samples": config.eval.num_samples, "rows": rows,
-                                            "reconstructions": {f"{s:g}": r for s, r in reconstructions.items()}})
+                                            "snapshots": sorted({s.path.name for s in plan.snapshots}),
+                                            "skipped_corrupt": plan.corrupt})
         if names:
             plot_sweep(rows, names, out / "ema_sweep.png", f"{config.data.dataset}, {path.name} (step {step})")
         log.info("wrote %s (.md, .csv, .json, .png)", out / "ema_sweep")
@@ -83,13 +83,9 @@ def sweep(config, workdir: Path, eval_folder: str, world: distributed.World, dev
 
 def plot_sweep(rows: List[Dict], metrics: Sequence[str], path: Path, title: str) -> None:
     """One panel per metric against σ_rel, with 95 % error bars; the regular EMA (σ_rel 0) as a dashed line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), dpi=100, squeeze=False)
     swept = [r for r in rows if r["sigma_rel"]]
-    for ax, metric in zip(axes[0], metrics):
+
+    def draw(ax, metric: str) -> None:
         values = [r[metric] for r in swept]
         bars = None
         if all(r[f"{metric}_lo"] is not None for r in swept):
@@ -100,10 +96,5 @@ def plot_sweep(rows: List[Dict], metrics: Sequence[str], path: Path, title: str)
             if not r["sigma_rel"]:
                 ax.axhline(r[metric], color="grey", linestyle="--", label="regular EMA")
         ax.set_xlabel("σ_rel (EMA length relative to training time)")
-        ax.set_ylabel(f"{metric} (95 % interval)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
+
+    metric_panels(metrics, path, title, draw)

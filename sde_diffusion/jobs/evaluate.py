@@ -8,7 +8,9 @@ them in order). A checkpoint is taken once its `.sha256` sidecar is written too 
 
 Writes into workdir/<eval_folder>: report_<k>.json (eval loss, bits/dim, sampler, NFE, FID/KID/IS for images or
 sliced W₂/NLL for toy data), samples_<k>.png and .npz, rounds_<k>/ (resumable sampling rounds),
-forward_noising.png and trajectory_<k>.png (images).
+forward_noising.png and trajectory_<k>.png (images); with eval.ema_sigma_rel > 0 (post-hoc EMA) each name but
+forward_noising.png ends in _sigma_rel<σ> (report_<k>_sigma_rel<σ>.json, ...), and the report records the
+reconstruction.
 """
 from __future__ import annotations
 
@@ -91,10 +93,12 @@ def evaluate(config, workdir: Path, eval_folder: str, world: distributed.World, 
         if world.distributed:
             report["world_size"] = world.world_size
         if e.enable_sampling and dataset.is_image:
-            save_trajectory_picture(config, sde, conditioning, dataset, device, out / f"trajectory_{k}.png", k)
+            save_trajectory_picture(config, sde, conditioning, dataset, device,
+                                    out / f"trajectory_{k}{builder.weights_suffix(config)}.png", k)
         report["eval_seconds"] = time.time() - start
-        write_json(out / f"report_{k}.json", report)
-        log.info("wrote %s: %s", out / f"report_{k}.json",
+        name = f"report_{k}{builder.weights_suffix(config)}.json"
+        write_json(out / name, report)
+        log.info("wrote %s: %s", out / name,
                  {key: v for key, v in report.items() if key not in REPORT_LOG_OMITS})
 
 
@@ -260,13 +264,14 @@ def evaluate_samples(config, sde, conditioning, dataset, device, out: Path, k: i
     """Generate eval.num_samples in rounds (each saved, so a killed eval resumes), score them, save a grid.
     Under torchrun every rank makes its share of the rounds; rank 0 gets the report, the others None."""
     settings = builder.sampler_settings(config, sde)
-    samples, report = generate_and_score(config, sde, conditioning, dataset, device, out / f"rounds_{k}",
+    suffix = builder.weights_suffix(config)
+    samples, report = generate_and_score(config, sde, conditioning, dataset, device, out / f"rounds_{k}{suffix}",
                                          (config.seed, k), settings, config.eval.num_samples, metrics,
                                          builder.weights_fingerprint(path, config), world)
     if not world.is_main:
         return None
-    save_npz(out / f"samples_{k}.npz", samples=samples.numpy())
-    save_samples_picture(samples[:config.sampling.num_grid_samples], dataset, out / f"samples_{k}.png",
+    save_npz(out / f"samples_{k}{suffix}.npz", samples=samples.numpy())
+    save_samples_picture(samples[:config.sampling.num_grid_samples], dataset, out / f"samples_{k}{suffix}.png",
                          title=f"{path.name}, NFE {report['nfe']}")
     return report
 

@@ -66,7 +66,7 @@ def run(config, workdir, eval_folder: str = "samples") -> None:
     stem = f"{path.stem}_{config.sampling.method}_nfe{nfe}" + conditioning_suffix(config, rows)
     arrays = {"samples": samples.numpy()}
     if post_hoc_ema:  # eval.ema_sigma_rel: which reconstruction drew them
-        stem += f"_sigma_rel{post_hoc_ema['sigma_rel']:g}"
+        stem += builder.weights_suffix(config)
         arrays["post_hoc_ema"] = np.array(json.dumps(post_hoc_ema))
     if dataset.is_image:
         arrays["images"] = uint8_images(samples)

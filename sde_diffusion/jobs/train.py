@@ -121,6 +121,10 @@ def setup(config, workdir: Path, world: distributed.World, device: torch.device)
         state.post_hoc_ema = phema.PowerEMA(model, t.post_hoc_ema)
     builder.seed_everything(builder.round_seed(config.seed, world.rank))  # per-rank streams; a resume restores them
     resume(state, workdir, world, device)
+    if state.post_hoc_ema is not None:  # snapshots past the resumed step belong to a run that no longer exists
+        for path in phema.discard_after(workdir, state.step):
+            log.warning("removed the post-hoc EMA snapshot %s, written after step %d by an earlier run", path,
+                        state.step)
     if config.model.latent and dataset.scale is None:  # a fresh run; a resumed one restored it
         dataset.measure_scale()
     run = Training(config, workdir, world, device, sde, dataset, model, ema, loss_fn, score_fn_for, step_fn, state)
@@ -142,7 +146,7 @@ def resume(state: TrainState, workdir: Path, world: distributed.World, device) -
     """Load the newest preemption checkpoint that verifies (rank 0 picks it, every rank loads it)."""
     found = None
     if world.is_main:
-        for folder in (workdir / builder.PREEMPTION, workdir / builder.NUMBERED):
+        for folder in (workdir / builder.PREEMPTION, workdir / builder.NUMBERED, workdir / phema.FOLDER):
             for stale in remove_stale_temporaries(folder):
                 log.warning("removed %s, left by a run killed while writing it", stale)
         found = newest_good_checkpoint(workdir / builder.PREEMPTION, map_location=device)
@@ -259,7 +263,7 @@ def save_step(run: Training, step: int) -> None:
     t, world, workdir = run.config.training, run.world, run.workdir
     numbered = step % t.snapshot_freq == 0 or step == t.n_iters
     tracker = run.state.post_hoc_ema
-    if tracker is not None and (step % t.post_hoc_ema_freq == 0 or step == t.n_iters):
+    if tracker is not None and (step % t.post_hoc_ema_freq == 0 or numbered):  # numbered: eval reconstructs there
         phema.save_snapshot(workdir, tracker, step, t.post_hoc_ema_precision)
     if not is_save_step(t, step):
         return

@@ -1,5 +1,5 @@
 """EDM2's magnitude-preserving U-Net (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of
-Diffusion Models", config E), `model.name = "edm2"`.
+Diffusion Models", its final configuration), `model.name = "edm2"`.
 
 Every layer keeps activations, weights and updates at unit magnitude (RMS 1) in expectation: no biases, no
 normalization layers, weights normalized to unit RMS per output channel at every use (and overwritten with it in
@@ -36,6 +36,7 @@ from torch import nn
 
 from . import layers
 from .cross_attention import check_context, masked_attention
+from ..parameterization import resolved_names
 from .registry import register_model
 from .text_conditioning import build_text_conditioning, context_dim, text_conditioned
 
@@ -285,12 +286,32 @@ def check_options(config) -> None:
                              f"the cross-attention at resolution {r}")
 
 
+# Processes whose x_t keeps about unit variance at every t, so that the network may see it unscaled
+UNIT_VARIANCE_SDES = ("vpsde", "subvpsde", "rectified_flow")
+
+
+def check_config(config) -> None:
+    """check_options, and the network's inputs: the noise condition must be EDM's c_noise = ¼·ln σ (its Fourier
+    features expect an O(1) input), and x_t must reach it at unit scale (EDM's c_in, or a variance-preserving
+    process)."""
+    check_options(config)
+    name, conditioning = resolved_names(config)
+    if conditioning != "log_sigma":
+        raise ValueError(f"model.name='edm2' takes EDM's noise input ¼·ln σ, and model.noise_conditioning resolves "
+                         f"to {conditioning!r}: set model.noise_conditioning='log_sigma' (with "
+                         "model.parameterization='edm', as configs/edm2_digits.py)")
+    if name != "edm" and config.training.sde not in UNIT_VARIANCE_SDES:
+        raise ValueError(f"model.name='edm2' expects unit-variance inputs, and training.sde={config.training.sde!r} "
+                         f"with model.parameterization={name!r} gives it x_t unscaled: set "
+                         "model.parameterization='edm' (its c_in scales x_t)")
+
+
 @register_model("edm2")
 class EDM2UNet(nn.Module):
     """x (B, C, H, W), noise condition (B,) and optional class labels (B,) (null label: num_classes) or caption
     token ids (B, L) → output (B, C, H, W); `log_variance(noise condition) → (B,)`. See the module docstring."""
 
-    check_config = staticmethod(check_options)
+    check_config = staticmethod(check_config)
 
     def __init__(self, config):
         super().__init__()
