@@ -212,6 +212,14 @@ def test_eval_and_sweep_use_the_reconstruction(runs):
     report = json.loads((runs["pair"] / "eval" / "report_1_sigma_rel0.07.json").read_text())
     assert report["post_hoc_ema"]["sigma_rel"] == 0.07 and report["post_hoc_ema"]["step"] == STEPS
     assert len(report["post_hoc_ema"]["snapshots"]) == STEPS // FREQ and report["post_hoc_ema"]["profile_error"] < 0.05
+    run_lib.sample(config, runs["pair"])  # sample and compare record the reconstruction too
+    npz = next((runs["pair"] / "samples").glob("*_sigma_rel0.07.npz"))
+    assert json.loads(str(np.load(npz)["post_hoc_ema"]))["sigma_rel"] == 0.07
+    config.compare.samplers = ("ddim@10",)
+    run_lib.compare(config, runs["pair"])
+    compared = json.loads((runs["pair"] / "compare" / "compare.json").read_text())
+    assert compared["post_hoc_ema"]["sigma_rel"] == 0.07
+    assert (runs["pair"] / "compare" / "rounds_ddim@10_sigma_rel0.07").is_dir()  # not the regular EMA's rounds
     run_lib.ema_sweep(config, runs["pair"])
     table = json.loads((runs["pair"] / "ema_sweep" / "ema_sweep.json").read_text())
     assert [row["sigma_rel"] for row in table["rows"]] == [0.0, 0.05, 0.07, 0.15]
