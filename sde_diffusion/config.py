@@ -303,6 +303,7 @@ def default_config() -> ml_collections.ConfigDict:
     optim.optimizer = "Adam"
     optim.lr = 2e-4
     optim.beta1 = 0.9
+    optim.beta2 = 0.999  # Adam's second-moment decay (EDM2 uses 0.99)
     optim.eps = 1e-8
     optim.weight_decay = 0.0
     optim.warmup = 5000

@@ -228,7 +228,7 @@ def test_inverse_sqrt_schedule_decays_after_the_reference_step():
     expected = {5: 0.5, 10: 1.0, 100: 1.0, 400: 0.5, 2500: 0.2}  # warm-up, then 1/√max(step/100, 1)
     for step, lr in expected.items():
         assert optim.learning_rate(step, o) == pytest.approx(lr)
-    for key, value in (("schedule", "cosine"), ("ref_steps", 0)):
+    for key, value in (("schedule", "cosine"), ("ref_steps", 0), ("beta2", 1.0)):
         config = tiny_config()
         config.optim[key] = value
         with pytest.raises(ConfigError, match=f"optim.{key}"):

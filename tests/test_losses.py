@@ -110,13 +110,14 @@ def test_impossible_loss_combinations_are_rejected():
 
 def test_warmup_learning_rate_and_fused_adam():
     class O:
-        lr, warmup, grad_clip, optimizer, beta1, eps, weight_decay = 1e-2, 10, 1.0, "Adam", 0.9, 1e-8, 0.0
+        lr, warmup, grad_clip, optimizer, beta1, beta2, eps, weight_decay = 1e-2, 10, 1.0, "Adam", 0.9, 0.99, 1e-8, 0.0
+        schedule = "constant"
 
     assert optim.learning_rate(5, O) == pytest.approx(5e-3)
     assert optim.learning_rate(50, O) == pytest.approx(1e-2)
     p = torch.nn.Parameter(torch.zeros(3))
     opt = optim.make_optimizer([p], O)
-    assert opt.defaults["fused"] and opt.defaults["lr"] == O.lr
+    assert opt.defaults["fused"] and opt.defaults["lr"] == O.lr and opt.defaults["betas"] == (0.9, 0.99)
     O.optimizer = "Adamax"
     with pytest.raises(ValueError, match="optim.optimizer='Adamax' is not one of"):
         optim.make_optimizer([p], O)
