@@ -44,7 +44,7 @@ def run(config_path: Path, workdir: Path, num: int, rtol: float, seed: int) -> D
     config = load_config_file(str(config_path))
     sde, dataset, model = builder.build(config, "cpu", workdir=workdir)
     k, path = builder.newest_checkpoint(workdir)
-    builder.load_weights(path, model, dataset, "cpu")
+    builder.load_weights(path, model, dataset)
     model.eval()
     score_fn = builder.labelled_score_fn(config, sde, model)(None)
     shape = (num, *dataset.shape)

@@ -57,7 +57,7 @@ def main() -> None:
     out = Path(args.out or workdir / "agreement")
     sde, dataset, model = builder.build(config, "cpu", workdir=workdir)
     _, path = builder.newest_checkpoint(workdir)
-    builder.load_weights(path, model, dataset, "cpu")
+    builder.load_weights(path, model, dataset)
     model.eval()
     classifier, test_accuracy = digit_classifier()
     report = {"checkpoint": str(path), "guidance_scale": args.guidance, "sampler": f"{args.method}@{args.steps}",

@@ -21,7 +21,7 @@ from .sampling.flow import integrate_pf_ode
 from .sampling.grids import EDM_RHO
 from .sampling.registry import register_sampler
 from .sampling.stochastic import edm_times
-from .sampling.terms import denoised_and_noise, like, noise
+from .sampling.terms import denoised_and_noise, like, noise, tweedie_denoise
 from .sdes import SDE, ScoreFn, batch_time, per_sample
 
 Tensor = torch.Tensor
@@ -160,9 +160,7 @@ def teacher_heun_step(teacher_score_fn: ScoreFn, sde: SDE, x: Tensor, t_from: Te
     alpha_from, alpha_to = (per_sample(sde.alpha(t), x).to(x.dtype) for t in (t_from, t_to))
 
     def slope(x_tilde: Tensor, s: Tensor, alpha: Tensor, t: Tensor) -> Tensor:
-        x_t = alpha * x_tilde
-        denoised = (x_t + (alpha * s) ** 2 * teacher_score_fn(x_t, t.to(x.dtype))) / alpha
-        return (x_tilde - denoised) / s
+        return (x_tilde - tweedie_denoise(teacher_score_fn, sde, alpha * x_tilde, t.to(x.dtype))) / s
 
     x_tilde = x / alpha_from
     step = s_to - s_from

@@ -77,7 +77,7 @@ class PowerEMA:
     """The power-function EMA profiles of `sigma_rels` over a model's trainable parameters.
 
     `update(parameters, step)` after each optimizer step t = 1, 2, … (one fused lerp per profile, no host
-    synchronisation); `snapshot(model, step)` is what `save_snapshot` writes. A skipped step updates too: its
+    synchronisation); `snapshot(step, dtype)` is what `save_snapshot` writes. A skipped step updates too: its
     weights are the previous step's, which is what the profile's density over steps assumes.
     """
 

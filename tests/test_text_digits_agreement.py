@@ -33,7 +33,7 @@ def test_a_digit_classifier_reads_the_prompted_digit(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     config = load_config_file(ROOT / "configs" / "text_digits.py")
     sde, dataset, model = builder.build(config, "cpu", workdir=tmp_path)
-    builder.load_weights(builder.newest_checkpoint(tmp_path)[1], model, dataset, "cpu")
+    builder.load_weights(builder.newest_checkpoint(tmp_path)[1], model, dataset)
     model.eval()
     classifier, accuracy = digit_classifier()
     assert accuracy > 0.95

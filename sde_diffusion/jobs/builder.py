@@ -264,11 +264,13 @@ def check_recorded_parts(checkpoint: Dict, path, expected: Optional[Dict[str, st
                               f"says {expected['training.sde']!r}: set training.sde as in training")
 
 
-def load_weights(path, model: nn.Module, dataset, device, config=None) -> Dict:
+def load_weights(path, model: nn.Module, dataset, config=None) -> Dict:
     """A numbered checkpoint's EMA weights into model (eval and sampling jobs); a latent dataset takes the latent
     scale the checkpoint recorded. With `config`, the names it was trained with are checked
     (`check_recorded_parts`). Returns the checkpoint."""
-    checkpoint = load_model_weights(path, model, use_ema=True, map_location=device)
+    # read on the host: the weights are copied into the model, and the rest (optimizer, post-hoc EMA profiles)
+    # never needs the device
+    checkpoint = load_model_weights(path, model, use_ema=True, map_location="cpu")
     if config is not None:
         check_recorded_parts(checkpoint, path, recorded_parts(config))
         if config.eval.ema_sigma_rel > 0:
@@ -305,16 +307,9 @@ def check_post_hoc_ema(config, workdir) -> None:
 
 def weights_suffix(config) -> str:
     """'' for the regular EMA, '_sigma_rel<σ>' for a post-hoc EMA (eval.ema_sigma_rel): the end of the names of
-    what a job writes from those weights."""
+    what a job writes from those weights, sample rounds included (so rounds of other weights are never reused)."""
     sigma_rel = config.eval.ema_sigma_rel
     return f"_sigma_rel{sigma_rel:g}" if sigma_rel else ""
-
-
-def weights_fingerprint(path, config) -> Dict:
-    """What identifies the weights a job samples with: the checkpoint file, and the post-hoc EMA's σ_rel if any
-    (cached sample rounds of other weights are not reused)."""
-    sigma_rel = config.eval.ema_sigma_rel
-    return {"checkpoint": Path(path).name, **({"ema_sigma_rel": float(sigma_rel)} if sigma_rel else {})}
 
 
 def numbered_checkpoint(workdir: Path, k: int) -> Path:

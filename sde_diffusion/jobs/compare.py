@@ -90,7 +90,7 @@ def compare(config, workdir: Path, eval_folder: str, runs: List[Run], world: dis
     metrics = None
     if dataset.is_image and config.eval.enable_fid:
         metrics = image_metrics(config, dataset, device, world)
-    weights = builder.load_weights(path, model, dataset, device, config).get("ema_reconstruction")
+    weights = builder.load_weights(path, model, dataset, config).get("ema_reconstruction")
     model.eval()
     conditioning = make_conditioning(config, sde, model, dataset, workdir, device)
     num = config.compare.num_samples or config.eval.num_samples
@@ -99,7 +99,7 @@ def compare(config, workdir: Path, eval_folder: str, runs: List[Run], world: dis
     for entry, settings in runs:
         rounds = out / f"rounds_{entry.slug}{builder.weights_suffix(config)}"
         samples, report = generate_and_score(config, sde, conditioning, dataset, device, rounds, (config.seed, k),
-                                             settings, num, metrics, builder.weights_fingerprint(path, config), world,
+                                             settings, num, metrics, {"checkpoint": path.name}, world,
                                              resamples=config.compare.resamples)
         if world.is_main:
             save_samples_picture(samples[:config.sampling.num_grid_samples], dataset,

@@ -38,7 +38,7 @@ def sweep(config, workdir: Path, eval_folder: str, world: distributed.World, dev
     sde, dataset, model = builder.build(config, device, workdir=workdir)
     k, path = builder.chosen_checkpoint(workdir, config.compare.checkpoint, "compare.checkpoint")
     out = builder.prepare_workdir(workdir / eval_folder)
-    regular = builder.load_weights(path, model, dataset, device)  # the regular EMA, and the run's step
+    regular = builder.load_weights(path, model, dataset)  # the regular EMA, and the run's step
     builder.check_recorded_parts(regular, path, builder.recorded_parts(config))
     step = int(regular["step"])
     sigma_rels = [0.0, *config.eval.ema_sweep]
@@ -46,18 +46,15 @@ def sweep(config, workdir: Path, eval_folder: str, world: distributed.World, dev
     metrics = image_metrics(config, dataset, device, world) if dataset.is_image and config.eval.enable_fid else None
     names = metric_names(config, dataset, metrics is not None)
     settings = builder.sampler_settings(config, sde)
+    model.eval()
+    conditioning = make_conditioning(config, sde, model, dataset, workdir, device)  # it holds the model, not weights
     rows = []
-    for sigma_rel in sigma_rels:
+    for sigma_rel in sigma_rels:  # the regular EMA first: it is loaded already
         if sigma_rel:
             builder.load_post_hoc_ema(path, model, sigma_rel, step, plan)
-        else:
-            builder.load_weights(path, model, dataset, device)
-        model.eval()
-        conditioning = make_conditioning(config, sde, model, dataset, workdir, device)
-        fingerprint = {"checkpoint": path.name, "ema_sigma_rel": sigma_rel}
         samples, report = generate_and_score(config, sde, conditioning, dataset, device,
                                              out / f"rounds_{sigma_rel:g}", (config.seed, k), settings,
-                                             config.eval.num_samples, metrics, fingerprint, world,
+                                             config.eval.num_samples, metrics, {"checkpoint": path.name}, world,
                                              resamples=config.compare.resamples)
         if not world.is_main:
             continue

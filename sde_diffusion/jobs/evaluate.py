@@ -70,7 +70,7 @@ def evaluate(config, workdir: Path, eval_folder: str, world: distributed.World, 
     noising_picture = dataset.is_image and world.is_main
     for k, path in checkpoints:
         start = time.time()
-        ckpt = builder.load_weights(path, model, dataset, device, config)
+        ckpt = builder.load_weights(path, model, dataset, config)
         model.eval()
         if noising_picture:  # once, after the first load (a latent model's scale comes from its checkpoint)
             save_forward_noising_picture(config, sde, dataset, out / "forward_noising.png")
@@ -267,7 +267,7 @@ def evaluate_samples(config, sde, conditioning, dataset, device, out: Path, k: i
     suffix = builder.weights_suffix(config)
     samples, report = generate_and_score(config, sde, conditioning, dataset, device, out / f"rounds_{k}{suffix}",
                                          (config.seed, k), settings, config.eval.num_samples, metrics,
-                                         builder.weights_fingerprint(path, config), world)
+                                         {"checkpoint": path.name}, world)
     if not world.is_main:
         return None
     save_npz(out / f"samples_{k}{suffix}.npz", samples=samples.numpy())

@@ -52,7 +52,7 @@ def run(config, workdir, eval_folder: str = "samples") -> None:
     if rows:  # each label's samples side by side, one grid row per label
         per_row = max(1, num // len(rows))
         num, label_sequence = per_row * len(rows), torch.tensor(rows).repeat_interleave(per_row)
-    post_hoc_ema = builder.load_weights(path, model, dataset, device, config).get("ema_reconstruction")
+    post_hoc_ema = builder.load_weights(path, model, dataset, config).get("ema_reconstruction")
     prompt = prompt_tokens(config, model)
     if prompt is not None and rows:
         raise ConfigError("sampling.prompt and sampling.class_labels both choose what to draw: give one")

@@ -38,7 +38,7 @@ def run(config, workdir) -> Path:
     builder.seed_everything(config.seed)
     sde, dataset, model = builder.build(config, device, workdir=workdir)
     k, path = builder.chosen_checkpoint(workdir, config.tune.checkpoint, "tune.checkpoint")
-    builder.load_weights(path, model, dataset, device, config)
+    builder.load_weights(path, model, dataset, config)
     model.eval()
     score_fn = make_conditioning(config, sde, model, dataset, workdir, device).score_fn(0, config.tune.batch, device)
     denoise = bool(spec_keys.get("denoise", config.sampling.noise_removal))

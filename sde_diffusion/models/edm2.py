@@ -37,6 +37,8 @@ from torch import nn
 from . import layers
 from .cross_attention import check_context, masked_attention
 from ..parameterization import resolved_names
+from ..sdes import sde_from_config
+from .layerspp import attention_heads
 from .registry import register_model
 from .text_conditioning import build_text_conditioning, context_dim, text_conditioned
 
@@ -138,11 +140,6 @@ def resample(x: Tensor, mode: str) -> Tensor:
     if mode == "up":
         return F.interpolate(x, scale_factor=2, mode="nearest")
     return x
-
-
-def heads_of(channels: int, head_dim: int) -> int:
-    """Attention heads of `head_dim` channels (0: one head)."""
-    return channels // head_dim if head_dim else 1
 
 
 class SelfAttention(nn.Module):
@@ -273,21 +270,18 @@ def check_options(config) -> None:
         if unreachable:
             raise ValueError(f"model.{key} has {unreachable}, which the network never reaches (its resolutions are "
                              f"{resolutions})")
-    if m.attention_head_dim < 0:
-        raise ValueError(f"model.attention_head_dim={m.attention_head_dim} must be ≥ 0 (0: one head)")
     attended = {resolutions[-1]} | set(m.attn_resolutions)  # the lowest resolution always has attention
     for r in sorted(attended, reverse=True):
-        if m.attention_head_dim and widths[r] % m.attention_head_dim:
-            raise ValueError(f"model.attention_head_dim={m.attention_head_dim} does not divide the width {widths[r]} "
-                             f"of the attention at resolution {r}")
+        attention_heads(widths[r], m.attention_head_dim)  # ValueError naming the key unless it splits the width
     for r in cross_resolutions(config):
         if m.cross_attn_heads < 1 or widths[r] % m.cross_attn_heads:
             raise ValueError(f"model.cross_attn_heads={m.cross_attn_heads} does not divide the width {widths[r]} of "
                              f"the cross-attention at resolution {r}")
 
 
-# Processes whose x_t keeps about unit variance at every t, so that the network may see it unscaled
-UNIT_VARIANCE_SDES = ("vpsde", "subvpsde", "rectified_flow")
+# The largest std of x_t (the SDE's prior_std, of unit-variance data) the network may see without EDM's c_in:
+# variance-preserving processes (VP, sub-VP, rectified flow) stay near 1, variance-exploding ones grow to σ_max
+MAX_UNSCALED_STD = 2.0
 
 
 def check_config(config) -> None:
@@ -300,10 +294,11 @@ def check_config(config) -> None:
         raise ValueError(f"model.name='edm2' takes EDM's noise input ¼·ln σ, and model.noise_conditioning resolves "
                          f"to {conditioning!r}: set model.noise_conditioning='log_sigma' (with "
                          "model.parameterization='edm', as configs/edm2_digits.py)")
-    if name != "edm" and config.training.sde not in UNIT_VARIANCE_SDES:
+    prior_std = sde_from_config(config).prior_std
+    if name != "edm" and prior_std > MAX_UNSCALED_STD:
         raise ValueError(f"model.name='edm2' expects unit-variance inputs, and training.sde={config.training.sde!r} "
-                         f"with model.parameterization={name!r} gives it x_t unscaled: set "
-                         "model.parameterization='edm' (its c_in scales x_t)")
+                         f"(x_T with std {prior_std:.3g}) with model.parameterization={name!r} gives it x_t unscaled: "
+                         "set model.parameterization='edm' (its c_in scales x_t)")
 
 
 @register_model("edm2")
@@ -328,7 +323,7 @@ class EDM2UNet(nn.Module):
 
         def block(cin: int, cout: int, flavor: str, resolution: int, resample_mode: str = "keep",
                   attention: bool = False, takes_skip: bool = False) -> Block:
-            return Block(cin, cout, c_emb, flavor, resample_mode, heads=heads_of(cout, m.attention_head_dim) if
+            return Block(cin, cout, c_emb, flavor, resample_mode, heads=attention_heads(cout, m.attention_head_dim) if
                          attention else 0, dropout=m.dropout, takes_skip=takes_skip, cross_heads=m.cross_attn_heads,
                          context_channels=text_width if resolution in crossed else 0)
 
