@@ -1,4 +1,4 @@
-"""The jobs behind `main.py --mode`: train, eval, sample, compare, ema_sweep, train_classifier, tune_grid,
+"""The jobs behind `main.py --mode`: train, distill, eval, sample, compare, ema_sweep, train_classifier, tune_grid,
 train_autoencoder (sde_diffusion/jobs/, one module each over one builder). Orchestration only: the math lives in
 sde_diffusion/.
 
@@ -27,6 +27,7 @@ from typing import Callable, Dict
 from sde_diffusion import losses, sampling  # noqa: F401  (the modules the jobs call, for tests that patch them)
 from sde_diffusion.checkpoints import TrainState
 from sde_diffusion.jobs import compare as compare_job
+from sde_diffusion.jobs import distill as distill_job
 from sde_diffusion.jobs import ema_sweep as ema_sweep_job
 from sde_diffusion.jobs import evaluate as evaluate_job
 from sde_diffusion.jobs import sample as sample_job
@@ -42,6 +43,11 @@ from sde_diffusion.jobs.generation import Conditioning, load_classifier, make_co
 def train(config, workdir) -> TrainState:
     """Train, resuming from the newest good checkpoint in workdir/checkpoints-meta; returns the final state."""
     return train_job.run(config, workdir)
+
+
+def distill(config, workdir) -> TrainState:
+    """Distill a few-step student of distill.teacher_workdir's model into workdir (resuming); the final state."""
+    return distill_job.run(config, workdir)
 
 
 def evaluate(config, workdir, eval_folder: str = "eval") -> None:

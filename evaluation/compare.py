@@ -98,8 +98,14 @@ def parse_entries(texts: Sequence[str]) -> List[SamplerEntry]:
 
 
 def check_config(config) -> None:
-    """The compare section: every entry of compare.samplers parses, compare.resamples is 0 or ≥ 2; ConfigError."""
+    """The compare section: every entry of compare.samplers (and compare.teacher_samplers, which need
+    distill.teacher_workdir) parses, compare.resamples is 0 or ≥ 2; ConfigError."""
     parse_entries(config.compare.samplers)
+    if config.compare.teacher_samplers:
+        parse_entries(config.compare.teacher_samplers)
+        if config.distill.teacher_workdir is None:
+            raise ConfigError("compare.teacher_samplers run on the teacher of distill.teacher_workdir, which is not "
+                              "set: name the teacher's workdir, or set compare.teacher_samplers = ()")
     resamples = config.compare.resamples
     if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples == 1 or resamples < 0:
         raise ConfigError(f"compare.resamples must be 0 (no intervals) or a whole number ≥ 2, got {resamples!r}")

@@ -238,6 +238,7 @@ class TrainState:
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (training.on_nonfinite='skip')
     parts: Optional[Dict[str, str]] = None  # the registered names it was trained with (config key → spec)
     post_hoc_ema: Any = None  # phema.PowerEMA: the tracked power-function EMA profiles (training.post_hoc_ema)
+    student: Any = None  # jobs.distill.Student of --mode distill (its round and teacher)
 
     def state_dict(self, rng_states: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
         """rng_states: one entry per rank (default: this process's only)."""
@@ -246,7 +247,8 @@ class TrainState:
                 "skipped_steps": self.skipped_steps, "rng": rng_states or [rng_state()],
                 "noise": None if self.noise is None else self.noise.get_state(),
                 "scaler": None if self.scaler is None else self.scaler.state_dict(), "parts": self.parts,
-                "post_hoc_ema": None if self.post_hoc_ema is None else self.post_hoc_ema.state_dict()}
+                "post_hoc_ema": None if self.post_hoc_ema is None else self.post_hoc_ema.state_dict(),
+                "distill": None if self.student is None else self.student.state_dict()}
 
     def load_state_dict(self, state: Dict[str, Any], path="checkpoint", rank: int = 0) -> None:
         try:
@@ -261,6 +263,13 @@ class TrainState:
                                       "training.post_hoc_ema: a profile averages the whole run, so it cannot start "
                                       "midway; train in a new workdir, or set training.post_hoc_ema = () to resume")
             self.post_hoc_ema.load_state_dict(state["post_hoc_ema"], path)
+        if self.student is None and state.get("distill") is not None:
+            raise CheckpointError(f"{path} was written by --mode distill: resume it with --mode distill and its config")
+        if self.student is not None:
+            if state.get("distill") is None:
+                raise CheckpointError(f"{path} was written by --mode train, not --mode distill: distill into a new "
+                                      "workdir")
+            self.student.load_state_dict(state["distill"], path)
         self.dataset.load_state_dict(state["data"])
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))

@@ -1,7 +1,7 @@
 """The command line (`python main.py`, or `sde-diffusion` once installed):
 
-    --config CONFIG --mode {train,eval,sample,compare,train_classifier,tune_grid} [--workdir DIR]
-    [--eval_folder NAME] [--verbose] [--config.SECTION.KEY=VALUE ...]
+    --config CONFIG --mode {train,eval,sample,compare,ema_sweep,train_classifier,tune_grid,train_autoencoder,distill}
+    [--workdir DIR] [--eval_folder NAME] [--verbose] [--config.SECTION.KEY=VALUE ...]
 
 --workdir defaults to runs/<config file stem>. Unknown --config.* keys are rejected (the config is locked).
 

@@ -62,6 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
     training.post_hoc_ema_precision = "fp32"  # dtype of the stored snapshots: fp32 | fp16 | bf16 (half the disk)
 
     config.sampling = sampling = ml_collections.ConfigDict()
+    # a registered sampler (sde_diffusion/sampling) | auto: a distilled student's own (distill.method)
     sampling.method = "pc"
     sampling.predictor = "euler_maruyama"
     sampling.corrector = "none"
@@ -151,6 +152,9 @@ def default_config() -> ml_collections.ConfigDict:
     # sampling.grids.default_spacing(steps) (FEW_STEP_GRID up to FEW_STEPS steps, DEFAULT_GRID above)
     config.compare = compare = ml_collections.ConfigDict()
     compare.samplers = ("pc@100", "ddim@20", "dpm_solver@10", "heun@10")
+    # a distilled student's config: entries run on its teacher (distill.teacher_workdir), rows "teacher <sampler>" of
+    # the same table, so that student and teacher are compared on equal terms
+    compare.teacher_samplers = ()
     compare.num_samples = placeholder(int)  # None → eval.num_samples
     compare.checkpoint = placeholder(int)  # None → the newest numbered checkpoint
     # 95 % intervals of the metrics: jackknife groups for FID (each costs one eigendecomposition of size
@@ -312,6 +316,24 @@ def default_config() -> ml_collections.ConfigDict:
     optim.schedule = "constant"
     optim.ref_steps = 10000  # inverse_sqrt: the step where the decay starts
 
+    # --mode distill (sde_diffusion/distillation.py, jobs/distill.py): a few-step student of a trained teacher,
+    # trained in its own workdir with the machinery of --mode train; the student's network is the config's and
+    # starts from the teacher's EMA weights. With model.parameterization="auto" and sampling.method="auto" the
+    # student predicts and samples as its method says (sde_diffusion/students.py)
+    config.distill = distill = ml_collections.ConfigDict()
+    # consistency (distillation with the teacher's ODE) | consistency_training (iCT's recipe from the teacher's
+    # weights, no teacher calls) | progressive (rounds halving a DDIM sampler's steps); None: not a student
+    distill.method = placeholder(str)
+    # the teacher: a workdir with config.json (or config.py) and checkpoints/checkpoint_<k>.pth (a converted
+    # score_sde or diffusers model: its config file as config.py and the converted .pth in checkpoints/)
+    distill.teacher_workdir = placeholder(str)
+    distill.teacher_checkpoint = placeholder(int)  # its numbered checkpoint k; None → the newest
+    distill.solver = "heun"  # consistency: the teacher's ODE step between adjacent levels (a fixed-step sampler)
+    distill.levels = 18  # consistency: N time levels (Song et al. 2023); consistency_training follows iCT's curriculum
+    distill.huber_c = placeholder(float)  # consistency losses: pseudo-Huber c; None → 0.00054·√d (iCT)
+    distill.steps = 4  # progressive: the student's final DDIM steps
+    distill.teacher_steps = 64  # progressive: the first teacher's DDIM steps (each round halves them; power of 2)
+
     config.seed = 42
     config.device = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     config.lock()
@@ -334,3 +356,26 @@ def validate_config(config) -> None:
     that the schema itself needs only ml_collections)."""
     from .validation import validate_config as validate
     validate(config)
+
+
+def config_from_dict(values, source: str = "the config") -> ml_collections.ConfigDict:
+    """default_config() with the keys of `values` (a config's to_dict(), e.g. a workdir's config.json) set; lists
+    become tuples where the schema has tuples. ConfigError naming a key the schema does not define."""
+    config = default_config()
+
+    def fill(section: ml_collections.ConfigDict, given, prefix: str) -> None:
+        for key, value in given.items():
+            if key not in section:
+                raise ConfigError(f"{source} sets {prefix}{key}, which this version of sde_diffusion does not define")
+            if isinstance(section[key], ml_collections.ConfigDict):
+                fill(section[key], value, f"{prefix}{key}.")
+                continue
+            if isinstance(value, list):
+                value = tuple(value)
+            try:
+                setattr(section, key, value)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"{source}: {prefix}{key}={value!r}: {err}") from None
+
+    fill(config, values, "")
+    return config

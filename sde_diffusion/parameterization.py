@@ -13,6 +13,7 @@ x_t = α·x_0 + σ·z, score s, ε̂ = −σ·s and x̂_0 = (x + σ²·s)/α:
 | `v`     | v = α·ε − σ·x_0 (Salimans & Ho)               | −(σ·x + α·o)/((α² + σ²)·σ)             | 999·t/T (`time`)  |
 | `velocity` | u = dx_t/dt = α′·x_0 + σ′·ε (flow matching) | −(α·o − α′·x)/((α·σ′ − σ·α′)·σ)        | 999·t/T (`time`)  |
 | `edm`   | EDM's F of D = c_skip·x̃ + c_out·F(c_in·x̃)   | (D − x̃)/(α·σ̃²), x̃ = x/α, σ̃ = σ/α      | ¼·ln σ̃ (`log_sigma`) |
+| `consistency` | F of a consistency model f = c_skip·x̃ + c_out·F, f(x, eps) = x̃ | (α·f − x)/σ²          | ¼·ln σ̃ (`log_sigma`) |
 
 Noise conditioning (`CONDITIONINGS`): `time` 999·t/T, `step` the discrete chain's label (DDPM: (N−1)·t/T, SMLD:
 the level counted from σ_max), `sigma` σ(t), `log_sigma` ¼·ln(σ/α). With continuous=False the network is a
@@ -26,11 +27,12 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Callable, Dict, Tuple, Type, Union
+from typing import Callable, Dict, Optional, Tuple, Type, Union
 
 import torch
 
 from . import discrete
+from .students import DISTILL_METHODS, student_method
 from .errors import ConfigError, choice
 from .sdes import SDE, EDMSDE, RectifiedFlowSDE, SubVPSDE, VESDE, VPSDE, batch_time, per_sample, sde_class
 
@@ -295,6 +297,75 @@ class EDMPreconditioning(Parameterization):
         return (1.0 - one_minus_skip) * x_tilde + c_out * output
 
 
+
+def consistency_coefficients(s: Tensor, s_min: float, sigma_data: float = EDM_SIGMA_DATA
+                             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(c_skip, c_out, c_in, c_noise) of a consistency model at noise level s = σ/α with its boundary at s_min
+    (Song et al. 2023, App. C): c_skip = σ_d²/((s − s_min)² + σ_d²), c_out = σ_d·(s − s_min)/√(σ_d² + s²),
+    c_in = 1/√(s² + σ_d²), c_noise = ¼·ln s. At s = s_min: c_skip = 1 and c_out = 0 exactly."""
+    offset = s - s_min
+    c_skip = sigma_data**2 / (offset**2 + sigma_data**2)
+    c_out = sigma_data * offset / torch.sqrt(sigma_data**2 + s**2)
+    return c_skip, c_out, 1.0 / torch.sqrt(s**2 + sigma_data**2), 0.25 * torch.log(s)
+
+
+@register_parameterization("consistency")
+class ConsistencyParameterization(Parameterization):
+    """A consistency model f(x_t, t) (Song et al. 2023) in EDM's frame x̃ = x/α, s = σ/α, for any SDE:
+    f = c_skip(s)·x̃ + c_out(s)·F(c_in(s)·x̃, c_noise(s)) with the boundary at s_min = s(eps), so f(x, eps) = x̃.
+
+    f maps every point of a probability-flow trajectory to its end at eps (x̃ units), and is read as Tweedie's x̂₀:
+    score = (α·f − x)/σ², so every sampler and job can run it; the `consistency` sampler takes one call per step.
+    eps: the smallest time (default the SDE's `default_eps`, where samplers stop).
+    """
+
+    default_conditioning = "log_sigma"
+
+    def __init__(self, sde: SDE, *, eps: Optional[float] = None, **kw):
+        super().__init__(sde, **kw)
+        if not self.continuous:
+            raise ValueError("a consistency model maps any time of the probability-flow ODE to eps: it is a "
+                             "continuous-time network (training.continuous=True)")
+        self.eps = sde.default_eps if eps is None else float(eps)
+        alpha, sigma = self.alpha_sigma(torch.tensor([self.eps], dtype=torch.float64))
+        self.s_min = (sigma / alpha).item()
+
+    def _frame(self, x: Tensor, t: Tensor):
+        """α, σ (broadcast against x), x̃ = x/α and the coefficients at s = σ/α."""
+        alpha, sigma = (per_sample(v, x) for v in self.alpha_sigma(t))
+        return alpha, sigma, x / alpha, consistency_coefficients(sigma / alpha, self.s_min, self.sigma_data)
+
+    def network_input(self, x, t):
+        _, _, x_tilde, (_, _, c_in, _) = self._frame(x, t)
+        return c_in * x_tilde
+
+    def consistency(self, output: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """f(x, t) = c_skip·x̃ + c_out·F from the network output F."""
+        _, _, x_tilde, (c_skip, c_out, _, _) = self._frame(x, t)
+        return c_skip * x_tilde + c_out * output
+
+    def score(self, output, x, t):
+        alpha, sigma, _, _ = self._frame(x, t)
+        return (alpha * self.consistency(output, x, t) - x) / sigma**2
+
+    def output(self, score, x, t):
+        """F with (α·f − x)/σ² = score; at s = s_min (c_out = 0) f = x̃ whatever F is, and F = 0 is returned."""
+        alpha, sigma, x_tilde, (c_skip, c_out, _, _) = self._frame(x, t)
+        x0 = (x + sigma**2 * score) / alpha
+        safe = torch.where(c_out == 0, torch.ones_like(c_out), c_out)
+        return torch.where(c_out == 0, torch.zeros_like(x0), (x0 - c_skip * x_tilde) / safe)
+
+    def consistency_fn(self, network: Network) -> Callable[[Tensor, Tensor], Tensor]:
+        """f(x, t) for `network(input, condition) -> F`; t a float or (batch,) tensor."""
+
+        def consistency_fn(x: Tensor, t) -> Tensor:
+            t = batch_time(t, x)
+            output = network(self.network_input(x, t), self.condition(t))
+            return self.consistency(output.to(x.dtype), x, t)
+
+        return consistency_fn
+
+
 # Parameterizations in which the network's output divided by a σ is the score (config model.scale_by_sigma).
 SCALED_BY_SIGMA = ("score", "score_table")
 
@@ -337,18 +408,31 @@ def resolve(sde: SDE, continuous: bool = True, name: str = AUTO, conditioning: s
     return PARAMETERIZATIONS[name](sde, continuous=continuous, conditioning=conditioning, sigma_data=sigma_data)
 
 
+def _config_names(config, sde_type: Type[SDE]) -> Tuple[str, str]:
+    """config.model's parameterization and conditioning; "auto" of a distilled student (distill.method) is its
+    method's (students.DISTILL_METHODS) with the conditioning "auto" gives `sde_type`, as its teacher's."""
+    m = config.model
+    name, conditioning = m.parameterization, m.noise_conditioning
+    method = student_method(config)
+    student = None if method is None else DISTILL_METHODS[method][0]
+    if name == AUTO and student is not None:
+        name = student
+        if conditioning == AUTO:
+            conditioning = _auto_names(sde_type, config.training.continuous, AUTO, AUTO)[1]
+    return name, conditioning
+
+
 def from_config(config, sde: SDE) -> Parameterization:
     """The parameterization of config.model (parameterization, noise_conditioning, sigma_data) for `sde`, with
     training.continuous deciding between a continuous- and a discrete-time network."""
     m = config.model
-    return resolve(sde, config.training.continuous, m.parameterization, m.noise_conditioning, m.sigma_data)
+    return resolve(sde, config.training.continuous, *_config_names(config, type(sde)), m.sigma_data)
 
 
 def resolved_names(config) -> Tuple[str, str]:
     """(parameterization, conditioning) that config.model's keys mean for config.training.sde."""
-    m, continuous = config.model, config.training.continuous
-    name, conditioning = _auto_names(sde_class(config.training.sde), continuous, m.parameterization,
-                                     m.noise_conditioning)
+    continuous, sde_type = config.training.continuous, sde_class(config.training.sde)
+    name, conditioning = _auto_names(sde_type, continuous, *_config_names(config, sde_type))
     if conditioning == AUTO:
         conditioning = PARAMETERIZATIONS[name].default_conditioning if continuous else "step"
     return name, conditioning
@@ -408,6 +492,6 @@ def as_parameterization(sde: SDE, continuous: bool,
 
 
 __all__ = ["AUTO", "AUTO_TABLE", "CONDITIONINGS", "DDPM_TIME_SCALE", "EDM_SIGMA_DATA", "PARAMETERIZATIONS",
-           "Parameterization", "EpsPrediction", "ScaledScorePrediction", "LevelTableScorePrediction", "DataPrediction", "EDMPreconditioning",
-           "edm_coefficients", "register_parameterization", "resolve", "from_config", "check_config",
+           "Parameterization", "EpsPrediction", "ScaledScorePrediction", "LevelTableScorePrediction", "DataPrediction",
+           "EDMPreconditioning", "ConsistencyParameterization", "edm_coefficients", "consistency_coefficients", "register_parameterization", "resolve", "from_config", "check_config",
            "noise_condition", "as_parameterization"]

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from evaluation import compare
 
-from . import (classifier, controllable, guidance, latent, likelihood, losses, models, parameterization, phema, sampling,
-               sdes)
+from . import (classifier, controllable, distillation, guidance, latent, likelihood, losses, models, parameterization,
+               phema, sampling, sdes)
 from .data import datasets
 from .training import step as train_step
 from .models import text_conditioning
@@ -35,6 +35,8 @@ def validate_config(config) -> None:
     check_network_fits_data(config)
     check_latent_network(config)
     sampling.check_config(config)
+    distillation.check_config(config)
+    check_sampler_fits_model(config)
     train_step.check_config(config)
     phema.check_config(config)
     likelihood.check_config(config)
@@ -45,6 +47,18 @@ def validate_config(config) -> None:
     classifier.check_config(config)
     compare.check_config(config)
     check_job_keys(config)
+
+
+def check_sampler_fits_model(config) -> None:
+    """A sampler made for one parameterization (the consistency sampler) runs only on such a model."""
+    sampler = sampling.SAMPLERS.get(sampling.resolved_method(config))
+    if sampler is None or sampler.parameterization is None or config.training.sde not in sdes.SDES:
+        return
+    name = parameterization.resolved_names(config)[0]
+    if name != sampler.parameterization:
+        raise ConfigError(f"sampling.method={sampler.name!r} needs a {sampler.parameterization!r} model, and this one "
+                          f"is {name!r} (model.parameterization={config.model.parameterization!r}): choose another "
+                          f"sampler, or distill a student with --mode distill --config.distill.method=consistency")
 
 
 def check_network_fits_data(config) -> None:

@@ -277,7 +277,7 @@ def test_fixed_grid_samplers_make_no_host_synchronisation_per_step(sde_name):
     variants += [("pc", dict(predictor="reverse_diffusion", corrector="langevin")), ("ddim", dict(eta=1.0)),
                  ("edm_sde", dict(s_churn=10.0)), ("unipc", dict(order=3, variant="bh1")),
                  ("sde", dict(sde_method="milstein")), ("sde", dict(sde_method="srk"))]
-    assert len(variants) == 18
+    assert len(variants) == 19
     auto_centre(_linear_score, sde, (8, 3))  # the few-step grid's one-off probe, outside the counts
     per_step = {}
     for name, options in variants:

@@ -630,11 +630,13 @@ def test_every_builtin_sampler_is_registered_with_its_options():
         "deis": ["order", "lower_order_final"], "dpm_solver_sde": ["order", "eta", "lower_order_final"],
         "edm_sde": ["s_churn", "s_min", "s_max", "s_noise"],
         "restart": ["restart_min", "restart_max", "restarts", "restart_steps"],
-        "adaptive_sde": ["rtol", "atol", "h_init", "safety", "exponent", "max_evals"]}
+        "adaptive_sde": ["rtol", "atol", "h_init", "safety", "exponent", "max_evals"], "consistency": []}
+    assert [(name, s.parameterization) for name, s in builtin.items() if s.returns_x0 or s.parameterization] == [
+        ("consistency", "consistency")]
     assert [name for name, s in builtin.items() if s.takes_constraint] == ["ode", "sde", "adaptive_sde"]
     assert [name for name, s in builtin.items() if s.adaptive] == ["ode", "adaptive_sde"]
     assert {name: s.grid for name, s in builtin.items() if not s.adaptive} == {
         "pc": "time", "ancestral": "time", "sde": "time", "ddim": "logsnr", "dpm_solver": "logsnr", "heun": "edm",
         "unipc": "logsnr", "ipndm": "edm", "deis": "logsnr", "dpm_solver_sde": "logsnr", "edm_sde": "edm",
-        "restart": "edm"}
+        "restart": "edm", "consistency": "edm"}
     assert {name: s.width for name, s in builtin.items() if s.width is not None} == {}

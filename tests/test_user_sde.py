@@ -84,8 +84,10 @@ def test_derived_drift_diffusion_prior_and_log_snr_inverse_match_closed_forms():
     assert a.item() == 1.0 and sig.item() == pytest.approx(math.sqrt(5.0))
 
 
-# the package's samplers (other test modules register samplers of their own in the same process)
-BUILT_IN = sorted(name for name, s in sampling.SAMPLERS.items() if s.fn.__module__.startswith("sde_diffusion."))
+# the package's samplers for any score (other test modules register samplers of their own in the same process;
+# the consistency sampler needs a consistency model, tests/test_consistency.py)
+BUILT_IN = sorted(name for name, s in sampling.SAMPLERS.items()
+                  if s.fn.__module__.startswith("sde_diffusion.") and s.parameterization is None)
 
 
 # adaptive_sde is biased on 2-D data (its noise-dependent step rejection; see its docstring): it is checked on the

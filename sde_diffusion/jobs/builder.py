@@ -130,10 +130,15 @@ def build(config, device, rank: int = 0, world_size: int = 1, workdir=None):
     dataset = get_dataset(config, rank, world_size)
     if config.model.latent:
         dataset = latent.LatentDataset(dataset, latent.load_first_stage(config, workdir, device), device)
+    return sde, dataset, build_network(config, device)
+
+
+def build_network(config, device) -> nn.Module:
+    """A fresh network of config.model on device (for a latent model, the one its latents need)."""
     model = create_model(latent.network_config(config)).to(device)
     if config.training.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return sde, dataset, model
+    return model
 
 
 # data.on_device='auto' puts the uint8 training set on a CUDA device when it takes under this fraction of the free

@@ -28,6 +28,7 @@ from ..errors import ConfigError
 from ..sampling.grids import SECH_SPACINGS, default_spacing
 from ..validation import validate_config
 from . import builder
+from .distill import TeacherSource, find_teacher
 from .generation import generate_and_score, image_metrics, make_conditioning, save_samples_picture
 
 log = logging.getLogger("sde_diffusion")
@@ -42,8 +43,13 @@ def run(config, workdir, eval_folder: str = "compare") -> None:
     validate_config(config)  # compare.samplers and compare.resamples included
     builder.check_post_hoc_ema(config, workdir)
     runs = [(entry, entry_settings(config, entry)) for entry in parse_entries(config.compare.samplers)]
+    teacher = None
+    if config.compare.teacher_samplers:
+        source = find_teacher(config)
+        teacher = (source, [(entry, entry_settings(source.config, entry))
+                            for entry in parse_entries(config.compare.teacher_samplers)])
     with builder.distributed_job(config) as (world, device):  # under torchrun the ranks share each sampler's rounds
-        compare(config, Path(workdir), eval_folder, runs, world, device)
+        compare(config, Path(workdir), eval_folder, runs, world, device, teacher)
 
 
 def entry_settings(config, entry: SamplerEntry) -> Dict:
@@ -82,7 +88,8 @@ def metric_names(config, dataset, with_image_metrics: bool) -> List[str]:
     return ["sliced_w2"] + (["nll"] if dataset.log_prob is not None else [])
 
 
-def compare(config, workdir: Path, eval_folder: str, runs: List[Run], world: distributed.World, device) -> None:
+def compare(config, workdir: Path, eval_folder: str, runs: List[Run], world: distributed.World, device,
+            teacher: Optional[Tuple[TeacherSource, List[Run]]] = None) -> None:
     builder.seed_everything(config.seed)
     sde, dataset, model = builder.build(config, device, workdir=workdir)
     k, path = builder.chosen_checkpoint(workdir, config.compare.checkpoint, "compare.checkpoint")
@@ -106,8 +113,35 @@ def compare(config, workdir: Path, eval_folder: str, runs: List[Run], world: dis
                                  out / f"samples_{entry.slug}.png", title=f"{entry.label}, NFE {report['nfe']}")
             rows.append(table_row(entry, report, names))
             log.info("%s@%d: %s", entry.label, entry.steps, rows[-1])
+    if teacher is not None:
+        rows += teacher_rows(config, *teacher, sde, dataset, device, out, (config.seed, k), metrics, names, world)
     if world.is_main:
         write_comparison(config, rows, names, out, path.name, num, weights)
+
+
+def teacher_rows(config, source: TeacherSource, runs: List[Run], sde, dataset, device, out: Path, seeds,
+                 metrics, names: List[str], world: distributed.World) -> List[Dict]:
+    """The rows of compare.teacher_samplers: each entry on the teacher's EMA weights (its own parameterization and
+    conditioning), with the student's samples' seeds and metrics; labelled "teacher <sampler>"."""
+    model = builder.build_network(source.config, device)
+    builder.load_weights(source.checkpoint, model, dataset, source.config)
+    model.eval()
+    conditioning = make_conditioning(source.config, sde, model, dataset, source.workdir, device)
+    num = config.compare.num_samples or config.eval.num_samples
+    rows = []
+    for entry, settings in runs:
+        samples, report = generate_and_score(config, sde, conditioning, dataset, device,
+                                             out / f"rounds_teacher_{entry.slug}", seeds, settings, num, metrics,
+                                             {"checkpoint": str(source.checkpoint)}, world,
+                                             resamples=config.compare.resamples)
+        if world.is_main:
+            save_samples_picture(samples[:config.sampling.num_grid_samples], dataset,
+                                 out / f"samples_teacher_{entry.slug}.png",
+                                 title=f"teacher {entry.label}, NFE {report['nfe']}")
+            row = table_row(entry, report, names)
+            rows.append({**row, "sampler": f"teacher {row['sampler']}", "entry": f"teacher {row['entry']}"})
+            log.info("teacher %s@%d: %s", entry.label, entry.steps, rows[-1])
+    return rows
 
 
 def table_row(entry: SamplerEntry, report: Dict, names: List[str]) -> Dict:

@@ -16,6 +16,7 @@ MODES: Dict[str, Tuple[str, Optional[str]]] = {
     "train_classifier": ("train_classifier", None),
     "tune_grid": ("tune_grid", None),
     "train_autoencoder": ("train_autoencoder", None),
+    "distill": ("distill", None),
 }
 
 

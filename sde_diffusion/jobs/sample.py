@@ -23,6 +23,7 @@ from ..data.datasets import dataset_classes
 from ..guidance import PER_CLASS, sample_label_rows
 from ..errors import ConfigError
 from ..models import get_score_fn
+from ..sampling.settings import resolved_method
 from ..models.text_conditioning import text_conditioned
 from ..text import caption_words
 from ..validation import validate_config
@@ -63,7 +64,7 @@ def run(config, workdir, eval_folder: str = "samples") -> None:
         return
     samples, nfe = draw_samples(config, sde, model, dataset, num, device, config.seed, conditioning)
     out = builder.prepare_workdir(workdir / eval_folder)
-    stem = f"{path.stem}_{config.sampling.method}_nfe{nfe}" + conditioning_suffix(config, rows)
+    stem = f"{path.stem}_{resolved_method(config)}_nfe{nfe}" + conditioning_suffix(config, rows)
     arrays = {"samples": samples.numpy()}
     if post_hoc_ema:  # eval.ema_sigma_rel: which reconstruction drew them
         stem += builder.weights_suffix(config)
@@ -78,7 +79,7 @@ def run(config, workdir, eval_folder: str = "samples") -> None:
     if prompt is not None:
         arrays["prompt"] = np.array(config.sampling.prompt)
     save_npz(out / f"{stem}.npz", **arrays)
-    title = f"{path.name}, {config.sampling.method}, NFE {nfe}"
+    title = f"{path.name}, {resolved_method(config)}, NFE {nfe}"
     if rows and dataset.is_image:
         save_image_grid(samples, out / f"{stem}.png", nrow=num // len(rows))
     else:
@@ -174,7 +175,7 @@ def sample_conditional(config, sde, model, dataset, device, path: Path, out: Pat
     samples = torch.cat(chunks)
     inputs = conditioning_picture_inputs(config, originals, mask)
     task = "colorize" if s.colorize else "inpaint"
-    stem = f"{path.stem}_{task}_{s.conditioning_method}_{s.method}_nfe{nfe}"
+    stem = f"{path.stem}_{task}_{s.conditioning_method}_{resolved_method(config)}_nfe{nfe}"
     arrays = dict(samples=samples.numpy(), images=uint8_images(samples), inputs=inputs.numpy(),
                   originals=originals.numpy())
     save_npz(out / f"{stem}.npz", **arrays, **({} if s.colorize else {"mask": mask.numpy()}))

@@ -26,7 +26,7 @@ from ..checkpoints import (TrainState, atomic_write, load_checkpoint, newest_goo
                            remove_stale_temporaries, rng_state, save_checkpoint, step_checkpoint, step_checkpoints,
                            write_json)
 from ..training.ema import ExponentialMovingAverage
-from ..errors import DatasetError
+from ..errors import ConfigError, DatasetError
 from ..models.score_fn import null_condition
 from ..models.text_conditioning import dataset_captions
 from ..training.step import StepFailure, StepReport, TrainStep
@@ -81,12 +81,16 @@ class Training:
     writer: object = None
     eval_batch: tuple = ()
     captions: object = None  # a text-conditioned network's captions (text_conditioning.dataset_captions)
+    student: object = None  # --mode distill's jobs.distill.Student: the teacher and the loss
 
 
 def run(config, workdir) -> TrainState:
     """Train, resuming from the newest good checkpoint in workdir/checkpoints-meta; returns the final state. Under
     torchrun, every process runs this with its own rank (see sde_diffusion/distributed.py); rank 0 writes all files."""
     validate_config(config)
+    if config.distill.method is not None:
+        raise ConfigError(f"this config describes a distilled student (distill.method={config.distill.method!r}): run "
+                          "--mode distill, or set distill.method=None to train a model of its own")
     with builder.distributed_job(config) as (world, device), builder.training_lock(workdir, "train", world):
         return train(setup(config, Path(workdir), world, device))
 
@@ -99,8 +103,11 @@ def training_network(model: nn.Module, config, world: distributed.World, device)
     return model
 
 
-def setup(config, workdir: Path, world: distributed.World, device: torch.device) -> Training:
-    """Build the run (the same initial weights on every rank), resume it, open its log and tensorboard."""
+def setup(config, workdir: Path, world: distributed.World, device: torch.device,
+          make_student: Optional[Callable] = None) -> Training:
+    """Build the run (the same initial weights on every rank), resume it, open its log and tensorboard.
+    make_student(sde) -> jobs.distill.Student (--mode distill): it initializes the network from the teacher's
+    weights, supplies the loss and pairs the score functions with the teacher's."""
     t = config.training
     if world.is_main:
         builder.prepare_workdir(workdir)
@@ -108,15 +115,21 @@ def setup(config, workdir: Path, world: distributed.World, device: torch.device)
     builder.seed_everything(config.seed)
     sde, dataset, model = builder.build(config, device, *world.shard, workdir=workdir)
     builder.place_training_data(config, dataset, device)
+    student = None if make_student is None else make_student(sde)
+    if student is not None:
+        student.initialize(model)  # before the optimizer and the EMA take the weights
     optimizer = optim.make_optimizer(model.parameters(), config.optim)
     ema = builder.make_ema(config, model)
     noise = torch.Generator(device=device).manual_seed(config.seed)  # the loss's t and z: identical on all ranks
-    loss_fn = builder.make_loss_fn(config, sde)
+    loss_fn = builder.make_loss_fn(config, sde) if student is None else student.loss_fn
     score_fn_for = builder.labelled_score_fn(config, sde, training_network(model, config, world, device))
+    if student is not None:
+        score_fn_for = student.paired(score_fn_for)
     step_fn = TrainStep(model, optimizer, ema, loss_fn, config.optim, precision=t.precision, device=device,
                         on_nonfinite=t.on_nonfinite, noise=noise, world=world,
                         compile_backend=t.compile_backend if t.compile else None)
-    state = TrainState(model, optimizer, ema, dataset, noise, step_fn.scaler, parts=builder.recorded_parts(config))
+    state = TrainState(model, optimizer, ema, dataset, noise, step_fn.scaler, parts=builder.recorded_parts(config),
+                       student=student)
     if t.post_hoc_ema and world.is_main:  # rank 0 alone tracks and writes the profiles
         state.post_hoc_ema = phema.PowerEMA(model, t.post_hoc_ema)
     builder.seed_everything(builder.round_seed(config.seed, world.rank))  # per-rank streams; a resume restores them
@@ -127,12 +140,13 @@ def setup(config, workdir: Path, world: distributed.World, device: torch.device)
                         state.step)
     if config.model.latent and dataset.scale is None:  # a fresh run; a resumed one restored it
         dataset.measure_scale()
-    run = Training(config, workdir, world, device, sde, dataset, model, ema, loss_fn, score_fn_for, step_fn, state)
+    run = Training(config, workdir, world, device, sde, dataset, model, ema, loss_fn, score_fn_for, step_fn, state,
+                   student=student)
     if world.is_main:
         run.train_log = TrainLog(workdir / "train_log.jsonl", state.step)
         write_json(workdir / "config.json", config.to_dict())
-    log.info("training %s (%d parameters) on %s, %s, %s, step %d → %d, %d process(es) × batch %d",
-             config.model.name, sum(p.numel() for p in model.parameters()), config.data.dataset, type(sde).__name__,
+    log.info("%s %s (%d parameters) on %s, %s, %s, step %d → %d, %d process(es) × batch %d",
+             "training" if student is None else f"distilling ({student.method})", config.model.name, sum(p.numel() for p in model.parameters()), config.data.dataset, type(sde).__name__,
              t.precision, state.step, t.n_iters, world.world_size, t.batch_size)
     if world.is_main:
         from torch.utils.tensorboard import SummaryWriter
@@ -207,6 +221,8 @@ def take_step(run: Training, step: int) -> None:
     config, device = run.config, run.device
     labels = None
     run.model.train()
+    if run.student is not None:
+        run.student.before_step(step, run.model, run.ema)
     if config.model.num_classes > 0:
         x, labels = (v.to(device) for v in run.dataset.train_batch(with_labels=True))
         labels = guidance.drop_labels(labels, config.training.label_dropout, config.model.num_classes)
@@ -251,9 +267,12 @@ def log_step(run: Training, step: int, report: StepReport, start: float) -> None
 
 def log_eval_loss(run: Training, step: int) -> None:
     """The loss of the EMA weights on one fixed test batch."""
+    score_fn_for = builder.labelled_score_fn(run.config, run.sde, run.model)
+    if run.student is not None:
+        score_fn_for = run.student.paired(score_fn_for)
     with run.ema.average_parameters(run.model):
-        eval_loss = builder.evaluation_loss(run.loss_fn, builder.labelled_score_fn(run.config, run.sde, run.model),
-                                            run.model, [run.eval_batch], seed=run.config.seed)
+        eval_loss = builder.evaluation_loss(run.loss_fn, score_fn_for, run.model, [run.eval_batch],
+                                            seed=run.config.seed)
     log.info("step %d  eval_loss %.5f", step, eval_loss)
     run.writer.add_scalar("eval_loss", eval_loss, step)
 

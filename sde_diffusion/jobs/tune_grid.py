@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from .. import sampling
+from ..sampling.settings import resolved_method
 from ..validation import validate_config
 from . import builder
 from ..errors import ConfigError
@@ -21,7 +22,7 @@ def tuned_sampler(config):
             return sampling.parse_spec(config.tune.sampler)
         except ValueError as err:
             raise ConfigError(f"tune.sampler={config.tune.sampler!r}: {err}") from None
-    return config.sampling.method, sampling.options_from_config(config)
+    return resolved_method(config), sampling.options_from_config(config)
 
 
 def run(config, workdir) -> Path:

@@ -38,7 +38,7 @@ method, nfe)` fits the times to a model and budget (tuning.py), `steps_for_nfe` 
 """
 from ..ode import BACKENDS as ODE_BACKENDS
 from ..ode import ODE_ATOL, ODE_RTOL, dopri5, scipy_rk45
-from . import fast, flow, multistep, pc, reverse_sde, stochastic  # noqa: F401  (registers the built-in samplers)
+from . import consistency, fast, flow, multistep, pc, reverse_sde, stochastic  # noqa: F401  (registers the built-in samplers)
 from .auto_grid import AUTO_CENTRE_FACTOR, AUTO_PROBE_STEPS, AUTO_QUANTILE, auto_centre
 from .core import Constraint, CountingScore, FrameworkScore, resolve_auto, sample
 from .fast import dpm_solver_pp_update
@@ -48,7 +48,7 @@ from .grids import (DEFAULT_GRID, EDM_RHO, FEW_STEP_GRID, FEW_STEPS, GRIDS, SECH
 from .pc import CORRECTORS, PREDICTORS
 from .registry import SAMPLERS, Sampler, parse_entry, parse_spec, register_sampler
 from .reverse_sde import SDE_METHODS
-from .settings import check_config, options_from_config, settings_from_config
+from .settings import check_config, options_from_config, resolved_method, settings_from_config
 from .terms import tweedie_denoise
 from .tuning import steps_for_nfe, tune_grid
 
@@ -66,6 +66,7 @@ DESCRIPTIONS = {
     "deis": ("DEIS tAB (ε polynomial in t, exact weights, order 1–3)", "steps"),
     "dpm_solver_sde": ("DPM-Solver++ 2M/3M SDE (η = 1: reverse SDE)", "steps"),
     "edm_sde": ("EDM's stochastic Heun (S_churn, S_noise, S_min/S_max)", "2·steps − 1"),
+    "consistency": ("multistep consistency sampling (consistency models only)", "steps"),
     "restart": ("Restart sampling: Heun + K noise-and-resolve loops",
                 "2·steps − 1 + 2·K·restart_steps"),
     "adaptive_sde": ("reverse SDE, EM/improved-Euler pair, error control (Gotta Go Fast)", "adaptive"),
@@ -91,7 +92,7 @@ def sampler_table() -> str:
 __doc__ = __doc__.replace("SAMPLER_TABLE", sampler_table())
 
 __all__ = ["sample", "register_sampler", "SAMPLERS", "Sampler", "parse_spec", "parse_entry", "options_from_config",
-           "settings_from_config", "check_config", "Constraint", "CountingScore", "FrameworkScore", "time_grid",
+           "settings_from_config", "resolved_method", "check_config", "Constraint", "CountingScore", "FrameworkScore", "time_grid",
            "solver_grid", "GRIDS", "SECH_WIDTH", "sech_widths", "tune_grid", "steps_for_nfe", "sampler_table",
            "auto_centre", "resolve_auto", "AUTO_CENTRE_FACTOR", "AUTO_PROBE_STEPS", "AUTO_QUANTILE",
            "DEFAULT_GRID", "FEW_STEP_GRID", "FEW_STEPS", "load_grid", "save_grid", "EDM_RHO", "tweedie_denoise",

@@ -202,7 +202,7 @@ def sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str = "pc"
     "auto": sech centred at the model's data scale, measured on first use (auto_grid.py: AUTO_PROBE_STEPS score
     calls, cached on score_fn, not counted in nfe); None: the sampler's default for that many steps), the times
     themselves (1-D, T → eps; steps and eps then follow from it) or a grid file's path (`tune_grid`, `save_grid`). x_T: start from this prior draw (not modified). denoise: finish with
-    a Tweedie step at eps (counted in nfe). callback(i, t, x) after every grid step. constraint: see the module
+    a Tweedie step at eps (counted in nfe; never for a sampler that returns x̂₀ itself, `Sampler.returns_x0`). callback(i, t, x) after every grid step. constraint: see the module
     docstring. options: the sampler's own (its signature; a ValueError names the valid ones).
     """
     sampler = get_sampler(method)
@@ -225,7 +225,7 @@ def sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str = "pc"
             raise ValueError(f"sampler {method!r} returned {type(x).__name__} of shape "
                              f"{tuple(getattr(x, 'shape', ()))}; it must return the state, shaped {tuple(shape)}")
         x = framework.finish(x)
-        if denoise:
+        if denoise and not sampler.returns_x0:
             x = tweedie_denoise(counted, sde, x, timesteps[-1].to(dtype))
         finish = getattr(constraint, "finish", None)
         if finish is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from dataclasses import replace as replace_fields
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from ..options import Option, check_option, literal_choices, type_hints
@@ -36,8 +37,10 @@ class Sampler:
     time grid (GRID_NAMES), the one it takes up to grids.FEW_STEPS steps (`few_step_grid`; None: `grid` at any
     count; `grid_for(steps)` says which applies), the (noisy-side, clean-side) widths of its "sech" spacing (None:
     grids.SECH_WIDTH),
-    its documented step count `steps` (`sample`'s default; None: the SDE's N) and whether it is adaptive (chooses
-    its own steps and score calls; only the grid's ends matter). Calling it runs `fn` directly (no framework: no
+    its documented step count `steps` (`sample`'s default; None: the SDE's N), whether it is adaptive (chooses
+    its own steps and score calls; only the grid's ends matter), whether it returns the clean estimate itself
+    (`returns_x0`: `sample` then adds no Tweedie step) and the parameterization its score must come from
+    (`parameterization`, e.g. "consistency"; None: any score). Calling it runs `fn` directly (no framework: no
     constraint, counting, progress or callback) with checked options."""
 
     name: str
@@ -50,6 +53,8 @@ class Sampler:
     width: Optional[Tuple[float, float]] = None
     steps: Optional[int] = None
     few_step_grid: Optional[str] = FEW_STEP_GRID
+    returns_x0: bool = False
+    parameterization: Optional[str] = None
 
     def grid_for(self, steps: int, sde: Optional[SDE] = None) -> str:
         """The spacing of a `steps`-step grid when the caller names none: "time" means the SDE's own clock
@@ -83,14 +88,17 @@ SAMPLERS: Dict[str, Sampler] = {}
 
 def register_sampler(name: str, *, grid: str = DEFAULT_GRID, steps: Optional[int] = None,
                      width: Optional[Width] = None, adaptive: bool = False,
-                     few_step_grid: Optional[str] = FEW_STEP_GRID,
+                     few_step_grid: Optional[str] = FEW_STEP_GRID, returns_x0: bool = False,
+                     parameterization: Optional[str] = None,
                      replace: bool = False) -> Callable[[Callable], Callable]:
     """Decorator: make `fn(score_fn, sde, x, timesteps, **options) -> x` the sampling method `name` everywhere
     (`sample`, `--mode sample/eval/compare`). grid: the default spacing of its time grid (grids.DEFAULT_GRID, the
     built-in solvers' spacing, unless it says otherwise); steps: its documented step count, `sample`'s default
     (None: the SDE's N); few_step_grid: its spacing up to grids.FEW_STEPS steps (grids.FEW_STEP_GRID, as the
     built-ins'; None: `grid` at every count); width: that of its "sech" spacing (None: grids.SECH_WIDTH).
-    adaptive: it picks its own steps (steps and NFE budgets do not apply). Registering a taken name is a ValueError
+    adaptive: it picks its own steps (steps and NFE budgets do not apply). returns_x0: its result is the clean
+    estimate already (`sample` adds no Tweedie step). parameterization: the one its score must come from (the
+    `consistency` sampler: "consistency"; jobs refuse other models). Registering a taken name is a ValueError
     unless replace=True. Returns fn unchanged."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"a sampler name must be an identifier such as 'my_euler', got {name!r}")
@@ -108,7 +116,8 @@ def register_sampler(name: str, *, grid: str = DEFAULT_GRID, steps: Optional[int
         if name in SAMPLERS and not replace:
             raise ValueError(f"a sampler named {name!r} is already registered ({_where(SAMPLERS[name].fn)}): pick "
                              "another name or pass replace=True")
-        SAMPLERS[name] = sampler_from_function(name, fn, grid, adaptive, width, steps, few_step_grid)
+        sampler = sampler_from_function(name, fn, grid, adaptive, width, steps, few_step_grid)
+        SAMPLERS[name] = replace_fields(sampler, returns_x0=returns_x0, parameterization=parameterization)
         return fn
     return decorate
 

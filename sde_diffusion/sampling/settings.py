@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+from ..students import AUTO, DISTILL_METHODS, student_method
 from ..errors import ConfigError
 from .registry import SAMPLERS, get_sampler, parse_options
 from .core import default_steps
@@ -40,11 +41,24 @@ def _config_key_applies(sampler, key: str) -> bool:
     return CONFIG_KEYS[key] in sampler.options and (not _is_builtin(sampler) or CONFIG_KEY_OWNERS[key] == sampler.name)
 
 
+def resolved_method(config) -> str:
+    """sampling.method, with "auto" replaced by the sampler of the distilled student's method (distill.method:
+    students.DISTILL_METHODS); ValueError for "auto" without one."""
+    method = config.sampling.method
+    if method != AUTO:
+        return method
+    student = student_method(config)
+    if student is None:
+        raise ValueError("sampling.method='auto' samples a distilled student with its own sampler, and distill.method "
+                         f"is not set: name a sampler (one of {sorted(SAMPLERS)}) or set distill.method")
+    return DISTILL_METHODS[student][1]
+
+
 def options_from_config(config) -> Dict[str, Any]:
     """The options of sampling.method from config.sampling (module docstring), checked against its signature;
     ValueError naming the key for an unknown method, option or bad value."""
     s = config.sampling
-    sampler = get_sampler_for_config(s.method)
+    sampler = get_sampler_for_config(resolved_method(config))
     options = {}
     for key, name in CONFIG_KEYS.items():
         if key in s and _config_key_applies(sampler, key):
@@ -70,15 +84,20 @@ def _checked(sampler, name: str, value, key: str):
 
 
 def settings_from_config(config, sde) -> Dict[str, Any]:
-    """Keyword arguments for `sample` from config.sampling: method, steps (None → the sampler's documented count,
+    """Keyword arguments for `sample` from config.sampling: method (`resolved_method`; a progressive student's
+    "auto" samples on the "edm" grid at distill.steps without a final Tweedie step, as it was distilled), steps (None → the sampler's documented count,
     else sde.N; with a grid file, its length), eps, denoise, the grid (sampling.grid or the sampler's default for
     that count; ρ when it is "edm", the width when it is "sech" or "auto" and sampling.width is set) and the
     method's options."""
     s = config.sampling
-    sampler = get_sampler_for_config(s.method)
+    method = resolved_method(config)
+    sampler = get_sampler_for_config(method)
     steps = s.steps if s.steps is not None else default_steps(sampler, sde)
     grid = s.grid or sampler.grid_for(steps, sde)
-    settings = dict(method=s.method, steps=steps, eps=s.eps, denoise=s.noise_removal, grid=grid)
+    denoise = s.noise_removal
+    if s.method == AUTO and student_method(config) == "progressive":  # the grid and steps it was distilled for
+        steps, grid, denoise = s.steps or config.distill.steps, s.grid or "edm", False
+    settings = dict(method=method, steps=steps, eps=s.eps, denoise=denoise, grid=grid)
     if s.grid is not None and s.grid not in GRIDS:  # a grid file: its times fix the steps and eps
         settings.update(steps=None if s.steps is None else s.steps, eps=None)
     if grid == "edm":

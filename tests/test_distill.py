@@ -1,0 +1,189 @@
+"""--mode distill end to end on the toy mixture: each method from a small trained teacher, its checkpoints evaluated
+and compared like any other (the student's own sampler through sampling.method="auto", the teacher's rows in the
+same table), a resumed run equal bit for bit to an uninterrupted one across a progressive round, and the errors for
+a teacher the student cannot learn from — all before any compute."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import run_lib
+from configs import toy_gmm
+from sde_diffusion import distillation
+from sde_diffusion.checkpoints import load_checkpoint
+from sde_diffusion.errors import CheckpointError, ConfigError
+from sde_diffusion.jobs import distill as distill_job
+from sde_diffusion.jobs import train as train_job
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def small(config):
+    """toy_gmm made small: a narrow MLP, short runs, a checkpoint every 10 steps, no sample grids."""
+    config.device = "cpu"
+    config.model.nf, config.model.num_res_blocks = 32, 1
+    t = config.training
+    t.batch_size, t.n_iters, t.log_freq, t.eval_freq = 128, 60, 20, 1000
+    t.snapshot_freq, t.snapshot_freq_for_preemption, t.snapshot_sampling = 60, 10, False
+    config.optim.warmup = 5
+    config.eval.num_samples = config.eval.batch_size = 256
+    config.sampling.steps = None
+    return config
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("distill") / "teacher"
+    run_lib.train(small(toy_gmm.get_config()), workdir)
+    return workdir
+
+
+def student(teacher: Path, method: str, **distill):
+    config = small(toy_gmm.get_config())
+    config.distill.method, config.distill.teacher_workdir = method, str(teacher)
+    config.model.parameterization, config.sampling.method = "auto", "auto"
+    config.distill.teacher_steps, config.distill.steps = 8, 2
+    config.training.n_iters = config.training.snapshot_freq = 40
+    for key, value in distill.items():
+        setattr(config.distill, key, value)
+    return config
+
+
+@pytest.mark.parametrize("method", ["consistency", "consistency_training", "progressive"])
+def test_each_method_distills_and_evaluates_like_any_run(teacher, tmp_path, method):
+    config = student(teacher, method)
+    workdir = tmp_path / method
+    run_lib.distill(config, workdir)
+    checkpoint = load_checkpoint(workdir / "checkpoints" / "checkpoint_1.pth")
+    assert checkpoint["step"] == 40 and checkpoint["distill"]["method"] == method
+    wanted = "consistency" if method.startswith("consistency") else "eps"  # progressive keeps VP's auto: eps
+    assert checkpoint["parts"]["model.parameterization"] == wanted
+    assert json.loads((workdir / "config.json").read_text())["distill"]["method"] == method
+    # the student moved away from the teacher's weights it started from
+    start = load_checkpoint(teacher / "checkpoints" / "checkpoint_1.pth")["model"]
+    assert any(not torch.equal(start[k], v) for k, v in checkpoint["model"].items())
+    run_lib.evaluate(config, workdir)
+    report = json.loads((workdir / "eval" / "report_1.json").read_text())
+    assert report["nfe"] == (1 if wanted == "consistency" else config.distill.steps)
+    assert math.isfinite(report["sliced_w2"])  # quality: tests/test_distillation.py, against exact answers
+    assert report["sampler"]["method"] == ("consistency" if wanted == "consistency" else "ddim")
+
+
+def test_compare_puts_the_teacher_in_the_students_table(teacher, tmp_path):
+    config = student(teacher, "consistency")
+    config.training.n_iters = 10
+    config.training.snapshot_freq = 10
+    workdir = tmp_path / "cd"
+    run_lib.distill(config, workdir)
+    config.compare.samplers = ("consistency:grid=edm@1,2",)
+    config.compare.teacher_samplers = ("ddim@4",)
+    config.compare.resamples = 0
+    run_lib.compare(config, workdir)
+    rows = json.loads((workdir / "compare" / "compare.json").read_text())["rows"]
+    assert [(r["sampler"], r["nfe"]) for r in rows] == [("consistency:grid=edm", 1), ("consistency:grid=edm", 2),
+                                                        ("teacher ddim", 5)]
+    # the teacher rows are the teacher's model: its own eval at the same settings gives the same numbers
+    assert all(r["sliced_w2"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("method", ["consistency", "progressive"])
+def test_a_resumed_distillation_equals_an_uninterrupted_one(teacher, tmp_path, monkeypatch, method):
+    """Killed after step 30 (the last checkpoint) and resumed: the final weights equal the uninterrupted run's bit for
+    bit. Progressive runs 8 → 4 → 2 steps in rounds of 20, so the resumed run restores round 2's teacher."""
+    config = student(teacher, method)
+    run_lib.distill(config, tmp_path / "straight")
+
+    take_step = train_job.take_step
+
+    def preempted(run, step):
+        if step == 31:
+            raise KeyboardInterrupt("preempted")
+        take_step(run, step)
+
+    monkeypatch.setattr(train_job, "take_step", preempted)
+    with pytest.raises(KeyboardInterrupt):
+        run_lib.distill(config, tmp_path / "resumed")
+    monkeypatch.setattr(train_job, "take_step", take_step)
+    run_lib.distill(config, tmp_path / "resumed")
+    a, b = (load_checkpoint(tmp_path / name / "checkpoints" / "checkpoint_1.pth") for name in ("straight", "resumed"))
+    for part in ("model",):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    assert a["ema"]["shadow_params"] and all(torch.equal(x, y) for x, y in zip(a["ema"]["shadow_params"],
+                                                                                 b["ema"]["shadow_params"]))
+    if method == "progressive":
+        assert b["distill"]["round"] == 1 and b["distill"]["teacher"] is not None
+
+
+def test_the_first_round_teacher_is_the_teachers_ema_and_rounds_split_the_steps():
+    assert distillation.progressive_rounds(64, 4) == [32, 16, 8, 4]
+    for bad in ((48, 4), (4, 4), (6, 4)):
+        with pytest.raises(ConfigError, match="power of 2"):
+            distillation.progressive_rounds(*bad)
+
+
+def with_teacher_config(teacher: Path, tmp_path: Path, change) -> Path:
+    """A copy of the teacher workdir whose config.json is changed by change(dict)."""
+    copy = tmp_path / "teacher_copy"
+    (copy / "checkpoints").mkdir(parents=True)
+    for path in (teacher / "checkpoints").iterdir():
+        (copy / "checkpoints" / path.name).write_bytes(path.read_bytes())
+    values = json.loads((teacher / "config.json").read_text())
+    change(values)
+    (copy / "config.json").write_text(json.dumps(values))
+    return copy
+
+
+def without_checkpoints(folder: Path) -> Path:
+    for path in (folder / "checkpoints").iterdir():
+        path.unlink()
+    return folder
+
+
+def set_key(section, key, value):
+    def change(values):
+        values[section][key] = value
+    return change
+
+
+@pytest.mark.parametrize("case, make, message", [
+    ("no teacher", lambda t, p: None, "needs distill.teacher_workdir"),
+    ("missing folder", lambda t, p: p / "nowhere", "is not a folder"),
+    ("no config", lambda t, p: (p / "empty").mkdir() or p / "empty", "holds no config.json"),
+    ("no checkpoint", lambda t, p: without_checkpoints(with_teacher_config(t, p, lambda v: None)), "no checkpoints"),
+    ("other data", lambda t, p: with_teacher_config(t, p, set_key("data", "dim", 3)), "data.dim=3"),
+    ("other network", lambda t, p: with_teacher_config(t, p, set_key("model", "nf", 64)), "model.nf"),
+    ("other SDE", lambda t, p: with_teacher_config(t, p, set_key("model", "beta_max", 10.0)), "model.beta_max=10.0"),
+    ("other conditioning", lambda t, p: with_teacher_config(t, p, set_key("model", "noise_conditioning", "sigma")),
+     "model.noise_conditioning='sigma'"),
+])
+def test_a_teacher_the_student_cannot_learn_from_is_refused_before_compute(teacher, tmp_path, case, make, message):
+    config = student(teacher, "consistency")
+    folder = make(teacher, tmp_path)
+    config.distill.teacher_workdir = None if folder is None else str(folder)
+    with pytest.raises((ConfigError, CheckpointError), match=message):
+        distill_job.find_teacher(config)
+
+
+def test_configs_that_mix_up_students_and_models_are_refused(teacher, tmp_path):
+    config = student(teacher, "progressive")
+    config.model.parameterization = "x0"
+    with pytest.raises(ConfigError, match="set model.parameterization='eps'"):
+        distill_job.find_teacher(config)
+    config = student(teacher, "consistency")
+    config.model.parameterization = "eps"
+    with pytest.raises(ConfigError, match="trains a 'consistency' model"):
+        run_lib.distill(config, tmp_path / "a")
+    config = small(toy_gmm.get_config())
+    config.sampling.method = "consistency"
+    with pytest.raises(ConfigError, match="needs a 'consistency' model"):
+        run_lib.evaluate(config, tmp_path / "b")
+    with pytest.raises(ConfigError, match="run --mode distill"):
+        run_lib.train(student(teacher, "consistency"), tmp_path / "c")
+    config = small(toy_gmm.get_config())
+    config.sampling.method = "auto"
+    with pytest.raises(ConfigError, match="distill.method is not set"):
+        run_lib.evaluate(config, tmp_path / "d")
