@@ -1,7 +1,7 @@
 """A few-step student of the EDM digits model (configs/edm_digits.py, trained into runs/edm_digits): consistency
 distillation by default, progressive distillation with --config.distill.method=progressive, consistency training
 from the teacher's weights with --config.distill.method=consistency_training. Each distills in under 15 minutes on
-2 CPU cores:
+2 CPU cores (BENCHMARKS.md, "Few-step students of the EDM digits model"):
 
     python main.py --config configs/edm_digits.py --mode train --workdir runs/edm_digits
     python main.py --config configs/cd_digits.py --mode distill --workdir runs/cd_digits
@@ -35,7 +35,7 @@ def get_config():
     training.eval_freq = 250
 
     config.model.parameterization = "auto"  # the student's: consistency, or the teacher's edm (progressive)
-    config.optim.lr = 5e-4
+    config.optim.lr = 2e-3  # the teacher's
     config.optim.warmup = 50
 
     sampling = config.sampling
@@ -43,6 +43,9 @@ def get_config():
     sampling.steps = None
     sampling.grid = None
     config.eval.enable_bpd = False  # a few-step sampler has no likelihood of its own
-    # the student at its step counts, the teacher at its default and at few steps in one table
-    config.compare.samplers = ("consistency:grid=edm@1,2,4",)
+    # one table: the student with its own sampler at 1, 2 and 4 steps, the teacher at its default sampler (Heun, 501
+    # score calls) and with the training-free solvers at 5 and 10 calls
+    config.compare.samplers = ("auto@1,2,4",)
+    config.compare.teacher_samplers = ("heun@251", "heun@3,5", "ddim@5,10", "dpm_solver@5,10", "deis@5,10",
+                                       "dpm_solver_sde@5,10")
     return config

@@ -1,7 +1,8 @@
 """Sampler comparison (`--mode compare`): parse and check `config.compare.samplers`, write the table (Markdown +
 CSV) and the plot of each metric against NFE, with 95 % intervals.
 
-Entries: "method[:option=value,...]@steps", or "@steps,steps,..." for several step counts, e.g.
+Entries: "method[:option=value,...]@steps", or "@steps,steps,..." for several step counts ("auto": a distilled
+student's own sampler on its grid), e.g.
 "dpm_solver:order=2@5,10,20": one row per count, in increasing order. The method part is
 `sde_diffusion.sampling.parse_spec`'s (a registered sampler, its own options and sample's denoise, grid, rho, width,
 eps); a malformed entry, or one row listed twice, is a ConfigError naming the entry.
@@ -97,10 +98,20 @@ def parse_entries(texts: Sequence[str]) -> List[SamplerEntry]:
     return rows
 
 
+def student_entries(config) -> List[SamplerEntry]:
+    """The rows of compare.samplers, where 'auto' (a distilled student's config) is the student's own sampler on
+    its grid (sampling.settings.expand_auto_entry)."""
+    try:
+        texts = [sampling.expand_auto_entry(config, text) for text in config.compare.samplers]
+    except ValueError as err:
+        raise ConfigError(f"compare.samplers: {err}") from None
+    return parse_entries(texts)
+
+
 def check_config(config) -> None:
     """The compare section: every entry of compare.samplers (and compare.teacher_samplers, which need
     distill.teacher_workdir) parses, compare.resamples is 0 or ≥ 2; ConfigError."""
-    parse_entries(config.compare.samplers)
+    student_entries(config)
     if config.compare.teacher_samplers:
         parse_entries(config.compare.teacher_samplers)
         if config.distill.teacher_workdir is None:

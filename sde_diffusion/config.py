@@ -330,6 +330,12 @@ def default_config() -> ml_collections.ConfigDict:
     distill.teacher_checkpoint = placeholder(int)  # its numbered checkpoint k; None → the newest
     distill.solver = "heun"  # consistency: the teacher's ODE step between adjacent levels (a fixed-step sampler)
     distill.levels = 18  # consistency: N time levels (Song et al. 2023); consistency_training follows iCT's curriculum
+    # consistency: how the level n is drawn and weighted: uniform (Song et al. 2023: uniform n, weight 1) | lognormal
+    # (iCT: log-normal over ln s, weight 1/(s_{n+1} − s_n), as consistency_training always does)
+    distill.level_sampling = "uniform"
+    # consistency: the target network is this EMA of the student (Song et al. 2023: 0.95); 0: the student itself
+    # (stop-gradient), as consistency_training always does (iCT)
+    distill.target_ema = 0.95
     distill.huber_c = placeholder(float)  # consistency losses: pseudo-Huber c; None → 0.00054·√d (iCT)
     distill.steps = 4  # progressive: the student's final DDIM steps
     distill.teacher_steps = 64  # progressive: the first teacher's DDIM steps (each round halves them; power of 2)

@@ -43,6 +43,8 @@ PSEUDO_HUBER_SCALE = 0.00054
 ICT_START_LEVELS, ICT_END_LEVELS = 10, 1280
 # iCT's log-normal level distribution: p(n) ∝ erf((ln s_{n+1} − P_mean)/(√2·P_std)) − erf((ln s_n − P_mean)/(√2·P_std)).
 ICT_P_MEAN, ICT_P_STD = -1.1, 2.0
+# How consistency distillation draws and weights its levels (distill.level_sampling): Song et al.'s, or iCT's.
+LEVEL_SAMPLINGS = ("uniform", "lognormal")
 # The teacher's ODE step between adjacent levels (consistency distillation): EDM's Heun, vectorized over levels.
 DEFAULT_SOLVER = "heun"
 
@@ -120,8 +122,8 @@ def ddim_step(score_fn: ScoreFn, sde: SDE, x: Tensor, t_from: Tensor, t_to: Tens
 def solver_step(score_fn: ScoreFn, sde: SDE, x: Tensor, t_from: Tensor, t_to: Tensor,
                 solver: str = DEFAULT_SOLVER) -> Tensor:
     """One step of the probability-flow ODE from t_from to t_to (both (batch,)) by `solver`: "heun" (default) and
-    "ddim" per example; any other registered fixed-step sampler runs once per distinct pair of times on its
-    two-point grid (a deterministic one: it is the teacher's ODE)."""
+    "ddim" per example; any other registered deterministic fixed-step sampler (`check_solver`) runs once per
+    distinct pair of times on its two-point grid."""
     if solver == "heun":
         return heun_step(score_fn, sde, x, t_from, t_to)
     if solver == "ddim":
@@ -136,13 +138,14 @@ def solver_step(score_fn: ScoreFn, sde: SDE, x: Tensor, t_from: Tensor, t_to: Te
 
 
 def check_solver(name: str, key: str = "distill.solver") -> None:
-    """The solver of a teacher step must be a registered fixed-step sampler for any score; ValueError otherwise."""
+    """The solver of a teacher step must be a registered deterministic fixed-step sampler for any score (one that
+    draws no noise); ValueError otherwise."""
     if name in ("heun", "ddim"):
         return
     sampler = get_sampler(name)
-    if sampler.adaptive or sampler.parameterization is not None:
-        raise ValueError(f"{key}={name!r}: one step between two levels needs a fixed-step sampler for any score, "
-                         "e.g. 'heun' (the default), 'ddim' or 'dpm_solver'")
+    if sampler.adaptive or sampler.takes_generator or sampler.parameterization is not None:
+        raise ValueError(f"{key}={name!r}: one step of the teacher's ODE between two levels needs a deterministic "
+                         "fixed-step sampler for any score, e.g. 'heun' (the default), 'ddim', 'dpm_solver' or 'unipc'")
 
 
 def _draw(x0: Tensor, count: int, generator: Optional[torch.Generator], shard: Shard,
@@ -255,6 +258,9 @@ def check_config(config) -> None:
     for key in ("levels", "steps", "teacher_steps"):
         if isinstance(d[key], bool) or not d[key] >= 1:
             raise ConfigError(f"distill.{key} must be a whole number ≥ 1, got {d[key]}")
+    choice("distill.level_sampling", d.level_sampling, LEVEL_SAMPLINGS)
+    if not 0 <= d.target_ema < 1:
+        raise ConfigError(f"distill.target_ema must lie in [0, 1) (0: the student itself), got {d.target_ema}")
     if d.huber_c is not None and not d.huber_c > 0:
         raise ConfigError(f"distill.huber_c must be > 0 (or None: 0.00054·√d), got {d.huber_c}")
     try:
@@ -291,4 +297,4 @@ def progressive_rounds(teacher_steps: int, steps: int) -> list:
 __all__ = ["karras_times", "flow_map", "ict_level_count", "ict_level_probabilities", "heun_step", "ddim_step",
            "solver_step", "check_solver", "pseudo_huber", "default_huber_c", "consistency_fn", "consistency_loss",
            "progressive_grid", "progressive_loss", "progressive_rounds", "check_config", "FLOW_MAP_RTOL",
-           "PSEUDO_HUBER_SCALE", "DEFAULT_SOLVER"]
+           "PSEUDO_HUBER_SCALE", "DEFAULT_SOLVER", "LEVEL_SAMPLINGS"]

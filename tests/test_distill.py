@@ -14,7 +14,7 @@ import torch
 import run_lib
 from configs import toy_gmm
 from sde_diffusion import distillation
-from sde_diffusion.checkpoints import load_checkpoint
+from sde_diffusion.checkpoints import load_checkpoint, save_checkpoint
 from sde_diffusion.errors import CheckpointError, ConfigError
 from sde_diffusion.jobs import distill as distill_job
 from sde_diffusion.jobs import train as train_job
@@ -53,9 +53,11 @@ def student(teacher: Path, method: str, **distill):
     return config
 
 
-@pytest.mark.parametrize("method", ["consistency", "consistency_training", "progressive"])
-def test_each_method_distills_and_evaluates_like_any_run(teacher, tmp_path, method):
-    config = student(teacher, method)
+@pytest.mark.parametrize("method, settings", [("consistency", {}), ("consistency", {"level_sampling": "lognormal",
+                                                                                    "target_ema": 0.0}),
+                                              ("consistency_training", {}), ("progressive", {})])
+def test_each_method_distills_and_evaluates_like_any_run(teacher, tmp_path, method, settings):
+    config = student(teacher, method, **settings)
     workdir = tmp_path / method
     run_lib.distill(config, workdir)
     checkpoint = load_checkpoint(workdir / "checkpoints" / "checkpoint_1.pth")
@@ -71,6 +73,25 @@ def test_each_method_distills_and_evaluates_like_any_run(teacher, tmp_path, meth
     assert report["nfe"] == (1 if wanted == "consistency" else config.distill.steps)
     assert math.isfinite(report["sliced_w2"])  # quality: tests/test_distillation.py, against exact answers
     assert report["sampler"]["method"] == ("consistency" if wanted == "consistency" else "ddim")
+
+
+def test_a_converted_model_is_a_teacher_like_a_trained_one(teacher, tmp_path):
+    """What python -m sde_diffusion.interop writes for a released model: a config file (config.py) and a checkpoint
+    with the weights in `model` and `ema`, no optimizer or recorded parts, placed as checkpoints/checkpoint_1.pth."""
+    from sde_diffusion.config import config_from_dict
+    from sde_diffusion.interop.__main__ import config_file_text
+    folder = tmp_path / "converted"
+    (folder / "checkpoints").mkdir(parents=True)
+    trained = load_checkpoint(teacher / "checkpoints" / "checkpoint_1.pth")
+    converted = {"model": trained["model"], "ema": trained["ema"], "step": 0, "converted_from": "diffusers:test"}
+    save_checkpoint(folder / "checkpoints" / "checkpoint_1.pth", converted)
+    values = json.loads((teacher / "config.json").read_text())
+    (folder / "config.py").write_text(config_file_text(config_from_dict(values), "a test"))
+    config = student(teacher, "progressive")
+    config.distill.teacher_workdir = str(folder)
+    config.training.n_iters = config.training.snapshot_freq = 4
+    state = run_lib.distill(config, tmp_path / "student")
+    assert state.step == 4 and state.student.source.checkpoint == folder / "checkpoints" / "checkpoint_1.pth"
 
 
 def test_compare_puts_the_teacher_in_the_students_table(teacher, tmp_path):
@@ -118,7 +139,22 @@ def test_a_resumed_distillation_equals_an_uninterrupted_one(teacher, tmp_path, m
         assert b["distill"]["round"] == 1 and b["distill"]["teacher"] is not None
 
 
-def test_the_first_round_teacher_is_the_teachers_ema_and_rounds_split_the_steps():
+@pytest.mark.parametrize("setting", ["bf16", "compile"])
+def test_distillation_runs_in_bf16_and_compiled(teacher, tmp_path, setting):
+    """The training step's precision and torch.compile apply to a student's loss as to any (bf16 is emulated on
+    this CPU: 4 steps)."""
+    config = student(teacher, "consistency")
+    config.training.n_iters = config.training.snapshot_freq = 4
+    if setting == "bf16":
+        config.training.precision = "bf16"
+    else:
+        config.training.compile, config.training.compile_backend = True, "aot_eager"
+    state = run_lib.distill(config, tmp_path / setting)
+    assert state.step == 4 and state.skipped_steps == 0
+    assert all(torch.isfinite(p).all() for p in state.model.parameters())
+
+
+def test_progressive_rounds_halve_the_steps():
     assert distillation.progressive_rounds(64, 4) == [32, 16, 8, 4]
     for bad in ((48, 4), (4, 4), (6, 4)):
         with pytest.raises(ConfigError, match="power of 2"):
@@ -183,6 +219,10 @@ def test_configs_that_mix_up_students_and_models_are_refused(teacher, tmp_path):
         run_lib.evaluate(config, tmp_path / "b")
     with pytest.raises(ConfigError, match="run --mode distill"):
         run_lib.train(student(teacher, "consistency"), tmp_path / "c")
+    config = student(teacher, "consistency")
+    config.distill.target_ema = 1.0
+    with pytest.raises(ConfigError, match="distill.target_ema must lie in"):
+        run_lib.distill(config, tmp_path / "e")
     config = small(toy_gmm.get_config())
     config.sampling.method = "auto"
     with pytest.raises(ConfigError, match="distill.method is not set"):

@@ -138,6 +138,25 @@ def test_the_teacher_heun_step_is_second_order(sde_name):
     assert coarse / fine > 5, (coarse, fine)
 
 
+def test_any_deterministic_solver_steps_the_teacher():
+    """One step of a registered solver on its two-point grid, per distinct pair of levels: DPM-Solver++'s first
+    step is DDIM's exactly (the vectorized DDIM step's), and the Heun step is not first order."""
+    sde = EDMSDE()
+    exact = MIXTURE.marginal_score_fn(sde)
+    levels = cm.karras_times(sde, LEVELS)
+    generator = torch.Generator().manual_seed(0)
+    n = torch.randint(0, LEVELS, (64,), generator=generator)
+    x = MIXTURE.sample(64, generator)[0].double() + levels[n + 1][:, None] * torch.randn(64, 2, generator=generator,
+                                                                                          dtype=torch.float64)
+    t_from, t_to = levels[n + 1], levels[n]
+    ddim = cm.solver_step(exact, sde, x, t_from, t_to, "ddim")
+    torch.testing.assert_close(cm.solver_step(exact, sde, x, t_from, t_to, "dpm_solver"), ddim)
+    assert (cm.solver_step(exact, sde, x, t_from, t_to, "heun") - ddim).abs().max() > 1e-3
+    for bad in ("pc", "ode", "consistency", "dpm_solver_sde"):
+        with pytest.raises(ValueError, match="deterministic fixed-step sampler"):
+            cm.check_solver(bad)
+
+
 def test_the_sampler_is_registered_with_one_call_per_step():
     sampler = sampling.SAMPLERS["consistency"]
     assert (sampler.steps, sampler.grid, sampler.grid_for(1), list(sampler.options)) == (1, "edm", "edm", [])

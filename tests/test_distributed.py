@@ -156,3 +156,43 @@ def test_each_rank_makes_only_its_own_rounds(tmp_path):
     assert made == [1, 3]
     out = run_in_rounds(tmp_path, 9, 2, make_round, {"run": 1}, rank=0, world_size=2)
     assert made == [1, 3, 0, 2, 4] and out["x"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4]
+
+
+DISTILL_STEPS = 6
+
+
+def distill_config(teacher, batch_size: int):
+    """Consistency distillation of the single-process run above (an EMA target and the teacher's Heun steps)."""
+    config = small_config(batch_size)
+    t = config.training
+    t.n_iters = t.snapshot_freq = t.snapshot_freq_for_preemption = DISTILL_STEPS
+    t.post_hoc_ema = ()
+    config.distill.method, config.distill.teacher_workdir = "consistency", str(teacher)
+    config.model.parameterization, config.sampling.method = "auto", "auto"
+    return config
+
+
+def _distill_rank_main(rank: int, world_size: int, port: int, workdir: str, teacher: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    run_lib.distill(distill_config(teacher, PER_RANK_BATCH), workdir)
+
+
+def test_distillation_under_ranks_equals_one_process_with_the_global_batch(runs, tmp_path):
+    """--mode distill under torchrun: the ranks split each global batch and its levels and noise, so the logged
+    loss equals one process's with the global batch, and rank 0 alone writes the checkpoint."""
+    _, teacher, _ = runs
+    parallel, single = tmp_path / "ddp", tmp_path / "single"
+    mp.spawn(_distill_rank_main, args=(2, free_port(), str(parallel), str(teacher)), nprocs=2, join=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_lib.distill(distill_config(teacher, 2 * PER_RANK_BATCH), single)
+    finally:
+        torch.set_num_threads(threads)
+    ddp, one = losses(parallel), losses(single)
+    assert len(ddp) == len(one) == DISTILL_STEPS
+    torch.testing.assert_close(torch.tensor(ddp), torch.tensor(one), rtol=1e-5, atol=0)
+    assert sorted(p.name for p in (parallel / "checkpoints").iterdir()) == ["checkpoint_1.pth",
+                                                                            "checkpoint_1.pth.sha256"]

@@ -132,12 +132,39 @@ def test_help_exits_zero_and_lists_the_modes():
         assert "--mode" in result.stdout and "tune_grid" in result.stdout and "Traceback" not in result.stderr
 
 
-def test_edm_quickstart_trains_and_evaluates(tmp_path):
+EDM_SHORT = ["--config.training.n_iters=2", "--config.training.snapshot_freq=2", "--config.training.batch_size=16",
+             "--config.device=cpu", "--config.eval.num_samples=8", "--config.eval.batch_size=8",
+             "--config.eval.enable_fid=False", "--config.eval.enable_bpd=False"]
+
+
+@pytest.fixture(scope="module")
+def edm_quickstart(tmp_path_factory):
+    """configs/edm_digits.py trained through the command line, shortened to 2 steps."""
+    workdir = tmp_path_factory.mktemp("edm_digits")
+    main_py(workdir, "train", *EDM_SHORT, config="configs/edm_digits.py")
+    return workdir
+
+
+def test_edm_quickstart_trains_and_evaluates(edm_quickstart):
     """configs/edm_digits.py through the command line, shortened: 2 steps, then eval with 4 Heun steps."""
-    short = ["--config.training.n_iters=2", "--config.training.snapshot_freq=2", "--config.training.batch_size=16",
-             "--config.device=cpu", "--config.sampling.steps=4", "--config.eval.num_samples=8",
-             "--config.eval.batch_size=8", "--config.eval.enable_fid=False", "--config.eval.enable_bpd=False"]
-    for mode in ("train", "eval"):
-        main_py(tmp_path, mode, *short, config="configs/edm_digits.py")
-    report = json.loads((tmp_path / "eval" / "report_1.json").read_text())
+    main_py(edm_quickstart, "eval", *EDM_SHORT, "--config.sampling.steps=4", config="configs/edm_digits.py")
+    report = json.loads((edm_quickstart / "eval" / "report_1.json").read_text())
     assert report["sampler"]["method"] == "heun" and report["nfe"] == 2 * 4 - 1 and report["num_samples"] == 8
+
+
+def test_cd_digits_distills_the_edm_quickstart_and_compares_through_main(edm_quickstart, tmp_path):
+    """configs/cd_digits.py through the command line, shortened: 2 distillation steps of each method from the
+    2-step EDM teacher, and compare (the student's own sampler at 1 and 2 steps and the teacher's Heun in one
+    table); the progressive student's eval is the eval job's (tests/test_distill.py runs it)."""
+    short = [*EDM_SHORT, f"--config.distill.teacher_workdir={edm_quickstart}", "--config.compare.resamples=0"]
+    main_py(tmp_path / "cd", "distill", *short, config="configs/cd_digits.py")
+    main_py(tmp_path / "cd", "compare", *short, "--config.compare.samplers=('auto@1,2',)",
+            "--config.compare.teacher_samplers=('heun@2',)", config="configs/cd_digits.py")
+    rows = json.loads((tmp_path / "cd" / "compare" / "compare.json").read_text())["rows"]
+    assert [(r["sampler"], r["nfe"]) for r in rows] == [("consistency:grid=edm", 1), ("consistency:grid=edm", 2),
+                                                        ("teacher heun", 3)]
+    progressive = [*short, "--config.distill.method=progressive", "--config.distill.teacher_steps=4",
+                   "--config.distill.steps=2"]
+    main_py(tmp_path / "pd", "distill", *progressive, config="configs/cd_digits.py")
+    checkpoint = load(tmp_path / "pd" / "checkpoints" / "checkpoint_1.pth")
+    assert checkpoint["distill"]["method"] == "progressive" and checkpoint["parts"]["model.parameterization"] == "edm"

@@ -96,8 +96,12 @@ COVERED = [
      "tests/test_diffusers_interop.py::test_command_line_converts_a_diffusers_folder_for_main (random DDPM U-Net)"),
     (r"python -m sde_diffusion\.interop \S+\.pth --config configs/\w+\.py --out runs/\S+\.pth",
      "tests/test_interop.py::test_command_line_converter_writes_our_checkpoint (reference fixture checkpoint)"),
-    (r"python main\.py " + _CONFIG.format("edm_digits") + " --mode (train|eval)",
+    (r"python main\.py " + _CONFIG.format("edm_digits") + " --mode (train|eval)( --workdir runs/edm_digits)?",
      "tests/test_main_e2e.py::test_edm_quickstart_trains_and_evaluates (2 steps, 8 samples, no FID)"),
+    # few-step students of the EDM quickstart: main.py as written, 2 steps each, 8 samples, no FID
+    (r"python main\.py " + _CONFIG.format("cd_digits") + r" --mode (distill|compare|eval) --workdir runs/\w+"
+     r"( --config\.distill\.method=progressive)?",
+     "tests/test_main_e2e.py::test_cd_digits_distills_the_edm_quickstart_and_compares_through_main (2 steps each)"),
     # post-hoc EMA on the EDM2 digits config: main.py as written, 4 training steps, 16 samples of 4 steps
     (r"python main\.py " + _CONFIG.format("edm2_digits") + r" --mode (train|ema_sweep|eval)"
      r"( --config\.eval\.ema_sigma_rel=[\d.]+)?",

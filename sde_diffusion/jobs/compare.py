@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from evaluation.compare import (Z95, SamplerEntry, metric_cells, metric_columns, parse_entries, plot_metrics,
+                                student_entries,
                                 write_table)
 
 from .. import distributed, sampling
@@ -42,7 +43,7 @@ def run(config, workdir, eval_folder: str = "compare") -> None:
     NFE, a grid each."""
     validate_config(config)  # compare.samplers and compare.resamples included
     builder.check_post_hoc_ema(config, workdir)
-    runs = [(entry, entry_settings(config, entry)) for entry in parse_entries(config.compare.samplers)]
+    runs = [(entry, entry_settings(config, entry)) for entry in student_entries(config)]
     teacher = None
     if config.compare.teacher_samplers:
         source = find_teacher(config)

@@ -6,7 +6,8 @@ The teacher (distill.teacher_workdir) is read before any compute: its config (co
 converted model), its numbered checkpoint's EMA weights, and the checks that the student can start from them (the
 same data, SDE and network). The student's network starts from those weights.
 
-* consistency: consistency distillation on distill.levels levels, the teacher's ODE stepped by distill.solver.
+* consistency: consistency distillation on distill.levels levels drawn as distill.level_sampling says, the
+  teacher's ODE stepped by distill.solver, the target an EMA of the student (distill.target_ema).
 * consistency_training: iCT's recipe (levels doubling from 10 to 1280, log-normal level draws, 1/Δs weights,
   pseudo-Huber) from the teacher's weights, without calling the teacher.
 * progressive: rounds halving distill.teacher_steps down to distill.steps; each round's teacher is the previous
@@ -67,8 +68,14 @@ def teacher_config(folder: Path) -> Any:
 
 
 def _get(config, dotted: str):
-    section, key = dotted.split(".")
-    return config[section][key]
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def overrides(config, keys) -> str:
+    """--config.KEY=VALUE for each dotted key, with config's values (for an error message to paste from)."""
+    return " ".join(f"--config.{key}={_get(config, key)!r}".replace(" ", "") for key in keys)
 
 
 def find_teacher(config) -> TeacherSource:
@@ -103,14 +110,18 @@ def check_student_fits_teacher(config, teacher, folder: Path) -> None:
     if differ:
         shown = ", ".join(f"{key}={_get(teacher, key)!r} (student: {_get(config, key)!r})" for key in differ)
         raise ConfigError(f"the teacher in {folder} has {shown}: a student learns the teacher's data and process, so "
-                          "set these as the teacher's")
-    network = [key for key in teacher.model if key not in FREE_MODEL_KEYS
-               and teacher.model[key] != config.model[key] and key != "text" and key != "autoencoder"]
-    network += [f"text.{key}" for key in teacher.model.text if teacher.model.text[key] != config.model.text[key]]
+                          f"set them as the teacher's: {overrides(teacher, differ)}")
+    network = [f"model.{key}" for key in teacher.model if key not in FREE_MODEL_KEYS + ("text", "autoencoder")
+               and teacher.model[key] != config.model[key]]
+    network += [f"model.text.{key}" for key in teacher.model.text if teacher.model.text[key] != config.model.text[key]]
     if network:
-        shown = ", ".join(f"model.{key}" for key in network)
         raise ConfigError(f"the student's network must be the teacher's (it starts from the teacher's weights in "
-                          f"{folder}); these keys differ: {shown}. Set them as in the teacher's config")
+                          f"{folder}); these keys differ: {', '.join(network)}. Set them as the teacher's: "
+                          f"{overrides(teacher, network)}")
+    if teacher.model.latent and config.model.autoencoder.pretrained is None:
+        first_stage = teacher.model.autoencoder.pretrained or str(folder / "autoencoder" / "autoencoder.pth")
+        raise ConfigError(f"the teacher in {folder} is a latent model: the student needs its first stage, so set "
+                          f"--config.model.autoencoder.pretrained={first_stage}")
     if not teacher.training.continuous:
         raise ConfigError(f"the teacher in {folder} is a discrete-time network (training.continuous=False): the "
                           f"distillation methods evaluate it at any time of the ODE")
@@ -125,11 +136,13 @@ def check_student_fits_teacher(config, teacher, folder: Path) -> None:
 
 
 class Scores(NamedTuple):
-    """The score functions a distillation loss calls for one batch's labels: the student's (trained) and the
-    teacher's (frozen; None when the method calls no teacher)."""
+    """The score functions a distillation loss calls for one batch's labels: the student's (trained), the
+    teacher's (frozen; None when the method calls no teacher) and the consistency target's (an EMA of the student;
+    None: the student itself)."""
 
     student: ScoreFn
     teacher: Optional[ScoreFn]
+    target: Optional[ScoreFn] = None
 
 
 class Student:
@@ -140,9 +153,12 @@ class Student:
         self.config, self.source, self.sde, self.method = config, source, sde, config.distill.method
         self.teacher: Optional[nn.Module] = None
         self.teacher_score_for: Optional[Callable] = None
+        self.target: Optional[nn.Module] = None  # consistency distillation's EMA target (distill.target_ema > 0)
+        self.target_score_for: Optional[Callable] = None
         self.step = 0
         d, s = config.distill, config.sampling
         self.levels = distillation.karras_times(sde, d.levels)
+        self.level_probabilities = distillation.ict_level_probabilities(sde, self.levels)
         self.rounds = distillation.progressive_rounds(d.teacher_steps, d.steps) if self.method == "progressive" \
             else []
         self.round = 0
@@ -168,6 +184,9 @@ class Student:
                  checkpoint.get("step"))
         if self.method != "consistency_training":
             self._set_teacher(teacher)
+        if self.method == "consistency" and self.config.distill.target_ema > 0:
+            self.target = copy.deepcopy(model).eval().requires_grad_(False)
+            self.target_score_for = builder.labelled_score_fn(self.config, self.sde, self.target)
 
     def _set_teacher(self, teacher: nn.Module) -> None:
         self.teacher = teacher.eval().requires_grad_(False)
@@ -177,13 +196,18 @@ class Student:
         """labels ↦ Scores(student's, teacher's) from the student's labels ↦ score function."""
         def scores_for(labels):
             teacher = None if self.teacher_score_for is None else self.teacher_score_for(labels)
-            return Scores(student_for(labels), teacher)
+            target = None if self.target_score_for is None else self.target_score_for(labels)
+            return Scores(student_for(labels), teacher, target)
         return scores_for
 
     def before_step(self, step: int, model: nn.Module, ema) -> None:
-        """Progressive distillation's next round begins: the student's EMA weights become the student and its
-        teacher."""
+        """The consistency target moves toward the student's weights of the step before (target_ema); progressive
+        distillation's next round begins: the student's EMA weights become the student and its teacher."""
         self.step = step
+        if self.target is not None and step > 1:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.target.parameters()), list(model.parameters()),
+                                     1.0 - self.config.distill.target_ema)
         if not self.rounds:
             return
         r = min((step - 1) // self.round_iters, len(self.rounds) - 1)
@@ -203,8 +227,12 @@ class Student:
                                                  self.grids[self.round], generator, shard)
         student = distillation.consistency_fn(scores.student, self.sde)
         if self.method == "consistency":
+            target = None if scores.target is None else distillation.consistency_fn(scores.target, self.sde)
+            lognormal = d.level_sampling == "lognormal"
             return distillation.consistency_loss(student, self.sde, x0, self.levels, generator, teacher=scores.teacher,
-                                                 solver=d.solver, huber_c=d.huber_c, shard=shard)
+                                                 target=target, solver=d.solver, huber_c=d.huber_c, shard=shard,
+                                                 level_probabilities=self.level_probabilities if lognormal else None,
+                                                 weighted=lognormal)
         levels = distillation.karras_times(self.sde, distillation.ict_level_count(max(self.step - 1, 0),
                                                                                   self.config.training.n_iters))
         return distillation.consistency_loss(student, self.sde, x0, levels, generator, weighted=True,
@@ -215,6 +243,7 @@ class Student:
     def state_dict(self) -> Dict[str, Any]:
         teacher = self.teacher.state_dict() if self.rounds and self.round > 0 else None
         return {"method": self.method, "round": self.round, "teacher": teacher,
+                "target": None if self.target is None else self.target.state_dict(),
                 "teacher_checkpoint": str(self.source.checkpoint)}
 
     def load_state_dict(self, state: Dict[str, Any], path) -> None:
@@ -223,6 +252,12 @@ class Student:
                                   f"distill.method={self.method!r}: use another workdir, or the method it was "
                                   "trained with")
         self.round = int(state["round"])
+        if (state.get("target") is None) != (self.target is None):
+            raise CheckpointError(f"{path} was distilled with{'out' if state.get('target') is None else ''} an EMA "
+                                  f"target and the config sets distill.target_ema={self.config.distill.target_ema}: "
+                                  "resume with the value it was trained with")
+        if self.target is not None:
+            self.target.load_state_dict(state["target"], strict=True)
         if state.get("teacher") is not None:
             teacher = copy.deepcopy(self.teacher)
             teacher.load_state_dict(state["teacher"], strict=True)

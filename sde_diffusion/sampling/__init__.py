@@ -48,7 +48,8 @@ from .grids import (DEFAULT_GRID, EDM_RHO, FEW_STEP_GRID, FEW_STEPS, GRIDS, SECH
 from .pc import CORRECTORS, PREDICTORS
 from .registry import SAMPLERS, Sampler, parse_entry, parse_spec, register_sampler
 from .reverse_sde import SDE_METHODS
-from .settings import check_config, options_from_config, resolved_method, settings_from_config
+from .settings import (check_config, expand_auto_entry, options_from_config, resolved_method, settings_from_config,
+                       student_options)
 from .terms import tweedie_denoise
 from .tuning import steps_for_nfe, tune_grid
 
@@ -92,7 +93,7 @@ def sampler_table() -> str:
 __doc__ = __doc__.replace("SAMPLER_TABLE", sampler_table())
 
 __all__ = ["sample", "register_sampler", "SAMPLERS", "Sampler", "parse_spec", "parse_entry", "options_from_config",
-           "settings_from_config", "resolved_method", "check_config", "Constraint", "CountingScore", "FrameworkScore", "time_grid",
+           "settings_from_config", "resolved_method", "expand_auto_entry", "student_options", "check_config", "Constraint", "CountingScore", "FrameworkScore", "time_grid",
            "solver_grid", "GRIDS", "SECH_WIDTH", "sech_widths", "tune_grid", "steps_for_nfe", "sampler_table",
            "auto_centre", "resolve_auto", "AUTO_CENTRE_FACTOR", "AUTO_PROBE_STEPS", "AUTO_QUANTILE",
            "DEFAULT_GRID", "FEW_STEP_GRID", "FEW_STEPS", "load_grid", "save_grid", "EDM_RHO", "tweedie_denoise",

@@ -54,6 +54,25 @@ def resolved_method(config) -> str:
     return DISTILL_METHODS[student][1]
 
 
+def student_options(config) -> Dict[str, Any]:
+    """`sample`'s keywords a distilled student's own sampler runs with (sampling.method="auto"): the "edm" grid it
+    was distilled on, and no final Tweedie step for a progressive student (its last DDIM step lands on x̂₀)."""
+    return {"grid": "edm", "denoise": False} if student_method(config) == "progressive" else {"grid": "edm"}
+
+
+def expand_auto_entry(config, text: str) -> str:
+    """A compare entry 'auto[:option=value,...]@steps' as the student's own sampler with its grid (and denoise), the
+    entry's options winning; other entries unchanged. ValueError when the config is no student's."""
+    head, at, counts = text.strip().partition("@")
+    method, _, opts = head.partition(":")
+    if method.strip() != AUTO:
+        return text
+    options = {key: str(value) for key, value in student_options(config).items()}
+    options.update(parse_options(opts, f"compare entry {text!r}"))
+    listed = ",".join(f"{key}={value}" for key, value in options.items())
+    return f"{resolved_method(config)}:{listed}{at}{counts}"
+
+
 def options_from_config(config) -> Dict[str, Any]:
     """The options of sampling.method from config.sampling (module docstring), checked against its signature;
     ValueError naming the key for an unknown method, option or bad value."""
@@ -95,8 +114,11 @@ def settings_from_config(config, sde) -> Dict[str, Any]:
     steps = s.steps if s.steps is not None else default_steps(sampler, sde)
     grid = s.grid or sampler.grid_for(steps, sde)
     denoise = s.noise_removal
-    if s.method == AUTO and student_method(config) == "progressive":  # the grid and steps it was distilled for
-        steps, grid, denoise = s.steps or config.distill.steps, s.grid or "edm", False
+    if s.method == AUTO:  # the grid (steps, denoise) it was distilled for
+        own = student_options(config)
+        grid, denoise = s.grid or own["grid"], own.get("denoise", denoise)
+        if student_method(config) == "progressive":
+            steps = s.steps or config.distill.steps
     settings = dict(method=method, steps=steps, eps=s.eps, denoise=denoise, grid=grid)
     if s.grid is not None and s.grid not in GRIDS:  # a grid file: its times fix the steps and eps
         settings.update(steps=None if s.steps is None else s.steps, eps=None)
