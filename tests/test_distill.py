@@ -227,3 +227,14 @@ def test_configs_that_mix_up_students_and_models_are_refused(teacher, tmp_path):
     config.sampling.method = "auto"
     with pytest.raises(ConfigError, match="distill.method is not set"):
         run_lib.evaluate(config, tmp_path / "d")
+
+
+def test_a_student_evaluated_without_its_distill_method_is_refused(teacher, tmp_path):
+    """A consistency student's checkpoint read by a config whose "auto" parameterization is the SDE's own (no
+    distill.method): one error naming what the network predicts, not silently wrong samples."""
+    config = student(teacher, "consistency")
+    config.training.n_iters = config.training.snapshot_freq = 4
+    run_lib.distill(config, tmp_path / "cd")
+    config.distill.method, config.sampling.method = None, "ddim"
+    with pytest.raises(CheckpointError, match="network predicts 'consistency'"):
+        run_lib.evaluate(config, tmp_path / "cd")

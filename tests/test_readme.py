@@ -101,7 +101,8 @@ COVERED = [
     # few-step students of the EDM quickstart: main.py as written, 2 steps each, 8 samples, no FID
     (r"python main\.py " + _CONFIG.format("cd_digits") + r" --mode (distill|compare|eval) --workdir runs/\w+"
      r"( --config\.distill\.method=progressive)?",
-     "tests/test_main_e2e.py::test_cd_digits_distills_the_edm_quickstart_and_compares_through_main (2 steps each)"),
+     "tests/test_main_e2e.py::test_cd_digits_distills_the_edm_quickstart_and_compares_through_main (2 steps; the "
+     "progressive flag in process: tests/test_distill.py)"),
     # post-hoc EMA on the EDM2 digits config: main.py as written, 4 training steps, 16 samples of 4 steps
     (r"python main\.py " + _CONFIG.format("edm2_digits") + r" --mode (train|ema_sweep|eval)"
      r"( --config\.eval\.ema_sigma_rel=[\d.]+)?",

@@ -267,6 +267,11 @@ def check_recorded_parts(checkpoint: Dict, path, expected: Optional[Dict[str, st
             sde_class(expected["training.sde"]):
         raise CheckpointError(f"{path} was trained with training.sde={recorded['training.sde']!r}, and the config "
                               f"says {expected['training.sde']!r}: set training.sde as in training")
+    key = "model.parameterization"
+    if expected and key in recorded and key in expected and recorded[key] != expected[key]:
+        raise CheckpointError(f"{path}'s network predicts {recorded[key]!r} and the config reads it as "
+                              f"{expected[key]!r}: set {key}={recorded[key]!r} (a distilled student: its config, "
+                              "with the distill.method it was distilled by)")
 
 
 def load_weights(path, model: nn.Module, dataset, config=None) -> Dict:
