@@ -234,11 +234,11 @@ def progressive_loss(student: ScoreFn, teacher: ScoreFn, sde: SDE, x0: Tensor, t
     t, t_mid, t_end = teacher_grid[2 * i], teacher_grid[2 * i + 1], teacher_grid[2 * i + 2]
     alpha, sigma = (per_sample(v(t), x0).to(x0.dtype) for v in (sde.alpha, sde.sigma))
     x = alpha * x0 + sigma * z
-    s, s_end = _frame(sde, t, x)[0], _frame(sde, t_end, x)[0]
+    s, (s_end, alpha_end) = _frame(sde, t, x)[0], _frame(sde, t_end, x)
     with torch.no_grad():
         x_end = ddim_step(teacher, sde, ddim_step(teacher, sde, x, t, t_mid), t_mid, t_end)
         ratio = s_end / s
-        target = (x_end / _frame(sde, t_end, x)[1] - ratio * x / alpha) / (1 - ratio)
+        target = (x_end / alpha_end - ratio * x / alpha) / (1 - ratio)
     error = (tweedie_denoise(student, sde, x, t.to(x0.dtype)) - target).flatten(1).pow(2).mean(1)
     return ((1 + 1 / s.flatten() ** 2) * error).mean()
 

@@ -204,29 +204,39 @@ def test_a_teacher_the_student_cannot_learn_from_is_refused_before_compute(teach
         distill_job.find_teacher(config)
 
 
-def test_configs_that_mix_up_students_and_models_are_refused(teacher, tmp_path):
-    config = student(teacher, "progressive")
-    config.model.parameterization = "x0"
-    with pytest.raises(ConfigError, match="set model.parameterization='eps'"):
-        distill_job.find_teacher(config)
-    config = student(teacher, "consistency")
-    config.model.parameterization = "eps"
-    with pytest.raises(ConfigError, match="trains a 'consistency' model"):
-        run_lib.distill(config, tmp_path / "a")
-    config = small(toy_gmm.get_config())
-    config.sampling.method = "consistency"
-    with pytest.raises(ConfigError, match="needs a 'consistency' model"):
-        run_lib.evaluate(config, tmp_path / "b")
-    with pytest.raises(ConfigError, match="run --mode distill"):
-        run_lib.train(student(teacher, "consistency"), tmp_path / "c")
-    config = student(teacher, "consistency")
-    config.distill.target_ema = 1.0
-    with pytest.raises(ConfigError, match="distill.target_ema must lie in"):
-        run_lib.distill(config, tmp_path / "e")
-    config = small(toy_gmm.get_config())
-    config.sampling.method = "auto"
-    with pytest.raises(ConfigError, match="distill.method is not set"):
-        run_lib.evaluate(config, tmp_path / "d")
+def with_settings(config, **sections):
+    """config with {section: {key: value}} set."""
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(config[section], key, value)
+    return config
+
+
+# (the config from the teacher's workdir, the job that must refuse it, the words of its error)
+MIX_UPS = {
+    "progressive student predicting otherwise": (
+        lambda t: with_settings(student(t, "progressive"), model={"parameterization": "x0"}),
+        lambda c, w: distill_job.find_teacher(c), "set model.parameterization='eps'"),
+    "consistency student of another parameterization": (
+        lambda t: with_settings(student(t, "consistency"), model={"parameterization": "eps"}),
+        run_lib.distill, "trains a 'consistency' model"),
+    "consistency sampler on another model": (
+        lambda t: with_settings(small(toy_gmm.get_config()), sampling={"method": "consistency"}),
+        run_lib.evaluate, "needs a 'consistency' model"),
+    "a student's config trained": (lambda t: student(t, "consistency"), run_lib.train, "run --mode distill"),
+    "target EMA of 1": (lambda t: with_settings(student(t, "consistency"), distill={"target_ema": 1.0}),
+                        run_lib.distill, "distill.target_ema must lie in"),
+    "auto sampler without a student": (
+        lambda t: with_settings(small(toy_gmm.get_config()), sampling={"method": "auto"}),
+        run_lib.evaluate, "distill.method is not set"),
+}
+
+
+@pytest.mark.parametrize("case", MIX_UPS)
+def test_configs_that_mix_up_students_and_models_are_refused(teacher, tmp_path, case):
+    make, job, message = MIX_UPS[case]
+    with pytest.raises(ConfigError, match=message):
+        job(make(teacher), tmp_path / "run")
 
 
 def test_a_student_evaluated_without_its_distill_method_is_refused(teacher, tmp_path):

@@ -16,6 +16,7 @@ same data, SDE and network). The student's network starts from those weights.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -233,11 +234,16 @@ class Student:
                                                  target=target, solver=d.solver, huber_c=d.huber_c, shard=shard,
                                                  level_probabilities=self.level_probabilities if lognormal else None,
                                                  weighted=lognormal)
-        levels = distillation.karras_times(self.sde, distillation.ict_level_count(max(self.step - 1, 0),
-                                                                                  self.config.training.n_iters))
+        levels, probabilities = self.ict_levels(distillation.ict_level_count(max(self.step - 1, 0),
+                                                                             self.config.training.n_iters))
         return distillation.consistency_loss(student, self.sde, x0, levels, generator, weighted=True,
-                                             level_probabilities=distillation.ict_level_probabilities(self.sde, levels),
-                                             huber_c=d.huber_c, shard=shard)
+                                             level_probabilities=probabilities, huber_c=d.huber_c, shard=shard)
+
+    @functools.lru_cache(maxsize=None)
+    def ict_levels(self, count: int):
+        """iCT's `count` levels and their probabilities (the curriculum has a handful of counts: built once each)."""
+        levels = distillation.karras_times(self.sde, count)
+        return levels, distillation.ict_level_probabilities(self.sde, levels)
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
