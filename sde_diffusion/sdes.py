@@ -23,6 +23,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Type
 import torch
 
 from .errors import ConfigError
+from .generators import Generator, randn
 from .options import Registry, did_you_mean, parse_options
 
 Tensor = torch.Tensor
@@ -449,9 +450,10 @@ class SDE(abc.ABC):
         return drift * dt, diffusion * math.sqrt(dt)
 
     # --- prior --------------------------------------------------------------------------------------
-    def prior_sampling(self, shape: Sequence[int], generator: Optional[torch.Generator] = None,
-                       device=None, dtype=None) -> Tensor:
-        return self.prior_std * torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+    def prior_sampling(self, shape: Sequence[int], generator: Generator = None, device=None, dtype=None) -> Tensor:
+        """prior_std·z, z ~ N(0, I) of `shape`, from a torch.Generator or per sample from `SampleGenerators`
+        (generators.randn; an override should draw through it too)."""
+        return self.prior_std * randn(shape, generator, device=device, dtype=dtype)
 
     def prior_logp(self, z: Tensor) -> Tensor:
         """log N(z; 0, prior_std² I) in nats, summed over all but the batch dimension: shape (batch,)."""

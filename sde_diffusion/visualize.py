@@ -88,16 +88,16 @@ def forward_noising_strip(sde, x0: torch.Tensor, times: Sequence[float], generat
 
 
 class TrajectoryRecorder:
-    """A sampler callback that records every state (keep the batch small); `pick(count)` returns `count` of them,
-    evenly spaced over the steps and including the last, as (t, x) pairs."""
+    """A sampler callback that records every state and its denoised estimate x̂₀ (keep the batch small);
+    `pick(count)` returns `count` of them, evenly spaced over the steps and including the last, as (t, x, x̂₀)."""
 
     def __init__(self):
-        self.states: List[Tuple[float, torch.Tensor]] = []
+        self.states: List[Tuple[float, torch.Tensor, torch.Tensor]] = []
 
-    def __call__(self, i: int, t, x: torch.Tensor) -> None:
-        self.states.append((float(t), x.detach().cpu().clone()))
+    def __call__(self, i: int, t, x: torch.Tensor, x0: torch.Tensor) -> None:
+        self.states.append((float(t), x.detach().cpu().clone(), x0.detach().cpu().clone()))
 
-    def pick(self, count: int = 8) -> List[Tuple[float, torch.Tensor]]:
+    def pick(self, count: int = 8) -> List[Tuple[float, torch.Tensor, torch.Tensor]]:
         n = len(self.states)
         indices = sorted({round(j * (n - 1) / max(count - 1, 1)) for j in range(min(count, n))})
         return [self.states[j] for j in indices]

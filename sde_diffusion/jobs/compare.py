@@ -27,6 +27,7 @@ from .. import distributed, sampling
 from ..checkpoints import write_json
 from ..errors import ConfigError
 from ..sampling.grids import SECH_SPACINGS, default_spacing
+from ..sampling.settings import controls_from_config
 from ..validation import validate_config
 from . import builder
 from .distill import TeacherSource, find_teacher
@@ -54,13 +55,14 @@ def run(config, workdir, eval_folder: str = "compare") -> None:
 
 
 def entry_settings(config, entry: SamplerEntry) -> Dict:
-    """Keyword arguments of `sample` for one row: the entry's method, steps and options, eps and denoise from
-    config.sampling, and the grid: the entry's grid= option, else sampling.grid, else default_spacing (with
-    sampling.rho for "edm", sampling.width for "sech" and "auto", eps from a grid file). ConfigError when a grid
-    file's step count is not the entry's."""
+    """Keyword arguments of `sample` for one row: the entry's method, steps and options, eps, denoise, clip_x0
+    and threshold from config.sampling (the entry's own clip_x0=/threshold= win), and the grid: the entry's grid=
+    option, else sampling.grid, else default_spacing (with sampling.rho for "edm", sampling.width for "sech" and
+    "auto", eps from a grid file). ConfigError when a grid file's step count is not the entry's."""
     s = config.sampling
     grid = entry.options.get("grid") or s.grid or default_spacing(entry.steps)
-    settings = dict(method=entry.method, steps=entry.steps, eps=s.eps, denoise=s.noise_removal, grid=grid)
+    settings = dict(method=entry.method, steps=entry.steps, eps=s.eps, denoise=s.noise_removal, grid=grid,
+                    **controls_from_config(config))
     if grid not in sampling.GRIDS:
         check_grid_file(entry, grid, "its grid= option" if "grid" in entry.options else "sampling.grid")
         settings["eps"] = None  # the file's last time

@@ -27,12 +27,12 @@ from ..errors import CheckpointError
 from ..validation import validate_config
 from ..visualize import TrajectoryRecorder, forward_noising_strip, save_strip, unit_scale
 from . import builder
-from .generation import generate_and_score, image_metrics, make_conditioning, resolve_grid, save_samples_picture
+from .generation import (generate_and_score, image_metrics, make_conditioning, resolve_grid, sample_generators,
+                         save_samples_picture)
 
 log = logging.getLogger("sde_diffusion")
 
 PICTURE_IMAGES = 8  # rows of the forward-noising and trajectory strips
-TRAJECTORY_SEED_KEY = 2**31 - 1  # seeds the trajectory picture apart from every sampling round
 NOISING_TIMES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)  # columns of the forward-noising strip
 REPORT_LOG_OMITS = ("config", "sampler", "inception_weights")  # report keys left out of the log line
 POLL_SECONDS = 30.0  # eval.wait=True: how often the checkpoint folder is looked at
@@ -285,12 +285,15 @@ def save_forward_noising_picture(config, sde, dataset, path: Path) -> None:
 
 
 def save_trajectory_picture(config, sde, conditioning, dataset, device, path: Path, k: int) -> None:
-    """The sampler's states from the prior to the data for a few samples (rescaled to unit variance)."""
+    """How the first PICTURE_IMAGES scored samples came about (their seeds, labels and grid): two rows per sample,
+    8 of the sampler's states from the prior to eps (rescaled to unit variance) and below each its denoised
+    estimate x̂₀; the last x̂₀ is the returned sample."""
     recorder = TrajectoryRecorder()
-    generator = torch.Generator(device=device).manual_seed(builder.round_seed(config.seed, k, TRAJECTORY_SEED_KEY))
     settings = resolve_grid(config, sde, conditioning, dataset, builder.sampler_settings(config, sde), device,
                             config.eval.num_samples)  # the grid of the scored samples
-    x, _ = sampling.sample(conditioning.score_fn(0, PICTURE_IMAGES, device), sde, (PICTURE_IMAGES, *dataset.shape),
-                           generator=generator, device=device, callback=recorder, **settings)
-    columns = [dataset.from_model(unit_scale(sde, state, t)) for t, state in recorder.pick(8)]
-    save_strip(columns + [dataset.from_model(x).cpu()], path)
+    sampling.sample(conditioning.score_fn(0, PICTURE_IMAGES, device), sde, (PICTURE_IMAGES, *dataset.shape),
+                    generator=sample_generators((config.seed, k), 0, PICTURE_IMAGES, device), device=device,
+                    callback=recorder, **settings)
+    columns = [torch.stack([dataset.from_model(unit_scale(sde, state, t)), dataset.from_model(x0)], dim=1)
+               for t, state, x0 in recorder.pick(8)]
+    save_strip([column.flatten(0, 1) for column in columns], path)  # rows 2i, 2i + 1: sample i's states, x̂₀

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,6 +18,8 @@ from ..errors import CheckpointError
 from ..models.text_conditioning import dataset_captions
 from ..visualize import save_image_grid, save_scatter
 from .builder import round_seed, sampler_settings
+
+SEEDING = "per sample: round_seed(*seed_keys, index)"  # in round fingerprints: rounds seeded otherwise are not mixed in
 
 
 class Conditioning:
@@ -124,18 +126,25 @@ def resolve_grid(config, sde, conditioning, dataset, settings: Dict, device, num
                                  device=device)
 
 
+def sample_generators(seed_keys: Sequence[int], start: int, n: int, device) -> sampling.SampleGenerators:
+    """The generators of samples start..start+n−1: sample i's seed is round_seed(*seed_keys, i), so it depends on
+    the run's seed keys and its index alone, not on eval.batch_size, the round or the number of ranks."""
+    return sampling.SampleGenerators([round_seed(*seed_keys, i) for i in range(start, start + n)], device)
+
+
 def draw_samples(config, sde, model, dataset, num: int, device, seed: int,
                  conditioning: Optional[Conditioning] = None) -> Tuple[torch.Tensor, int]:
-    """num samples in [0, 1] (images) or data space (toy), generated in rounds of eval.batch_size."""
+    """num samples in [0, 1] (images) or data space (toy), generated in rounds of eval.batch_size; sample i seeded
+    by (seed, i)."""
     model.eval()
     conditioning = conditioning or Conditioning(config, sde, model, dataset)
-    generator = torch.Generator(device=device).manual_seed(seed)
     settings, chunks, nfe = sampler_settings(config, sde), [], 0
     settings = resolve_grid(config, sde, conditioning, dataset, settings, device, num)
     for start in range(0, num, config.eval.batch_size):
         n = min(config.eval.batch_size, num - start)
         x, nfe = sampling.sample(conditioning.score_fn(start, n, device), sde, (n, *dataset.shape),
-                                 generator=generator, device=device, progress=True, **settings)
+                                 generator=sample_generators((seed,), start, n, device), device=device,
+                                 progress=True, **settings)
         chunks.append(dataset.from_model(x).cpu())
     return torch.cat(chunks), nfe
 
@@ -159,9 +168,9 @@ def image_metrics(config, dataset, device, world: distributed.World):
 def generate_and_score(config, sde, conditioning, dataset, device, folder: Path, seed_keys, settings: Dict,
                        num: int, metrics, fingerprint: Dict, world: distributed.World = distributed.World(), *,
                        resamples: int = 0) -> Tuple[torch.Tensor, Dict]:
-    """num samples with `settings` and `conditioning` (labels, guidance), in resumable rounds of eval.batch_size
-    seeded by (*seed_keys, round), and their metrics: FID/KID/IS for images (when `metrics`, an ImageMetrics, is
-    given), sliced W₂ / NLL for toy data; resamples > 0 adds each metric's standard error `<metric>_se` (see
+    """num samples with `settings` and `conditioning` (labels, guidance), in resumable rounds of eval.batch_size,
+    sample i seeded by (*seed_keys, i) (`sample_generators`), and their metrics: FID/KID/IS for images (when
+    `metrics`, an ImageMetrics, is given), sliced W₂ / NLL for toy data; resamples > 0 adds each metric's standard error `<metric>_se` (see
     evaluation/sample_quality.py; seeded by config.seed). Under torchrun the ranks share the rounds and only rank
     0 gets results ((None, None) on the others)."""
     from evaluation.rounds import run_in_rounds
@@ -171,9 +180,9 @@ def generate_and_score(config, sde, conditioning, dataset, device, folder: Path,
 
     def make_round(r: int, n: int) -> Dict[str, np.ndarray]:
         round_start = time.time()
-        generator = torch.Generator(device=device).manual_seed(round_seed(*seed_keys, r))
-        score_fn = conditioning.score_fn(r * config.eval.batch_size, n, device)
-        x, nfe = sampling.sample(score_fn, sde, (n, *dataset.shape), generator=generator, device=device,
+        start = r * config.eval.batch_size
+        x, nfe = sampling.sample(conditioning.score_fn(start, n, device), sde, (n, *dataset.shape),
+                                 generator=sample_generators(seed_keys, start, n, device), device=device,
                                  progress=True, **resolved)
         samples = dataset.from_model(x).cpu()
         result = {"samples": samples.numpy(), "nfe": np.full(n, nfe),
@@ -183,7 +192,7 @@ def generate_and_score(config, sde, conditioning, dataset, device, folder: Path,
         return result
 
     fitted = resolved.get("grid") is not settings.get("grid")  # an "auto" grid: its times are part of the result
-    fingerprint = {**fingerprint, "sampler": settings, "seed_keys": list(seed_keys),
+    fingerprint = {**fingerprint, "sampler": settings, "seed_keys": list(seed_keys), "seeds": SEEDING,
                    **({"grid_times": resolved["grid"].tolist()} if fitted else {}),
                    "round_size": config.eval.batch_size,
                    "inception_sha256": metrics.weights.sha256 if metrics else None}

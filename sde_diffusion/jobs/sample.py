@@ -29,7 +29,7 @@ from ..text import caption_words
 from ..validation import validate_config
 from ..visualize import checkerboard_where_unknown, save_image_grid, save_strip
 from . import builder
-from .generation import draw_samples, make_conditioning, save_samples_picture
+from .generation import draw_samples, make_conditioning, sample_generators, save_samples_picture
 
 log = logging.getLogger("sde_diffusion")
 PROMPT_NAME_CHARS = 40  # of the prompt's words in sample file names
@@ -154,13 +154,13 @@ def conditioning_picture_inputs(config, originals: torch.Tensor, mask: torch.Ten
 
 
 def sample_conditional(config, sde, model, dataset, device, path: Path, out: Path) -> None:
-    """Inpaint or colourize (config.sampling.inpaint_mask / colorize) in rounds of eval.batch_size; writes a PNG
-    whose rows show input, sample and original side by side, and an .npz with all three (and the inpainting mask)."""
+    """Inpaint or colourize (config.sampling.inpaint_mask / colorize) in rounds of eval.batch_size, sample i seeded
+    by (config.seed, i); writes a PNG whose rows show input, sample and original side by side, and an .npz with all
+    three (and the inpainting mask)."""
     s = config.sampling
     model.eval()
     score_fn = get_score_fn(sde, model, continuous=config.training.continuous,
                             parameterization=parameterization.from_config(config, sde))
-    generator = torch.Generator(device=device).manual_seed(config.seed)
     settings = builder.sampler_settings(config, sde)
     originals, mask = conditioning_inputs(config, dataset)
     first = originals[:config.eval.batch_size]
@@ -169,6 +169,7 @@ def sample_conditional(config, sde, model, dataset, device, path: Path, out: Pat
     for start in range(0, len(originals), config.eval.batch_size):
         batch = originals[start:start + config.eval.batch_size].to(device)
         constraint = conditioning_constraint(config, sde, dataset, batch, mask.to(device))
+        generator = sample_generators((config.seed,), start, len(batch), device)
         x, nfe = sampling.sample(score_fn, sde, tuple(batch.shape), generator=generator, device=device,
                                  progress=True, constraint=constraint, **settings)
         chunks.append(dataset.from_model(x).cpu())

@@ -14,6 +14,8 @@ options (`sample(..., option=value)`, config strings "name:option=value@steps", 
 SAMPLER_TABLE
 
 `denoise=True` adds one call. Nothing here asks which SDE it has; the SDE classes answer α, σ, λ, drift, diffusion.
+`clip_x0=c` / `threshold=p` clip or dynamically threshold x̂₀ at every score evaluation of any sampler (controls.py);
+`generator=SampleGenerators(seeds)` gives each sample its own noise, so it does not depend on its batch.
 
 Each sampler declares its default grid and its documented step count at registration (`register_sampler(name,
 grid=..., steps=N)`, read back as `SAMPLERS[name].grid` and `.steps`); `sample` uses them when `grid`/`steps` are
@@ -37,9 +39,11 @@ or a grid file; `tune_grid(score_fn, sde, shape,
 method, nfe)` fits the times to a model and budget (tuning.py), `steps_for_nfe` converts a budget into steps.
 """
 from ..ode import BACKENDS as ODE_BACKENDS
+from ..generators import SampleGenerators
 from ..ode import ODE_ATOL, ODE_RTOL, dopri5, scipy_rk45
 from . import consistency, fast, flow, multistep, pc, reverse_sde, stochastic  # noqa: F401  (registers the built-in samplers)
 from .auto_grid import AUTO_CENTRE_FACTOR, AUTO_PROBE_STEPS, AUTO_QUANTILE, auto_centre
+from .controls import ControlledScore, controlled, dynamic_threshold
 from .core import Constraint, CountingScore, FrameworkScore, resolve_auto, sample
 from .fast import dpm_solver_pp_update
 from .flow import ode_decode, ode_encode
@@ -97,5 +101,6 @@ __all__ = ["sample", "register_sampler", "SAMPLERS", "Sampler", "parse_spec", "p
            "solver_grid", "GRIDS", "SECH_WIDTH", "sech_widths", "tune_grid", "steps_for_nfe", "sampler_table",
            "auto_centre", "resolve_auto", "AUTO_CENTRE_FACTOR", "AUTO_PROBE_STEPS", "AUTO_QUANTILE",
            "DEFAULT_GRID", "FEW_STEP_GRID", "FEW_STEPS", "load_grid", "save_grid", "EDM_RHO", "tweedie_denoise",
-           "ode_encode", "ode_decode", "dpm_solver_pp_update",
+           "ode_encode", "ode_decode", "dpm_solver_pp_update", "SampleGenerators", "ControlledScore", "controlled",
+           "dynamic_threshold",
            "PREDICTORS", "CORRECTORS", "SDE_METHODS", "ODE_BACKENDS", "ODE_RTOL", "ODE_ATOL", "dopri5", "scipy_rk45"]

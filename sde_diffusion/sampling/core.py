@@ -14,8 +14,19 @@ does the bookkeeping, so that samplers only do their arithmetic:
   So a sampler should evaluate the score before computing anything else from x in an update (see
   `terms.evaluated`). A multistep sampler can read `score_fn.state_jumps`: True when the constraint also moves the
   coordinates it does not fix (RePaint's rounds), so that earlier evaluations no longer lie on the trajectory.
-* **Progress and callback**: the bar advances and callback(i, t, x) fires (with the constrained state) when an
-  evaluation reaches the next grid time t = timesteps[i + 1]; the last step's call gets the returned x at eps.
+* **Progress and callback**: the bar advances and callback(i, t, x, x0) fires when an evaluation reaches the next
+  grid time t = timesteps[i + 1], after it: x is the (constrained) state evaluated, x0 = (x + σ²·s)/α the
+  denoised estimate of its score s. The last step's call gets the state at eps and, as x0, the returned sample
+  (the final Tweedie step's, or that state itself without one). A callback taking three positional arguments
+  (read once from its signature) is called as callback(i, t, x).
+* **Controls on x̂₀** (`clip_x0`, `threshold`; sampling/controls.py) wrap the score function inside the counting:
+  every evaluation of every sampler, the final Tweedie step and a constraint's own calls included, returns the
+  score of the clipped or thresholded x̂₀, at no extra NFE.
+* **Seeds**: `generator` is a torch.Generator for the whole batch, or `SampleGenerators` (one per sample: sample
+  i then depends only on its seed, sde_diffusion/generators.py). Samplers draw through `terms.noise`. Three
+  depend on the batch all the same: torchsde's Brownian tree (`sde`) serves the batch and takes one seed from all
+  the generators, the adaptive `ode` chooses its steps by the whole batch's error, and `pc`'s Langevin corrector
+  takes its step size from batch means (score_sde's rule). So does the "auto" grid, measured on a batch.
 * **No host round trips** unless asked for: finding which grid step an evaluation completes means reading its time
   back from the device, so the framework does it only for a constraint or a callback (every evaluation), and for
   a progress bar at most every PROGRESS_READ_SECONDS; otherwise it only counts, and a fixed-grid sampler runs
@@ -36,6 +47,7 @@ A constraint is any object with
 """
 from __future__ import annotations
 
+import inspect
 import time as time_module
 from pathlib import Path
 from typing import Callable, Dict, Optional, Protocol, Sequence, Tuple, Union
@@ -43,13 +55,16 @@ from typing import Callable, Dict, Optional, Protocol, Sequence, Tuple, Union
 import torch
 from ..progress import Progress
 
+from ..generators import Generator, SampleGenerators
 from ..sdes import SDE, ScoreFn, batch_time
 from .auto_grid import auto_centre
+from .controls import controlled
 from .grids import EDM_RHO, GRIDS, SECH_WIDTH, Width, explicit_grid, load_grid, make_grid, sech_widths
 from .registry import Sampler, get_sampler
-from .terms import tweedie_denoise
+from .terms import denoised, tweedie_denoise
 
-Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
+# callback(i, t, x, x0), or callback(i, t, x): see the module docstring
+Callback = Callable[..., None]
 # Evaluation times within this relative distance of a grid time are that grid time (float32 rounding of t).
 GRID_SNAP = 1e-5
 # A progress bar alone reads an evaluation's time back from the device at most this often (seconds).
@@ -60,7 +75,7 @@ class Constraint(Protocol):
     """What `sample(..., constraint=c)` applies to the state (see the module docstring); `finish` is optional."""
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, t_prev: Optional[torch.Tensor], score_fn: ScoreFn,
-                 generator: Optional[torch.Generator]) -> torch.Tensor:
+                 generator: Generator) -> torch.Tensor:
         ...
 
 
@@ -81,7 +96,15 @@ def _time(t, device=None) -> torch.Tensor:
     return torch.as_tensor(t, dtype=torch.float64).reshape(-1).max().to(device)
 
 
-def bind(constraint: Constraint, counted: CountingScore, generator: Optional[torch.Generator]
+def takes_x0(callback: Callback) -> bool:
+    """Whether callback takes a fourth positional argument (x0), read from its signature (False: callback(i, t, x))."""
+    parameters = inspect.signature(callback).parameters.values()
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        return True
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters) >= 4
+
+
+def bind(constraint: Constraint, counted: CountingScore, generator: Generator
          ) -> Callable[[torch.Tensor, object, object], torch.Tensor]:
     """constrain(x, t, t_prev) -> x: the constraint with the counted score and the generator filled in, times (floats
     or tensors) as 0-d float64 tensors on x's device. What a sampler that declares `constraint` receives."""
@@ -94,11 +117,12 @@ def bind(constraint: Constraint, counted: CountingScore, generator: Optional[tor
 class FrameworkScore:
     """The score function a sampler gets from `sample`: counts, constrains, reports progress (module docstring)."""
 
-    def __init__(self, counted: CountingScore, timesteps: torch.Tensor, constraint: Optional[Constraint],
-                 generator: Optional[torch.Generator], bar, callback: Optional[Callback]):
-        self.counted, self.constraint, self.generator = counted, constraint, generator
+    def __init__(self, counted: CountingScore, sde: SDE, timesteps: torch.Tensor, constraint: Optional[Constraint],
+                 generator: Generator, bar, callback: Optional[Callback]):
+        self.counted, self.sde, self.constraint, self.generator = counted, sde, constraint, generator
         self.grid = timesteps.cpu()  # float64; evaluation times are compared on the host
         self.bar, self.callback = bar, callback
+        self.callback_x0 = callback is not None and takes_x0(callback)
         self.t_prev: Optional[torch.Tensor] = None  # time of the evaluation that completed the last grid step
         self.reached = 0  # grid steps completed, as seen from the evaluation times
         self.state_jumps = constraint is not None and bool(getattr(constraint, "moves_free_coordinates", True))
@@ -128,24 +152,32 @@ class FrameworkScore:
             x.copy_(self.constrain(x, time, self.t_prev if new_step else time))
         if new_step:
             self.t_prev = time
-        self._advance(reached, x)
-        return self.counted(x, t)
+        score = self.counted(x, t)
+        self._advance(reached, x, lambda: denoised(self.sde, x, t, score))
+        return score
 
-    def _advance(self, reached: int, x: torch.Tensor) -> None:
+    def _advance(self, reached: int, x: torch.Tensor, x0: Callable[[], torch.Tensor]) -> None:
+        """Progress and callback up to grid step `reached`; x0() gives the denoised estimate (made only when the
+        callback takes it)."""
         if reached <= self.reached:
             return
         self.bar.update(reached - self.reached)
         self.reached = reached
         if self.callback is not None:
-            self.callback(reached - 1, self.grid[reached].to(x.device), x)
+            t = self.grid[reached].to(x.device)
+            if self.callback_x0:
+                self.callback(reached - 1, t, x, x0())
+            else:
+                self.callback(reached - 1, t, x)
 
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        """The returned state: constrained at eps, the last progress step and callback."""
-        if self.constraint is not None:
-            x = self.constrain(x, self.grid[-1], self.t_prev)
-        self._advance(len(self.grid) - 1, x)
+    def at_eps(self, x: torch.Tensor) -> torch.Tensor:
+        """The sampler's returned state, constrained at eps."""
+        return x if self.constraint is None else self.constrain(x, self.grid[-1], self.t_prev)
+
+    def finish(self, x: torch.Tensor, x0: torch.Tensor) -> None:
+        """The last progress step and callback (x: the state at eps, x0: the returned sample), and the bar closed."""
+        self._advance(len(self.grid) - 1, x, lambda: x0)
         self.bar.close()
-        return x
 
 
 def _prior(sde: SDE, shape: Sequence[int], x_T: Optional[torch.Tensor], generator, device, dtype) -> torch.Tensor:
@@ -189,11 +221,12 @@ def _timesteps(sde: SDE, sampler: Sampler, steps: Optional[int], eps: Optional[f
 
 
 def sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str = "pc", *, steps: Optional[int] = None,
-           eps: Optional[float] = None, denoise: bool = True, generator: Optional[torch.Generator] = None,
+           eps: Optional[float] = None, denoise: bool = True, generator: Generator = None,
            device=None, dtype: torch.dtype = torch.float32, progress: bool = False,
            callback: Optional[Callback] = None, constraint: Optional[Constraint] = None,
            grid: Union[str, Path, Sequence[float], torch.Tensor, None] = None, rho: float = EDM_RHO,
-           width: Optional[Width] = None, x_T: Optional[torch.Tensor] = None, **options) -> Tuple[torch.Tensor, int]:
+           width: Optional[Width] = None, x_T: Optional[torch.Tensor] = None, clip_x0: Optional[float] = None,
+           threshold: Optional[float] = None, **options) -> Tuple[torch.Tensor, int]:
     """Draw `shape[0]` samples with the registered sampler `method`; returns (x, nfe).
 
     steps: grid steps (default: the sampler's documented count `SAMPLERS[method].steps`, else sde.N). eps: last
@@ -202,21 +235,28 @@ def sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str = "pc"
     "auto": sech centred at the model's data scale, measured on first use (auto_grid.py: AUTO_PROBE_STEPS score
     calls, cached on score_fn, not counted in nfe); None: the sampler's default for that many steps), the times
     themselves (1-D, T → eps; steps and eps then follow from it) or a grid file's path (`tune_grid`, `save_grid`). x_T: start from this prior draw (not modified). denoise: finish with
-    a Tweedie step at eps (counted in nfe; never for a sampler that returns x̂₀ itself, `Sampler.returns_x0`). callback(i, t, x) after every grid step. constraint: see the module
-    docstring. options: the sampler's own (its signature; a ValueError names the valid ones).
+    a Tweedie step at eps (counted in nfe; never for a sampler that returns x̂₀ itself, `Sampler.returns_x0`).
+    generator: a torch.Generator, or SampleGenerators with one generator per sample (shape[0] of them).
+    callback(i, t, x, x0) (or (i, t, x)) after every grid step. constraint: see the module docstring. clip_x0 = c:
+    x̂₀ clipped to [−c, c] at every score evaluation; threshold = p ∈ (0, 1): Imagen's dynamic thresholding at the
+    p-quantile of |x̂₀| (sampling/controls.py; None: off). options: the sampler's own (its signature; a ValueError
+    names the valid ones).
     """
     sampler = get_sampler(method)
     options = sampler.check_options(options)
+    if isinstance(generator, SampleGenerators) and len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} per-sample generators for {shape[0]} samples: give one per sample")
+    controlled_score = controlled(score_fn, sde, clip_x0, threshold)
     timesteps = _timesteps(sde, sampler, steps, eps, grid, rho, width, device,
                            lambda end: auto_centre(score_fn, sde, shape, end, dtype=dtype,
                                                    device=device if device is not None or x_T is None else x_T.device))
-    counted = CountingScore(score_fn)
+    counted = CountingScore(controlled_score)
     bar = Progress(total=len(timesteps) - 1, desc=method, enabled=progress)
     with torch.no_grad():
         x = _prior(sde, shape, x_T, generator, device, dtype)
         timesteps = timesteps.to(x.device)
-        framework = FrameworkScore(counted, timesteps, None if sampler.takes_constraint else constraint, generator,
-                                   bar, callback)
+        framework = FrameworkScore(counted, sde, timesteps, None if sampler.takes_constraint else constraint,
+                                   generator, bar, callback)
         passed = {"generator": generator} if sampler.takes_generator else {}
         if sampler.takes_constraint:
             passed["constraint"] = None if constraint is None else bind(constraint, counted, generator)
@@ -224,9 +264,10 @@ def sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], method: str = "pc"
         if not torch.is_tensor(x) or tuple(x.shape) != tuple(shape):
             raise ValueError(f"sampler {method!r} returned {type(x).__name__} of shape "
                              f"{tuple(getattr(x, 'shape', ()))}; it must return the state, shaped {tuple(shape)}")
-        x = framework.finish(x)
-        if denoise and not sampler.returns_x0:
-            x = tweedie_denoise(counted, sde, x, timesteps[-1].to(dtype))
+        x = framework.at_eps(x)
+        x0 = tweedie_denoise(counted, sde, x, timesteps[-1].to(dtype)) if denoise and not sampler.returns_x0 else x
+        framework.finish(x, x0)
+        x = x0
         finish = getattr(constraint, "finish", None)
         if finish is not None:
             x = finish(x)

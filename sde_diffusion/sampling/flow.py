@@ -37,6 +37,9 @@ def ode_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: torch.T
     It applies a constraint itself, after every accepted step, as an operator splitting: the solver then restarts
     from the constrained state, re-evaluating the derivative there (one more score call per accepted step).
     Constraining every Runge–Kutta stage instead would put fresh noise into the embedded error estimate.
+
+    Per-sample seeds (SampleGenerators) fix each sample's prior draw, but the step sizes come from one error norm
+    over the whole batch, so a sample depends on its batch within the solver's tolerance.
     """
     if rtol <= 0 or atol <= 0:
         raise ValueError(f"rtol and atol must be > 0, got {rtol}, {atol}")

@@ -73,7 +73,8 @@ def langevin_corrector(score_fn, sde, x, t, generator, snr, n_steps):
     As in score_sde's code, ‖z‖ and ‖s‖ are the batch means of the per-sample norms, so ε is one number per step.
     A per-sample ε(x) ∝ 1/‖s(x)‖² is a state-dependent step, whose Langevin chain does not target p_t; in low
     dimensions, where ‖s(x)‖ is often near 0 at a mode's centre, it throws points far out (tests show it).
-    `scale` is the SDE's Langevin step scale (α_i of the DDPM chain for VP, 1 for VE).
+    `scale` is the SDE's Langevin step scale (α_i of the DDPM chain for VP, 1 for VE). Through ε a sample depends
+    on its batch, also with per-sample seeds (SampleGenerators); "ald" does not.
     """
     t = batch_time(t.to(x.dtype), x)
     scale = langevin_step_scale(sde, t)

@@ -9,6 +9,8 @@ x: the prior draw (batch, ...); timesteps: 1-D float64 tensor from T down to eps
 default is an option, except the framework's names: `generator` (declared by samplers that draw noise: the
 framework passes the caller's generator) and `constraint` (declared only by samplers that apply constraints
 themselves, see sde_diffusion/sampling/core.py). An option annotated `Literal[...]` only takes those values.
+Draw noise with `terms.noise(x, generator)`: the generator may be per-sample (`SampleGenerators`), which
+torch.randn does not take.
 """
 from __future__ import annotations
 
@@ -21,11 +23,12 @@ from ..options import Option, check_option, literal_choices, type_hints
 from ..options import coerce as _coerce
 from ..options import parse_options as _parse_options
 from ..sdes import SDE
+from .controls import check_clip_x0, check_threshold
 from .grids import DEFAULT_GRID, FEW_STEP_GRID, GRID_NAMES, Width, default_spacing, sech_widths
 
 # Keywords of `sample` (the framework's); a sampler may not use them as option names.
 RESERVED = ("steps", "eps", "denoise", "device", "dtype", "progress", "callback", "grid", "rho", "width", "x_T", "method",
-            "shape")
+            "shape", "clip_x0", "threshold")
 # Framework values a sampler receives by declaring a parameter of this name.
 PASSED = ("generator", "constraint")
 SPEC_FORMAT = "'method[:option=value,...]', e.g. 'dpm_solver:order=2'"
@@ -170,12 +173,14 @@ def parse_options(text: str, where: str = "options") -> Dict[str, str]:
 
 
 # Keywords of `sample` that a text spec may set next to the sampler's options (the default gives the type).
-SPEC_KEYWORDS = {"denoise": True, "grid": DEFAULT_GRID, "rho": 7.0, "width": "3/1", "eps": 1e-3}
+SPEC_KEYWORDS = {"denoise": True, "grid": DEFAULT_GRID, "rho": 7.0, "width": "3/1", "eps": 1e-3, "clip_x0": 1.0,
+                 "threshold": 0.995}
 
 
 def parse_spec(text: str) -> Tuple[str, Dict[str, Any]]:
     """'method[:option=value,...]' → (method, checked options); the options are the sampler's own and `sample`'s
-    SPEC_KEYWORDS (denoise, grid, rho, width, eps). ValueError for an unknown method, option or bad value."""
+    SPEC_KEYWORDS (denoise, grid, rho, width, eps, clip_x0, threshold). ValueError for an unknown method, option or
+    bad value."""
     method, _, opts = text.strip().partition(":")
     sampler = get_sampler(method.strip())
     options = {}
@@ -192,6 +197,9 @@ def _spec_keyword(sampler: Sampler, key: str, value: str):
     if key == "grid" and value not in GRID_NAMES and not value.endswith(".json"):
         raise ValueError(f"sampler {sampler.name!r}: grid={value!r} is neither one of {list(GRID_NAMES)} nor a grid "
                          "file (.json, from --mode tune_grid)")
+    check = {"clip_x0": check_clip_x0, "threshold": check_threshold}.get(key)
+    if check is not None:
+        check(value, f"sampler {sampler.name!r}: {key}")
     return value
 
 

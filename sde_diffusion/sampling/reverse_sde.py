@@ -6,6 +6,7 @@ from typing import Dict, List, Literal, Sequence, Tuple
 
 import torch
 
+from .. import generators
 from ..sdes import SDE, ScoreFn, batch_time
 from .registry import register_sampler
 from .terms import evaluated
@@ -79,7 +80,10 @@ def torchsde_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: to
 
     torchsde integrates forward in time, so the solver runs in s = T − t, one torchsde step per grid interval.
     The Brownian motion is a torchsde.BrownianInterval seeded from `generator` (space-time Lévy area for srk), so
-    samples are reproducible. The grid is read to the host once; the steps then make no host synchronisation.
+    samples are reproducible. It serves the whole batch at once, so with per-sample generators (SampleGenerators)
+    its seed is drawn from all of them together (`SampleGenerators.entropy`): reproducible for the same seeds, but
+    a sample then depends on the other samples of its batch. The grid is read to the host once; the steps then
+    make no host synchronisation.
     The explicit multi-stage srk needs short steps where β(t) is large: on the cosine schedule (β clipped at 999
     near T) use grid="logsnr", which puts steps there.
 
@@ -95,9 +99,7 @@ def torchsde_sampler(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, timesteps: to
     if constraint is not None:
         x = constraint(x, timesteps[0], None)
     y = x.reshape(x.shape[0], -1)
-    entropy = None
-    if generator is not None:
-        entropy = int(torch.randint(2**62, (1,), generator=generator, device=generator.device).item())
+    entropy = generators.entropy(generator)
     # dt: the mean step sizes the Brownian tree (left to torchsde, a grid that starts with tiny steps, as λ-uniform
     # ones on rectified flow, builds one too deep to walk)
     bm = torchsde.BrownianInterval(t0=s_grid[0], t1=s_grid[-1], size=tuple(y.shape), dtype=x.dtype, device=x.device,

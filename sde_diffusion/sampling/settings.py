@@ -18,6 +18,7 @@ from typing import Any, Dict
 from ..students import AUTO, DISTILL_METHODS, student_method
 from ..errors import ConfigError
 from .registry import SAMPLERS, get_sampler, parse_options
+from .controls import check_clip_x0, check_threshold
 from .core import default_steps
 from .grids import GRIDS, SECH_SPACINGS, load_grid, sech_widths
 
@@ -26,6 +27,9 @@ CONFIG_KEYS = {"predictor": "predictor", "corrector": "corrector", "snr": "snr",
                "probability_flow": "probability_flow", "rtol": "rtol", "atol": "atol", "ode_backend": "backend",
                "sde_method": "sde_method", "eta": "eta", "order": "order"}
 
+
+# Keys of config.sampling that are `sample`'s controls on x̂₀ (sampling/controls.py), for every method.
+CONTROL_KEYS = ("clip_x0", "threshold")
 
 # The built-in sampler each of score_sde's keys belongs to.
 CONFIG_KEY_OWNERS = {"predictor": "pc", "corrector": "pc", "snr": "pc", "n_steps_each": "pc", "probability_flow": "pc",
@@ -106,8 +110,8 @@ def settings_from_config(config, sde) -> Dict[str, Any]:
     """Keyword arguments for `sample` from config.sampling: method (`resolved_method`; a progressive student's
     "auto" samples on the "edm" grid at distill.steps without a final Tweedie step, as it was distilled), steps (None → the sampler's documented count,
     else sde.N; with a grid file, its length), eps, denoise, the grid (sampling.grid or the sampler's default for
-    that count; ρ when it is "edm", the width when it is "sech" or "auto" and sampling.width is set) and the
-    method's options."""
+    that count; ρ when it is "edm", the width when it is "sech" or "auto" and sampling.width is set), clip_x0 and
+    threshold when set, and the method's options."""
     s = config.sampling
     method = resolved_method(config)
     sampler = get_sampler_for_config(method)
@@ -126,8 +130,14 @@ def settings_from_config(config, sde) -> Dict[str, Any]:
         settings["rho"] = s.rho
     if grid in SECH_SPACINGS and s.width is not None:
         settings["width"] = s.width
+    settings.update(controls_from_config(config))
     settings.update(options_from_config(config))
     return settings
+
+
+def controls_from_config(config) -> Dict[str, float]:
+    """sampling.clip_x0 and sampling.threshold as `sample`'s keywords, those that are set (None: off)."""
+    return {key: config.sampling[key] for key in CONTROL_KEYS if config.sampling.get(key) is not None}
 
 
 def _check_builtin_keys(s) -> None:
@@ -162,6 +172,8 @@ def _check_sampling_section(config) -> None:
                          f"sampling.SAMPLERS[method].steps), got {s.steps}")
     if s.get("width") is not None:
         sech_widths(s.width)
+    check_clip_x0(s.get("clip_x0"), "sampling.clip_x0")
+    check_threshold(s.get("threshold"), "sampling.threshold")
     for key in ("rtol", "atol", "rho", "snr"):
         if key in s and s[key] is not None and not s[key] > 0:
             raise ValueError(f"sampling.{key} must be > 0, got {s[key]}")

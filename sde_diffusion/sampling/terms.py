@@ -3,11 +3,12 @@ discrete chains' step scale. Notation: α(t), σ(t) of the kernel x_t = α x_0 +
 x̂_0 = (x + σ²·s)/α is the denoised estimate and ε̂ = −σ·s the predicted noise, s = ∇log p_t(x)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
 from .. import discrete
+from ..generators import Generator, randn
 from ..sdes import SDE, ScoreFn, batch_time, per_sample
 
 
@@ -17,9 +18,10 @@ def like(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v if v.ndim == 0 else per_sample(v, x)
 
 
-def noise(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """z ~ N(0, I) shaped like x, from `generator`."""
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def noise(x: torch.Tensor, generator: Generator) -> torch.Tensor:
+    """z ~ N(0, I) shaped like x, from `generator`: a torch.Generator for the batch, or `SampleGenerators` (row i
+    from sample i's generator). Samplers draw all their noise here."""
+    return randn(x.shape, generator, device=x.device, dtype=x.dtype)
 
 
 def denoised_and_noise(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: torch.Tensor
@@ -30,10 +32,16 @@ def denoised_and_noise(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: torch.Te
     return (x + sigma**2 * score) / alpha, -sigma * score
 
 
+def denoised(sde: SDE, x: torch.Tensor, t, score: torch.Tensor) -> torch.Tensor:
+    """x̂_0 = (x + σ(t)²·s) / α(t) for the score s at (x, t); t a float, 0-d or (batch,) tensor (in x's dtype)."""
+    t = batch_time(t, x)
+    return (x + per_sample(sde.sigma(t) ** 2, x) * score) / per_sample(sde.alpha(t), x)
+
+
 def tweedie_denoise(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t) -> torch.Tensor:
     """E[x_0 | x_t] = (x_t + σ(t)²·∇log p_t(x_t)) / α(t)  (Tweedie's formula); one score evaluation."""
     t = batch_time(t, x)
-    return (x + per_sample(sde.sigma(t) ** 2, x) * score_fn(x, t)) / per_sample(sde.alpha(t), x)
+    return denoised(sde, x, t, score_fn(x, t))
 
 
 def evaluated(score_fn: ScoreFn, x: torch.Tensor, t) -> ScoreFn:
