@@ -101,6 +101,16 @@ def default_config() -> ml_collections.ConfigDict:
     sampling.colorize = False  # colourize the grey (channel-mean) versions of the test images (3-channel data)
     sampling.conditioning_method = "replacement"  # replacement (score_sde) | repaint (+ resampling rounds)
     sampling.resample = 5  # repaint: RePaint resampling rounds per sampler update (each one more score call)
+    # --mode sample, inverse problems (sde_diffusion/inverse): posterior samples given y = A·x + noise. inverse: the
+    # operator A, "super_resolution:factor=2" | "inpaint:box=0.5" (or mask=FILE) | "blur:std=1.0" |
+    # "matrix:file=A.npy" | a registered one; inverse_method: "mmps[:cg_steps=1]" | "pigdm" | "dps[:zeta=1.0]" | a
+    # registered one; observation: the measured image (.png/.npy, [0, 1]: shaped like A's output, or like the data
+    # and then measured) or .npz (`observation`, optional `ground_truth`); None → the test images, measured;
+    # noise_std: σ_y in the network's data scale ([−1, 1] for centred images), added when an image is measured
+    sampling.inverse = placeholder(str)
+    sampling.inverse_method = "mmps"
+    sampling.observation = placeholder(str)
+    sampling.noise_std = 0.05
     # class-conditional sampling (sde_diffusion/guidance.py). class_labels: the classes --mode sample draws, e.g.
     # (3,) or (0, 5, 7), one grid row each; ("per_class",) (--config.sampling.class_labels=per_class): one row per
     # class; () → the labels of the test split, in order (also what eval and training snapshots use)

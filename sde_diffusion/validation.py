@@ -15,6 +15,7 @@ from evaluation import compare
 from . import (classifier, controllable, distillation, guidance, latent, likelihood, losses, models, parameterization,
                phema, sampling, sdes)
 from .data import datasets
+from .inverse import config as inverse_config
 from .training import step as train_step
 from .models import text_conditioning
 from .errors import ConfigError, positive
@@ -43,6 +44,7 @@ def validate_config(config) -> None:
     check_bpd_data(config)
     check_conditional_task_data(config)
     controllable.check_config(config)
+    inverse_config.check_config(config)
     check_classes(config)
     classifier.check_config(config)
     compare.check_config(config)

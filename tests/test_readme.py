@@ -74,6 +74,11 @@ COVERED = [
      "tests/test_controllable.py::test_sample_mode_inpaints_test_images_and_writes_the_grid (repaint, 3 steps)"),
     (r"python main\.py " + _CONFIG.format("vp_cifar") + r" --mode sample --config\.sampling\.colorize=True",
      "tests/test_controllable.py::test_sample_mode_colorizes_and_keeps_the_grey_level (synthetic CIFAR-10 batches)"),
+    # inverse problems through --mode sample: run_lib.sample in process on an untrained tiny network
+    (r"python main\.py " + _CONFIG.format("edm_digits") + r" --mode sample --workdir runs/edm_digits "
+     r"--config\.sampling\.inverse=\S+" + _OVERRIDES,
+     "tests/test_inverse_job.py::test_super_resolution_of_test_images_writes_consistent_files (3 steps; an observation "
+     "file: test_an_observation_file_is_measured_or_used_as_given)"),
     # text-conditioned digits: training in process (2 steps), then main.py --mode sample with a prompt as written
     (r"python main\.py " + _CONFIG.format("text_digits") + " --mode train",
      "tests/test_text_conditioning.py::test_sample_mode_with_a_prompt_writes_the_grid_and_the_npz (2 steps)"),

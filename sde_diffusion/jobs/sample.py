@@ -29,6 +29,7 @@ from ..text import caption_words
 from ..validation import validate_config
 from ..visualize import checkerboard_where_unknown, save_image_grid, save_strip
 from . import builder
+from .inverse_problem import sample_inverse
 from .generation import draw_samples, make_conditioning, sample_generators, save_samples_picture
 
 log = logging.getLogger("sde_diffusion")
@@ -59,6 +60,9 @@ def run(config, workdir, eval_folder: str = "samples") -> None:
         raise ConfigError("sampling.prompt and sampling.class_labels both choose what to draw: give one")
     conditioning = make_conditioning(config, sde, model, dataset, workdir, device, label_sequence=label_sequence,
                                      prompt_tokens=prompt)
+    if config.sampling.inverse is not None:
+        sample_inverse(config, sde, dataset, conditioning, device, path, builder.prepare_workdir(workdir / eval_folder))
+        return
     if controllable.conditional_task(config):
         sample_conditional(config, sde, model, dataset, device, path, builder.prepare_workdir(workdir / eval_folder))
         return
