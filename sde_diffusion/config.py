@@ -91,8 +91,8 @@ def default_config() -> ml_collections.ConfigDict:
     sampling.width = placeholder(object)
     sampling.options = ""  # "option=value,..." for the method's own options (e.g. a registered sampler's)
     # at every score evaluation of every sampler (sde_diffusion/sampling/controls.py): clip Tweedie's x̂₀ to [−c, c]
-    # (1 for images in [−1, 1], data.centered); Imagen's dynamic thresholding at this quantile of |x̂₀| in (0, 1),
-    # e.g. 0.995. None = off
+    # (1 for images in [−1, 1], data.centered); Imagen's dynamic thresholding at this percentile of |x̂₀|, as a
+    # fraction (0.995) or in percent (99.5). None = off
     sampling.clip_x0 = placeholder(float)
     sampling.threshold = placeholder(float)
     # --mode sample, conditional (sde_diffusion/controllable.py): inpaint or colourize test images (or one image)

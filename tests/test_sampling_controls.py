@@ -91,6 +91,8 @@ def test_the_controlled_score_gives_the_thresholded_x0_of_the_formula():
     got = (x + sigma**2 * controlled(score_fn, sde, threshold=p)(x, t)) / alpha
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dynamic_threshold(x0, p), expected, rtol=0, atol=1e-6)
+    in_percent = (x + sigma**2 * controlled(score_fn, sde, threshold=100 * p)(x, t)) / alpha  # 80 (%) = 0.8
+    torch.testing.assert_close(in_percent, got, rtol=0, atol=0)
     changed = (got - x0).abs().flatten(1).amax(1) > 1e-3
     assert changed.tolist() == [False, True, True, True]  # the first sample's quantile is below 1: left alone
     clipped = (x + sigma**2 * controlled(score_fn, sde, clip_x0=0.5)(x, t)) / alpha
@@ -98,7 +100,7 @@ def test_the_controlled_score_gives_the_thresholded_x0_of_the_formula():
 
 
 @pytest.mark.parametrize("bad", [dict(clip_x0=0.0), dict(clip_x0=-1.0), dict(threshold=0.0), dict(threshold=1.0),
-                                 dict(threshold=99.5)])
+                                 dict(threshold=100.0)])
 def test_bad_controls_are_value_errors(bad):
     key = next(iter(bad))
     with pytest.raises(ValueError, match=key):
@@ -114,7 +116,7 @@ def test_config_keys_reach_sample_and_are_checked():
     assert settings["clip_x0"] == 1.0 and settings["threshold"] == 0.995
     config.sampling.threshold = None
     assert "threshold" not in sampling.settings_from_config(config, sde_from_config(config))
-    for key, value in (("clip_x0", 0.0), ("threshold", 99.5)):
+    for key, value in (("clip_x0", 0.0), ("threshold", 100.0)):
         config = toy_gmm.get_config()
         config.sampling[key] = value
         with pytest.raises(ConfigError, match=f"sampling.{key}={value}"):

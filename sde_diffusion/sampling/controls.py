@@ -8,8 +8,9 @@ sampler the score that implies x̂₀' instead,
 so every sampler (whatever it computes from the score: a posterior mean, ε̂, a velocity) sees the modified x̂₀.
 
 * clip_x0 = c: x̂₀' = clamp(x̂₀, −c, c), DDPM's `clip_sample` (c = 1 for images in [−1, 1], data.centered).
-* threshold = p ∈ (0, 1): Imagen's dynamic thresholding (Saharia et al. 2022): per sample s = max(1, the
-  p-quantile of |x̂₀| over its elements), x̂₀' = clamp(x̂₀, −s, s)/s (p = 0.995: the paper's 99.5th percentile).
+* threshold = p: Imagen's dynamic thresholding (Saharia et al. 2022) at percentile p: per sample s = max(1, the
+  p-quantile of |x̂₀| over its elements), x̂₀' = clamp(x̂₀, −s, s)/s. p is a fraction in (0, 1) (0.995, diffusers'
+  `dynamic_thresholding_ratio`) or a percentile in (1, 100) (99.5, the paper's).
 
 With both, thresholding comes first. `ControlledScore` wraps the user's score function inside the framework's
 counting, so the NFE does not change.
@@ -34,10 +35,15 @@ def check_clip_x0(c: Optional[float], key: str = "clip_x0") -> None:
 
 
 def check_threshold(p: Optional[float], key: str = "threshold") -> None:
-    """ValueError naming `key` unless p is None or a quantile in (0, 1)."""
-    if p is not None and not (isinstance(p, Real) and not isinstance(p, bool) and 0 < p < 1):
-        raise ValueError(f"{key}={p!r}: dynamic thresholding takes the quantile of |x̂₀| as a fraction in (0, 1), "
-                         "e.g. 0.995 (Imagen's 99.5th percentile), or None for no thresholding")
+    """ValueError naming `key` unless p is None, a fraction in (0, 1) or a percentile in (1, 100)."""
+    if p is not None and not (isinstance(p, Real) and not isinstance(p, bool) and 0 < p < 100 and p != 1):
+        raise ValueError(f"{key}={p!r}: dynamic thresholding takes the percentile of |x̂₀| as a fraction in (0, 1), "
+                         "e.g. 0.995, or in percent in (1, 100), e.g. 99.5 (Imagen's), or None for no thresholding")
+
+
+def as_fraction(p: float) -> float:
+    """A percentile given as a fraction (0.995) or in percent (99.5), as a fraction."""
+    return p if p < 1 else p / 100
 
 
 def row_quantile(v: torch.Tensor, p: float) -> torch.Tensor:
@@ -82,7 +88,7 @@ def controlled(score_fn: ScoreFn, sde: SDE, clip_x0: Optional[float] = None,
     check_threshold(threshold)
     controls = []
     if threshold is not None:
-        controls.append(lambda x0: dynamic_threshold(x0, threshold))
+        controls.append(lambda x0: dynamic_threshold(x0, as_fraction(threshold)))
     if clip_x0 is not None:
         controls.append(lambda x0: x0.clamp(-clip_x0, clip_x0))
     return ControlledScore(score_fn, sde, controls) if controls else score_fn
