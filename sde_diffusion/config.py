@@ -116,6 +116,15 @@ def default_config() -> ml_collections.ConfigDict:
     # class; () → the labels of the test split, in order (also what eval and training snapshots use)
     sampling.class_labels = ()
     sampling.guidance_scale = 0.0  # w of classifier-free guidance: (1 + w)·s(x,t,y) − w·s(x,t); 0 = conditional
+    # guidance only where the noise level σ(t)/α(t) (EDM's σ, the same for every SDE) lies in [σ_lo, σ_hi], e.g.
+    # (0.3, 5.0) (Kynkäänniemi et al. 2024); the conditional score elsewhere. None: at every level
+    sampling.guidance_interval = placeholder(tuple)
+    # autoguidance (Karras et al. 2024): guidance_scale's w guides by a weaker model of the same task and
+    # conditioning, (1 + w)·s_main − w·s_guide, instead of the unconditional score. guide_workdir: its run (same
+    # data, SDE, classes and parameterization; its EMA weights); guide_checkpoint: its numbered checkpoint k
+    # (None: the newest). guide_checkpoint alone: an earlier checkpoint of this same workdir
+    sampling.guide_workdir = placeholder(str)
+    sampling.guide_checkpoint = placeholder(int)
     # text-conditioned models: the caption every sample of --mode sample gets (None: eval's captions of the test
     # split's labels or captions); guidance_scale above is its classifier-free guidance weight
     sampling.prompt = placeholder(str)

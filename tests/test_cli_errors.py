@@ -92,6 +92,9 @@ CASES = {
                         ["CIFAR-10 was not found", "cifar-10-python.tar.gz"]),
     "no images in the folder": (empty_image_folder, ["holds no images", "data.root="]),
     "no checkpoints to evaluate": (lambda p: digits(p, "eval"), ["Train first"]),
+    "guidance of an unconditional model": (lambda p: digits(p, "sample", "--config.sampling.guidance_scale=1",
+                                                            "--config.sampling.guidance_interval=(0.3,5)"),
+                                           ["needs a class- or text-conditional model", "sampling.guide_checkpoint"]),
     "checkpoint of another config": (checkpoint_of_another_config,
                                      ["does not fit the model built from this config"]),
 }

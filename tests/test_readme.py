@@ -68,6 +68,13 @@ COVERED = [
     (r"python main\.py " + _CONFIG.format("vp_digits_cond") + r" --mode sample "
      r"--config\.sampling\.class_labels=per_class --config\.sampling\.classifier_scale=[\d.]+",
      "tests/test_conditional.py::test_sample_mode_with_labels_and_both_guidances_in_process (toy_gmm, run_lib.sample)"),
+    # guidance interval and autoguidance: run_lib.train / run_lib.sample in process on toy_gmm
+    (r"python main\.py " + _CONFIG.format("vp_digits_cond") + r" --mode train --config\.training\.snapshot_freq=\d+",
+     "tests/test_autoguidance.py::toy_run (run_lib.train on toy_gmm, 20 steps, a checkpoint every 10)"),
+    (r"python main\.py " + _CONFIG.format("vp_digits_cond") + r" --mode sample "
+     r"--config\.sampling\.class_labels=per_class --config\.sampling\.guidance_scale=[\d.]+ "
+     r"(--config\.sampling\.guidance_interval=\([\d.]+,[\d.]+\)|--config\.sampling\.guide_checkpoint=\d+)",
+     "tests/test_autoguidance.py::test_sample_mode_guides_by_an_earlier_checkpoint (toy_gmm, run_lib.sample)"),
     # inpainting and colorization through --mode sample: run_lib.sample in process on an untrained tiny network
     (r"python main\.py " + _CONFIG.format("vp_digits") + r" --mode sample --config\.sampling\.inpaint_mask=\S+"
      + _OVERRIDES,

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, NamedTuple, Optional
 
@@ -28,55 +26,19 @@ from torch import nn
 
 from .. import distillation, parameterization
 from ..checkpoints import load_checkpoint
-from ..config import config_from_dict, load_config_file
 from ..errors import CheckpointError, ConfigError
 from ..sdes import SDE, ScoreFn
 from ..validation import validate_config
 from . import builder, train
+from .sources import DATA_AND_SDE_KEYS, ModelSource, config_value, differing, overrides, read_source
 
 log = logging.getLogger("sde_diffusion")
 
 # Keys a student may set apart from its teacher: what its network predicts and is fed, and how it is trained.
 FREE_MODEL_KEYS = ("parameterization", "noise_conditioning", "ema_rate", "dropout")
 # Keys of the data and the SDE that the student must share with its teacher.
-SHARED_KEYS = ("data.dataset", "data.image_size", "data.num_channels", "data.dim", "data.centered", "training.sde",
-               "training.sde_options", "model.beta_min", "model.beta_max", "model.beta_schedule", "model.num_scales",
-               "model.zero_terminal_snr", "model.sigma_min", "model.sigma_max", "model.latent")
-
-
-@dataclass
-class TeacherSource:
-    """Where the teacher comes from: its workdir, its config and the numbered checkpoint read."""
-
-    workdir: Path
-    config: Any
-    checkpoint: Path
-
-
-def teacher_config(folder: Path) -> Any:
-    """The teacher's config: folder/config.json (written by --mode train) or folder/config.py (a config file, as
-    python -m sde_diffusion.interop writes for a converted model)."""
-    if (folder / "config.json").is_file():
-        try:
-            values = json.loads((folder / "config.json").read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"distill.teacher_workdir: {folder / 'config.json'} is not valid JSON ({err})") from None
-        return config_from_dict(values, str(folder / "config.json"))
-    if (folder / "config.py").is_file():
-        return load_config_file(folder / "config.py")
-    raise ConfigError(f"distill.teacher_workdir={str(folder)!r} holds no config.json (written by --mode train) or "
-                      "config.py (a converted model's config file): point it at the teacher's workdir")
-
-
-def _get(config, dotted: str):
-    for part in dotted.split("."):
-        config = config[part]
-    return config
-
-
-def overrides(config, keys) -> str:
-    """--config.KEY=VALUE for each dotted key, with config's values (for an error message to paste from)."""
-    return " ".join(f"--config.{key}={_get(config, key)!r}".replace(" ", "") for key in keys)
+SHARED_KEYS = DATA_AND_SDE_KEYS
+TeacherSource = ModelSource  # where the teacher comes from: its workdir, its config and the checkpoint read
 
 
 def find_teacher(config) -> TeacherSource:
@@ -87,29 +49,19 @@ def find_teacher(config) -> TeacherSource:
                           "distill.teacher_workdir, e.g. --config configs/cd_digits.py")
     if d.teacher_workdir is None:
         raise ConfigError("--mode distill needs distill.teacher_workdir: the workdir of a trained model (--mode train)")
-    folder = Path(d.teacher_workdir)
-    if not folder.is_dir():
-        raise ConfigError(f"distill.teacher_workdir={str(folder)!r} is not a folder: train the teacher first "
-                          "(--mode train --workdir ...) and name its workdir")
-    teacher = teacher_config(folder)
-    try:
-        validate_config(teacher)
-    except ConfigError as err:
-        raise ConfigError(f"the teacher's config in {folder}: {err}") from None
-    try:
-        _, path = builder.chosen_checkpoint(folder, d.teacher_checkpoint, "distill.teacher_checkpoint")
-    except CheckpointError as err:
-        raise CheckpointError(f"distill.teacher_workdir: {err}") from None
-    check_student_fits_teacher(config, teacher, folder)
-    return TeacherSource(folder, teacher, path)
+    source = read_source(Path(d.teacher_workdir), d.teacher_checkpoint, "distill.teacher_workdir",
+                         "distill.teacher_checkpoint", "teacher")
+    check_student_fits_teacher(config, source.config, source.workdir)
+    return source
 
 
 def check_student_fits_teacher(config, teacher, folder: Path) -> None:
     """Same data, SDE and network (the student starts from the teacher's weights); a consistency student keeps the
     teacher's noise conditioning, a progressive one also its parameterization."""
-    differ = [key for key in SHARED_KEYS if _get(config, key) != _get(teacher, key)]
+    differ = differing(config, teacher, SHARED_KEYS)
     if differ:
-        shown = ", ".join(f"{key}={_get(teacher, key)!r} (student: {_get(config, key)!r})" for key in differ)
+        shown = ", ".join(f"{key}={config_value(teacher, key)!r} (student: {config_value(config, key)!r})"
+                          for key in differ)
         raise ConfigError(f"the teacher in {folder} has {shown}: a student learns the teacher's data and process, so "
                           f"set them as the teacher's: {overrides(teacher, differ)}")
     network = [f"model.{key}" for key in teacher.model if key not in FREE_MODEL_KEYS + ("text", "autoencoder")

@@ -18,13 +18,15 @@ from ..errors import CheckpointError
 from ..models.text_conditioning import dataset_captions
 from ..visualize import save_image_grid, save_scatter
 from .builder import round_seed, sampler_settings
+from .guide import Guide, load_guide
 
 SEEDING = "per sample: round_seed(*seed_keys, index)"  # in round fingerprints: rounds seeded otherwise are not mixed in
 
 
 class Conditioning:
     """What samples are conditioned on (config.sampling): class labels, classifier-free guidance with
-    sampling.guidance_scale, classifier guidance with sampling.classifier_scale.
+    sampling.guidance_scale (or autoguidance, given the guide; in sampling.guidance_interval only, when set),
+    classifier guidance with sampling.classifier_scale.
 
     Sample i gets label `label_sequence[i mod len]`: by default the labels of the test split in order, so that a
     conditional model's samples follow the data's class frequencies (eval, snapshots); `--mode sample` with
@@ -35,12 +37,15 @@ class Conditioning:
     """
 
     def __init__(self, config, sde, model, dataset, *, classifier: Optional[torch.nn.Module] = None,
-                 label_sequence: Optional[torch.Tensor] = None, prompt_tokens: Optional[torch.Tensor] = None):
+                 label_sequence: Optional[torch.Tensor] = None, prompt_tokens: Optional[torch.Tensor] = None,
+                 guide: Optional[Guide] = None):
         s = config.sampling
         self.sde, self.model, self.continuous = sde, model, config.training.continuous
         self.parameterization = parameterization.from_config(config, sde)
         self.classifier = classifier
-        self.guidance_scale = s.guidance_scale
+        self.guide = guide  # autoguidance's (jobs/guide.py); a config naming one but not given it: no guidance
+        self.guidance_scale = s.guidance_scale if guide is not None or not guidance.guide_set(config) else 0.0
+        self.guidance_interval = s.guidance_interval if self.guidance_scale else None
         self.classifier_scale = s.classifier_scale if classifier is not None else 0.0
         captions = dataset_captions(config, model, dataset)
         self.prompt = s.prompt if prompt_tokens is not None else None
@@ -74,15 +79,19 @@ class Conditioning:
         return guidance.guided_score_fn(self.sde, self.model, labels, guidance_scale=self.guidance_scale,
                                         continuous=self.continuous, grad_log_p_y=grad,
                                         classifier_scale=self.classifier_scale,
-                                        parameterization=self.parameterization)
+                                        parameterization=self.parameterization,
+                                        guide_score_fn=self.guide.score_for(labels) if self.guide else None,
+                                        guidance_interval=self.guidance_interval)
 
     def describe(self) -> Dict:
-        """For reports and round fingerprints: {} when unconditional."""
+        """For reports and round fingerprints: {} when unconditional and unguided."""
+        guided = {**({"guide": self.guide.describe()} if self.guide else {}),
+                  **({"guidance_interval": list(self.guidance_interval)} if self.guidance_interval else {})}
         if not self.labelled:
-            return {}
+            return {"guidance_scale": self.guidance_scale, **guided} if guided else {}
         source = "test split, in order" if self.from_test_split else "sampling.class_labels"
         described = {"labels": source if self.prompt is None else None, "guidance_scale": self.guidance_scale,
-                     "classifier_scale": self.classifier_scale}
+                     "classifier_scale": self.classifier_scale, **guided}
         if self.captioned:
             described["captions"] = "a caption per test image" if self.from_test_split else "per label"
         if self.prompt is not None:
@@ -110,11 +119,13 @@ def load_classifier(config, workdir: Path, device, num_classes: Optional[int] = 
 def make_conditioning(config, sde, model, dataset, workdir: Path, device, *,
                       label_sequence: Optional[torch.Tensor] = None,
                       prompt_tokens: Optional[torch.Tensor] = None) -> Conditioning:
-    """Conditioning from config.sampling, loading the classifier when sampling.classifier_scale > 0."""
+    """Conditioning from config.sampling, loading the classifier when sampling.classifier_scale > 0 and
+    autoguidance's guide when sampling names one."""
+    guide = load_guide(config, workdir, sde, device)
     classifier = (load_classifier(config, workdir, device, dataset_classes(config, dataset))
                   if config.sampling.classifier_scale > 0 else None)
     return Conditioning(config, sde, model, dataset, classifier=classifier, label_sequence=label_sequence,
-                        prompt_tokens=prompt_tokens)
+                        prompt_tokens=prompt_tokens, guide=guide)
 
 
 def resolve_grid(config, sde, conditioning, dataset, settings: Dict, device, num: int) -> Dict:

@@ -1,8 +1,9 @@
 """--mode sample: samples from the newest numbered checkpoint (EMA weights), class-conditional and guided as
 config.sampling says, or inpainted / colourized test images (sampling.inpaint_mask, sampling.colorize).
 
-Writes into workdir/<eval_folder>: <checkpoint>_<method>_nfe<N>[_labels…][_w…][_cls…].png and .npz, or
-<checkpoint>_<inpaint|colorize>_<conditioning method>_<method>_nfe<N>.png (input | sample | original) and .npz.
+Writes into workdir/<eval_folder>: <checkpoint>_<method>_nfe<N>[_labels…][_w…][_guide…][_interval…][_cls…].png
+and .npz, or <checkpoint>_<inpaint|colorize>_<conditioning method>_<method>_nfe<N>.png (input | sample |
+original) and .npz.
 Each .npz holds `samples` (float, [0, 1] images or data-space vectors) and, for images, `images`: the same as
 uint8 (N, H, W, C). With eval.ema_sigma_rel > 0 the weights are that post-hoc EMA: the name ends in
 _sigma_rel<σ> and the .npz holds `post_hoc_ema`, the reconstruction's provenance as JSON.
@@ -20,7 +21,7 @@ import torch
 from .. import controllable, parameterization, sampling
 from ..checkpoints import save_npz
 from ..data.datasets import dataset_classes
-from ..guidance import PER_CLASS, sample_label_rows
+from ..guidance import PER_CLASS, guide_set, sample_label_rows
 from ..errors import ConfigError
 from ..models import get_score_fn
 from ..sampling.settings import resolved_method
@@ -114,8 +115,13 @@ def conditioning_suffix(config, rows) -> str:
                      "labels" + "-".join(str(y) for y in rows))
     if s.prompt is not None:
         parts.append("prompt-" + "-".join(caption_words(s.prompt))[:PROMPT_NAME_CHARS])
-    if config.model.num_classes > 0 or text_conditioned(config):
+    if config.model.num_classes > 0 or text_conditioned(config) or guide_set(config):
         parts.append(f"w{s.guidance_scale:g}")
+    if guide_set(config):  # autoguidance: its guide's checkpoint (and workdir's name, when another run's)
+        parts.append("guide" + (f"-{Path(s.guide_workdir).name}-" if s.guide_workdir else "")
+                     + ("newest" if s.guide_checkpoint is None else str(s.guide_checkpoint)))
+    if s.guidance_interval is not None:
+        parts.append("interval{:g}-{:g}".format(*s.guidance_interval))
     if s.classifier_scale > 0:
         parts.append(f"cls{s.classifier_scale:g}")
     return "".join(f"_{p}" for p in parts)
