@@ -103,7 +103,7 @@ def default_config() -> ml_collections.ConfigDict:
     sampling.resample = 5  # repaint: RePaint resampling rounds per sampler update (each one more score call)
     # --mode sample, inverse problems (sde_diffusion/inverse): posterior samples given y = A·x + noise. inverse: the
     # operator A, "super_resolution:factor=2" | "inpaint:box=0.5" (or mask=FILE) | "blur:std=1.0" |
-    # "matrix:file=A.npy" | a registered one; inverse_method: "mmps[:cg_steps=1]" | "pigdm" | "dps[:zeta=1.0]" | a
+    # "matrix:file=A.npy" | a registered one; inverse_method: "mmps[:cg_steps=3]" | "pigdm" | "dps[:zeta=1.0]" | a
     # registered one; observation: the measured image (.png/.npy, [0, 1]: shaped like A's output, or like the data
     # and then measured) or .npz (`observation`, optional `ground_truth`); None → the test images, measured;
     # noise_std: σ_y in the network's data scale ([−1, 1] for centred images), added when an image is measured

@@ -186,8 +186,8 @@ def test_mmps_samples_a_gaussian_posterior_exactly():
 
 
 def test_mmps_beats_dps_on_a_mixture():
-    """Over toy.random_mixture seeds 0–5 (d = 2…64, m = d/2): mmps's gap −0.01…0.24 and sliced W₂ 0.01…0.11, DPS's
-    (ζ = 1) 6.8…17000 and 0.4…18. Here seed 1 (d = 4): 0.015 / 0.02 against 26 / 0.6."""
+    """Over toy.random_mixture seeds 0–7 (d = 2…64, m = d/2, σ_y = 0.1): mmps's gap −0.002…0.27 and sliced W₂
+    0.01…0.49, DPS's (ζ = 1) 6.8…17000 and 0.4…27. Here seed 1 (d = 4): 0.033 / 0.034 against 26 / 0.64."""
     prior = toy.random_mixture(1)
     obs = observe(prior, prior.dim // 2, 0.1, seed=1)
     post = inverse.exact_posterior(prior, obs)
