@@ -46,19 +46,24 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, steps: int,
                        tol: float = 0.0) -> torch.Tensor:
     """Approximate u with apply(u) = b for a symmetric positive (semi)definite per-sample map, after `steps` CG
-    iterations from u = 0 (fewer when every sample's residual falls to tol·‖b‖). b: (n, ...)."""
+    iterations from u = 0 (fewer when every sample's residual falls to tol·‖b‖). b: (n, ...).
+
+    A sample stops where its search direction meets curvature pᵀ·apply(p) ≤ 0 (truncated CG): a learned network's
+    Jacobian is neither exactly symmetric nor positive, and a step along such a direction is unbounded."""
     u, r = torch.zeros_like(b), b.clone()
     p, rr = r.clone(), dot(r, r)
-    target = tol**2 * rr
+    active = rr > 0
     for _ in range(steps):
         Ap = apply(p)
         pAp = dot(p, Ap)
-        a = torch.where(pAp > 0, rr / pAp.clamp_min(torch.finfo(pAp.dtype).tiny), torch.zeros_like(rr))
+        active = active & (pAp > 0)
+        a = torch.where(active, rr / pAp.clamp_min(torch.finfo(pAp.dtype).tiny), torch.zeros_like(rr))
         u, r = u + per_sample(a, p) * p, r - per_sample(a, p) * Ap
         rr_next = dot(r, r)
-        if tol > 0 and bool((rr_next <= target).all()):
+        active = active & (rr_next > tol**2 * dot(b, b))
+        if tol > 0 and not bool(active.any()):  # a host read: only when asked to stop early
             break
-        beta = torch.where(rr > 0, rr_next / rr.clamp_min(torch.finfo(rr.dtype).tiny), torch.zeros_like(rr))
+        beta = torch.where(active, rr_next / rr.clamp_min(torch.finfo(rr.dtype).tiny), torch.zeros_like(rr))
         p, rr = r + per_sample(beta, p) * p, rr_next
     return u
 
