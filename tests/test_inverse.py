@@ -196,3 +196,15 @@ def test_mmps_beats_dps_on_a_mixture():
               for x in [posterior_samples(prior, obs, method, n=600)]}
     assert scores["mmps"][0] < 0.3 and scores["mmps"][0] < scores["dps"][0] / 10, scores
     assert scores["mmps"][1] < scores["dps"][1] / 3, scores
+
+
+def test_conjugate_gradient_solves_and_stops_at_negative_curvature():
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(4, 5, 5, generator=g, dtype=torch.float64)
+    M = M @ M.transpose(1, 2) + 0.1 * torch.eye(5, dtype=torch.float64)  # one SPD matrix per sample
+    b = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    u = inverse.conjugate_gradient(lambda v: (M @ v[..., None])[..., 0], b, steps=5)
+    torch.testing.assert_close(u, torch.linalg.solve(M, b), rtol=1e-8, atol=1e-8)  # exact in d steps
+    indefinite = torch.tensor([1.0, -1e-3], dtype=torch.float64)  # its second direction has negative curvature
+    u = inverse.conjugate_gradient(lambda v: indefinite * v, torch.ones(1, 2, dtype=torch.float64), steps=2)
+    assert u.norm() < 3  # plain CG: the second step divides by −0.002: ‖u‖ = 1000
