@@ -21,6 +21,15 @@ def pytest_configure(config):
         threads = max(1, (os.cpu_count() or 1) // workers)
         torch.set_num_threads(threads)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        # numpy/scipy's OpenBLAS read OMP_NUM_THREADS when they loaded (before this hook) and start one thread per
+        # core: two workers' FID eigendecompositions (2048²) then run 4 spinning threads on 2 cores, 2-5× slower
+        # than one thread each. The processes the tests launch inherit OMP_NUM_THREADS and agree with this.
+        try:
+            from threadpoolctl import threadpool_limits  # a scikit-learn dependency (requirements.txt)
+        except ImportError:
+            pass
+        else:
+            threadpool_limits(threads, user_api="blas")
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one; run by benchmarks/gpu_check.py)")
 
 

@@ -1,13 +1,17 @@
 """Every expected mistake on the command line prints `error: …` (what is wrong, the key or file, what to do) and
 exits with status 2, without a traceback; --verbose adds it; --help exits 0; a bug keeps its traceback.
 
-Each row of CASES runs `python main.py` in a subprocess from a setup that builds the bad situation."""
+Each row of CASES builds the bad situation, then runs `python main.py` on it: all rows' command lines in one
+subprocess, tests/main_forked.py, which imports torch and the jobs once and forks a fresh process per command line
+(the one-process-per-row launches cost ~3 s of imports each). The tests below run main.py itself."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -44,6 +48,7 @@ def checkpoint_of_another_config(tmp_path):
     config = toy_gmm.get_config()
     config.training.n_iters = config.training.snapshot_freq = 1
     config.training.batch_size, config.model.nf, config.device = 8, 16, "cpu"
+    config.training.snapshot_sampling = False  # the step's grid: 2000 samples × 500 steps, ~5 s
     run_lib.train(config, tmp_path / "run")
     return ["--config", "configs/toy_gmm.py", "--mode", "eval", "--workdir", str(tmp_path / "run"),
             "--config.device=cpu", "--config.model.nf=32", "--config.eval.end_ckpt=1"]
@@ -100,11 +105,25 @@ CASES = {
 }
 
 
-@pytest.mark.usefixtures("one_thread")
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    """case → (its folder, the result of `python main.py` on the command line its setup built)."""
+    folders = {case: tmp_path_factory.mktemp("mistake") for case in CASES}
+    argvs = [[str(arg) for arg in build(folders[case])] for case, (build, _) in CASES.items()]
+    io = tmp_path_factory.mktemp("forked")
+    (io / "cases.json").write_text(json.dumps([{"argv": argv, "cwd": str(ROOT)} for argv in argvs]))
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "main_forked.py"), str(io / "cases.json"),
+                           str(io / "results.json")], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((io / "results.json").read_text())
+    return {case: (folders[case], SimpleNamespace(**result)) for case, result in zip(CASES, results)}
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_mistake_is_one_error_line_and_status_2(case, tmp_path):
-    build, words = CASES[case]
-    result = main_py(*build(tmp_path))
+def test_a_mistake_is_one_error_line_and_status_2(case, outcomes):
+    _, words = CASES[case]
+    tmp_path, result = outcomes[case]
     assert result.returncode == 2, f"{case}: status {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr}"
     assert "Traceback" not in result.stderr + result.stdout, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]

@@ -4,6 +4,7 @@ The SIGKILL test trains the 2-D mixture through `python main.py` and kills the p
 resumes from the newest checkpoint that verifies. The logged loss sequence (train_log.jsonl, rewritten on resume to
 read as one run), the final weights and the post-hoc EMA snapshots must be bit-identical to an uninterrupted run's.
 """
+import ast
 import json
 import os
 import random
@@ -36,6 +37,16 @@ def train_process(workdir: Path) -> subprocess.Popen:
            *FLAGS]
     return subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
+
+
+def straight_run(workdir: Path) -> None:
+    """The uninterrupted run of FLAGS by run_lib.train in this process, on one thread as the killed processes (one
+    torch import fewer than `python main.py`); their result must equal it bit for bit."""
+    config = get_config()
+    for flag in FLAGS:
+        key, value = flag[len("--config."):].split("=", 1)
+        config.update_from_flattened_dict({key: ast.literal_eval(value) if value != "cpu" else value})
+    run_lib.train(config, workdir)
 
 
 def finish(process: subprocess.Popen) -> None:
@@ -78,7 +89,7 @@ def kill_at(process: subprocess.Popen, workdir: Path, delay: float, during_write
 @pytest.mark.usefixtures("one_thread")
 def test_sigkill_at_random_moments_resumes_bit_identically(tmp_path):
     straight = tmp_path / "straight"
-    finish(train_process(straight))
+    straight_run(straight)
     killed = tmp_path / "killed"
     rng = random.Random(0)
     kills, inside_writes = 0, 0

@@ -132,11 +132,12 @@ def test_inception_features_are_deterministic_and_batch_independent(inception, d
 
 @needs_inception
 def test_fid_between_halves_is_far_below_fid_to_noise(inception, digit_pixels):
-    features = inception.features(digit_pixels)
-    noise = np.random.default_rng(0).integers(0, 256, size=(12, 8, 8, 3), dtype=np.uint8)
+    """8 images a set (Inception features cost ~0.25 s an image here): 151 against 441, as 146 against 440 with 12."""
+    features = inception.features(digit_pixels[:16])
+    noise = np.random.default_rng(0).integers(0, 256, size=(8, 8, 8, 3), dtype=np.uint8)
     noise_features = inception.features(noise)
-    halves = fid_from_features(features[:12], features[12:])
-    to_noise = fid_from_features(features[:12], noise_features)
+    halves = fid_from_features(features[:8], features[8:])
+    to_noise = fid_from_features(features[:8], noise_features)
     assert halves < 0.5 * to_noise, (halves, to_noise)
 
 

@@ -1,6 +1,9 @@
 """End to end on your own images: `python main.py --config configs/vp_folder_64.py` with only data.root pointing
 at a folder of photo crops (plus overrides that make the network tiny) trains, resumes its data order and
-evaluates; the second run reads the preprocessed cache instead of decoding."""
+evaluates; the second job reads the preprocessed cache instead of decoding.
+
+Each test runs its modes in one process (tests/main_with_user_sampler.py --then_modes: main.py's cli.main, one torch
+import for both jobs) and reads each job's own log, workdir/<mode>.log."""
 import json
 import os
 import subprocess
@@ -36,20 +39,21 @@ def photo_folder(tmp_path_factory):
     return root
 
 
-def main_py(workdir, mode, *overrides):
-    cmd = [sys.executable, "main.py", "--config", "configs/vp_folder_64.py", "--mode", mode, "--workdir",
-           str(workdir), *TINY, *overrides]
+def main_py(workdir, modes, *overrides):
+    """`--mode modes[0] --then_modes=modes[1:]` in one process; the log of each mode."""
+    cmd = [sys.executable, str(ROOT / "tests" / "main_with_user_sampler.py"), "--config", "configs/vp_folder_64.py",
+           "--mode", modes[0], f"--then_modes={','.join(modes[1:])}", "--workdir", str(workdir), *TINY, *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result.stdout + result.stderr
+    return [(workdir / f"{mode}.log").read_text() for mode in modes]
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_train_and_eval_on_a_folder_by_setting_data_root(photo_folder, tmp_path):
     root = f"--config.data.root={photo_folder}"
-    log = main_py(tmp_path, "train", root)
+    log, eval_log = main_py(tmp_path, ("train", "eval"), root)
     assert "cached to" in log and "24 images (22 train, 2 test)" in log  # test_fraction 0.1 of 24 → 2
     [entry] = (photo_folder.parent / "sde_diffusion_cache").glob("photos_16px_RGB_lanczos_*.npz")
     with np.load(entry) as cached:
@@ -57,8 +61,7 @@ def test_train_and_eval_on_a_folder_by_setting_data_root(photo_folder, tmp_path)
     checkpoint = torch.load(tmp_path / "checkpoints" / "checkpoint_1.pth", weights_only=True)
     # 22 training images make 2 batches of 8 an epoch: step 4 is the second batch of epoch 1
     assert checkpoint["step"] == 4 and checkpoint["data"]["batches"] == {"epoch": 1, "position": 16}
-    log = main_py(tmp_path, "eval", root)
-    assert "cache hit" in log
+    assert "cache hit" in eval_log and "cached to" not in eval_log
     report = json.loads((tmp_path / "eval" / "report_1.json").read_text())
     assert report["step"] == 4 and report["num_samples"] == 4 and report["nfe"] == 4  # 3 steps + denoising
     assert 0 < report["eval_loss"] < 10 and report["config"]["data"]["dataset"] == "folder"
@@ -72,10 +75,9 @@ def test_class_conditional_model_on_folder_labels(photo_folder, tmp_path):
     conditional = [f"--config.data.root={photo_folder}", "--config.data.labels=folders",
                    "--config.model.num_classes=2", "--config.training.label_dropout=0.2",
                    "--config.training.n_iters=2", "--config.training.snapshot_freq=2"]
-    main_py(tmp_path, "train", *conditional)
+    _, log = main_py(tmp_path, ("train", "sample"), *conditional, "--config.sampling.class_labels=per_class",
+                     "--config.sampling.guidance_scale=1.5")
     checkpoint = torch.load(tmp_path / "checkpoints" / "checkpoint_1.pth", weights_only=True)
     assert checkpoint["model"]["label_embed.table.weight"].shape[0] == 3  # two classes and the null label
-    log = main_py(tmp_path, "sample", *conditional, "--config.sampling.class_labels=per_class",
-                  "--config.sampling.guidance_scale=1.5")
     [grid] = (tmp_path / "samples").glob("*per_class*.png")
     assert "rows = labels [0, 1]" in log and Image.open(grid).size[1] > Image.open(grid).size[0] / 3

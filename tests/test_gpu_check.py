@@ -28,11 +28,18 @@ def test_gpu_check_runs_on_cpu_in_quick_mode(tmp_path):
     assert "## Training" in table and "| configs/ddpm_cifar.py | bf16+compile |" in table
 
 
-def test_gpu_check_refuses_cuda_without_a_gpu(tmp_path):
+def test_gpu_check_refuses_cuda_without_a_gpu(tmp_path, capsys):
+    """Its main() in this process (the script's command line runs above: a second interpreter would only import
+    torch again)."""
+    import importlib.util
     import pytest
     import torch
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is visible: the default --device cuda is valid here")
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--out", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--device cpu --quick" in proc.stderr
+    spec = importlib.util.spec_from_file_location("gpu_check_script", ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--device cpu --quick" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before measuring anything

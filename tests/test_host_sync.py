@@ -138,29 +138,32 @@ def test_fp16_loss_scale_state_is_grad_scalers():
     assert again.state_dict() == scale.state_dict()
 
 
-def _rank_main(rank: int, world_size: int, port: int, workdir: str, compile_backend: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def _rank_main(rank: int, world_size: int, ports, workdir: str) -> None:
+    """One rank of both runs (one process start and torch import per rank, not two): the compiled step first, as
+    CountedSteps then replaces take_step for the rest of the process; each run joins its own group on its own port."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
     torch.set_num_threads(1)
-    config = small_config()
-    if compile_backend:  # dynamo does not trace under the counter's dispatch mode: compare the weights instead
-        config.training.compile, config.training.compile_backend = True, compile_backend
-        state = run_lib.train(config, workdir)
-        torch.save(state.model.state_dict(), os.path.join(workdir, f"model_rank{rank}.pt"))
-        return
+    os.environ["MASTER_PORT"] = str(ports[0])
+    config = small_config()  # dynamo does not trace under the counter's dispatch mode: compare the weights instead
+    config.training.compile, config.training.compile_backend = True, "eager"
+    state = run_lib.train(config, os.path.join(workdir, "eager"))
+    torch.save(state.model.state_dict(), os.path.join(workdir, "eager", f"model_rank{rank}.pt"))
+    os.environ["MASTER_PORT"] = str(ports[1])
     steps = CountedSteps(setattr)
-    state = run_lib.train(config, workdir)
-    torch.save(steps.counts, os.path.join(workdir, f"syncs_rank{rank}.pt"))
-    torch.save(state.model.state_dict(), os.path.join(workdir, f"model_rank{rank}.pt"))
+    state = run_lib.train(small_config(), os.path.join(workdir, "plain"))
+    torch.save(steps.counts, os.path.join(workdir, "plain", f"syncs_rank{rank}.pt"))
+    torch.save(state.model.state_dict(), os.path.join(workdir, "plain", f"model_rank{rank}.pt"))
 
 
 def test_data_parallel_steps_make_no_host_synchronisation_and_compile_to_the_same_weights(tmp_path):
     """Two gloo ranks: no synchronisation per step; with the compiled step (DDP inside the compiled loss, dynamo's
     eager backend) the same weights."""
     from tests.test_distributed import free_port
-    for backend in ("", "eager"):
-        mp.spawn(_rank_main, args=(2, free_port(), str(tmp_path / (backend or "plain")), backend), nprocs=2,
-                 join=True)
+    ports = [free_port()]
+    while len(ports) < 2:
+        port = free_port()
+        ports += [port] if port != ports[0] else []
+    mp.spawn(_rank_main, args=(2, ports, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         assert torch.load(tmp_path / "plain" / f"syncs_rank{rank}.pt") == [0] * STEPS
         plain, compiled = (torch.load(tmp_path / w / f"model_rank{rank}.pt") for w in ("plain", "eager"))

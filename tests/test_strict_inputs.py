@@ -71,7 +71,8 @@ def unwritable_workdir(tmp_path):
 
 
 def checkpoint_of_another_config(tmp_path):
-    small = toy(training__n_iters=2, training__snapshot_freq_for_preemption=1, training__batch_size=8)
+    small = toy(training__n_iters=2, training__snapshot_freq_for_preemption=1, training__batch_size=8,
+                training__snapshot_sampling=False)  # the final step's grid: 2000 samples × 500 steps, ~5 s
     small.model.nf, small.device = 16, "cpu"
     run_lib.train(small, tmp_path / "run")
     small.model.nf, small.training.n_iters = 32, 4

@@ -1,5 +1,8 @@
-"""Train the MLP score network on the 2-D Gaussian mixture through run_lib.train (about 30 s of CPU) and check the
-samples against the mixture: mode weights (total variation) and per-mode means."""
+"""Train the MLP score network on the 2-D Gaussian mixture through run_lib.train (about 20 s of CPU) and check the
+samples against the mixture: mode weights (total variation) and per-mode means.
+
+800 steps and 100 sampler steps (4000 samples) pass with total variation 0.005 and mode means within 0.042, while a
+score off by a factor 0.7 or 1.4 fails (total variation 0.078 / 0.067); 600 steps no longer catch the 1.4 factor."""
 
 import torch
 
@@ -13,10 +16,10 @@ from sde_diffusion.toy import default_mixture
 
 def test_mlp_learns_the_gaussian_mixture(tmp_path):
     config = toy_gmm.get_config()
-    config.training.n_iters = 1500
-    config.training.snapshot_freq = 1500
-    config.training.snapshot_freq_for_preemption = 1500
-    config.training.eval_freq = 1500
+    config.training.n_iters = 800
+    config.training.snapshot_freq = 800
+    config.training.snapshot_freq_for_preemption = 800
+    config.training.eval_freq = 800
     config.training.snapshot_sampling = False
     config.device = "cpu"
     run_lib.train(config, tmp_path)
@@ -25,9 +28,9 @@ def test_mlp_learns_the_gaussian_mixture(tmp_path):
     model = create_model(config)
     load_model_weights(run_lib.numbered_checkpoint(tmp_path, 1), model, use_ema=True)
     model.eval()
-    x, nfe = sampling.sample(get_score_fn(sde, model), sde, (4000, 2), "pc", steps=200,
+    x, nfe = sampling.sample(get_score_fn(sde, model), sde, (4000, 2), "pc", steps=100,
                              generator=torch.Generator().manual_seed(0))
-    assert nfe == 201  # 200 predictor steps + the final denoising step
+    assert nfe == 101  # 100 predictor steps + the final denoising step
 
     mixture = default_mixture()
     assignment = mixture.posterior(x).argmax(1)
