@@ -17,6 +17,7 @@ LinearOperator`, shape the data's per-sample shape).
 """
 from __future__ import annotations
 
+import abc
 import math
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from ..options import Registry
 
 
-class LinearOperator:
+class LinearOperator(abc.ABC):
     """A linear map of per-sample shape `in_shape` → `out_shape`; subclasses define `forward`."""
 
     def __init__(self, in_shape: Sequence[int]):
@@ -37,8 +38,9 @@ class LinearOperator:
         """d: the number of entries of one x."""
         return math.prod(self.in_shape)
 
+    @abc.abstractmethod
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """A·x for a batch x (n, *in_shape) → (n, *out_shape)."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.in_shape:
